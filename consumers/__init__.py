@@ -1,0 +1,1 @@
+"""Spark Structured Streaming jobs: the inference consumer and the training consumer."""

@@ -1,0 +1,63 @@
+"""The ``streamfit`` command: one subcommand per component.
+
+Each subcommand lives in its own module under ``pipeline.cli`` and exposes
+``register(subparsers)``. Flags whose ``dest`` is a setting name override that
+setting; everything else comes from ``STREAMFIT_*`` variables or ``--config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from pipeline.broker import BrokerError
+from pipeline.kafka import KafkaUnavailable
+from pipeline.settings import CONFIG_ENV, Settings, SettingsError, load_settings
+
+COMMANDS = ("broker", "topics", "produce")
+
+
+class CommandError(RuntimeError):
+    """A failure the user can act on: printed without a traceback, exit code 1."""
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Settings with every flag the user passed applied on top."""
+    return load_settings(**{k: v for k, v in vars(args).items() if k in Settings.model_fields})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamfit", description="Kafka-streaming model serving and online training.")
+    parser.add_argument("--config", help=f"YAML settings file (same as {CONFIG_ENV})")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"pipeline.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
+    if args.config:
+        os.environ[CONFIG_ENV] = args.config
+    try:
+        return args.func(args) or 0
+    except SettingsError as exc:
+        print(f"streamfit: {exc}", file=sys.stderr)
+        return 2
+    except (CommandError, KafkaUnavailable, BrokerError) as exc:
+        print(f"streamfit {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

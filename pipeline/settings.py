@@ -1,0 +1,155 @@
+"""One settings object for every streamfit component.
+
+Precedence, highest first: CLI flags (passed as keyword overrides), environment
+variables ``STREAMFIT_*``, the YAML file named by ``STREAMFIT_CONFIG`` (or
+``--config``), then the defaults below. A bad value or an unknown ``STREAMFIT_*``
+variable stops the program at start with a message naming the setting.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "STREAMFIT_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+
+
+class SettingsError(ValueError):
+    """A setting is missing, malformed or unknown; the message names it."""
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by ``STREAMFIT_CONFIG``; keys are setting names."""
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get(CONFIG_ENV)
+        if not path:
+            return {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise SettingsError(f"{CONFIG_ENV}={path}: cannot read the file ({exc.strerror})") from exc
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"{CONFIG_ENV}={path}: not valid YAML ({exc})") from exc
+        if not isinstance(data, dict):
+            raise SettingsError(f"{CONFIG_ENV}={path}: the file must hold a mapping of setting: value")
+        unknown = sorted(set(data) - set(self.settings_cls.model_fields))
+        if unknown:
+            raise SettingsError(f"{CONFIG_ENV}={path}: unknown setting(s) {', '.join(unknown)}")
+        return data
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ does the work
+        return None, field_name, False
+
+
+class Settings(BaseSettings):
+    """Every knob of streamfit. Field names are the YAML keys; ``STREAMFIT_<NAME>`` the env vars."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    # where local state lives: broker data, broker.json, registry, checkpoints
+    home: Path = Path(".streamfit")
+
+    # Kafka
+    kafka_bootstrap: str | None = Field(None, description="host:port[,host:port]; set means: use this Kafka, start no embedded broker")
+    broker_impl: Literal["noida", "tansu"] = "noida"
+    broker_host: str = "127.0.0.1"
+    broker_port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
+    broker_start_timeout_s: float = Field(30.0, gt=0)
+    topic_events: str = "events"
+    topic_dlq: str = "events.dlq"
+    topic_predictions: str = "predictions"
+    topic_model_updates: str = "model-updates"
+    topic_training_metrics: str = "training-metrics"
+    events_partitions: int = Field(3, ge=1)
+    max_event_bytes: int = Field(64 * 1024, ge=256, description="larger events go to the DLQ")
+    kafka_timeout_s: float = Field(15.0, gt=0, description="bounded wait for an unreachable cluster or a send")
+
+    # producer
+    produce_batch: int = Field(2000, ge=1, description="sends between acknowledgement checks")
+    produce_linger_ms: int = Field(5, ge=0)
+
+    # models and registry
+    model: str = "higgs"
+    registry: str | None = Field(None, description="local path or fsspec URL; default <home>/registry")
+    registry_keep: int = Field(20, ge=1, description="versions kept per model (aliased ones always kept)")
+
+    # parameter server
+    ps_host: str = "127.0.0.1"
+    ps_port: int = Field(5700, ge=0, le=65535)
+    ps_shards: int = Field(1, ge=1)
+    ps_secret: SecretStr | None = Field(None, description="shared HMAC secret; unset means frames are not authenticated")
+    ps_max_frame_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    ps_checkpoint_every_updates: int = Field(200, ge=1)
+    ps_checkpoint_every_s: float = Field(30.0, gt=0)
+    ps_publish_every_updates: int = Field(100, ge=1)
+    ps_publish_every_s: float = Field(20.0, gt=0)
+
+    # training
+    algorithm: str = "adag"
+    workers: int = Field(2, ge=1)
+    learning_rate: float = Field(0.01, gt=0)
+    batch_size: int = Field(64, ge=1)
+    communication_window: int = Field(5, ge=1)
+    rho: float = Field(5.0, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    epochs: int = Field(1, ge=1)
+
+    # Spark
+    spark_master: str = "local[2]"
+    kafka_source: Literal["auto", "native", "python"] = "auto"
+    max_offsets_per_trigger: int | None = Field(None, ge=1)
+    trigger_interval_s: float = Field(1.0, ge=0)
+    starting_offsets: str = "earliest"
+
+    # serving
+    serve_host: str = "127.0.0.1"
+    serve_port: int = Field(8000, ge=0, le=65535)
+    admin_token: SecretStr | None = None
+    max_batch_size: int = Field(64, ge=1)
+    max_batch_wait_ms: float = Field(2.0, ge=0)
+    max_request_bytes: int = Field(1024 * 1024, ge=1024)
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap_shape(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        for part in value.split(","):
+            host, _, port = part.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"expected host:port[,host:port], got {value!r}")
+        return value
+
+    @property
+    def registry_url(self) -> str:
+        return self.registry or str(self.home / "registry")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        return init_settings, env_settings, _YamlSource(settings_cls)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings, dropping ``None`` overrides (flags the user did not pass).
+
+    Raises :class:`SettingsError` naming the first bad setting.
+    """
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | {CONFIG_ENV}
+    unknown = sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k not in known)
+    if unknown:
+        raise SettingsError(f"unknown setting(s) in the environment: {', '.join(unknown)}")
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"]) or "?"
+            problems.append(f"{name} (env {ENV_PREFIX}{name.upper()}): {err['msg']}")
+        raise SettingsError("invalid setting: " + "; ".join(problems)) from None

@@ -1,0 +1,1 @@
+"""Event producers: synthetic streams, file replay, rate control."""

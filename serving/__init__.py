@@ -1,0 +1,1 @@
+"""The FastAPI prediction service: hot swap, dynamic batching, metrics and admin."""
