@@ -61,3 +61,14 @@ def cli_env(tmp_path):
 
 
 STREAMFIT = [sys.executable, "-m", "pipeline.cli"]
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One local Spark session for the whole test run, with the streamfit Kafka source registered."""
+    from pipeline.settings import load_settings
+    from pipeline.spark.session import spark_session
+
+    session = spark_session(load_settings(spark_master="local[2]"), app_name="streamfit-tests")
+    yield session
+    session.stop()

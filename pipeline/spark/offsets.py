@@ -1,0 +1,172 @@
+"""Kafka offsets for Spark sources: what to read, where it ends, and reading one range.
+
+This module speaks only the Kafka protocol (kafka-python); the Spark adapter in
+``pipeline.spark.source`` stays thin on top of it. Offsets are plain JSON-able dicts
+``{topic: {partition (str): offset}}`` so Spark can keep them in its checkpoint.
+
+End offsets are the larger of the ListOffsets answer and the high watermark of a
+Fetch at that position: some brokers (tansu 0.6) answer ListOffsets(latest) with the
+base offset of the last batch rather than the end of the log.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from kafka import KafkaConsumer, TopicPartition
+
+Offsets = dict[str, dict[str, int]]
+
+
+class OffsetError(ValueError):
+    """Bad offsets specification or lost data; the message names the topic and partition."""
+
+
+@dataclass(frozen=True)
+class OffsetRange:
+    topic: str
+    partition: int
+    start: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+def parse_topics(subscribe: str) -> list[str]:
+    topics = [t.strip() for t in subscribe.split(",") if t.strip()]
+    if not topics:
+        raise OffsetError("option 'subscribe' names no topic")
+    return topics
+
+
+class KafkaOffsetReader:
+    """Partition discovery and earliest/latest offsets for a set of topics."""
+
+    def __init__(self, bootstrap: str, topics: list[str], timeout_s: float = 15.0):
+        self.topics = topics
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                      fetch_max_wait_ms=20, max_poll_records=1,
+                                      request_timeout_ms=int(timeout_s * 1000) + 1000,
+                                      bootstrap_timeout_ms=int(timeout_s * 1000), client_id="streamfit-offsets")
+        self.timeout_s = timeout_s
+
+    def partitions(self) -> list[TopicPartition]:
+        found = []
+        deadline = time.monotonic() + self.timeout_s
+        for topic in self.topics:
+            ids = self.consumer.partitions_for_topic(topic)
+            while not ids and time.monotonic() < deadline:
+                time.sleep(0.2)
+                self.consumer.poll(0)  # refreshes metadata
+                ids = self.consumer.partitions_for_topic(topic)
+            if not ids:
+                raise OffsetError(f"topic {topic!r} does not exist")
+            found.extend(TopicPartition(topic, p) for p in sorted(ids))
+        return found
+
+    def earliest(self) -> Offsets:
+        return _as_offsets(self.consumer.beginning_offsets(self.partitions()))
+
+    def latest(self) -> Offsets:
+        partitions = self.partitions()
+        listed = self.consumer.end_offsets(partitions)
+        self.consumer.assign(partitions)
+        for tp in partitions:
+            self.consumer.seek(tp, listed[tp])
+        deadline = time.monotonic() + self.timeout_s
+        while any(self.consumer.highwater(tp) is None for tp in partitions) and time.monotonic() < deadline:
+            self.consumer.poll(timeout_ms=50)  # a fetch per partition brings its high watermark
+        ends = {tp: max(listed[tp], self.consumer.highwater(tp) or 0) for tp in partitions}
+        self.consumer.assign([])
+        return _as_offsets(ends)
+
+    def starting(self, spec: str) -> Offsets:
+        """``earliest``, ``latest`` or JSON ``{"topic": {"0": 23, "1": -2}}`` (-2 earliest, -1 latest)."""
+        if spec == "earliest":
+            return self.earliest()
+        if spec == "latest":
+            return self.latest()
+        try:
+            wanted = json.loads(spec)
+        except ValueError:
+            raise OffsetError(f"startingOffsets must be earliest, latest or JSON, got {spec!r}") from None
+        earliest, latest = self.earliest(), self.latest()
+        result: Offsets = {}
+        for topic, partitions in earliest.items():
+            given = wanted.get(topic)
+            if given is None:
+                raise OffsetError(f"startingOffsets has no entry for subscribed topic {topic!r}")
+            missing = set(partitions) - set(given)
+            if missing:
+                raise OffsetError(f"startingOffsets for {topic!r} misses partition(s) {sorted(missing)}")
+            result[topic] = {p: {-2: earliest[topic][p], -1: latest[topic][p]}.get(int(given[p]), int(given[p]))
+                             for p in partitions}
+        return result
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def _as_offsets(by_partition: dict[TopicPartition, int]) -> Offsets:
+    result: Offsets = {}
+    for tp, offset in by_partition.items():
+        result.setdefault(tp.topic, {})[str(tp.partition)] = int(offset)
+    return result
+
+
+def limit_end(start: Offsets, latest: Offsets, max_rows: int | None) -> Offsets:
+    """The end offsets of the next batch: everything available, or at most ``max_rows`` spread
+    over partitions in proportion to their backlog (as Spark's Kafka source does)."""
+    merged = {t: {p: latest[t][p] for p in parts} for t, parts in latest.items()}
+    backlog = {(t, p): max(0, merged[t][p] - start.get(t, {}).get(p, merged[t][p])) for t in merged for p in merged[t]}
+    total = sum(backlog.values())
+    if max_rows is None or total <= max_rows:
+        return merged
+    taken = 0
+    shares = sorted(backlog.items(), key=lambda item: -item[1])
+    for index, ((topic, partition), size) in enumerate(shares):
+        share = size * max_rows // total if index < len(shares) - 1 else max_rows - taken
+        share = min(size, max(0, share))
+        taken += share
+        merged[topic][partition] = start.get(topic, {}).get(partition, merged[topic][partition]) + share
+    return merged
+
+
+def ranges(start: Offsets, end: Offsets) -> list[OffsetRange]:
+    """Non-empty ranges between two offset maps; a partition new since ``start`` starts at 0."""
+    return [OffsetRange(topic, int(p), start.get(topic, {}).get(p, 0), stop)
+            for topic, parts in end.items() for p, stop in parts.items()
+            if stop > start.get(topic, {}).get(p, 0)]
+
+
+def read_range(consumer: KafkaConsumer, part: OffsetRange, fail_on_data_loss: bool = True,
+               timeout_s: float = 60.0) -> Iterator:
+    """Every record with offset in [start, end) of one partition, in order."""
+    tp = TopicPartition(part.topic, part.partition)
+    consumer.assign([tp])
+    earliest = consumer.beginning_offsets([tp])[tp]
+    position = part.start
+    if earliest > part.start:
+        if fail_on_data_loss:
+            raise OffsetError(f"{part.topic}[{part.partition}]: offsets {part.start}..{earliest - 1} are gone "
+                              "(retention or truncation); set failOnDataLoss=false to skip them")
+        position = earliest
+    consumer.seek(tp, position)
+    deadline = time.monotonic() + timeout_s
+    while consumer.position(tp) < part.end:
+        batch = consumer.poll(timeout_ms=500).get(tp, [])
+        if not batch:
+            if time.monotonic() > deadline:
+                raise OffsetError(f"{part.topic}[{part.partition}]: no data at offset {consumer.position(tp)} "
+                                  f"(expected up to {part.end}) after {timeout_s:.0f}s")
+            continue
+        deadline = time.monotonic() + timeout_s
+        for record in batch:
+            if record.offset >= part.end:
+                return
+            yield record

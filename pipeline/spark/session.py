@@ -1,0 +1,72 @@
+"""A Spark session that works on a fresh machine, and the choice of Kafka connector.
+
+Python workers run the venv's interpreter and are reused across tasks (so a model
+loaded once per worker stays loaded); memory and shuffle settings suit a 2-core box.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+from pipeline.settings import Settings
+from pipeline.spark.source import NAME as PYTHON_SOURCE
+from pipeline.spark.source import KafkaDataSource
+
+
+class SparkSetupError(RuntimeError):
+    """Spark cannot start here; the message says what is missing."""
+
+
+def _check_java() -> None:
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and os.path.exists(os.path.join(java_home, "bin", "java")):
+        return
+    if shutil.which("java") is None:
+        raise SparkSetupError("Spark needs Java 17 or 21: install a JDK (e.g. `apt-get install openjdk-17-jre-headless`) "
+                              "or set JAVA_HOME")
+
+
+def spark_session(settings: Settings, app_name: str = "streamfit"):
+    """The process's Spark session, with the streamfit Kafka data source registered."""
+    _check_java()
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    from pyspark.sql import SparkSession
+
+    spark = (SparkSession.builder.master(settings.spark_master).appName(app_name)
+             .config("spark.python.worker.reuse", "true")
+             .config("spark.sql.shuffle.partitions", str(max(2, settings.workers)))
+             .config("spark.default.parallelism", str(max(2, settings.workers)))
+             .config("spark.driver.memory", "2g")
+             .config("spark.ui.enabled", "false")
+             .config("spark.ui.showConsoleProgress", "false")
+             .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+             .config("spark.sql.execution.arrow.maxRecordsPerBatch", "10000")
+             .config("spark.sql.streaming.stopTimeout", "30s")
+             .config("spark.driver.extraJavaOptions", "-Dio.netty.tryReflectionSetAccessible=true")
+             .getOrCreate())
+    spark.sparkContext.setLogLevel("WARN")
+    spark.dataSource.register(KafkaDataSource)
+    return spark
+
+
+def native_kafka_available(spark) -> bool:
+    """True when Spark's JVM Kafka connector is on the classpath (as in the docker image)."""
+    try:
+        spark.sparkContext._jvm.java.lang.Class.forName("org.apache.spark.sql.kafka010.KafkaSourceProvider")
+        return True
+    except Exception:  # py4j raises a generic Py4JJavaError for ClassNotFoundException
+        return False
+
+
+def kafka_format(spark, settings: Settings) -> str:
+    """The format name to read/write Kafka with: ``kafka`` (JVM connector) or ``streamfit-kafka``."""
+    if settings.kafka_source == "python":
+        return PYTHON_SOURCE
+    native = native_kafka_available(spark)
+    if settings.kafka_source == "native" and not native:
+        raise SparkSetupError("kafka_source=native but Spark's Kafka connector (spark-sql-kafka-0-10) is not on the "
+                              "classpath; use kafka_source=auto or python")
+    return "kafka" if native else PYTHON_SOURCE

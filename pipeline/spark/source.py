@@ -1,0 +1,213 @@
+"""Spark 4 Python Data Source ``streamfit-kafka``: Kafka reader (batch and streaming) and writer.
+
+Used where Spark's JVM Kafka connector is not on the classpath (a pip-installed
+pyspark). Same output columns as Spark's own Kafka source; options
+``kafka.bootstrap.servers``, ``subscribe``, ``startingOffsets``, ``endingOffsets``
+(batch), ``maxOffsetsPerTrigger``, ``failOnDataLoss``; the writer takes ``topic``
+(or a ``topic`` column). Offsets live in Spark's checkpoint, so a restarted query
+reads only what it has not read. The writer waits for every acknowledgement before
+its task reports success, so a micro-batch only commits once its output is in Kafka
+(at-least-once).
+
+>>> spark.dataSource.register(KafkaDataSource)  # doctest: +SKIP
+>>> spark.readStream.format("streamfit-kafka").option("kafka.bootstrap.servers", "127.0.0.1:9092") \\
+...     .option("subscribe", "events").load()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pyarrow as pa
+from pyspark.sql.datasource import (DataSource, DataSourceReader, DataSourceStreamArrowWriter,
+                                    DataSourceStreamReader, InputPartition, WriterCommitMessage)
+from pyspark.sql.streaming.datasource import ReadAllAvailable, ReadLimit, ReadMaxRows, SupportsTriggerAvailableNow
+
+from pipeline.spark.offsets import (KafkaOffsetReader, OffsetError, OffsetRange, Offsets, limit_end, parse_topics,
+                                    ranges, read_range)
+
+NAME = "streamfit-kafka"
+SCHEMA = "key binary, value binary, topic string, partition int, offset long, timestamp timestamp, timestampType int"
+ARROW_SCHEMA = pa.schema([("key", pa.binary()), ("value", pa.binary()), ("topic", pa.string()),
+                          ("partition", pa.int32()), ("offset", pa.int64()),
+                          ("timestamp", pa.timestamp("us", tz="UTC")), ("timestampType", pa.int32())])
+ROWS_PER_BATCH = 8192
+
+
+class KafkaRangePartition(InputPartition):
+    def __init__(self, part: OffsetRange):
+        super().__init__(part)
+        self.part = part
+
+
+class _Options:
+    """The reader/writer options, checked once with errors that name the option."""
+
+    def __init__(self, options: dict):
+        self.bootstrap = options.get("kafka.bootstrap.servers")
+        if not self.bootstrap:
+            raise OffsetError(f"{NAME}: option 'kafka.bootstrap.servers' is required")
+        self.options = options
+        self.fail_on_data_loss = options.get("failOnDataLoss", "true").lower() != "false"
+        max_rows = options.get("maxOffsetsPerTrigger")
+        if max_rows is not None and (not str(max_rows).isdigit() or int(max_rows) < 1):
+            raise OffsetError(f"{NAME}: maxOffsetsPerTrigger must be a positive integer, got {max_rows!r}")
+        self.max_rows = int(max_rows) if max_rows else None
+
+    @property
+    def topics(self) -> list[str]:
+        subscribe = self.options.get("subscribe")
+        if not subscribe:
+            raise OffsetError(f"{NAME}: option 'subscribe' is required for reading")
+        return parse_topics(subscribe)
+
+    def offset_reader(self) -> KafkaOffsetReader:
+        return KafkaOffsetReader(self.bootstrap, self.topics)
+
+
+def _read(options: _Options, part: OffsetRange) -> Iterator[pa.RecordBatch]:
+    """Read one range as Arrow record batches (no per-row Python objects cross into Spark)."""
+    from pipeline.kafka import consumer
+
+    kafka = consumer(options.bootstrap, fetch_max_bytes=32 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024,
+                     max_poll_records=ROWS_PER_BATCH, client_id="streamfit-spark-reader")
+    try:
+        columns: list[list] = [[] for _ in ARROW_SCHEMA]
+        for record in read_range(kafka, part, options.fail_on_data_loss):
+            for column, value in zip(columns, (record.key, record.value, record.topic, record.partition,
+                                               record.offset, record.timestamp * 1000, record.timestamp_type)):
+                column.append(value)
+            if len(columns[0]) >= ROWS_PER_BATCH:
+                yield pa.RecordBatch.from_arrays([pa.array(c, t.type) for c, t in zip(columns, ARROW_SCHEMA)],
+                                                 schema=ARROW_SCHEMA)
+                columns = [[] for _ in ARROW_SCHEMA]
+        if columns[0]:
+            yield pa.RecordBatch.from_arrays([pa.array(c, t.type) for c, t in zip(columns, ARROW_SCHEMA)],
+                                             schema=ARROW_SCHEMA)
+    finally:
+        kafka.close()
+
+
+class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
+    def __init__(self, options: dict):
+        self.options = _Options(options)
+        self.starting = options.get("startingOffsets", "latest")
+        self._offsets: KafkaOffsetReader | None = None
+        self._target: Offsets | None = None  # Trigger.AvailableNow: never read past what existed at start
+
+    @property
+    def offsets(self) -> KafkaOffsetReader:
+        if self._offsets is None:
+            self._offsets = self.options.offset_reader()
+        return self._offsets
+
+    def initialOffset(self) -> dict:
+        return self.offsets.starting(self.starting)
+
+    def getDefaultReadLimit(self) -> ReadLimit:
+        return ReadMaxRows(self.options.max_rows) if self.options.max_rows else ReadAllAvailable()
+
+    def latestOffset(self, start: dict, limit: ReadLimit) -> dict:
+        max_rows = limit.max_rows if isinstance(limit, ReadMaxRows) else None  # ReadAllAvailable: no cap
+        return limit_end(start, self._target or self.offsets.latest(), max_rows)
+
+    def prepareForTriggerAvailableNow(self) -> None:
+        self._target = self.offsets.latest()
+
+    def reportLatestOffset(self) -> dict | None:
+        return self.offsets.latest()
+
+    def partitions(self, start: dict, end: dict) -> list[InputPartition]:
+        return [KafkaRangePartition(part) for part in ranges(start, end)]
+
+    def read(self, partition: KafkaRangePartition) -> Iterator[pa.RecordBatch]:
+        return _read(self.options, partition.part)
+
+    def stop(self) -> None:
+        if self._offsets is not None:
+            self._offsets.close()
+
+
+class KafkaBatchReader(DataSourceReader):
+    def __init__(self, options: dict):
+        self.options = _Options(options)
+        offsets = self.options.offset_reader()
+        try:
+            start: Offsets = offsets.starting(options.get("startingOffsets", "earliest"))
+            ending = options.get("endingOffsets", "latest")
+            end: Offsets = offsets.latest() if ending == "latest" else offsets.starting(ending)
+        finally:
+            offsets.close()
+        self.parts = ranges(start, end)
+
+    def partitions(self) -> list[InputPartition]:
+        return [KafkaRangePartition(part) for part in self.parts]
+
+    def read(self, partition: KafkaRangePartition) -> Iterator[pa.RecordBatch]:
+        return _read(self.options, partition.part)
+
+
+class SentCount(WriterCommitMessage):
+    def __init__(self, records: int):
+        self.records = records
+
+
+class KafkaStreamWriter(DataSourceStreamArrowWriter):
+    """Sends every row (``key`` optional, ``value`` required, ``topic`` column or option) and
+    returns only after the broker acknowledged all of them."""
+
+    def __init__(self, options: dict):
+        self.options = _Options(options)
+        self.topic = options.get("topic")
+
+    def write(self, iterator: Iterator[pa.RecordBatch]) -> SentCount:
+        from pipeline.kafka import producer
+
+        kafka = producer(self.options.bootstrap, client_id="streamfit-spark-writer")
+        futures = []
+        try:
+            for batch in iterator:
+                names = batch.schema.names
+                if "value" not in names:
+                    raise OffsetError(f"{NAME} writer: the DataFrame needs a 'value' column, has {names}")
+                values = batch.column("value").to_pylist()
+                keys = batch.column("key").to_pylist() if "key" in names else [None] * len(values)
+                topics = batch.column("topic").to_pylist() if "topic" in names else [self.topic] * len(values)
+                for topic, key, value in zip(topics, keys, values):
+                    if topic is None:
+                        raise OffsetError(f"{NAME} writer: no 'topic' option and no topic in the row")
+                    futures.append(kafka.send(topic, key=_bytes(key), value=_bytes(value)))
+            kafka.flush()
+            for future in futures:
+                future.get()
+        finally:
+            kafka.close()
+        return SentCount(len(futures))
+
+    def commit(self, messages: list, batchId: int) -> None:
+        """Nothing to do: every row was acknowledged before its task returned."""
+
+    def abort(self, messages: list, batchId: int) -> None:
+        """Kafka has no rollback; the replayed batch sends again (at-least-once)."""
+
+
+def _bytes(value) -> bytes | None:
+    return value.encode() if isinstance(value, str) else value
+
+
+class KafkaDataSource(DataSource):
+    @classmethod
+    def name(cls) -> str:
+        return NAME
+
+    def schema(self) -> str:
+        return SCHEMA
+
+    def reader(self, schema) -> KafkaBatchReader:
+        return KafkaBatchReader(self.options)
+
+    def streamReader(self, schema) -> KafkaStreamReader:
+        return KafkaStreamReader(self.options)
+
+    def streamWriter(self, schema, overwrite: bool) -> KafkaStreamWriter:
+        return KafkaStreamWriter(self.options)

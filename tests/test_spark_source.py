@@ -1,0 +1,113 @@
+"""The Python Kafka data source on real local Spark against both real brokers."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import uuid
+
+import pytest
+
+from pipeline.kafka import ensure_topics, producer
+from pipeline.spark.source import NAME
+from producers.sender import Sender, synthetic_events
+from producers.synthetic import synthetic_rows
+from tests.kafka_reader import read_topic
+
+
+def _produce(bootstrap: str, topic: str, n: int, prefix: str) -> list[bytes]:
+    kafka = producer(bootstrap)
+    sender = Sender(kafka, topic, topic)
+    keys = []
+    for message in synthetic_events(itertools.islice(synthetic_rows("sea", seed=len(prefix)), n), prefix):
+        sender.send(message)
+        keys.append(message.key)
+    assert sender.close().acknowledged == n
+    kafka.close()
+    return keys
+
+
+def _stream(spark, bootstrap, topic, checkpoint, **options):
+    """Run an availableNow query collecting every micro-batch; returns (rows, per-batch row counts)."""
+    reader = spark.readStream.format(NAME).option("kafka.bootstrap.servers", bootstrap).option("subscribe", topic)
+    for key, value in options.items():
+        reader = reader.option(key, str(value))
+    rows, batches = [], []
+
+    def collect(frame, batch_id):
+        got = frame.collect()
+        rows.extend(got)
+        batches.append(len(got))
+
+    query = (reader.load().writeStream.foreachBatch(collect).option("checkpointLocation", str(checkpoint))
+             .trigger(availableNow=True).start())
+    query.awaitTermination(300)
+    if query.exception():
+        raise RuntimeError(str(query.exception()))
+    return rows, [b for b in batches if b]
+
+
+@pytest.fixture
+def loaded_topic(any_kafka, topic):
+    ensure_topics(any_kafka, {topic: 3})
+    return any_kafka, topic, _produce(any_kafka, topic, 3000, "a")
+
+
+def test_batch_read_has_spark_kafka_columns_and_every_record(spark, loaded_topic):
+    bootstrap, topic, keys = loaded_topic
+    df = spark.read.format(NAME).option("kafka.bootstrap.servers", bootstrap).option("subscribe", topic).load()
+    assert df.columns == ["key", "value", "topic", "partition", "offset", "timestamp", "timestampType"]
+    rows = df.collect()
+    assert sorted(bytes(r.key) for r in rows) == sorted(keys)
+    assert {r.partition for r in rows} == {0, 1, 2} and {r.topic for r in rows} == {topic}
+    assert all(json.loads(bytes(r.value))["id"] == bytes(r.key).decode() for r in rows[:50])
+
+
+def test_max_offsets_per_trigger_and_restart_reads_only_new(spark, loaded_topic, tmp_path):
+    bootstrap, topic, keys = loaded_topic
+    rows, batches = _stream(spark, bootstrap, topic, tmp_path / "ck", startingOffsets="earliest",
+                            maxOffsetsPerTrigger=700)
+    assert sorted(bytes(r.key) for r in rows) == sorted(keys)
+    assert max(batches) <= 700 and sum(batches) == 3000 and len(batches) >= 5
+    more = _produce(bootstrap, topic, 500, "bb")
+    rows, batches = _stream(spark, bootstrap, topic, tmp_path / "ck", startingOffsets="earliest")
+    assert sorted(bytes(r.key) for r in rows) == sorted(more), "a restarted query re-read old records"
+
+
+def test_starting_offsets_latest_and_json(spark, any_kafka, topic, tmp_path):
+    ensure_topics(any_kafka, {topic: 2})
+    _produce(any_kafka, topic, 400, "old")
+    # latest: the first trigger starts at the end, so only records produced after the query started count
+    rows, _ = _stream(spark, any_kafka, topic, tmp_path / "latest", startingOffsets="latest")
+    assert rows == []
+    new = _produce(any_kafka, topic, 100, "new1")
+    rows, _ = _stream(spark, any_kafka, topic, tmp_path / "latest", startingOffsets="latest")
+    assert sorted(bytes(r.key) for r in rows) == sorted(new)
+    # JSON: partition 0 from offset 150, partition 1 from the beginning (-2)
+    spec = json.dumps({topic: {"0": 150, "1": -2}})
+    rows, _ = _stream(spark, any_kafka, topic, tmp_path / "json", startingOffsets=spec)
+    everything = read_topic(any_kafka, topic, expected=500)
+    expected = sorted(r.key for r in everything if r.partition == 1 or r.offset >= 150)
+    assert sorted(bytes(r.key) for r in rows) == expected
+
+
+def test_bad_options_are_named(spark, kafka, topic):
+    ensure_topics(kafka, {topic: 1})
+    with pytest.raises(Exception, match="maxOffsetsPerTrigger"):
+        _stream(spark, kafka, topic, "/tmp/unused-" + topic, maxOffsetsPerTrigger="many")
+    with pytest.raises(Exception, match="startingOffsets"):
+        spark.read.format(NAME).option("kafka.bootstrap.servers", kafka).option("subscribe", topic) \
+            .option("startingOffsets", "{oops").load().count()
+
+
+def test_stream_writer_acknowledges_every_row(spark, kafka, topic, tmp_path):
+    ensure_topics(kafka, {topic: 3, topic + "-out": 3})
+    keys = _produce(kafka, topic, 2000, "w")
+    query = (spark.readStream.format(NAME).option("kafka.bootstrap.servers", kafka).option("subscribe", topic)
+             .option("startingOffsets", "earliest").load().selectExpr("key", "upper(cast(value as string)) as value")
+             .writeStream.format(NAME).option("kafka.bootstrap.servers", kafka).option("topic", topic + "-out")
+             .option("checkpointLocation", str(tmp_path / "w")).trigger(availableNow=True).start())
+    query.awaitTermination(300)
+    out = read_topic(kafka, topic + "-out", expected=2000)
+    assert sorted(r.key for r in out) == sorted(keys)
+    assert all(r.value.startswith(b'{"ID"') for r in out)
