@@ -97,3 +97,35 @@ def _alive(pid: int) -> bool:
             return handle.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_jsonl_and_parquet_sources_with_column_mapping(kafka, tmp_path, cli_env):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    events = "file-events"
+    ensure_topics(kafka, {events: 3, events + ".dlq": 1})
+    env = {**cli_env, "STREAMFIT_KAFKA_BOOTSTRAP": kafka, "STREAMFIT_TOPIC_EVENTS": events,
+           "STREAMFIT_TOPIC_DLQ": events + ".dlq"}
+    jsonl = tmp_path / "events.jsonl"
+    lines = [orjson.dumps({"id": f"j{i}", "ts": 1, "features": [i, i + 1.5], "label": i % 2}) for i in range(300)]
+    jsonl.write_bytes(b"\n".join(lines[:150] + [b"{broken"] + lines[150:]) + b"\n")
+    table = pa.table({"uid": [f"p{i}" for i in range(200)], "x1": [float(i) for i in range(200)],
+                      "x2": [i * 0.5 for i in range(200)], "y": [i % 2 for i in range(200)], "note": ["n"] * 200})
+    parquet = tmp_path / "rows.parquet"
+    pq.write_table(table, parquet)
+    for args, sent in (([str(jsonl)], 301),
+                       ([str(parquet), "--id-column", "uid", "--label-column", "y", "--feature-columns", "x1,x2",
+                         "--label-fraction", "0.5"], 200)):
+        done = subprocess.run([*STREAMFIT, "produce", "--source", *args], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert f"sent={sent} acknowledged={sent} failed=0" in done.stdout
+    values = [orjson.loads(r.value) for r in read_topic(kafka, events, expected=500)]
+    assert len(values) == 500
+    parquet_events = {v["id"]: v for v in values if v["id"].startswith("p")}
+    assert parquet_events["p7"]["features"] == [7.0, 3.5]
+    labelled = sum(v["label"] is not None for v in parquet_events.values())
+    assert 60 < labelled < 140, "about half the parquet events keep their label"
+    dead = [orjson.loads(r.value) for r in read_topic(kafka, events + ".dlq", expected=1)]
+    assert len(dead) == 1 and dead[0]["offset"] == 151 and "not valid JSON" in dead[0]["error"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pyarrow as pa
-from pyspark.sql.datasource import (DataSource, DataSourceReader, DataSourceStreamArrowWriter,
+from pyspark.sql.datasource import (DataSource, DataSourceArrowWriter, DataSourceReader, DataSourceStreamArrowWriter,
                                     DataSourceStreamReader, InputPartition, WriterCommitMessage)
 from pyspark.sql.streaming.datasource import ReadAllAvailable, ReadLimit, ReadMaxRows, SupportsTriggerAvailableNow
 
@@ -152,43 +152,57 @@ class SentCount(WriterCommitMessage):
         self.records = records
 
 
+def _send(bootstrap: str, default_topic: str | None, iterator: Iterator[pa.RecordBatch]) -> SentCount:
+    """Send every row (``key`` optional, ``value`` required, ``topic`` column or option); return only
+    after the broker acknowledged all of them, so the task fails rather than loses rows."""
+    from pipeline.kafka import producer
+
+    kafka = producer(bootstrap, client_id="streamfit-spark-writer")
+    futures = []
+    try:
+        for batch in iterator:
+            names = batch.schema.names
+            if "value" not in names:
+                raise OffsetError(f"{NAME} writer: the DataFrame needs a 'value' column, has {names}")
+            values = batch.column("value").to_pylist()
+            keys = batch.column("key").to_pylist() if "key" in names else [None] * len(values)
+            topics = batch.column("topic").to_pylist() if "topic" in names else [default_topic] * len(values)
+            for topic, key, value in zip(topics, keys, values):
+                if topic is None:
+                    raise OffsetError(f"{NAME} writer: no 'topic' option and no topic in the row")
+                futures.append(kafka.send(topic, key=_bytes(key), value=_bytes(value)))
+        kafka.flush()
+        for future in futures:
+            future.get()
+    finally:
+        kafka.close()
+    return SentCount(len(futures))
+
+
 class KafkaStreamWriter(DataSourceStreamArrowWriter):
-    """Sends every row (``key`` optional, ``value`` required, ``topic`` column or option) and
-    returns only after the broker acknowledged all of them."""
+    """Streaming sink; a micro-batch commits only after all its rows are acknowledged (at-least-once)."""
 
     def __init__(self, options: dict):
         self.options = _Options(options)
-        self.topic = options.get("topic")
 
     def write(self, iterator: Iterator[pa.RecordBatch]) -> SentCount:
-        from pipeline.kafka import producer
-
-        kafka = producer(self.options.bootstrap, client_id="streamfit-spark-writer")
-        futures = []
-        try:
-            for batch in iterator:
-                names = batch.schema.names
-                if "value" not in names:
-                    raise OffsetError(f"{NAME} writer: the DataFrame needs a 'value' column, has {names}")
-                values = batch.column("value").to_pylist()
-                keys = batch.column("key").to_pylist() if "key" in names else [None] * len(values)
-                topics = batch.column("topic").to_pylist() if "topic" in names else [self.topic] * len(values)
-                for topic, key, value in zip(topics, keys, values):
-                    if topic is None:
-                        raise OffsetError(f"{NAME} writer: no 'topic' option and no topic in the row")
-                    futures.append(kafka.send(topic, key=_bytes(key), value=_bytes(value)))
-            kafka.flush()
-            for future in futures:
-                future.get()
-        finally:
-            kafka.close()
-        return SentCount(len(futures))
+        return _send(self.options.bootstrap, self.options.options.get("topic"), iterator)
 
     def commit(self, messages: list, batchId: int) -> None:
         """Nothing to do: every row was acknowledged before its task returned."""
 
     def abort(self, messages: list, batchId: int) -> None:
         """Kafka has no rollback; the replayed batch sends again (at-least-once)."""
+
+
+class KafkaBatchWriter(DataSourceArrowWriter):
+    """Batch sink (``df.write``), used from ``foreachBatch``; same guarantees as the stream writer."""
+
+    def __init__(self, options: dict):
+        self.options = _Options(options)
+
+    def write(self, iterator: Iterator[pa.RecordBatch]) -> SentCount:
+        return _send(self.options.bootstrap, self.options.options.get("topic"), iterator)
 
 
 def _bytes(value) -> bytes | None:
@@ -208,6 +222,9 @@ class KafkaDataSource(DataSource):
 
     def streamReader(self, schema) -> KafkaStreamReader:
         return KafkaStreamReader(self.options)
+
+    def writer(self, schema, overwrite: bool) -> KafkaBatchWriter:
+        return KafkaBatchWriter(self.options)
 
     def streamWriter(self, schema, overwrite: bool) -> KafkaStreamWriter:
         return KafkaStreamWriter(self.options)
