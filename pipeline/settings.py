@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     ps_shards: int = Field(1, ge=1)
     ps_secret: SecretStr | None = Field(None, description="shared HMAC secret; unset means frames are not authenticated")
     ps_max_frame_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    ps_io_timeout_s: float = Field(60.0, gt=0, description="a frame (or reply) must arrive completely within this")
+    ps_idle_timeout_s: float = Field(600.0, gt=0, description="connections idle this long are closed; also the longest pull wait")
     ps_checkpoint_every_updates: int = Field(200, ge=1)
     ps_checkpoint_every_s: float = Field(30.0, gt=0)
     ps_publish_every_updates: int = Field(100, ge=1)

@@ -1,0 +1,247 @@
+"""Clients of the parameter server, all with one API: ``pull``, ``commit``, ``stats``.
+
+:class:`Client` talks to one shard over TCP, :class:`ShardedClient` scatters and gathers over
+several in parallel, :class:`LocalClient` calls a :class:`~pipeline.ps.server.CenterState` in-process
+(examples, tests, single-process runs). Each remembers the counter it last pulled, which a commit
+reports unless told otherwise, so the server can measure staleness.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from pipeline.ps.algorithms import UpdateRule
+from pipeline.ps.protocol import (
+    DEFAULT_MAX_FRAME_BYTES,
+    Ack,
+    CommitTag,
+    Frame,
+    FrameReader,
+    MsgType,
+    ProtocolError,
+    send_frame,
+)
+from pipeline.ps.server import CenterState
+from pipeline.ps.sharding import addresses
+
+log = logging.getLogger(__name__)
+
+_KEEPS_CONNECTION = {"rejected", "pull_timeout"}  # error codes after which the server keeps the connection
+
+
+class ServerError(RuntimeError):
+    """The server answered with an ERROR frame; ``code`` says why (``rejected``, ``pull_timeout``,
+    ``auth``, ``version``, ``too_large``, ``protocol``, ``internal``)."""
+
+    def __init__(self, code: str, message: str, address: str):
+        super().__init__(f"parameter server {address}: {message} ({code})")
+        self.code = code
+
+
+class Client:
+    """A connection to one parameter-server shard. Thread-safe (requests are serialised); reconnects
+    on the next request after the server closed an idle connection.
+
+    >>> from pipeline.ps.server import ParameterServer
+    >>> with ParameterServer(CenterState({"w": np.zeros(2, np.float32)}, UpdateRule())) as server:
+    ...     with Client(*server.address) as client:
+    ...         weights, counter = client.pull()
+    ...         client.commit({"w": weights["w"] + 1}, meta={"offsets": {"events": {"0": 42}}})
+    Ack(status='applied', counter=1, staleness=0)
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 5700, *, secret: bytes | None = None,
+                 timeout_s: float = 60.0, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+        self.address = f"{host}:{port}"
+        self._target = (host, port)
+        self._secret = secret
+        self._timeout = timeout_s
+        self._max_frame_bytes = max_frame_bytes
+        self._sock: socket.socket | None = None
+        self._reader: FrameReader | None = None
+        self._lock = threading.Lock()
+        self.pulled: int | None = None
+
+    def pull(self, *, worker_id: int = 0, min_counter: int = 0, wait_s: float = 0.0) -> tuple[dict[str, np.ndarray], int]:
+        """The weights (fresh arrays the caller owns) and the update counter; waits up to ``wait_s``
+        for the counter to reach ``min_counter``."""
+        request = Frame(MsgType.PULL, counter=min_counter, worker_id=worker_id, meta={"wait_s": wait_s} if wait_s else {})
+        reply = self._request(request, MsgType.WEIGHTS, wait_s)
+        self.pulled = reply.counter
+        return dict(reply.tensors), reply.counter
+
+    def commit(self, delta: Mapping[str, np.ndarray], *, tag: CommitTag = CommitTag(),
+               meta: Mapping[str, Any] | None = None, pulled: int | None = None) -> Ack:
+        """Send a delta; ``pulled`` defaults to the counter of this client's last pull."""
+        based_on = (self.pulled or 0) if pulled is None else pulled
+        request = Frame(MsgType.COMMIT, counter=based_on, worker_id=tag.worker_id, query_id=tag.query_id,
+                        batch_id=tag.batch_id, seq=tag.seq, tensors=delta, meta=meta or {})
+        reply = self._request(request, MsgType.ACK)
+        return Ack(str(reply.meta.get("status")), reply.counter, int(reply.meta.get("staleness", 0)))
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._request(Frame(MsgType.STATS), MsgType.STATS_REPLY).meta)
+
+    def close(self) -> None:
+        with self._lock:
+            self._disconnect()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _request(self, request: Frame, expect: MsgType, wait_s: float = 0.0) -> Frame:
+        with self._lock:
+            sock, reader = self._connection()
+            try:
+                sock.settimeout(self._timeout)
+                send_frame(sock, request, self._secret)
+                reply = reader.read(idle_timeout=self._timeout + wait_s, frame_timeout=self._timeout + wait_s)
+            except (OSError, ProtocolError):
+                self._disconnect()
+                raise
+            if reply is None:
+                self._disconnect()
+                raise ConnectionError(f"parameter server {self.address} closed the connection")
+            if reply.type == MsgType.ERROR:
+                code = str(reply.meta.get("code", "unknown"))
+                if code not in _KEEPS_CONNECTION:
+                    self._disconnect()
+                raise ServerError(code, str(reply.meta.get("error", "no message")), self.address)
+            if reply.type != expect:
+                self._disconnect()
+                raise ProtocolError(f"parameter server {self.address} answered {reply.type.name} to {request.type.name}")
+            return reply
+
+    def _connection(self) -> tuple[socket.socket, FrameReader]:
+        if self._sock is not None and not _still_open(self._sock):
+            log.debug("parameter server %s closed the idle connection; reconnecting", self.address)
+            self._disconnect()
+        if self._sock is None:
+            sock = socket.create_connection(self._target, timeout=self._timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sock = sock
+            self._reader = FrameReader(sock, secret=self._secret, max_frame_bytes=self._max_frame_bytes)
+        return self._sock, self._reader
+
+    def _disconnect(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = self._reader = None
+
+
+def _still_open(sock: socket.socket) -> bool:
+    """False if the peer closed (or sent unexpected bytes) while the connection sat idle."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    return not readable
+
+
+class ShardedClient:
+    """The :class:`Client` API over K shards: one connection per shard, pulls gathered and commits
+    scattered in parallel threads. The returned counter is the lowest shard's; each shard is told
+    the counter it served at the last pull, so staleness is measured per shard."""
+
+    def __init__(self, shards: list[tuple[str, int]], *, secret: bytes | None = None, timeout_s: float = 60.0,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+        if not shards:
+            raise ValueError("a sharded client needs at least one shard address")
+        self.clients = [Client(host, port, secret=secret, timeout_s=timeout_s, max_frame_bytes=max_frame_bytes)
+                        for host, port in shards]
+        self._pool = ThreadPoolExecutor(max_workers=len(shards), thread_name_prefix="ps-shard")
+        self._owner: dict[str, int] | None = None
+
+    @property
+    def pulled(self) -> int | None:
+        counters = [c.pulled for c in self.clients]
+        return None if None in counters else min(counters)
+
+    def pull(self, *, worker_id: int = 0, min_counter: int = 0, wait_s: float = 0.0) -> tuple[dict[str, np.ndarray], int]:
+        parts = self._each(lambda c, _: c.pull(worker_id=worker_id, min_counter=min_counter, wait_s=wait_s))
+        self._owner = {name: i for i, (weights, _) in enumerate(parts) for name in weights}
+        return {name: value for weights, _ in parts for name, value in weights.items()}, min(c for _, c in parts)
+
+    def commit(self, delta: Mapping[str, np.ndarray], *, tag: CommitTag = CommitTag(),
+               meta: Mapping[str, Any] | None = None, pulled: int | None = None) -> Ack:
+        """Every shard gets its part (possibly empty) so the shards' counters and replay guards move together."""
+        owner = self._layout()
+        parts: list[dict[str, np.ndarray]] = [{} for _ in self.clients]
+        for name, value in delta.items():
+            if name not in owner:
+                raise ValueError(f"tensor {name!r} is on no shard")
+            parts[owner[name]][name] = value
+        acks = self._each(lambda c, i: c.commit(parts[i], tag=tag, meta=meta, pulled=pulled))
+        return Ack.combine(acks)
+
+    def stats(self) -> dict[str, Any]:
+        shards = self._each(lambda c, _: c.stats())
+        return {"counter": min(s["counter"] for s in shards), "bytes_in": sum(s["bytes_in"] for s in shards),
+                "bytes_out": sum(s["bytes_out"] for s in shards), "shards": shards}
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        self._pool.shutdown()
+
+    def __enter__(self) -> ShardedClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _layout(self) -> dict[str, int]:
+        if self._owner is None:
+            shards = self._each(lambda c, _: c.stats())
+            self._owner = {name: i for i, s in enumerate(shards) for name in s["tensors"]}
+        return self._owner
+
+    def _each(self, call: Callable[[Client, int], Any]) -> list:
+        """``call(client, shard_index)`` on every shard in parallel; the first failure is raised."""
+        futures = [self._pool.submit(call, client, i) for i, client in enumerate(self.clients)]
+        return [f.result() for f in futures]
+
+
+class LocalClient:
+    """The client API over an in-process :class:`~pipeline.ps.server.CenterState` (no sockets).
+    Pulls return copies, as over the network, so a model can never write into the center."""
+
+    def __init__(self, state: CenterState):
+        self.state = state
+        self.pulled: int | None = None
+
+    @classmethod
+    def serving(cls, weights: Mapping[str, np.ndarray], rule: UpdateRule | None = None) -> LocalClient:
+        """A client over a fresh state holding ``weights`` with ``rule`` (default: add deltas)."""
+        return cls(CenterState(weights, rule or UpdateRule()))
+
+    def pull(self, *, worker_id: int = 0, min_counter: int = 0, wait_s: float = 0.0) -> tuple[dict[str, np.ndarray], int]:
+        weights, counter = self.state.pull(worker_id, min_counter, wait_s)
+        self.pulled = counter
+        return {name: value.copy() for name, value in weights.items()}, counter
+
+    def commit(self, delta: Mapping[str, np.ndarray], *, tag: CommitTag = CommitTag(),
+               meta: Mapping[str, Any] | None = None, pulled: int | None = None) -> Ack:
+        return self.state.commit(delta, pulled=(self.pulled or 0) if pulled is None else pulled, tag=tag, meta=meta)
+
+    def stats(self) -> dict[str, Any]:
+        return self.state.stats()
+
+
+def connect(settings, *, timeout_s: float | None = None) -> Client | ShardedClient:
+    """The client for the parameter server the settings describe (``ps_host``, ``ps_port``,
+    ``ps_shards``, ``ps_secret``)."""
+    secret = settings.ps_secret.get_secret_value().encode() if settings.ps_secret else None
+    timeout = settings.ps_io_timeout_s if timeout_s is None else timeout_s
+    if settings.ps_shards == 1:
+        return Client(settings.ps_host, settings.ps_port, secret=secret, timeout_s=timeout,
+                      max_frame_bytes=settings.ps_max_frame_bytes)
+    return ShardedClient(addresses(settings.ps_host, settings.ps_port, settings.ps_shards), secret=secret,
+                         timeout_s=timeout, max_frame_bytes=settings.ps_max_frame_bytes)

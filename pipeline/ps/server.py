@@ -1,0 +1,486 @@
+"""One parameter-server shard: the center variable and the TCP server in front of it.
+
+Locking discipline (dist-keras had none worth the name): all state lives in :class:`CenterState`
+behind one condition variable, and the center variable is copy-on-write -- a commit builds new
+arrays and swaps the dict, nothing is ever changed in place. A pull therefore takes the lock only to
+grab a reference and sends 4 MB straight from those arrays with the lock released, while commits
+keep applying. Checkpoints and publishing run in their own threads from snapshots, never on the
+request path.
+
+The transport does not know algorithms: the update rule object decides what a commit does.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from pipeline.ps.algorithms import CommitRejected, UpdateRule
+from pipeline.ps.checkpoint import Checkpoint, Snapshot
+from pipeline.ps.protocol import (
+    DEFAULT_MAX_FRAME_BYTES,
+    Ack,
+    CommitTag,
+    Frame,
+    FrameReader,
+    MsgType,
+    ProtocolError,
+    TruncatedFrame,
+    error_frame,
+    send_frame,
+)
+
+log = logging.getLogger(__name__)
+
+PublishCallback = Callable[[dict[str, np.ndarray], int, dict[str, Any]], None]
+
+
+class PullTimeout(TimeoutError):
+    """The center variable did not reach the requested update counter within the wait."""
+
+
+class ReplayGuard:
+    """Recognises replayed commits: per streaming query, the highest batch id seen and the
+    ``(worker_id, seq)`` pairs applied within it. A Spark micro-batch replayed after a crash re-sends
+    the same tags, so it is acknowledged as skipped instead of training twice. Also remembers the
+    latest commit metadata (Kafka offsets) per query, untagged commits under ``""``.
+    """
+
+    def __init__(self, queries: Mapping[str, Any] | None = None):
+        self._batch: dict[str, int] = {}
+        self._applied: dict[str, set[tuple[int, int]]] = {}
+        self.meta: dict[str, dict[str, Any]] = {}
+        for query, entry in (queries or {}).items():
+            self._batch[query] = int(entry["batch"])
+            self._applied[query] = {(int(w), int(s)) for w, s in entry["applied"]}
+            self.meta[query] = entry["meta"]
+
+    def seen(self, tag: CommitTag) -> bool:
+        if not tag.query_id or tag.query_id not in self._batch:
+            return False
+        highest = self._batch[tag.query_id]
+        return tag.batch_id < highest or (tag.batch_id == highest and (tag.worker_id, tag.seq) in self._applied[tag.query_id])
+
+    def record(self, tag: CommitTag, meta: Mapping[str, Any]) -> None:
+        if meta:
+            self.meta[tag.query_id] = dict(meta)
+        if not tag.query_id:
+            return
+        if tag.batch_id > self._batch.get(tag.query_id, tag.batch_id - 1):
+            self._batch[tag.query_id] = tag.batch_id
+            self._applied[tag.query_id] = set()
+        self._applied[tag.query_id].add((tag.worker_id, tag.seq))
+
+    def to_json(self) -> dict[str, Any]:
+        queries = set(self._batch) | set(self.meta)
+        return {q: {"batch": self._batch.get(q, -1), "applied": sorted(self._applied.get(q, ())),
+                    "meta": self.meta.get(q, {})} for q in sorted(queries)}
+
+
+class CenterState:
+    """The center variable (name -> read-only float32 array), the update counter and the bookkeeping
+    a commit changes, all behind one lock. Usable in-process (:class:`~pipeline.ps.client.LocalClient`)
+    or behind :class:`ParameterServer`.
+    """
+
+    def __init__(self, weights: Mapping[str, np.ndarray], rule: UpdateRule, *, counter: int = 0,
+                 guard: ReplayGuard | None = None):
+        if not weights:
+            raise ValueError("the center variable needs at least one tensor")
+        self._center = {name: _frozen(np.array(value, dtype=np.float32, order="C")) for name, value in weights.items()}
+        self.shapes = {name: value.shape for name, value in self._center.items()}
+        self.rule = rule
+        self._counter = counter
+        self._guard = guard or ReplayGuard()
+        self._cond = threading.Condition()
+        self._changes = 0
+        self._tally = {"applied": 0, "pending": 0, "skipped": 0}
+        self._workers: dict[int, list[int]] = {}  # worker id -> [commits, staleness sum, max, last]
+
+    @classmethod
+    def from_snapshot(cls, snapshot: Snapshot, rule: UpdateRule) -> CenterState:
+        rule.restore(snapshot.rule_tensors, snapshot.rule_state)
+        return cls(snapshot.weights, rule, counter=snapshot.counter, guard=ReplayGuard(snapshot.guard))
+
+    @classmethod
+    def resume(cls, checkpoint: Checkpoint, rule: UpdateRule,
+               initial: Callable[[], Mapping[str, np.ndarray]]) -> tuple[CenterState, bool]:
+        """The state saved in ``checkpoint`` and True, or, when there is none, a fresh state from
+        ``initial()`` (only then called, e.g. loading the registry's champion) and False."""
+        snapshot = checkpoint.load()
+        if snapshot is None:
+            return cls(initial(), rule), False
+        return cls.from_snapshot(snapshot, rule), True
+
+    @property
+    def counter(self) -> int:
+        return self._counter
+
+    @property
+    def changes(self) -> int:
+        """Accepted commits so far (applied or pending): what a checkpoint would miss."""
+        return self._changes
+
+    def pull(self, worker_id: int = 0, min_counter: int = 0, wait_s: float = 0.0) -> tuple[Mapping[str, np.ndarray], int]:
+        """The weights this worker should train from (read-only arrays) and the counter, waiting up to
+        ``wait_s`` for the counter to reach ``min_counter`` (a synchronous round to close)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._counter >= min_counter, timeout=wait_s):
+                raise PullTimeout(f"update {min_counter} not reached within {wait_s:g}s (counter is {self._counter})")
+            return self.rule.view(self._center, worker_id), self._counter
+
+    def commit(self, delta: Mapping[str, np.ndarray], *, pulled: int, tag: CommitTag = CommitTag(),
+               meta: Mapping[str, Any] | None = None) -> Ack:
+        """Apply a commit through the rule unless its tag was already applied.
+
+        ``pulled`` is the counter the worker last pulled; staleness is how many updates landed since.
+        ``delta`` arrays are only read during the call (they may be views of a receive buffer).
+        """
+        delta = self._checked(delta)
+        with self._cond:
+            if self._guard.seen(tag):
+                self._tally["skipped"] += 1
+                return Ack("skipped", self._counter, max(self._counter - pulled, 0))
+            staleness = max(self._counter - pulled, 0)
+            new = self.rule.apply(self._center, delta, worker_id=tag.worker_id, staleness=staleness)
+            self._guard.record(tag, meta or {})
+            stats = self._workers.setdefault(tag.worker_id, [0, 0, 0, 0])
+            stats[0] += 1
+            stats[1] += staleness
+            stats[2] = max(stats[2], staleness)
+            stats[3] = staleness
+            self._changes += 1
+            if new is None:
+                status = "pending"
+            else:
+                self._center = {name: _frozen(value) for name, value in new.items()}
+                self._counter += 1
+                status = "applied"
+            self._tally[status] += 1
+            self._cond.notify_all()
+            return Ack(status, self._counter, staleness)
+
+    def snapshot(self) -> Snapshot:
+        with self._cond:
+            rule_tensors, rule_state = self.rule.state()
+            return Snapshot(counter=self._counter, weights=self._center, rule_tensors=rule_tensors,
+                            rule_state=rule_state, guard=self._guard.to_json())
+
+    def publication(self) -> tuple[dict[str, np.ndarray], int, dict[str, Any]]:
+        """What ``on_publish`` receives: the rule's published weights, the counter, and metadata with
+        the latest commit metadata (Kafka offsets) per query."""
+        with self._cond:
+            meta = {"counter": self._counter, "rule": self.rule.name, "commits": dict(self._guard.meta)}
+            return dict(self.rule.published(self._center)), self._counter, meta
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            return {"counter": self._counter, "rule": self.rule.name, "commits": dict(self._tally),
+                    "tensors": {name: list(shape) for name, shape in self.shapes.items()},
+                    "parameters": sum(int(np.prod(shape)) for shape in self.shapes.values()),
+                    "workers": {str(w): {"commits": c, "staleness_mean": total / c, "staleness_max": top,
+                                         "staleness_last": last}
+                                for w, (c, total, top, last) in sorted(self._workers.items())}}
+
+    def wait(self, predicate: Callable[[CenterState], bool], timeout: float) -> bool:
+        """Block until ``predicate(self)`` holds (re-checked after every change and :meth:`wake`)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self), timeout=timeout)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _checked(self, delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        checked = {}
+        for name, value in delta.items():
+            if name not in self.shapes:
+                raise CommitRejected(f"unknown tensor {name!r}")
+            value = np.asarray(value, dtype=np.float32)
+            if value.shape != self.shapes[name]:
+                raise CommitRejected(f"tensor {name!r}: shape {value.shape} does not match {self.shapes[name]}")
+            if not np.isfinite(value).all():
+                raise CommitRejected(f"tensor {name!r}: non-finite values")
+            checked[name] = value
+        return checked
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
+
+
+class _Periodic:
+    """Runs ``action`` in its own thread after ``every_updates`` updates, or once ``every_s`` seconds
+    passed since the last run with any change in between; a slow or failing action (registry down,
+    disk full) is logged and retried later, it never blocks or breaks a request."""
+
+    def __init__(self, name: str, state: CenterState, action: Callable[[], None], every_updates: int, every_s: float):
+        self.name = name
+        self._state = state
+        self._action = action
+        self._every_updates = every_updates
+        self._every_s = every_s
+        self._done_counter = state.counter
+        self._done_changes = state.changes
+        self._last = time.monotonic()
+        self._stopping = False
+        self.info: dict[str, Any] = {"runs": 0, "counter": None, "at": None, "error": None}
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, *, final: bool) -> None:
+        """Stop the thread; with ``final``, run once more if anything changed since the last run."""
+        self._stopping = True
+        self._state.wake()
+        self._thread.join()
+        if final and self._state.changes != self._done_changes:
+            self.run_once()
+
+    def run_once(self) -> None:
+        counter, self._done_changes, self._last = self._state.counter, self._state.changes, time.monotonic()
+        self._done_counter = counter
+        try:
+            self._action()
+        except Exception as exc:  # noqa: BLE001 - any failure of a plug-in action is logged, then retried
+            log.exception("%s failed at update %d", self.name, counter)
+            self.info["error"] = f"{type(exc).__name__}: {exc}"
+        else:
+            self.info.update(runs=self.info["runs"] + 1, counter=counter, at=time.time(), error=None)
+
+    def _due(self, state: CenterState) -> bool:
+        return (self._stopping or state.counter - self._done_counter >= self._every_updates
+                or (state.changes != self._done_changes and time.monotonic() >= self._last + self._every_s))
+
+    def _loop(self) -> None:
+        while True:
+            pending = self._state.changes != self._done_changes
+            timeout = max(self._last + self._every_s - time.monotonic(), 0.01) if pending else self._every_s
+            if not self._state.wait(self._due, timeout):
+                continue
+            if self._stopping:
+                return
+            self.run_once()
+
+
+class ParameterServer:
+    """Serves one :class:`CenterState` over TCP, one thread per connection.
+
+    Malformed, oversized, wrong-version or unauthenticated frames get an ERROR frame and the
+    connection is closed; a frame that stalls is cut off after ``io_timeout_s``, an idle connection
+    after ``idle_timeout_s``. Other clients are unaffected.
+
+    >>> import numpy as np
+    >>> from pipeline.ps.algorithms import UpdateRule
+    >>> from pipeline.ps.client import Client
+    >>> state = CenterState({"w": np.zeros(3, np.float32)}, UpdateRule())
+    >>> with ParameterServer(state) as server, Client(*server.address) as client:
+    ...     weights, counter = client.pull()
+    ...     client.commit({"w": np.ones(3, np.float32)}).status
+    'applied'
+    >>> state.pull()
+    ({'w': array([1., 1., 1.], dtype=float32)}, 1)
+    """
+
+    def __init__(self, state: CenterState, *, host: str = "127.0.0.1", port: int = 0, secret: bytes | None = None,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, io_timeout_s: float = 60.0,
+                 idle_timeout_s: float = 600.0, checkpoint: Checkpoint | None = None,
+                 checkpoint_every_updates: int = 200, checkpoint_every_s: float = 30.0,
+                 on_publish: PublishCallback | None = None, publish_every_updates: int = 100,
+                 publish_every_s: float = 20.0):
+        self.state = state
+        self._bind = (host, port)
+        self._secret = secret
+        self._max_frame_bytes = max_frame_bytes
+        self._io_timeout = io_timeout_s
+        self._idle_timeout = idle_timeout_s
+        self._periodic: list[_Periodic] = []
+        if checkpoint is not None:
+            self._periodic.append(_Periodic("checkpoint", state, lambda: checkpoint.save(state.snapshot()),
+                                            checkpoint_every_updates, checkpoint_every_s))
+        if on_publish is not None:
+            self._periodic.append(_Periodic("publish", state, lambda: on_publish(*state.publication()),
+                                            publish_every_updates, publish_every_s))
+        self._listener: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
+        self._bytes = {"in": 0, "out": 0}
+
+    @classmethod
+    def from_settings(cls, state: CenterState, settings, *, port: int | None = None, **kwargs: Any) -> ParameterServer:
+        """A server configured from ``pipeline.settings.Settings`` (``port`` overrides ``ps_port``)."""
+        secret = settings.ps_secret.get_secret_value().encode() if settings.ps_secret else None
+        return cls(state, host=settings.ps_host, port=settings.ps_port if port is None else port, secret=secret,
+                   max_frame_bytes=settings.ps_max_frame_bytes, io_timeout_s=settings.ps_io_timeout_s,
+                   idle_timeout_s=settings.ps_idle_timeout_s,
+                   checkpoint_every_updates=settings.ps_checkpoint_every_updates,
+                   checkpoint_every_s=settings.ps_checkpoint_every_s,
+                   publish_every_updates=settings.ps_publish_every_updates,
+                   publish_every_s=settings.ps_publish_every_s, **kwargs)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._listener is None:
+            raise RuntimeError("the server is not started")
+        host, port = self._listener.getsockname()[:2]
+        return host, port
+
+    def start(self) -> ParameterServer:
+        listener = socket.create_server(self._bind, backlog=128, reuse_port=False)
+        listener.settimeout(0.5)  # a fallback: stop() wakes accept() by shutting the listener down
+        self._listener = listener
+        self._accept_thread = threading.Thread(target=self._accept_loop, name=f"ps-accept-{self.address[1]}", daemon=True)
+        self._accept_thread.start()
+        for periodic in self._periodic:
+            periodic.start()
+        log.info("parameter server on %s:%d: %d tensors, counter %d, rule %s", *self.address,
+                 len(self.state.shapes), self.state.counter, self.state.rule.name)
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting, close every connection, then write the final checkpoint."""
+        if self._stopping.is_set() or self._accept_thread is None:
+            return
+        address = self.address
+        self._stopping.set()
+        _shutdown(self._listener)
+        self._accept_thread.join()
+        self._listener.close()
+        with self._lock:
+            for conn in self._connections:
+                _shutdown(conn)
+        for periodic in self._periodic:
+            periodic.stop(final=periodic.name == "checkpoint")
+        log.info("parameter server on %s:%d stopped at counter %d", *address, self.state.counter)
+
+    def __enter__(self) -> ParameterServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def stats(self) -> dict[str, Any]:
+        stats = self.state.stats()
+        with self._lock:
+            stats.update(bytes_in=self._bytes["in"], bytes_out=self._bytes["out"], connections=len(self._connections))
+        stats.update({p.name: dict(p.info) for p in self._periodic})
+        return stats
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, peer = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if not self._stopping.is_set():
+                    log.warning("accepting a connection failed: %s", exc)  # e.g. out of file descriptors
+                    time.sleep(0.1)
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._connections.add(conn)
+            threading.Thread(target=self._serve, args=(conn, f"{peer[0]}:{peer[1]}"), name=f"ps-conn-{peer[1]}",
+                             daemon=True).start()
+
+    def _serve(self, conn: socket.socket, peer: str) -> None:
+        reader = FrameReader(conn, secret=self._secret, max_frame_bytes=self._max_frame_bytes, reuse_buffer=True)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    request = reader.read(idle_timeout=self._idle_timeout, frame_timeout=self._io_timeout)
+                except TruncatedFrame:
+                    log.warning("%s closed the connection in the middle of a frame", peer)
+                    return
+                except ProtocolError as exc:
+                    log.warning("%s sent a bad frame (%s); closing the connection", peer, exc)
+                    self._send(conn, error_frame(exc.code, str(exc)))
+                    _linger(conn)
+                    return
+                except TimeoutError:
+                    log.info("%s idle for %gs; closing the connection", peer, self._idle_timeout)
+                    return
+                if request is None:
+                    return
+                with self._lock:
+                    self._bytes["in"] += reader.last_size
+                reply, keep_open = self._handle(request, peer)
+                self._send(conn, reply)
+                if not keep_open:
+                    _linger(conn)
+                    return
+        except OSError as exc:
+            log.info("connection with %s lost: %s", peer, exc)
+        finally:
+            with self._lock:
+                self._connections.discard(conn)
+            conn.close()
+
+    def _handle(self, request: Frame, peer: str) -> tuple[Frame, bool]:
+        """The reply to one request, and whether the connection stays open."""
+        try:
+            if request.type == MsgType.PULL:
+                wait_s = request.meta.get("wait_s", 0.0)
+                if not isinstance(wait_s, (int, float)) or not wait_s >= 0:
+                    raise ProtocolError("wait_s must be a non-negative number of seconds")
+                weights, counter = self.state.pull(request.worker_id, request.counter, min(wait_s, self._idle_timeout))
+                return Frame(MsgType.WEIGHTS, counter=counter, worker_id=request.worker_id, tensors=weights), True
+            if request.type == MsgType.COMMIT:
+                tag = CommitTag(request.query_id, request.batch_id, request.worker_id, request.seq)
+                ack = self.state.commit(request.tensors, pulled=request.counter, tag=tag, meta=request.meta)
+                return Frame(MsgType.ACK, counter=ack.counter, worker_id=request.worker_id,
+                             meta={"status": ack.status, "staleness": ack.staleness}), True
+            if request.type == MsgType.STATS:
+                return Frame(MsgType.STATS_REPLY, counter=self.state.counter, meta=self.stats()), True
+            raise ProtocolError(f"a client may not send {request.type.name} frames")
+        except ProtocolError as exc:
+            log.warning("%s: %s; closing the connection", peer, exc)
+            return error_frame(exc.code, str(exc)), False
+        except CommitRejected as exc:
+            log.warning("%s: commit rejected: %s", peer, exc)
+            return error_frame("rejected", str(exc)), True
+        except PullTimeout as exc:
+            return error_frame("pull_timeout", str(exc)), True
+        except Exception:  # noqa: BLE001 - a bug in one request must not take the server down
+            log.exception("%s: request %s failed", peer, request.type.name)
+            return error_frame("internal", "internal server error; see the server log"), False
+
+    def _send(self, conn: socket.socket, frame: Frame) -> None:
+        conn.settimeout(self._io_timeout)
+        sent = send_frame(conn, frame, self._secret)
+        with self._lock:
+            self._bytes["out"] += sent
+
+
+def _linger(conn: socket.socket) -> None:
+    """Before closing after an error reply: end our side and drain (briefly, boundedly) what the peer
+    is still sending, so the kernel does not answer unread bytes with a reset that destroys the reply
+    before the peer reads it."""
+    deadline = time.monotonic() + 1.0
+    drained = 0
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        while drained < 1 << 20 and (remaining := deadline - time.monotonic()) > 0:
+            conn.settimeout(remaining)
+            chunk = conn.recv(1 << 16)
+            if not chunk:
+                return
+            drained += len(chunk)
+    except OSError:
+        pass  # the peer is gone; nothing left to protect
+
+
+def _shutdown(conn: socket.socket) -> None:
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # not connected, or already closed by the peer
