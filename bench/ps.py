@@ -25,11 +25,9 @@ from safetensors.numpy import save_file
 
 from pipeline.broker import free_port
 from pipeline.ps.client import Client
+from pipeline.spec import BUILTIN_SPECS
 
-# the default spec's tensors: 30 -> 500 -> 1000 -> 500 -> 2, plus the standardisation statistics
-SHAPES = {"norm/mean": (30,), "norm/variance": (30,), "dense/kernel": (30, 500), "dense/bias": (500,),
-          "dense_1/kernel": (500, 1000), "dense_1/bias": (1000,), "dense_2/kernel": (1000, 500),
-          "dense_2/bias": (500,), "dense_3/kernel": (500, 2), "dense_3/bias": (2,)}
+SHAPES = BUILTIN_SPECS["higgs"].weight_shapes  # the default spec's tensors, without importing TensorFlow
 
 
 def weights() -> dict[str, np.ndarray]:

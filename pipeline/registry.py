@@ -1,11 +1,24 @@
 """The model registry: a directory tree of integer versions and the aliases that point at them.
 
 ``<root>/<model>/spec.json``, ``<root>/<model>/versions/<n>/{weights.safetensors,meta.json}``,
-``<root>/<model>/aliases.json`` (``champion``, ``candidate`` and the champion history for
-rollback). A version is written into a temporary directory and renamed into place, and
-every file is written to a temp file, fsynced and renamed, so a reader never sees a
-half-written version. Version numbers and alias moves are serialised by a file lock,
-so concurrent writers (several processes) never collide. Local paths only for now.
+``<root>/<model>/aliases.json`` (``champion``, ``candidate`` and the champion ``history``
+that ``rollback`` pops). Writers serialise on a per-model lock, so two processes never
+take the same version number, and a version only becomes visible whole: locally it is
+written into a temporary directory and renamed into place (every file fsynced, every
+replaced file renamed over the old one); on an fsspec store its ``meta.json`` is written
+last and a version without one does not exist.
+
+>>> import tempfile
+>>> from pipeline.spec import BUILTIN_SPECS
+>>> registry = Registry(tempfile.mkdtemp())
+>>> spec = BUILTIN_SPECS["small"]
+>>> registry.create_model(spec)
+>>> registry.register("small", {name: np.zeros(shape) for name, shape in spec.weight_shapes.items()})
+1
+>>> registry.set_alias("small", "champion", 1)["uri"].endswith("small/versions/1")
+True
+>>> registry.resolve("small", "champion"), registry.versions("small")
+(1, [1])
 """
 
 from __future__ import annotations
@@ -15,125 +28,210 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.spec import ModelSpec
+from pipeline.bundle import check_weights, weights_from_bytes, weights_to_bytes
+from pipeline.spec import NAME_PATTERN, ModelSpec
 
-WEIGHTS, META, SPEC, ALIASES = "weights.safetensors", "meta.json", "spec.json", "aliases.json"
+WEIGHTS, META, SPEC, ALIASES, LOCK = "weights.safetensors", "meta.json", "spec.json", "aliases.json", ".lock"
+HISTORY_LENGTH = 20
+"""Previous champions remembered for rollback (and kept by retention)."""
 
 
 class RegistryError(LookupError):
-    """Unknown model, version or alias, or a corrupt version; the message names it."""
+    """Unknown model, version or alias, a corrupt version, or an unusable registry; the message names it."""
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class _LocalStore:
+    """A POSIX directory: ``flock`` for writers; temp file, fsync and rename for every write."""
 
+    def __init__(self, root: Path):
+        self.root = root.resolve()
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` so that readers see either the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    def uri(self, path: str) -> str:
+        return str(self.root / path)
 
+    def read(self, path: str) -> bytes:
+        return (self.root / path).read_bytes()
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    def exists(self, path: str) -> bool:
+        return (self.root / path).exists()
 
+    def list(self, path: str) -> list[str]:
+        directory = self.root / path
+        return [p.name for p in directory.iterdir()] if directory.is_dir() else []
 
-class Registry:
-    def __init__(self, root: str | Path, on_alias_change: Callable[[dict], None] | None = None):
-        self.root = Path(root)
-        self.on_alias_change = on_alias_change
-
-    def _model_dir(self, model: str) -> Path:
-        path = self.root / model
-        if not (path / SPEC).is_file():
-            raise RegistryError(f"no model {model!r} in registry {self.root} (create it with `streamfit models create`)")
-        return path
-
-    @contextlib.contextmanager
-    def _locked(self, model: str):
-        with open(self._model_dir(model) / ".lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            yield
-
-    def models(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if (p / SPEC).is_file()) if self.root.is_dir() else []
-
-    def create_model(self, spec: ModelSpec) -> None:
-        path = self.root / spec.name
-        if (path / SPEC).exists():
-            raise RegistryError(f"model {spec.name!r} already exists in {self.root}")
-        (path / "versions").mkdir(parents=True, exist_ok=True)
-        atomic_write(path / SPEC, spec.model_dump_json(indent=2).encode())
-
-    def spec(self, model: str) -> ModelSpec:
-        return ModelSpec.model_validate_json((self._model_dir(model) / SPEC).read_bytes())
-
-    def versions(self, model: str) -> list[int]:
-        return sorted(int(p.name) for p in (self._model_dir(model) / "versions").iterdir() if p.name.isdigit())
-
-    def register(self, model: str, weights: dict, **meta) -> int:
-        """Store a new version; returns its number. ``meta`` keys: parent, algorithm, updates, offsets, metrics."""
-        from safetensors.numpy import save_file
-
-        versions = self._model_dir(model) / "versions"
-        staging = Path(tempfile.mkdtemp(dir=versions, prefix=".staging-"))
+    def write(self, path: str, data: bytes) -> None:
+        target = self.root / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
         try:
-            save_file({k: np.array(v, dtype=np.float32, order="C") for k, v in weights.items()}, str(staging / WEIGHTS))
-            with open(staging / WEIGHTS, "rb+") as handle:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
                 os.fsync(handle.fileno())
-            digest = sha256(staging / WEIGHTS)
-            with self._locked(model):
-                version = (max(self.versions(model)) if self.versions(model) else 0) + 1
-                record = {"version": version, "parent": meta.pop("parent", None), "algorithm": meta.pop("algorithm", None),
-                          "updates": meta.pop("updates", 0), "offsets": meta.pop("offsets", {}),
-                          "metrics": meta.pop("metrics", {}), "sha256": digest, "created_at": time.time(), **meta}
-                atomic_write(staging / META, json.dumps(record, indent=2).encode())
-                os.rename(staging, versions / str(version))
-                _fsync_dir(versions)
-            return version
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        self._fsync_dir(target.parent)
+
+    def write_dir(self, path: str, files: Mapping[str, bytes]) -> None:
+        """Create directory ``path`` holding ``files``, all at once: staged next to it, then renamed."""
+        target = self.root / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+        try:
+            for name, data in files.items():
+                with open(staging / name, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            self._fsync_dir(staging)
+            os.rename(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        self._fsync_dir(target.parent)
+
+    def remove(self, path: str) -> None:
+        shutil.rmtree(self.root / path)
+
+    @contextlib.contextmanager
+    def lock(self, directory: str) -> Iterator[None]:
+        (self.root / directory).mkdir(parents=True, exist_ok=True)
+        with open(self.root / directory / LOCK, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+    @staticmethod
+    def _fsync_dir(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class _FsspecStore:
+    """Shared storage through fsspec (s3://, gs://, ...): single-object writes are atomic there, a
+    version's ``meta.json`` is written last, and writers hold a lock object created exclusively."""
+
+    LOCK_TIMEOUT_S = 30.0
+
+    def __init__(self, url: str):
+        try:
+            import fsspec
+        except ImportError as exc:
+            raise RegistryError(f"registry {url!r} is a URL, which needs fsspec (pip install fsspec "
+                                f"and the filesystem's package, e.g. s3fs)") from exc
+        self.fs, self.root = fsspec.core.url_to_fs(url)
+        self.root = self.root.rstrip("/")
+        self.url = url.rstrip("/")
+
+    def _path(self, path: str) -> str:
+        return f"{self.root}/{path}"
+
+    def uri(self, path: str) -> str:
+        return f"{self.url}/{path}"
+
+    def read(self, path: str) -> bytes:
+        return self.fs.cat_file(self._path(path))
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(self._path(path))
+
+    def list(self, path: str) -> list[str]:
+        try:
+            return [entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(self._path(path), detail=False)]
+        except FileNotFoundError:
+            return []
+
+    def write(self, path: str, data: bytes) -> None:
+        self.fs.pipe_file(self._path(path), data)
+
+    def write_dir(self, path: str, files: Mapping[str, bytes]) -> None:
+        """Write the files in order; the caller puts the one that marks the directory complete last."""
+        for name, data in files.items():
+            self.write(f"{path}/{name}", data)
+
+    def remove(self, path: str) -> None:
+        self.fs.rm(self._path(path), recursive=True)
+
+    @contextlib.contextmanager
+    def lock(self, directory: str) -> Iterator[None]:
+        lock, deadline = self._path(f"{directory}/{LOCK}"), time.monotonic() + self.LOCK_TIMEOUT_S
+        while True:
+            try:
+                with self.fs.open(lock, "xb") as handle:
+                    handle.write(f"{uuid.uuid4()} {time.time()}".encode())
+                break
+            except FileExistsError:
+                if time.monotonic() > deadline:
+                    raise RegistryError(f"registry lock {self.uri(f'{directory}/{LOCK}')} held for more than "
+                                        f"{self.LOCK_TIMEOUT_S:g} s; delete it if its writer died") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            self.fs.rm(lock)
+
+
+def _store(root: str | os.PathLike) -> _LocalStore | _FsspecStore:
+    url = os.fspath(root)
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", url) and not url.startswith("file://"):
+        return _FsspecStore(url)
+    return _LocalStore(Path(url.removeprefix("file://")))
+
+
+class Registry:
+    """Versions and aliases of models under ``root`` (a path, ``file://`` or fsspec URL).
+
+    ``on_alias_change(event)`` is called after every alias move with the ``model-updates``
+    message: ``{"model", "version", "alias", "uri", "created_at", "metrics"}``. Its errors
+    propagate to the caller; the alias has moved by then.
+    """
+
+    def __init__(self, root: str | os.PathLike, on_alias_change: Callable[[dict], None] | None = None):
+        self.root = os.fspath(root)
+        self.on_alias_change = on_alias_change
+        self._store = _store(root)
+
+    # ------------------------------------------------------------------------------------------ reading
+
+    def models(self) -> list[str]:
+        return sorted(name for name in self._store.list("") if self._store.exists(f"{name}/{SPEC}"))
+
+    def spec(self, model: str) -> ModelSpec:
+        return ModelSpec.model_validate_json(self._store.read(f"{self._model(model)}/{SPEC}"))
+
+    def versions(self, model: str) -> list[int]:
+        """Complete versions, oldest first."""
+        directory = f"{self._model(model)}/versions"
+        return sorted(int(name) for name in self._store.list(directory)
+                      if name.isdigit() and self._store.exists(f"{directory}/{name}/{META}"))
 
     def meta(self, model: str, version: int) -> dict:
-        path = self._model_dir(model) / "versions" / str(version) / META
-        if not path.is_file():
-            raise RegistryError(f"model {model!r} has no version {version}")
-        return json.loads(path.read_text())
+        """``version, parent, algorithm, updates, offsets, metrics, sha256, created_at`` (epoch ms)."""
+        try:
+            return json.loads(self._store.read(self._version_path(model, version, META)))
+        except FileNotFoundError:
+            raise RegistryError(f"model {model!r} has no version {version}") from None
 
-    def aliases(self, model: str) -> dict:
-        path = self._model_dir(model) / ALIASES
-        return json.loads(path.read_text()) if path.is_file() else {}
+    def aliases(self, model: str) -> dict[str, int]:
+        return {k: v for k, v in self._aliases_file(model).items() if k != "history"}
 
-    def resolve(self, model: str, ref: str | int) -> int:
-        """A version number from a number or an alias name."""
+    def resolve(self, model: str, ref: int | str) -> int:
+        """The version number that ``ref`` (a number or an alias name) names now."""
         if isinstance(ref, int) or str(ref).isdigit():
             version = int(ref)
             self.meta(model, version)
@@ -143,60 +241,119 @@ class Registry:
             raise RegistryError(f"model {model!r} has no {ref!r} alias")
         return version
 
-    def load(self, model: str, ref: str | int = "champion"):
-        """The bundle of a version, its weights checked against the recorded sha256."""
+    def uri(self, model: str, version: int) -> str:
+        return self._store.uri(f"{self._model(model)}/versions/{int(version)}")
+
+    def weights(self, model: str, ref: int | str = "champion") -> tuple[int, dict[str, np.ndarray]]:
+        """The version ``ref`` names and its weights, checked against the sha256 recorded at registration."""
+        version = self.resolve(model, ref)
+        expected = self.meta(model, version)["sha256"]
+        try:
+            data = self._store.read(self._version_path(model, version, WEIGHTS))
+        except FileNotFoundError:
+            raise RegistryError(f"model {model!r} version {version} has no weights file") from None
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise RegistryError(f"model {model!r} version {version}: weights file does not match its "
+                                f"recorded sha256 (corrupt or tampered): {self.uri(model, version)}")
+        return version, weights_from_bytes(data)
+
+    def load(self, model: str, ref: int | str = "champion"):
+        """A :class:`~pipeline.bundle.ModelBundle` of the version ``ref`` names (imports TensorFlow)."""
         from pipeline.bundle import ModelBundle
 
-        version = self.resolve(model, ref)
-        meta = self.meta(model, version)
-        path = self._model_dir(model) / "versions" / str(version) / WEIGHTS
-        if sha256(path) != meta["sha256"]:
-            raise RegistryError(f"{model} version {version}: weights file does not match its sha256 (corrupt)")
+        version, weights = self.weights(model, ref)
         bundle = ModelBundle(self.spec(model), version=version)
-        bundle.load_weights(path)
+        bundle.set_weights(weights)
         return bundle
 
-    def set_alias(self, model: str, alias: str, version: int) -> dict:
-        self.meta(model, version)
-        with self._locked(model):
-            aliases = self.aliases(model)
-            if alias == "champion" and aliases.get("champion") not in (None, version):
-                aliases.setdefault("history", []).append(aliases["champion"])
-            aliases[alias] = version
-            atomic_write(self._model_dir(model) / ALIASES, json.dumps(aliases, indent=2).encode())
-        return self._moved(model, alias, version)
+    # ------------------------------------------------------------------------------------------ writing
 
-    def _moved(self, model: str, alias: str, version: int) -> dict:
-        """Tell the listener an alias moved, in the ``model-updates`` message shape."""
+    def create_model(self, spec: ModelSpec) -> None:
+        with self._store.lock(spec.name):
+            if self._store.exists(f"{spec.name}/{SPEC}"):
+                raise RegistryError(f"model {spec.name!r} already exists in registry {self.root}")
+            self._store.write(f"{spec.name}/{SPEC}", spec.model_dump_json(indent=2).encode())
+
+    def register(self, model: str, weights: Mapping[str, np.ndarray], *, parent: int | None = None,
+                 algorithm: str | None = None, updates: int = 0, offsets: Mapping | None = None,
+                 metrics: Mapping | None = None) -> int:
+        """Store a new version and return its number; weights must fit the model's spec exactly.
+
+        ``offsets`` are the Kafka offsets the weights were trained through
+        (``{topic: {partition: offset}}``), ``metrics`` e.g. prequential accuracy.
+        """
+        data = weights_to_bytes(check_weights(self.spec(model), weights))
+        with self._store.lock(self._model(model)):
+            version = max(self.versions(model), default=0) + 1
+            meta = {"version": version, "parent": parent, "algorithm": algorithm, "updates": updates,
+                    "offsets": dict(offsets or {}), "metrics": dict(metrics or {}),
+                    "sha256": hashlib.sha256(data).hexdigest(), "created_at": int(time.time() * 1000)}
+            self._store.write_dir(f"{model}/versions/{version}",
+                                  {WEIGHTS: data, META: json.dumps(meta, indent=2).encode()})
+        return version
+
+    def set_alias(self, model: str, alias: str, version: int) -> dict:
+        """Point ``alias`` at ``version``; a champion that moves goes onto the rollback history."""
+        if not re.fullmatch(r"[a-z][a-z0-9_-]*", alias) or alias == "history":
+            raise RegistryError(f"bad alias name {alias!r} (lowercase letters, digits, _ and -; not 'history')")
+        self.meta(model, version)
+        with self._store.lock(self._model(model)):
+            aliases = self._aliases_file(model)
+            if alias == "champion" and aliases.get("champion") not in (None, version):
+                aliases["history"] = (aliases.get("history", []) + [aliases["champion"]])[-HISTORY_LENGTH:]
+            aliases[alias] = version
+            self._store.write(f"{model}/{ALIASES}", json.dumps(aliases, indent=2).encode())
+        return self._announce(model, alias, version)
+
+    def promote(self, model: str, version: int | None = None) -> dict:
+        """Move ``champion`` to ``version``, by default to the current ``candidate``."""
+        return self.set_alias(model, "champion", self.resolve(model, "candidate") if version is None else version)
+
+    def rollback(self, model: str) -> dict:
+        """Move ``champion`` back to the previous champion still in the registry."""
+        with self._store.lock(self._model(model)):
+            aliases = self._aliases_file(model)
+            history = [v for v in aliases.get("history", []) if self._store.exists(self._version_path(model, v, META))]
+            if not history:
+                raise RegistryError(f"model {model!r} has no previous champion to roll back to")
+            aliases["champion"], aliases["history"] = history[-1], history[:-1]
+            self._store.write(f"{model}/{ALIASES}", json.dumps(aliases, indent=2).encode())
+        return self._announce(model, "champion", aliases["champion"])
+
+    def retain(self, model: str, keep: int) -> list[int]:
+        """Delete all but the newest ``keep`` versions, never an aliased one or a rollback target; returns the deleted."""
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        with self._store.lock(self._model(model)):
+            aliases = self._aliases_file(model)
+            pinned = {v for k, v in aliases.items() if k != "history"} | set(aliases.get("history", []))
+            doomed = [v for v in self.versions(model)[:-keep] if v not in pinned]
+            for version in doomed:
+                self._store.remove(f"{model}/versions/{version}")
+        return doomed
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    def _model(self, model: str) -> str:
+        """``model`` checked to be a safe name of an existing model."""
+        if not re.fullmatch(NAME_PATTERN, model) or not self._store.exists(f"{model}/{SPEC}"):
+            raise RegistryError(f"no model {model!r} in registry {self.root} (create it with `streamfit models create`)")
+        return model
+
+    def _version_path(self, model: str, version: int, name: str) -> str:
+        return f"{self._model(model)}/versions/{int(version)}/{name}"
+
+    def _aliases_file(self, model: str) -> dict:
+        try:
+            return json.loads(self._store.read(f"{self._model(model)}/{ALIASES}"))
+        except FileNotFoundError:
+            return {}
+
+    def _announce(self, model: str, alias: str, version: int) -> dict:
+        """The ``model-updates`` message for an alias move, also handed to ``on_alias_change``."""
         meta = self.meta(model, version)
-        event = {"model": model, "version": version, "alias": alias,
-                 "uri": str((self._model_dir(model) / "versions" / str(version)).resolve()),
+        event = {"model": model, "version": version, "alias": alias, "uri": self.uri(model, version),
                  "created_at": meta["created_at"], "metrics": meta["metrics"]}
         if self.on_alias_change:
             self.on_alias_change(event)
         return event
-
-    def promote(self, model: str, version: int | None = None) -> dict:
-        """Move ``champion`` to ``version`` (default: the current candidate)."""
-        return self.set_alias(model, "champion", self.resolve(model, "candidate") if version is None else version)
-
-    def rollback(self, model: str) -> dict:
-        """Move ``champion`` back to the previous champion."""
-        with self._locked(model):
-            aliases = self.aliases(model)
-            history = aliases.get("history", [])
-            if not history:
-                raise RegistryError(f"model {model!r} has no previous champion to roll back to")
-            previous = history.pop()
-            aliases["champion"] = previous
-            atomic_write(self._model_dir(model) / ALIASES, json.dumps(aliases, indent=2).encode())
-        return self._moved(model, "champion", previous)
-
-    def retain(self, model: str, keep: int) -> list[int]:
-        """Delete all but the newest ``keep`` versions; aliased and history versions are always kept."""
-        aliases = self.aliases(model)
-        pinned = {v for k, v in aliases.items() if k != "history"} | set(aliases.get("history", []))
-        doomed = [v for v in self.versions(model)[:-keep] if v not in pinned]
-        for version in doomed:
-            shutil.rmtree(self._model_dir(model) / "versions" / str(version))
-        return doomed

@@ -1,44 +1,129 @@
 """Model specs: which architecture, which features and classes, which loss and worker optimizer.
 
-A spec is data (JSON in the registry), never code: the architecture is named from a
-fixed table of builders, so loading a spec cannot execute anything.
+A spec is data (``spec.json`` in the registry), never code: the architecture is a name
+looked up in :data:`BUILDERS`, whose arguments are validated like any other field, so
+reading a spec cannot import or execute anything.
 
 >>> spec = BUILTIN_SPECS["small"]
->>> spec.n_features, spec.n_classes
-(10, 2)
+>>> spec.n_features, spec.n_classes, spec.feature_names[:2]
+(10, 2, ['f0', 'f1'])
+>>> ModelSpec.model_validate_json(spec.model_dump_json()) == spec
+True
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, field_validator, model_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+"""Model names become directory names in the registry and Kafka keys: no separators, no dot-dot."""
 
 
-class OptimizerSpec(BaseModel):
-    """Plain SGD (optionally with momentum): what the parameter-server algorithms' maths assume."""
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DenseClassifier(_Strict):
+    """Dense relu layers, each optionally followed by dropout, then a softmax over the classes.
+
+    Initial weights are drawn from per-layer seeds derived from the bundle's seed, so a
+    model is reproducible without touching any global random state.
+    """
+
+    hidden: list[PositiveInt] = Field(min_length=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    def build(self, x, n_classes: int, seed: int):
+        """Add the layers on top of the symbolic tensor ``x``; returns the class probabilities."""
+        import keras
+
+        for i, width in enumerate(self.hidden):
+            x = keras.layers.Dense(width, activation="relu", name=f"hidden_{i}",
+                                   kernel_initializer=keras.initializers.GlorotUniform(seed=seed + i))(x)
+            if self.dropout:
+                x = keras.layers.Dropout(self.dropout, seed=seed + i, name=f"dropout_{i}")(x)
+        return keras.layers.Dense(n_classes, activation="softmax", name="output",
+                                  kernel_initializer=keras.initializers.GlorotUniform(seed=seed + len(self.hidden)))(x)
+
+    def weight_shapes(self, n_inputs: int, n_classes: int) -> dict[str, tuple[int, ...]]:
+        """The tensors ``build`` makes, by name, in order (so weights can be checked without TensorFlow)."""
+        shapes, width = {}, n_inputs
+        for name, out in [*((f"hidden_{i}", w) for i, w in enumerate(self.hidden)), ("output", n_classes)]:
+            shapes[f"{name}/kernel"], shapes[f"{name}/bias"], width = (width, out), (out,), out
+        return shapes
+
+
+BUILDERS: dict[str, type[DenseClassifier]] = {"dense_classifier": DenseClassifier}
+"""The only architectures a spec can name: builder name -> its (validated) arguments and ``build``."""
+
+
+class OptimizerSpec(_Strict):
+    """The worker's local optimizer: SGD, the update the parameter-server algorithms' maths assume."""
+
     name: Literal["sgd"] = "sgd"
     learning_rate: float = Field(0.01, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     nesterov: bool = False
 
 
-class ModelSpec(BaseModel):
-    name: str
-    builder: Literal["dense_classifier"] = "dense_classifier"
-    hidden: list[int] = Field(default_factory=lambda: [32])
-    dropout: float = Field(0.0, ge=0, lt=1)
-    feature_names: list[str]
-    classes: list[int | str] = Field(default_factory=lambda: [0, 1])
+class Standardisation(_Strict):
+    """Per-feature ``(x - mean) / std``; the bundle's first layer, so it travels with the weights."""
+
+    mean: list[float]
+    std: list[float]
+
+    @model_validator(mode="after")
+    def _usable(self) -> Standardisation:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"standardisation has {len(self.mean)} means but {len(self.std)} stds")
+        if not all(math.isfinite(m) for m in self.mean) or not all(math.isfinite(s) and s > 0 for s in self.std):
+            raise ValueError("standardisation means must be finite and stds finite and > 0")
+        return self
+
+
+class ModelSpec(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    builder: str = "dense_classifier"
+    builder_args: dict[str, Any] = Field(default_factory=dict)
+    feature_names: list[str] = Field(min_length=1)
+    classes: list[int | str] = Field(default_factory=lambda: [0, 1], min_length=2)
+    """Class labels for display; in events a label is the class's index, 0..n_classes-1."""
     loss: Literal["sparse_categorical_crossentropy"] = "sparse_categorical_crossentropy"
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    standardisation: Standardisation | None = None
+    _architecture: DenseClassifier = PrivateAttr()
 
-    @field_validator("feature_names")
+    @field_validator("feature_names", "classes")
     @classmethod
-    def _unique(cls, names: list[str]) -> list[str]:
-        if not names or len(set(names)) != len(names):
-            raise ValueError("feature_names must be non-empty and unique")
-        return names
+    def _unique(cls, values: list) -> list:
+        if len(set(values)) != len(values):
+            raise ValueError("must be unique")
+        return values
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        if self.builder not in BUILDERS:
+            raise ValueError(f"unknown builder {self.builder!r}; known: {sorted(BUILDERS)}")
+        self._architecture = BUILDERS[self.builder].model_validate(self.builder_args)
+        if self.standardisation and len(self.standardisation.mean) != self.n_features:
+            raise ValueError(f"standardisation has {len(self.standardisation.mean)} entries "
+                             f"for {self.n_features} features")
+        return self
+
+    @property
+    def architecture(self) -> DenseClassifier:
+        """The builder named by the spec, its arguments validated when the spec was."""
+        return self._architecture
+
+    @property
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the model in order, the standardisation statistics first: the names and
+        shapes the bundle, the registry and the parameter server agree on."""
+        n = self.n_features
+        return {"standardise/mean": (n,), "standardise/std": (n,), **self.architecture.weight_shapes(n, self.n_classes)}
 
     @property
     def n_features(self) -> int:
@@ -49,12 +134,15 @@ class ModelSpec(BaseModel):
         return len(self.classes)
 
 
-BUILTIN_SPECS = {
+def _features(n: int) -> list[str]:
+    return [f"f{i}" for i in range(n)]
+
+
+BUILTIN_SPECS: dict[str, ModelSpec] = {
     # the dist-keras Kafka notebook's classifier: 30 -> 500 -> 1000 -> 500 -> 2, dropout 0.4 (~1.02 M parameters)
-    "higgs": ModelSpec(name="higgs", hidden=[500, 1000, 500], dropout=0.4,
-                       feature_names=[f"f{i}" for i in range(30)],
-                       optimizer=OptimizerSpec(learning_rate=0.01, momentum=0.9)),
+    "higgs": ModelSpec(name="higgs", builder_args={"hidden": [500, 1000, 500], "dropout": 0.4},
+                       feature_names=_features(30), optimizer=OptimizerSpec(learning_rate=0.01, momentum=0.9)),
     # small and fast, for tests and 10-feature synthetic streams (hyperplane, random RBF)
-    "small": ModelSpec(name="small", hidden=[32], feature_names=[f"f{i}" for i in range(10)],
+    "small": ModelSpec(name="small", builder_args={"hidden": [32]}, feature_names=_features(10),
                        optimizer=OptimizerSpec(learning_rate=0.1)),
 }
