@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.durable import fsync_dir, replace_atomically, write_synced
 from pipeline.bundle import check_weights, weights_from_bytes, weights_to_bytes
 from pipeline.spec import NAME_PATTERN, ModelSpec
 
@@ -72,18 +73,8 @@ class _LocalStore:
     def write(self, path: str, data: bytes) -> None:
         target = self.root / path
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        self._fsync_dir(target.parent)
+        replace_atomically(target, data)
+        fsync_dir(target.parent)
 
     def write_dir(self, path: str, files: Mapping[str, bytes]) -> None:
         """Create directory ``path`` holding ``files``, all at once: staged next to it, then renamed."""
@@ -92,16 +83,13 @@ class _LocalStore:
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
         try:
             for name, data in files.items():
-                with open(staging / name, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            self._fsync_dir(staging)
+                write_synced(staging / name, data)
+            fsync_dir(staging)
             os.rename(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        self._fsync_dir(target.parent)
+        fsync_dir(target.parent)
 
     def remove(self, path: str) -> None:
         shutil.rmtree(self.root / path)
@@ -112,14 +100,6 @@ class _LocalStore:
         with open(self.root / directory / LOCK, "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             yield
-
-    @staticmethod
-    def _fsync_dir(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 class _FsspecStore:

@@ -24,6 +24,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from pipeline.durable import fsync_dir, replace_atomically
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1
@@ -59,9 +61,9 @@ class Checkpoint:
                  "weights": self._write_tensors(f"weights-{token}.safetensors", snapshot.weights)}
         if snapshot.rule_tensors:
             state["rule_tensors"] = self._write_tensors(f"rule-{token}.safetensors", snapshot.rule_tensors)
-        _fsync_dir(self.directory)
-        self._write_atomic(STATE_FILE, json.dumps(state, indent=1).encode())
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
+        replace_atomically(self.directory / STATE_FILE, json.dumps(state, indent=1).encode())
+        fsync_dir(self.directory)
         keep = {STATE_FILE, state["weights"]["file"], state.get("rule_tensors", {}).get("file")}
         for path in self.directory.iterdir():
             if path.name not in keep and path.name.startswith(("weights-", "rule-", ".tmp-")):
@@ -85,7 +87,7 @@ class Checkpoint:
 
     def _write_tensors(self, name: str, tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
         data = st_save({k: np.asarray(v, order="C") for k, v in tensors.items()})
-        self._write_atomic(name, data)
+        replace_atomically(self.directory / name, data)
         return {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "names": list(tensors)}
 
     def _read_tensors(self, entry: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -94,19 +96,3 @@ class Checkpoint:
             raise CheckpointError(f"{self.directory / entry['file']}: sha256 does not match {STATE_FILE}")
         tensors = st_load(data)
         return {name: tensors[name] for name in entry["names"]}
-
-    def _write_atomic(self, name: str, data: bytes) -> None:
-        tmp = self.directory / f".tmp-{uuid.uuid4().hex}-{name}"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.directory / name)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
