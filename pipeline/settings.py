@@ -96,12 +96,13 @@ class Settings(BaseSettings):
     # training
     algorithm: str = "adag"
     workers: int = Field(2, ge=1)
-    learning_rate: float = Field(0.01, gt=0)
+    learning_rate: float | None = Field(None, gt=0, description="worker learning rate; default: the model spec's")
     batch_size: int = Field(64, ge=1)
     communication_window: int = Field(5, ge=1)
     rho: float = Field(5.0, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    momentum: float | None = Field(None, ge=0, lt=1, description="worker (EAMSGD: Nesterov) momentum; default: the spec's")
     epochs: int = Field(1, ge=1)
+    seed: int = Field(0, description="seed of shuffles and train/hold-out splits")
 
     # Spark
     spark_master: str = "local[2]"

@@ -45,12 +45,16 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from pipeline.cli import CommandError, settings_from
-    from pipeline.registry import Registry, RegistryError
+    from pipeline.model_updates import announcing_registry
+    from pipeline.registry import RegistryError
 
+    registry, announcer = announcing_registry(settings_from(args))
     try:
-        return args.action_func(Registry(settings_from(args).registry_url), args)
+        return args.action_func(registry, args)
     except (RegistryError, ValueError) as exc:  # ValueError: a bad model name, weights that do not fit
         raise CommandError(str(exc)) from None
+    finally:
+        announcer.close()
 
 
 def _create(registry, args) -> int:

@@ -531,7 +531,7 @@ def from_settings(settings, **overrides: Any) -> Algorithm:
         cls = ALGORITHMS[settings.algorithm]
     except KeyError:
         raise ValueError(f"unknown algorithm {settings.algorithm!r}; choose one of {', '.join(ALGORITHMS)}") from None
-    params = {f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)}
+    params = {f.name: getattr(settings, f.name) for f in fields(cls) if getattr(settings, f.name, None) is not None}
     return cls(**{**params, **overrides})
 
 

@@ -1,0 +1,214 @@
+"""Offline training from a file, the dist-keras way: Spark partitions are workers of a parameter server.
+
+The file (CSV or Parquet with one column per feature, or JSON lines in the ``events`` shape) becomes a
+DataFrame of ``features``/``label``; rows that fail the model's schema are counted and left out. A
+parameter server runs in this process, seeded with the registry's ``champion`` (whose
+standardisation is fitted to the data when it has none yet); the DataFrame is repartitioned into
+``workers`` partitions, each trained by :func:`pipeline.training.arrow_trainer`; the center variable
+is then registered as a new version and becomes the ``candidate``.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.ps.algorithms import SynchronousAveraging
+from pipeline.ps.server import CenterState, ParameterServer
+from pipeline.registry import Registry
+from pipeline.settings import Settings
+from pipeline.spec import ModelSpec
+from pipeline.training import REPORT_DDL, TrainingPlan, arrow_trainer, evaluate, rows_of
+
+READERS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".ndjson": "json"}
+NON_FEATURES = ("id", "ts", "event_ts")
+
+
+class FitError(ValueError):
+    """The data or the request cannot be trained on; the message says why."""
+
+
+@dataclass
+class FitResult:
+    """What a fit did: the versions registered (the first is the candidate), held-out metrics, counts."""
+
+    versions: list[int]
+    holdout: dict[str, float]
+    rows: int
+    invalid_rows: int
+    updates: int
+    seconds: float
+    workers: list[dict] = field(default_factory=list)
+
+
+def training_frame(spark, path: str | Path, spec: ModelSpec, label_column: str = "label"):
+    """``(frame of features array<float> + label int, number of invalid rows)`` read from ``path``."""
+    from pyspark.sql import functions as F
+
+    path = Path(path)
+    kind = READERS.get(path.suffix.lower())
+    if kind is None:
+        raise FitError(f"{path}: unknown file type {path.suffix!r}; use one of {', '.join(sorted(READERS))}")
+    if not path.exists():
+        raise FitError(f"{path}: no such file")
+    reader = spark.read.option("header", "true").option("inferSchema", "true") if kind == "csv" else spark.read
+    raw = getattr(reader, kind)(str(path))
+    if label_column not in raw.columns:
+        raise FitError(f"{path}: no label column {label_column!r} (columns: {', '.join(raw.columns)})")
+    features = _features_column(raw, spec, label_column, path)
+    n = spec.n_features
+    finite = F.forall(features, lambda v: v.isNotNull() & ~F.isnan(v) & (F.abs(v) != float("inf")))
+    valid = ((F.size(features) == n) & finite & F.col(label_column).isNotNull()
+             & (F.col(label_column) >= 0) & (F.col(label_column) < spec.n_classes)
+             & (F.col(label_column) == F.col(label_column).cast("int")))
+    checked = raw.select(features.alias("features"), F.col(label_column).alias("label"),
+                         F.coalesce(valid, F.lit(False)).alias("valid")).cache()
+    invalid = checked.filter(~F.col("valid")).count()
+    return checked.filter("valid").select("features", F.col("label").cast("int").alias("label")), invalid
+
+
+def _features_column(raw, spec: ModelSpec, label_column: str, path: Path):
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import ArrayType, StructType
+
+    if "features" in raw.columns:
+        kind = raw.schema["features"].dataType
+        if isinstance(kind, StructType):  # JSON objects {name: value}
+            missing = [name for name in spec.feature_names if name not in kind.fieldNames()]
+            if missing:
+                raise FitError(f"{path}: features lack {', '.join(missing[:5])}")
+            return F.array(*(F.col(f"features.`{name}`") for name in spec.feature_names)).cast("array<float>")
+        if isinstance(kind, ArrayType):
+            return F.col("features").cast("array<float>")
+        raise FitError(f"{path}: column 'features' is {kind.simpleString()}, expected a list or an object")
+    named = [name for name in spec.feature_names if name in raw.columns]
+    columns = named if len(named) == spec.n_features else [
+        c for c in raw.columns if c != label_column and c not in NON_FEATURES]
+    if len(columns) != spec.n_features:
+        raise FitError(f"{path}: model {spec.name!r} needs {spec.n_features} feature columns "
+                       f"(named {spec.feature_names[0]}..{spec.feature_names[-1]}, or all columns but "
+                       f"{label_column!r}, id, ts); found {len(columns)}")
+    return F.array(*(F.col(f"`{c}`").cast("float") for c in columns))
+
+
+def standardisation_of(frame, n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and population std, computed by Spark; a constant feature gets std 1."""
+    from pyspark.sql import functions as F
+
+    aggregates = [F.avg(F.col("features")[i]) for i in range(n_features)]
+    aggregates += [F.stddev_pop(F.col("features")[i]) for i in range(n_features)]
+    values = np.array(frame.agg(*aggregates).first(), dtype=np.float64)
+    mean, std = values[:n_features], values[n_features:]
+    return mean, np.where(std > 1e-12, std, 1.0)
+
+
+def _identity_standardisation(weights) -> bool:
+    return not np.any(weights["standardise/mean"]) and np.all(weights["standardise/std"] == 1.0)
+
+
+def fit(spark, settings: Settings, registry: Registry, data: str | Path, *, holdout: float = 0.1,
+        label_column: str = "label", promote: bool = False,
+        progress: Callable[[dict], None] | None = None) -> FitResult:
+    """Train ``settings.model`` on ``data`` with ``settings.algorithm`` over ``settings.workers``
+    Spark partitions; register the result (see the module docstring). ``progress`` gets the server's
+    stats about once a second."""
+    started = time.monotonic()
+    model = settings.model
+    spec = registry.spec(model)
+    parent, weights = registry.weights(model, "champion")
+    frame, invalid = training_frame(spark, data, spec, label_column)
+    train, held = frame.randomSplit([1.0 - holdout, holdout], seed=settings.seed) if holdout > 0 else (frame, None)
+    train = train.repartition(settings.workers).cache()
+    rows = train.count()
+    if rows == 0:
+        raise FitError(f"{data}: no valid labelled rows to train on ({invalid} invalid)")
+    if _identity_standardisation(weights):
+        weights["standardise/mean"], weights["standardise/std"] = (
+            v.astype(np.float32) for v in standardisation_of(train, spec.n_features))
+    plan = _plan(settings, spec, rows)
+    state = CenterState(weights, plan.algorithm().rule())
+    secret = secrets.token_hex(16)
+    with ParameterServer(state, host=settings.ps_host, port=0, secret=secret.encode(),
+                         max_frame_bytes=settings.ps_max_frame_bytes) as server:
+        plan = plan.model_copy(update={"addresses": [server.address], "secret": secret})
+        job = train.mapInArrow(arrow_trainer(plan), REPORT_DDL, barrier=plan.algorithm_name == "sync")
+        reports = _collect_with_progress(job, state, progress)
+    published, updates, _ = state.publication()
+    x_held, y_held = rows_of(held.toArrow().to_batches(), spec.n_features) if held is not None else (None, None)
+    versions, metrics = _register(registry, spec, published, parent=parent, algorithm=plan.algorithm_name,
+                                  updates=updates, x=x_held, y=y_held)
+    registry.set_alias(model, "candidate", versions[0])
+    if promote:
+        registry.promote(model, versions[0])
+    registry.retain(model, settings.registry_keep)
+    train.unpersist()
+    return FitResult(versions=versions, holdout=metrics, rows=rows, invalid_rows=invalid, updates=updates,
+                     seconds=time.monotonic() - started, workers=sorted(reports, key=lambda r: r["worker_id"]))
+
+
+def _plan(settings: Settings, spec: ModelSpec, rows: int) -> TrainingPlan:
+    params = {name: getattr(settings, name) for name in ("communication_window", "rho", "workers")}
+    steps = None
+    if settings.algorithm == SynchronousAveraging.name:
+        steps = rows // settings.workers // settings.batch_size  # every worker must take the same rounds
+        if steps == 0:
+            raise FitError(f"sync needs at least workers x batch_size = {settings.workers * settings.batch_size} rows")
+        params["global_batch_size"] = settings.workers * settings.batch_size
+    try:
+        return TrainingPlan.create(spec, algorithm=settings.algorithm, addresses=[],
+                                   learning_rate=settings.learning_rate, momentum=settings.momentum,
+                                   algorithm_params=params, batch_size=settings.batch_size, epochs=settings.epochs,
+                                   steps_per_epoch=steps, seed=settings.seed, io_timeout_s=settings.ps_io_timeout_s)
+    except ValueError as exc:
+        raise FitError(str(exc)) from exc
+
+
+def _collect_with_progress(job, state: CenterState, progress: Callable[[dict], None] | None) -> list[dict]:
+    done = threading.Event()
+    if progress is not None:
+        def report():
+            while not done.wait(1.0):
+                progress(state.stats())
+        threading.Thread(target=report, name="fit-progress", daemon=True).start()
+    try:
+        return [row.asDict() for row in job.collect()]
+    finally:
+        done.set()
+
+
+def _register(registry: Registry, spec: ModelSpec, published: dict, *, parent: int, algorithm: str, updates: int,
+              x: np.ndarray | None, y: np.ndarray | None) -> tuple[list[int], dict]:
+    """Register the trained weights; an ensemble's members each become a version, the best held-out first."""
+    from pipeline.bundle import ModelBundle
+
+    members: dict[str, dict] = {}
+    for name, value in published.items():
+        head, _, rest = name.partition("/")
+        member, tensor = (head, rest) if re.fullmatch(r"member\d+", head) else ("", name)
+        members.setdefault(member, {})[tensor] = value
+    bundle = ModelBundle(spec)
+    scored = []
+    for member, weights in members.items():
+        bundle.set_weights(weights)
+        metrics = evaluate(bundle, x, y) if x is not None else {}
+        scored.append((metrics.get("accuracy", 0.0), member, weights, metrics))
+    if len(scored) > 1 and x is not None:  # the ensemble's own score: mean of the members' probabilities
+        probabilities = []
+        for _, _, weights, _ in scored:
+            bundle.set_weights(weights)
+            probabilities.append(bundle.predict_proba(x))
+        mean = np.mean(probabilities, axis=0)
+        ensemble = float(np.mean(mean.argmax(axis=1) == y))
+        scored = [(a, m, w, {**metrics, "ensemble_accuracy": ensemble}) for a, m, w, metrics in scored]
+    scored.sort(key=lambda item: -item[0])
+    versions = [registry.register(spec.name, weights, parent=parent, algorithm=algorithm, updates=updates,
+                                  metrics={**metrics, **({"member": member} if member else {})})
+                for _, member, weights, metrics in scored]
+    return versions, scored[0][3]

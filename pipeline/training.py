@@ -1,0 +1,169 @@
+"""One training worker: labelled rows in, pulls/trains/commits against the parameter server out.
+
+The worker does not know how it is run. :func:`train_rows` takes numpy rows; :func:`arrow_trainer`
+wraps it for Spark's ``mapInArrow`` (one partition = one worker, its id the partition index), used
+alike by the offline ``streamfit fit`` job and the streaming training consumer. Each Python worker
+keeps one compiled model per spec and optimizer across tasks and micro-batches, so only the first
+task pays for building it.
+
+>>> import numpy as np
+>>> from pipeline.ps.server import CenterState, ParameterServer
+>>> from pipeline.spec import BUILTIN_SPECS
+>>> spec = BUILTIN_SPECS["small"]
+>>> plan = TrainingPlan.create(spec, algorithm="downpour", addresses=[], batch_size=32)
+>>> state = CenterState(initial_weights(spec), plan.algorithm().rule())
+>>> with ParameterServer(state) as server:
+...     plan = plan.model_copy(update={"addresses": [server.address]})
+...     x = np.random.default_rng(0).normal(size=(320, 10)).astype(np.float32)
+...     train_rows(plan, x, (x[:, 0] > 0).astype(np.int64), worker_id=0).steps
+10
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.ps.algorithms import ALGORITHMS, Algorithm, WorkerReport
+from pipeline.ps.client import Client, ShardedClient
+from pipeline.ps.protocol import CommitTag
+from pipeline.spec import ModelSpec
+
+# what a worker reports per partition (a DDL string: mapInArrow wants one)
+REPORT_DDL = "worker_id long, rows long, steps long, commits long, skipped long, max_staleness long, counter long"
+
+_bundles: dict[str, Any] = {}  # per Python worker: one compiled model per (spec, optimizer)
+
+
+class TrainingPlan(BaseModel):
+    """Everything a worker needs, picklable and small: Spark ships it to every task."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    spec: ModelSpec
+    algorithm_name: str
+    algorithm_params: dict[str, Any]
+    addresses: list[tuple[str, int]]
+    secret: str | None = None
+    io_timeout_s: float = 60.0
+    batch_size: int = 64
+    epochs: int = 1
+    steps_per_epoch: int | None = None
+    seed: int = 0
+    query_id: str = ""
+    batch_id: int = 0
+
+    @classmethod
+    def create(cls, spec: ModelSpec, *, algorithm: str, addresses: list[tuple[str, int]],
+               learning_rate: float | None = None, momentum: float | None = None, **kwargs: Any) -> TrainingPlan:
+        """A plan whose worker optimizer is the spec's, with ``learning_rate``/``momentum`` overriding it.
+
+        EAMSGD's local steps carry their own Nesterov momentum, so its optimizer gets none; the
+        algorithm's ``learning_rate`` (EASGD's alpha = learning_rate * rho) is the optimizer's.
+        """
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        optimizer = spec.optimizer.model_copy(update={
+            "learning_rate": learning_rate or spec.optimizer.learning_rate,
+            "momentum": 0.0 if algorithm == "eamsgd" else (spec.optimizer.momentum if momentum is None else momentum)})
+        params = {name: value for name, value in kwargs.pop("algorithm_params", {}).items() if value is not None}
+        params["learning_rate"] = optimizer.learning_rate
+        if momentum is not None:
+            params["momentum"] = momentum
+        accepted = ALGORITHMS[algorithm].__dataclass_fields__
+        plan = cls(spec=spec.model_copy(update={"optimizer": optimizer}), algorithm_name=algorithm,
+                   algorithm_params={k: v for k, v in params.items() if k in accepted}, addresses=addresses, **kwargs)
+        plan.algorithm()  # parameters are checked here, on the driver, not in a Spark task
+        return plan
+
+    def algorithm(self) -> Algorithm:
+        return ALGORITHMS[self.algorithm_name](**self.algorithm_params)
+
+    def client(self) -> Client | ShardedClient:
+        secret = self.secret.encode() if self.secret else None
+        if len(self.addresses) == 1:
+            return Client(*self.addresses[0], secret=secret, timeout_s=self.io_timeout_s)
+        return ShardedClient(self.addresses, secret=secret, timeout_s=self.io_timeout_s)
+
+
+def local_model(spec: ModelSpec):
+    """This Python worker's model for ``spec`` (built and compiled once, then reused)."""
+    from pipeline.bundle import ModelBundle
+
+    key = spec.model_dump_json()
+    if key not in _bundles:
+        _bundles[key] = ModelBundle(spec)
+    return _bundles[key]
+
+
+def minibatches(x: np.ndarray, y: np.ndarray, *, batch_size: int, epochs: int = 1, seed: int = 0,
+                steps_per_epoch: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``epochs`` shuffled passes over the rows in ``batch_size`` slices (the last one may be short);
+    ``steps_per_epoch`` caps each pass (synchronous rounds need every worker to take the same number).
+
+    >>> [len(b) for b, _ in minibatches(np.zeros((5, 1)), np.zeros(5), batch_size=2, epochs=2)]
+    [2, 2, 1, 2, 2, 1]
+    """
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        order = rng.permutation(len(x))
+        starts = range(0, len(x), batch_size)
+        for start in list(starts)[:steps_per_epoch]:
+            index = order[start:start + batch_size]
+            yield x[index], y[index]
+
+
+def train_rows(plan: TrainingPlan, x: np.ndarray, y: np.ndarray, worker_id: int) -> WorkerReport:
+    """Train this worker's share ``(x, y)`` with the plan's algorithm against the parameter server.
+
+    Commits are tagged ``(plan.query_id, plan.batch_id, worker_id)``: a replayed task re-sends the
+    same tags and the server skips what it already applied.
+    """
+    model = local_model(plan.spec)
+    batches = minibatches(x, y, batch_size=plan.batch_size, epochs=plan.epochs, seed=plan.seed + worker_id,
+                          steps_per_epoch=plan.steps_per_epoch)
+    tag = CommitTag(query_id=plan.query_id, batch_id=plan.batch_id, worker_id=worker_id)
+    with plan.client() as client:
+        return plan.algorithm().run(model, client, batches, tag=tag)
+
+
+def rows_of(batches: Iterable[pa.RecordBatch], n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stack Arrow batches with ``features: list<float>`` and ``label: int`` into ``(x, y)`` arrays."""
+    xs, ys = [], []
+    for batch in batches:
+        features = batch.column("features")
+        xs.append(np.asarray(features.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, n_features))
+        ys.append(np.asarray(batch.column("label").to_numpy(zero_copy_only=False), np.int64))
+    if not xs:
+        return np.zeros((0, n_features), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def arrow_trainer(plan: TrainingPlan):
+    """The ``mapInArrow`` function: the partition's rows train one worker; yields its report (``REPORT_DDL``)."""
+
+    def train_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
+        worker_id = TaskContext.get().partitionId()
+        x, y = rows_of(batches, plan.spec.n_features)
+        report = train_rows(plan, x, y, worker_id) if len(x) else WorkerReport()
+        yield pa.RecordBatch.from_pylist([{
+            "worker_id": worker_id, "rows": len(x), "steps": report.steps, "commits": report.commits,
+            "skipped": report.skipped, "max_staleness": report.max_staleness, "counter": report.counter}])
+
+    return train_partition
+
+
+def evaluate(model, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Accuracy and log loss of ``model.predict_proba`` on labelled rows."""
+    if not len(x):
+        return {"accuracy": float("nan"), "log_loss": float("nan"), "rows": 0}
+    probabilities = np.concatenate([model.predict_proba(x[i:i + 8192]) for i in range(0, len(x), 8192)])
+    picked = np.clip(probabilities[np.arange(len(y)), y], 1e-7, 1.0)
+    return {"accuracy": float(np.mean(probabilities.argmax(axis=1) == y)),
+            "log_loss": float(-np.mean(np.log(picked))), "rows": int(len(y))}
