@@ -10,7 +10,6 @@ is then registered as a new version and becomes the ``candidate``.
 
 from __future__ import annotations
 
-import re
 import secrets
 import threading
 import time
@@ -25,7 +24,8 @@ from pipeline.ps.server import CenterState, ParameterServer
 from pipeline.registry import Registry
 from pipeline.settings import Settings
 from pipeline.spec import ModelSpec
-from pipeline.training import REPORT_DDL, TrainingPlan, arrow_trainer, evaluate, rows_of
+from pipeline.publishing import register_trained
+from pipeline.training import REPORT_DDL, TrainingPlan, arrow_trainer, rows_of
 
 READERS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".ndjson": "json"}
 NON_FEATURES = ("id", "ts", "event_ts")
@@ -141,9 +141,9 @@ def fit(spark, settings: Settings, registry: Registry, data: str | Path, *, hold
         job = train.mapInArrow(arrow_trainer(plan), REPORT_DDL, barrier=plan.algorithm_name == "sync")
         reports = _collect_with_progress(job, state, progress)
     published, updates, _ = state.publication()
-    x_held, y_held = rows_of(held.toArrow().to_batches(), spec.n_features) if held is not None else (None, None)
-    versions, metrics = _register(registry, spec, published, parent=parent, algorithm=plan.algorithm_name,
-                                  updates=updates, x=x_held, y=y_held)
+    holdout_rows = rows_of(held.toArrow().to_batches(), spec.n_features) if held is not None else None
+    versions, metrics = register_trained(registry, model, published, parent=parent, algorithm=plan.algorithm_name,
+                                         updates=updates, holdout=holdout_rows)
     registry.set_alias(model, "candidate", versions[0])
     if promote:
         registry.promote(model, versions[0])
@@ -181,34 +181,3 @@ def _collect_with_progress(job, state: CenterState, progress: Callable[[dict], N
         return [row.asDict() for row in job.collect()]
     finally:
         done.set()
-
-
-def _register(registry: Registry, spec: ModelSpec, published: dict, *, parent: int, algorithm: str, updates: int,
-              x: np.ndarray | None, y: np.ndarray | None) -> tuple[list[int], dict]:
-    """Register the trained weights; an ensemble's members each become a version, the best held-out first."""
-    from pipeline.bundle import ModelBundle
-
-    members: dict[str, dict] = {}
-    for name, value in published.items():
-        head, _, rest = name.partition("/")
-        member, tensor = (head, rest) if re.fullmatch(r"member\d+", head) else ("", name)
-        members.setdefault(member, {})[tensor] = value
-    bundle = ModelBundle(spec)
-    scored = []
-    for member, weights in members.items():
-        bundle.set_weights(weights)
-        metrics = evaluate(bundle, x, y) if x is not None else {}
-        scored.append((metrics.get("accuracy", 0.0), member, weights, metrics))
-    if len(scored) > 1 and x is not None:  # the ensemble's own score: mean of the members' probabilities
-        probabilities = []
-        for _, _, weights, _ in scored:
-            bundle.set_weights(weights)
-            probabilities.append(bundle.predict_proba(x))
-        mean = np.mean(probabilities, axis=0)
-        ensemble = float(np.mean(mean.argmax(axis=1) == y))
-        scored = [(a, m, w, {**metrics, "ensemble_accuracy": ensemble}) for a, m, w, metrics in scored]
-    scored.sort(key=lambda item: -item[0])
-    versions = [registry.register(spec.name, weights, parent=parent, algorithm=algorithm, updates=updates,
-                                  metrics={**metrics, **({"member": member} if member else {})})
-                for _, member, weights, metrics in scored]
-    return versions, scored[0][3]

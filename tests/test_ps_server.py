@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import json
 import queue
 import signal
 import socket
@@ -399,3 +400,57 @@ def test_cli_without_weights_or_checkpoint_fails_clearly(monkeypatch, tmp_path, 
     monkeypatch.setenv("STREAMFIT_HOME", str(tmp_path))
     assert main(["ps"]) == 1
     assert "no --init-weights" in capsys.readouterr().err
+
+
+def _small_registry(cli_env) -> Path:
+    """A registry under the CLI's home holding model ``small`` with a champion (version 1)."""
+    from pipeline.bundle import ModelBundle
+    from pipeline.registry import Registry
+    from pipeline.spec import BUILTIN_SPECS
+
+    registry = Registry(Path(cli_env["STREAMFIT_HOME"]) / "registry")
+    registry.create_model(BUILTIN_SPECS["small"])
+    registry.set_alias("small", "champion", registry.register("small", ModelBundle(BUILTIN_SPECS["small"]).get_weights()))
+    return registry
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_cli_starts_from_the_champion_and_publishes_announced_candidates(cli_env, tmp_path, kafka, topic, shards):
+    from pipeline.kafka import ensure_topics
+    from tests.kafka_reader import read_topic
+
+    registry = _small_registry(cli_env)
+    ensure_topics(kafka, {topic: 1})
+    env = {"STREAMFIT_KAFKA_BOOTSTRAP": kafka, "STREAMFIT_TOPIC_MODEL_UPDATES": topic, "STREAMFIT_MODEL": "small",
+           "STREAMFIT_PS_PUBLISH_EVERY_UPDATES": "2", "STREAMFIT_PS_PUBLISH_EVERY_S": "60"}
+    proc, addresses, _ = _start_cli(cli_env, tmp_path, "--shards", str(shards), shards=shards, env=env)
+    try:
+        with ShardedClient(addresses) as client:
+            start, _ = client.pull()
+            champion = registry.weights("small", 1)[1]
+            assert all(np.array_equal(start[name], champion[name]) for name in champion)
+            ones = {name: np.ones_like(value) for name, value in start.items()}
+            for seq in range(2):
+                client.commit(ones, tag=CommitTag("q", 1, 0, seq), meta={"offsets": {"events": {"0": 10 + seq}}})
+            wait_until(lambda: "candidate" in registry.aliases("small"), timeout=30)
+            version = registry.resolve("small", "candidate")
+            published = registry.weights("small", version)[1]
+            assert all(np.allclose(published[name], champion[name] + 2) for name in champion)
+            meta = registry.meta("small", version)
+            assert meta["parent"] == 1 and meta["updates"] == 2 and meta["offsets"] == {"events": {"0": 11}}
+            client.commit(ones)  # one more change: published on shutdown
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    final = registry.resolve("small", "candidate")
+    assert final == version + 1 and registry.meta("small", final)["updates"] == 3
+    announced = [json.loads(r.value) for r in read_topic(kafka, topic, expected=2)]
+    assert [(e["alias"], e["version"]) for e in announced] == [("candidate", version), ("candidate", final)]
+
+
+def test_cli_refuses_a_sharded_ensemble(monkeypatch, tmp_path, capsys):
+    from pipeline.cli import main
+
+    monkeypatch.setenv("STREAMFIT_HOME", str(tmp_path))
+    assert main(["ps", "--algorithm", "ensemble", "--shards", "2"]) == 1
+    assert "--shards 1" in capsys.readouterr().err

@@ -181,6 +181,7 @@ class CenterState:
     def stats(self) -> dict[str, Any]:
         with self._cond:
             return {"counter": self._counter, "rule": self.rule.name, "commits": dict(self._tally),
+                    "queries": dict(self._guard.meta),
                     "tensors": {name: list(shape) for name, shape in self.shapes.items()},
                     "parameters": sum(int(np.prod(shape)) for shape in self.shapes.values()),
                     "workers": {str(w): {"commits": c, "staleness_mean": total / c, "staleness_max": top,
@@ -347,7 +348,7 @@ class ParameterServer:
         return self
 
     def stop(self) -> None:
-        """Stop accepting, close every connection, then write the final checkpoint."""
+        """Stop accepting, close every connection, then write the final checkpoint and publication."""
         if self._stopping.is_set() or self._accept_thread is None:
             return
         address = self.address
@@ -359,7 +360,7 @@ class ParameterServer:
             for conn in self._connections:
                 _shutdown(conn)
         for periodic in self._periodic:
-            periodic.stop(final=periodic.name == "checkpoint")
+            periodic.stop(final=True)
         log.info("parameter server on %s:%d stopped at counter %d", *address, self.state.counter)
 
     def __enter__(self) -> ParameterServer:

@@ -1,0 +1,137 @@
+"""Trained weights become registry versions: one place for `streamfit fit` and `streamfit ps`.
+
+An ensemble's published weights are its members (``member<id>/<tensor>``); each member becomes its
+own version, the best on the held-out rows first. The first version returned is the one to make
+``candidate``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+from pipeline.registry import Registry
+from pipeline.training import evaluate
+
+log = logging.getLogger(__name__)
+
+
+def members_of(published: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """``{member name or "": weights}``: one entry unless the weights are an ensemble's members."""
+    members: dict[str, dict[str, np.ndarray]] = {}
+    for name, value in published.items():
+        head, _, rest = name.partition("/")
+        member, tensor = (head, rest) if re.fullmatch(r"member\d+", head) else ("", name)
+        members.setdefault(member, {})[tensor] = value
+    return members
+
+
+def register_trained(registry: Registry, model: str, published: Mapping[str, np.ndarray], *, parent: int | None,
+                     algorithm: str, updates: int, offsets: Mapping | None = None,
+                     holdout: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[list[int], dict]:
+    """Register ``published`` (scored on ``holdout`` when given); returns the versions, best first,
+    and the best one's metrics (an ensemble's also carry ``ensemble_accuracy``)."""
+    from pipeline.bundle import ModelBundle
+
+    bundle = ModelBundle(registry.spec(model))
+    scored = []
+    for member, weights in members_of(published).items():
+        bundle.set_weights(weights)
+        metrics = evaluate(bundle, *holdout) if holdout is not None else {}
+        scored.append([metrics.get("accuracy", 0.0), member, weights, metrics])
+    if len(scored) > 1 and holdout is not None:  # the ensemble's own score: mean of the members' probabilities
+        probabilities = []
+        for _, _, weights, _ in scored:
+            bundle.set_weights(weights)
+            probabilities.append(bundle.predict_proba(holdout[0]))
+        accuracy = float(np.mean(np.mean(probabilities, axis=0).argmax(axis=1) == holdout[1]))
+        for entry in scored:
+            entry[3] = {**entry[3], "ensemble_accuracy": accuracy}
+    scored.sort(key=lambda entry: -entry[0])
+    versions = [registry.register(model, weights, parent=parent, algorithm=algorithm, updates=updates,
+                                  offsets=offsets, metrics={**metrics, **({"member": member} if member else {})})
+                for _, member, weights, metrics in scored]
+    return versions, scored[0][3]
+
+
+def trained_offsets(commits: Mapping[str, Mapping]) -> dict[str, dict[str, int]]:
+    """The Kafka offsets the weights were trained through, from the server's latest commit metadata
+    per query (``{"offsets": {topic: {partition: offset}}}``); the highest offset per partition wins."""
+    merged: dict[str, dict[str, int]] = {}
+    for meta in commits.values():
+        for topic, partitions in (meta.get("offsets") or {}).items():
+            for partition, offset in partitions.items():
+                slot = merged.setdefault(topic, {})
+                slot[str(partition)] = max(int(offset), slot.get(str(partition), -1))
+    return merged
+
+
+class CandidatePublisher:
+    """The parameter server's ``on_publish``: each publication becomes a new version (its parent the
+    champion of the moment) and the ``candidate``; old versions beyond ``keep`` are removed."""
+
+    def __init__(self, registry: Registry, model: str, *, algorithm: str, keep: int):
+        self.registry, self.model, self.algorithm, self.keep = registry, model, algorithm, keep
+
+    def __call__(self, weights: Mapping[str, np.ndarray], counter: int, meta: Mapping) -> int:
+        parent = self.registry.aliases(self.model).get("champion")
+        versions, _ = register_trained(self.registry, self.model, weights, parent=parent, algorithm=self.algorithm,
+                                       updates=counter, offsets=trained_offsets(meta.get("commits", {})))
+        self.registry.set_alias(self.model, "candidate", versions[0])
+        self.registry.retain(self.model, self.keep)
+        log.info("published %s version %d as candidate at update %d", self.model, versions[0], counter)
+        return versions[0]
+
+
+class ShardedPublishing:
+    """Publication for a sharded server, run next to the shards: each shard holds only some tensors,
+    so this thread watches the shards' counters (``stats``), and when ``every_updates`` updates or
+    ``every_s`` seconds with changes have passed, gathers the weights with one sharded pull and hands
+    them to ``publish``. ``counter`` is where the shards started (already in the registry). A failure
+    (registry down) is logged and retried at the next round."""
+
+    def __init__(self, client, publish: CandidatePublisher, counter: int, *, every_updates: int, every_s: float,
+                 poll_s: float = 0.5):
+        self._client, self._publish = client, publish
+        self._every_updates, self._every_s, self._poll_s = every_updates, every_s, poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="ps-publish", daemon=True)
+        self.published_at = counter
+
+    def start(self) -> ShardedPublishing:
+        self._thread.start()
+        return self
+
+    def stop(self, *, final: bool) -> None:
+        """Stop the thread; with ``final``, publish once more if anything changed (shards still up)."""
+        self._stop.set()
+        self._thread.join()
+        if final:
+            self._round(force=True)
+
+    def _loop(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(self._poll_s):
+            if self._round(force=time.monotonic() >= last + self._every_s):
+                last = time.monotonic()
+
+    def _round(self, *, force: bool) -> bool:
+        try:
+            stats = self._client.stats()
+            counter = stats["counter"]
+            due = counter - self.published_at >= self._every_updates or (force and counter != self.published_at)
+            if not due:
+                return False
+            weights, counter = self._client.pull()
+            commits = {query: meta for shard in stats["shards"] for query, meta in shard.get("queries", {}).items()}
+            self._publish(weights, counter, {"commits": commits})
+            self.published_at = counter
+            return True
+        except Exception:  # noqa: BLE001 - a failed round is logged and retried; the shards keep serving
+            log.exception("publishing from the shards failed")
+            return False
