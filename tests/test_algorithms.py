@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.ps import algorithms
+from pipeline.ps import softmax as softmax_module
 from pipeline.ps.algorithms import (
     ADAG,
     AEASGD,
@@ -17,12 +18,12 @@ from pipeline.ps.algorithms import (
     DynSGD,
     Ensemble,
     Sequential,
-    SoftmaxRegression,
     SynchronousAveraging,
     from_settings,
 )
 from pipeline.ps.client import Client, LocalClient
 from pipeline.ps.protocol import CommitTag
+from pipeline.ps.softmax import SoftmaxRegression
 from pipeline.ps.server import CenterState, ParameterServer
 from pipeline.settings import Settings
 
@@ -69,6 +70,7 @@ def target(value: float, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
 
 def test_docstring_examples_run():
     assert doctest.testmod(algorithms).failed == 0
+    assert doctest.testmod(softmax_module).failed == 0
 
 
 @pytest.mark.parametrize("algorithm", [Downpour(communication_window=1), Downpour(communication_window=3),

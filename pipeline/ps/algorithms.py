@@ -2,9 +2,9 @@
 server half, an :class:`UpdateRule` (:meth:`Algorithm.rule`) that the parameter server applies to
 commits without knowing which algorithm sent them.
 
-A worker drives any :class:`LocalModel` (Keras behind an adapter, or :class:`SoftmaxRegression` here)
-against any client with ``pull``/``commit`` (TCP, sharded, or in-process). Every commit carries the
-caller's tag (query id, batch id, worker id) and a sequence number counted from ``tag.seq``, so a
+A worker drives any :class:`LocalModel` (the Keras bundle, or the numpy
+:class:`pipeline.ps.softmax.SoftmaxRegression`) against any client with ``pull``/``commit`` (TCP,
+sharded, or in-process). Every commit carries the caller's tag (query id, batch id, worker id) and a sequence number counted from ``tag.seq``, so a
 replayed Spark micro-batch is recognised by the server and not trained twice.
 
 Learned from dist-keras (``distkeras/workers.py``, ``parameter_servers.py``), with its bugs fixed:
@@ -258,6 +258,7 @@ class Sequential(Algorithm):
     workers it degenerates into DOWNPOUR with one commit per run.
 
     >>> from pipeline.ps.client import LocalClient
+    >>> from pipeline.ps.softmax import SoftmaxRegression
     >>> model = SoftmaxRegression(features=2, classes=2)
     >>> client = LocalClient.serving(model.get_weights(), Sequential().rule())
     >>> Sequential().run(model, client, [(np.eye(2), np.array([0, 1]))] * 3)
@@ -288,6 +289,7 @@ class Ensemble(Sequential):
     IEEE TPAMI 12(10), 1990; Breiman, "Bagging Predictors", Machine Learning 24, 1996.
 
     >>> from pipeline.ps.client import LocalClient
+    >>> from pipeline.ps.softmax import SoftmaxRegression
     >>> model = SoftmaxRegression(features=2, classes=2)
     >>> client = LocalClient.serving(model.get_weights(), Ensemble().rule())
     >>> _ = Ensemble().run(model, client, [(np.eye(2), np.array([0, 1]))], tag=CommitTag(worker_id=7))
@@ -310,6 +312,7 @@ class Downpour(Algorithm):
     Dean et al., "Large Scale Distributed Deep Networks", NIPS 2012.
 
     >>> from pipeline.ps.client import LocalClient
+    >>> from pipeline.ps.softmax import SoftmaxRegression
     >>> model = SoftmaxRegression(features=2, classes=2)
     >>> client = LocalClient.serving(model.get_weights(), Downpour().rule())
     >>> Downpour(communication_window=2).run(model, client, [(np.eye(2), np.array([0, 1]))] * 5).commits
@@ -352,6 +355,7 @@ class ADAG(Downpour):
     University / CERN, 2017.
 
     >>> from pipeline.ps.client import LocalClient
+    >>> from pipeline.ps.softmax import SoftmaxRegression
     >>> model = SoftmaxRegression(features=2, classes=2)
     >>> client = LocalClient.serving(model.get_weights(), ADAG().rule())
     >>> ADAG(communication_window=4).run(model, client, [(np.eye(2), np.array([0, 1]))] * 4).counter
@@ -397,6 +401,7 @@ class AEASGD(Algorithm):
     Zhang, Choromanska, LeCun, "Deep learning with Elastic Averaging SGD", NIPS 2015 (Algorithm 1).
 
     >>> from pipeline.ps.client import LocalClient
+    >>> from pipeline.ps.softmax import SoftmaxRegression
     >>> model = SoftmaxRegression(features=2, classes=2)
     >>> algo = AEASGD(communication_window=2, learning_rate=0.1, rho=2.0)
     >>> client = LocalClient.serving(model.get_weights(), algo.rule())
@@ -453,6 +458,7 @@ class EAMSGD(AEASGD):
     Zhang, Choromanska, LeCun, "Deep learning with Elastic Averaging SGD", NIPS 2015 (Algorithm 2).
 
     >>> from pipeline.ps.client import LocalClient
+    >>> from pipeline.ps.softmax import SoftmaxRegression
     >>> model = SoftmaxRegression(features=2, classes=2)
     >>> algo = EAMSGD(communication_window=2, learning_rate=0.1, rho=2.0, momentum=0.9)
     >>> client = LocalClient.serving(model.get_weights(), algo.rule())
@@ -494,6 +500,7 @@ class SynchronousAveraging(Algorithm):
     Stochastic Gradient Descent", NIPS 2010.
 
     >>> from pipeline.ps.client import LocalClient
+    >>> from pipeline.ps.softmax import SoftmaxRegression
     >>> model = SoftmaxRegression(features=2, classes=2)
     >>> algo = SynchronousAveraging(workers=1)
     >>> client = LocalClient.serving(model.get_weights(), algo.rule())
@@ -533,51 +540,3 @@ def from_settings(settings, **overrides: Any) -> Algorithm:
         raise ValueError(f"unknown algorithm {settings.algorithm!r}; choose one of {', '.join(ALGORITHMS)}") from None
     params = {f.name: getattr(settings, f.name) for f in fields(cls) if getattr(settings, f.name, None) is not None}
     return cls(**{**params, **overrides})
-
-
-# ------------------------------------------------------------------------------------ a reference model
-
-
-class SoftmaxRegression:
-    """A :class:`LocalModel` in numpy: multinomial logistic regression trained by plain SGD.
-
-    The executable statement of the LocalModel contract (mean of per-sample weighted losses, copies in
-    and out), used by the examples and tests, and a model that needs no TensorFlow.
-
-    >>> model = SoftmaxRegression(features=2, classes=2, learning_rate=1.0)
-    >>> for _ in range(20):
-    ...     _ = model.train_on_batch(np.eye(2), np.array([0, 1]))
-    >>> model.predict(np.eye(2))
-    array([0, 1])
-    """
-
-    def __init__(self, features: int, classes: int, learning_rate: float = 0.1):
-        self.learning_rate = learning_rate
-        self._weights = {"kernel": np.zeros((features, classes), np.float32), "bias": np.zeros(classes, np.float32)}
-
-    def get_weights(self) -> dict[str, np.ndarray]:
-        return {name: value.copy() for name, value in self._weights.items()}
-
-    def set_weights(self, weights: Weights) -> None:
-        self._weights = {name: np.array(weights[name], dtype=np.float32) for name in self._weights}
-
-    def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        logits = x @ self._weights["kernel"] + self._weights["bias"]
-        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return exp / exp.sum(axis=1, keepdims=True)
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.predict_proba(x).argmax(axis=1)
-
-    def train_on_batch(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
-        """One SGD step on ``mean_i(sample_weight_i * cross_entropy_i)``; returns that loss before the step."""
-        x = np.asarray(x, np.float32)
-        probs = self.predict_proba(x)
-        weight = np.ones(len(x), np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
-        loss = float(np.mean(weight * -np.log(probs[np.arange(len(x)), y] + 1e-12)))
-        grad = probs
-        grad[np.arange(len(x)), y] -= 1.0
-        grad *= weight[:, None] / len(x)
-        self._weights["kernel"] -= np.float32(self.learning_rate) * (x.T @ grad)
-        self._weights["bias"] -= np.float32(self.learning_rate) * grad.sum(axis=0)
-        return loss

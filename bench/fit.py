@@ -1,0 +1,132 @@
+"""Offline training: sequential SGD next to the parameter-server algorithms, on the same data, in one run.
+
+``python -m bench.fit [--rows N] [--epochs E] [--png PATH]`` trains the default ~1.02 M-parameter
+model on the same seeded higgs-like rows (a tenth held out) with ``streamfit fit``'s code path
+(Spark partitions as workers of an in-process parameter server): sequential with one worker, then
+ADAG, DOWNPOUR, DynSGD, AEASGD, EAMSGD and synchronous averaging with two. Each algorithm starts
+from the same initial weights and trains one epoch at a time; after each epoch the held-out
+accuracy is measured outside the timed part. An untimed warm-up fit first loads TensorFlow and the
+model in Spark's Python workers, so no algorithm pays that cost for the others. Prints one JSON object (accuracy, wall time, updates,
+the curve, ratios to sequential) and writes a PNG of held-out accuracy against training time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from producers.synthetic import synthetic_rows
+
+RUNS = [("sequential", 1), ("adag", 2), ("downpour", 2), ("dynsgd", 2), ("aeasgd", 2), ("eamsgd", 2), ("sync", 2)]
+
+
+def dataset(rows: int, directory: Path, spec) -> tuple[Path, np.ndarray, np.ndarray]:
+    """The training file (Parquet, one column per feature) and the held-out rows, from one seeded stream."""
+    features, labels = zip(*itertools.islice(synthetic_rows("higgs", seed=1), rows))
+    x, y = np.asarray(features, np.float32), np.asarray(labels, np.int64)
+    held = rows // 10
+    path = directory / "train.parquet"
+    columns = {name: x[held:, i] for i, name in enumerate(spec.feature_names)}
+    pq.write_table(pa.table({**columns, "label": y[held:]}), path)
+    return path, x[:held], y[:held]
+
+
+def train(spark, registry, settings, data: Path, held: tuple[np.ndarray, np.ndarray], epochs: int) -> dict:
+    """Train epoch by epoch (each fit continues from the last one's result); the curve is
+    (cumulative training seconds, held-out accuracy), starting from the initial weights."""
+    from pipeline.fit import fit
+    from pipeline.training import evaluate
+
+    model = settings.model
+    curve = [(0.0, evaluate(registry.load(model, "champion"), *held)["accuracy"])]
+    seconds, updates = 0.0, 0
+    for _ in range(epochs):
+        result = fit(spark, settings, registry, data, holdout=0.0, promote=True)
+        seconds += result.seconds
+        updates += result.updates
+        curve.append((round(seconds, 2), evaluate(registry.load(model, "champion"), *held)["accuracy"]))
+    return {"accuracy": curve[-1][1], "seconds": round(seconds, 2), "updates": updates,
+            "curve": [[t, round(a, 4)] for t, a in curve]}
+
+
+def _fresh_registry(root: Path, spec, initial: dict):
+    from pipeline.registry import Registry
+
+    registry = Registry(root)
+    registry.create_model(spec)
+    registry.set_alias(spec.name, "champion", registry.register(spec.name, initial, algorithm="init"))
+    return registry
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for name, result in results.items():
+        times, accuracies = zip(*result["curve"])
+        axes.plot(times, accuracies, marker="o", label=f"{name} ({result['workers']} worker{'s' * (result['workers'] > 1)})")
+    axes.set(xlabel="training wall time (s)", ylabel="held-out accuracy", title="streamfit fit: higgs-like rows")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.fit", description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--png", type=Path, default=Path("bench/fit.png"))
+    args = parser.parse_args(argv)
+
+    from pipeline.bundle import ModelBundle
+    from pipeline.settings import load_settings
+    from pipeline.spark.session import spark_session
+    from pipeline.spec import BUILTIN_SPECS
+
+    spec = BUILTIN_SPECS["higgs"]
+    with tempfile.TemporaryDirectory(prefix="bench-fit-") as tmp:
+        tmp = Path(tmp)
+        data, *held = dataset(args.rows, tmp, spec)
+        initial = ModelBundle(spec, seed=0).get_weights()
+        spark = spark_session(load_settings(home=tmp), "bench-fit")
+        results = {}
+        try:
+            warm_data = tmp / "warm.parquet"
+            pq.write_table(pq.read_table(data).slice(0, 2000), warm_data)
+            train(spark, _fresh_registry(tmp / "warm", spec, initial),
+                  load_settings(home=tmp, model=spec.name, algorithm="downpour", workers=2), warm_data, held, 1)
+            for algorithm, workers in RUNS:
+                print(f"bench.fit: {algorithm} x{workers}", file=sys.stderr, flush=True)
+                registry = _fresh_registry(tmp / algorithm, spec, initial)
+                settings = load_settings(home=tmp, model=spec.name, algorithm=algorithm, workers=workers)
+                results[algorithm] = {"workers": workers, **train(spark, registry, settings, data, held, args.epochs)}
+        finally:
+            spark.stop()
+    sequential = results["sequential"]
+    for result in results.values():
+        result["accuracy_vs_sequential"] = round(result["accuracy"] - sequential["accuracy"], 4)
+        result["time_vs_sequential"] = round(result["seconds"] / sequential["seconds"], 3)
+    args.png.parent.mkdir(parents=True, exist_ok=True)
+    plot(results, args.png)
+    best = max((name for name in results if name != "sequential"), key=lambda name: results[name]["accuracy"])
+    print(json.dumps({"model": spec.name, "parameters": ModelBundle(spec).n_parameters, "rows": args.rows,
+                      "train_rows": args.rows - len(held[1]), "holdout_rows": len(held[1]), "epochs": args.epochs,
+                      "batch_size": settings.batch_size, "communication_window": settings.communication_window,
+                      "results": results, "best_parallel": best, "png": str(args.png)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
