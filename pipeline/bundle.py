@@ -84,6 +84,11 @@ def _standardise_layer():
     return Standardise
 
 
+def has_identity_standardisation(weights: Mapping[str, np.ndarray]) -> bool:
+    """True while the standardisation layer has not been fitted to any data (mean 0, std 1)."""
+    return not np.any(weights["standardise/mean"]) and bool(np.all(weights["standardise/std"] == 1.0))
+
+
 class ModelBundle:
     """The Keras model of ``spec`` with deterministic initial weights for ``seed``; ``version`` when loaded."""
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.bundle import has_identity_standardisation
 from pipeline.ps.algorithms import SynchronousAveraging
 from pipeline.ps.server import CenterState, ParameterServer
 from pipeline.registry import Registry
@@ -109,10 +110,6 @@ def standardisation_of(frame, n_features: int) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.where(std > 1e-12, std, 1.0)
 
 
-def _identity_standardisation(weights) -> bool:
-    return not np.any(weights["standardise/mean"]) and np.all(weights["standardise/std"] == 1.0)
-
-
 def fit(spark, settings: Settings, registry: Registry, data: str | Path, *, holdout: float = 0.1,
         label_column: str = "label", promote: bool = False,
         progress: Callable[[dict], None] | None = None) -> FitResult:
@@ -129,7 +126,7 @@ def fit(spark, settings: Settings, registry: Registry, data: str | Path, *, hold
     rows = train.count()
     if rows == 0:
         raise FitError(f"{data}: no valid labelled rows to train on ({invalid} invalid)")
-    if _identity_standardisation(weights):
+    if has_identity_standardisation(weights):
         weights["standardise/mean"], weights["standardise/std"] = (
             v.astype(np.float32) for v in standardisation_of(train, spec.n_features))
     plan = _plan(settings, spec, rows)

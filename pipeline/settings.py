@@ -104,12 +104,26 @@ class Settings(BaseSettings):
     epochs: int = Field(1, ge=1)
     seed: int = Field(0, description="seed of shuffles and train/hold-out splits")
 
+    # streaming training (streamfit train)
+    prequential_window: int = Field(2000, ge=10, description="labelled events in the sliding prequential accuracy")
+    drift_delta: float = Field(0.002, gt=0, lt=1, description="ADWIN confidence on the prequential error stream")
+    drift_boost: float = Field(3.0, ge=1, description="learning-rate multiplier after a drift (1 = no reaction)")
+    drift_boost_batches: int = Field(5, ge=0, description="micro-batches the boosted learning rate lasts")
+    auto_promote: bool = Field(False, description="the gate promotes good candidates; off: they wait for `models promote`")
+    promotion_margin: float = Field(0.01, ge=0, le=1, description="a candidate may trail the champion by this much accuracy")
+    gate_window: int = Field(5000, ge=10, description="most recent labelled events the promotion gate scores on")
+
     # Spark
     spark_master: str = "local[2]"
     kafka_source: Literal["auto", "native", "python"] = "auto"
     max_offsets_per_trigger: int | None = Field(None, ge=1)
     trigger_interval_s: float = Field(1.0, ge=0)
     starting_offsets: str = "earliest"
+    spark_min_partitions: int = Field(0, ge=0, description="Spark tasks per micro-batch at least (Kafka ranges are "
+                                                            "split); 0 = twice the cores of spark_master")
+    predict_checkpoint: str | None = Field(None, description="checkpoint of streamfit predict; default <home>/checkpoints/inference")
+    predict_metrics_port: int | None = Field(None, ge=0, le=65535, description="serve streamfit predict's Prometheus "
+                                                                              "metrics on this port (e.g. 9108); unset: off")
 
     # serving
     serve_host: str = "127.0.0.1"
@@ -118,6 +132,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1)
     max_batch_wait_ms: float = Field(2.0, ge=0)
     max_request_bytes: int = Field(1024 * 1024, ge=1024)
+    registry_poll_s: float = Field(2.0, gt=0, description="serving re-reads the champion this often: the fallback "
+                                                          "when model-updates is unreachable or a message was missed")
 
     @field_validator("kafka_bootstrap")
     @classmethod

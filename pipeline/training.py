@@ -34,7 +34,8 @@ from pipeline.ps.protocol import CommitTag
 from pipeline.spec import ModelSpec
 
 # what a worker reports per partition (a DDL string: mapInArrow wants one)
-REPORT_DDL = "worker_id long, rows long, steps long, commits long, skipped long, max_staleness long, counter long"
+REPORT_DDL = ("worker_id long, rows long, steps long, commits long, skipped long, max_staleness long, "
+              "total_staleness long, counter long")
 
 _bundles: dict[str, Any] = {}  # per Python worker: one compiled model per (spec, optimizer)
 
@@ -56,6 +57,7 @@ class TrainingPlan(BaseModel):
     seed: int = 0
     query_id: str = ""
     batch_id: int = 0
+    commit_meta: dict[str, Any] = {}  # sent with every commit, e.g. the Kafka offsets trained through
 
     @classmethod
     def create(cls, spec: ModelSpec, *, algorithm: str, addresses: list[tuple[str, int]],
@@ -128,7 +130,7 @@ def train_rows(plan: TrainingPlan, x: np.ndarray, y: np.ndarray, worker_id: int)
                           steps_per_epoch=plan.steps_per_epoch)
     tag = CommitTag(query_id=plan.query_id, batch_id=plan.batch_id, worker_id=worker_id)
     with plan.client() as client:
-        return plan.algorithm().run(model, client, batches, tag=tag)
+        return plan.algorithm().run(model, client, batches, tag=tag, meta=plan.commit_meta or None)
 
 
 def rows_of(batches: Iterable[pa.RecordBatch], n_features: int) -> tuple[np.ndarray, np.ndarray]:
@@ -154,7 +156,8 @@ def arrow_trainer(plan: TrainingPlan):
         report = train_rows(plan, x, y, worker_id) if len(x) else WorkerReport()
         yield pa.RecordBatch.from_pylist([{
             "worker_id": worker_id, "rows": len(x), "steps": report.steps, "commits": report.commits,
-            "skipped": report.skipped, "max_staleness": report.max_staleness, "counter": report.counter}])
+            "skipped": report.skipped, "max_staleness": report.max_staleness,
+            "total_staleness": report.total_staleness, "counter": report.counter}])
 
     return train_partition
 

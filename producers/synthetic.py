@@ -50,7 +50,7 @@ def _higgs(seed: int, concept: int, block: int = 4096) -> Iterator[Row]:
 
 GENERATORS: dict[str, tuple[Callable[[int, int], Iterator[Row]], int]] = {
     # name: (factory(seed, concept), number of features)
-    "hyperplane": (_river(lambda seed, c: synth.Hyperplane(seed=seed + 7919 * c, n_features=10, mag_change=0.001,
+    "hyperplane": (_river(lambda seed, c: synth.Hyperplane(seed=seed + 7919 * c, n_features=10, mag_change=0.0,
                                                            noise_percentage=0.05)), 10),
     "sea": (_river(lambda seed, c: synth.SEA(variant=(0, 2, 1, 3)[c % 4], seed=seed)), 3),
     "agrawal": (_river(lambda seed, c: synth.Agrawal(classification_function=(0, 2, 4, 6)[c % 4], seed=seed)), 9),

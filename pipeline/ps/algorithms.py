@@ -187,12 +187,13 @@ def _difference(a: Weights, b: Weights, scale: float = 1.0) -> dict[str, np.ndar
 @dataclass
 class WorkerReport:
     """What one worker run did: local steps, commits sent, how many the server skipped as replays,
-    the largest staleness it saw, and the last update counter it heard of."""
+    the largest and the summed staleness of its commits, and the last update counter it heard of."""
 
     steps: int = 0
     commits: int = 0
     skipped: int = 0
     max_staleness: int = 0
+    total_staleness: int = 0
     counter: int = 0
 
 
@@ -223,6 +224,7 @@ class _Session:
         self.report.commits += 1
         self.report.skipped += ack.status == "skipped"
         self.report.max_staleness = max(self.report.max_staleness, ack.staleness)
+        self.report.total_staleness += ack.staleness
         self.report.counter = ack.counter
         return ack
 

@@ -1,0 +1,314 @@
+"""The training consumer: a Spark streaming query on ``events`` that trains the parameter server.
+
+Per micro-batch: Python workers validate every event (the same validator as prediction and
+serving); the driver collects the result, dead-letters the invalid events and counts the
+unlabelled ones, then scores the labelled ones with the center variable as it is before this batch
+(prequential, test-then-train), feeds the per-event errors to a river ADWIN drift detector, and
+finally trains (the first labelled micro-batch also fits the standardisation of a model that has
+none yet): the labelled rows, still cached in the executors, are split over ``workers``
+partitions that pull from, train against and commit to the parameter server
+(:func:`pipeline.training.arrow_trainer`, the code ``streamfit fit`` runs). Commits are tagged with
+(query id, batch id, worker id, seq), so a micro-batch Spark replays after a crash is skipped by
+the server. After training, the promotion gate scores a new ``candidate`` against the
+``champion`` on the most recent labelled events. One record per micro-batch goes to
+``training-metrics``.
+
+On drift the workers' learning rate is multiplied by ``drift_boost`` for ``drift_boost_batches``
+micro-batches: the old concept's weights must be unlearned, and a larger step does that faster
+(``python -m bench.training`` measures the recovery with and without it).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator
+
+import numpy as np
+import orjson
+import pyarrow as pa
+
+from pipeline.bundle import has_identity_standardisation
+from pipeline.dlq import dead_letter
+from pipeline.events import FeatureSchema, Rejection, validate
+from pipeline.ps.protocol import CommitTag
+from pipeline.settings import Settings
+from pipeline.training import REPORT_DDL, TrainingPlan, arrow_trainer, rows_of
+
+log = logging.getLogger(__name__)
+
+QUERY_NAME = "streamfit-training"
+CHECK_SCHEMA = pa.schema([("kind", pa.string()), ("features", pa.list_(pa.float32())), ("label", pa.int64()),
+                          ("partition", pa.int32()), ("offset", pa.int64()), ("dead", pa.binary())])
+CHECK_DDL = "kind string, features array<float>, label long, partition int, offset long, dead binary"
+STANDARDISE_WORKER = 2**32 - 1  # the worker id of the driver's one standardisation commit (workers are partitions)
+
+
+class TrainingError(RuntimeError):
+    """The training consumer cannot run as configured; the message says why."""
+
+
+def check_partition(batches: Iterator[pa.RecordBatch], schema: FeatureSchema, topic_dlq: str) -> Iterator[pa.RecordBatch]:
+    """Validate one partition's events (runs in a Spark Python worker): each row becomes ``train``
+    (features and label), ``unlabelled`` (nothing else kept) or ``dead`` (its DLQ record)."""
+    for batch in batches:
+        rows = {"kind": [], "features": [], "label": [], "partition": [], "offset": [], "dead": []}
+        columns = (batch.column(c).to_pylist() for c in ("value", "topic", "partition", "offset"))
+        for raw, topic, partition, offset in zip(*columns):
+            verdict = validate(raw, schema)
+            if isinstance(verdict, Rejection):
+                kind, features, label = "dead", None, None
+                dead = dead_letter("train", verdict.reason, raw, topic, partition, offset)
+            else:
+                kind = "unlabelled" if verdict.label is None else "train"
+                features, label, dead = (verdict.features, verdict.label, None) if kind == "train" else (None, None, None)
+            for name, value in zip(rows, (kind, features, label, partition, offset, dead)):
+                rows[name].append(value)
+        yield pa.RecordBatch.from_pydict(rows, schema=CHECK_SCHEMA)
+
+
+class Prequential:
+    """Test-then-train bookkeeping: per-batch and sliding-window accuracy, and ADWIN on the errors."""
+
+    def __init__(self, window: int, drift_delta: float):
+        from river.drift import ADWIN
+
+        self.errors: deque[int] = deque(maxlen=window)
+        self.detector = ADWIN(delta=drift_delta)
+        self.events = 0  # labelled events scored so far
+
+    def score(self, probabilities: np.ndarray, y: np.ndarray) -> dict:
+        """Metrics of one batch; ``drift_at`` is the labelled-event index where ADWIN fired, if it did."""
+        wrong = (probabilities.argmax(axis=1) != y).astype(int)
+        drift_at = None
+        for i, error in enumerate(wrong.tolist()):
+            self.detector.update(error)
+            if self.detector.drift_detected and drift_at is None:
+                drift_at = self.events + i
+        self.errors.extend(wrong.tolist())
+        self.events += len(y)
+        picked = np.clip(probabilities[np.arange(len(y)), y], 1e-7, 1.0)
+        return {"accuracy": float(1 - wrong.mean()), "log_loss": float(-np.mean(np.log(picked))),
+                "window_accuracy": float(1 - np.mean(self.errors)), "drift": drift_at is not None,
+                "drift_at_event": drift_at}
+
+
+class PromotionGate:
+    """Promotes a new ``candidate`` only when its accuracy on the most recent labelled events is no
+    worse than the champion's by more than ``margin`` (and only with ``auto_promote``)."""
+
+    def __init__(self, registry, model: str, *, window: int, margin: float, auto_promote: bool):
+        self.registry, self.model, self.margin, self.auto_promote = registry, model, margin, auto_promote
+        self.window = window
+        self._x: deque[np.ndarray] = deque()
+        self._y: deque[np.ndarray] = deque()
+        self.reviewed: int | None = None
+
+    def remember(self, x: np.ndarray, y: np.ndarray) -> None:
+        self._x.append(x)
+        self._y.append(y)
+        while sum(len(part) for part in self._y) - len(self._y[0]) >= self.window:
+            self._x.popleft()
+            self._y.popleft()
+
+    def review(self, bundle) -> dict | None:
+        """Score a candidate not reviewed yet against the champion; promote it if it passes."""
+        aliases = self.registry.aliases(self.model)
+        candidate, champion = aliases.get("candidate"), aliases.get("champion")
+        if candidate is None or candidate == self.reviewed or candidate == champion or not self._y:
+            return None
+        self.reviewed = candidate
+        x, y = np.concatenate(self._x)[-self.window:], np.concatenate(self._y)[-self.window:]
+        scores = {}
+        for name, version in (("candidate", candidate), ("champion", champion)):
+            if version is None:
+                scores[name] = 0.0
+                continue
+            bundle.set_weights(self.registry.weights(self.model, version)[1])
+            scores[name] = float(np.mean(bundle.predict_proba(x).argmax(axis=1) == y))
+        passed = scores["candidate"] >= scores["champion"] - self.margin
+        promoted = passed and self.auto_promote
+        if promoted:
+            self.registry.promote(self.model, candidate)
+        log.info("gate: candidate v%s %.4f vs champion v%s %.4f on %d events: %s", candidate, scores["candidate"],
+                 champion, scores["champion"], len(y),
+                 "promoted" if promoted else "passes, waits for `models promote`" if passed else "held back")
+        return {"candidate": candidate, "champion": champion, "candidate_accuracy": scores["candidate"],
+                "champion_accuracy": scores["champion"], "events": int(len(y)), "passed": passed,
+                "promoted": promoted}
+
+
+class TrainingJob:
+    """Builds and starts the training query; ``history`` keeps the last micro-batches' metrics."""
+
+    def __init__(self, spark, settings: Settings, bootstrap: str, registry=None):
+        from pipeline.bundle import ModelBundle
+        from pipeline.kafka import producer
+        from pipeline.ps.client import connect
+        from pipeline.registry import Registry
+        from pipeline.spark.session import kafka_format
+
+        if settings.algorithm == "ensemble":
+            raise TrainingError("ensemble trains independent members offline: use `streamfit fit`, or another "
+                                "algorithm for streaming training")
+        self.spark, self.settings, self.bootstrap = spark, settings, bootstrap
+        self.registry = registry or Registry(settings.registry_url)
+        self.spec = self.registry.spec(settings.model)
+        self.schema = FeatureSchema(tuple(self.spec.feature_names), self.spec.n_classes, settings.max_event_bytes)
+        self.format = kafka_format(spark, settings)
+        self.client = connect(settings)
+        self.bundle = ModelBundle(self.spec)
+        self.prequential = Prequential(settings.prequential_window, settings.drift_delta)
+        self.gate = PromotionGate(self.registry, settings.model, window=settings.gate_window,
+                                  margin=settings.promotion_margin, auto_promote=settings.auto_promote)
+        self.producer = producer(bootstrap, settings.kafka_timeout_s, client_id="streamfit-train")
+        self.history: deque[dict] = deque(maxlen=1000)
+        self._boost_left = 0
+        self._standardised = False
+        self._center: dict[str, np.ndarray] = {}
+        self._known_versions = set(self.registry.versions(settings.model))
+
+    def _process(self, frame, batch_id: int) -> None:
+        started = time.monotonic()
+        s = self.settings
+        check = functools.partial(check_partition, schema=self.schema, topic_dlq=s.topic_dlq)  # no `self`: Spark ships it
+        checked = frame.select("value", "topic", "partition", "offset").mapInArrow(check, CHECK_DDL).cache()
+        try:
+            table = checked.toArrow()
+            kinds = table.column("kind").to_numpy(zero_copy_only=False)
+            dead = table.filter(pa.compute.equal(table.column("kind"), "dead")).column("dead").to_pylist()
+            futures = [self.producer.send(s.topic_dlq, value=value) for value in dead]
+            labelled = table.filter(pa.compute.equal(table.column("kind"), "train"))
+            x, y = rows_of(labelled.to_batches(), self.spec.n_features)
+            record = {"model": s.model, "batch_id": batch_id, "rows": len(y), "events": len(kinds),
+                      "invalid": len(dead), "unlabelled": int(np.sum(kinds == "unlabelled"))}
+            if len(y):
+                record.update(self._score(x, y))
+                standardised = self._standardise_once(x, batch_id)
+                record.update(self._train(checked, batch_id, len(y), _offsets_through(table, s.topic_events)))
+                record["updates"] += standardised
+                self.gate.remember(x, y)
+            for future in futures:
+                future.get(timeout=s.kafka_timeout_s)  # dead letters acknowledged before the batch commits
+        finally:
+            checked.unpersist()
+        record["gate"] = self.gate.review(self.bundle)
+        versions = set(self.registry.versions(s.model))
+        record["versions_published"] = sorted(versions - self._known_versions)
+        self._known_versions = versions
+        record.update(seconds=round(time.monotonic() - started, 3), ts=int(time.time() * 1000))
+        self.producer.send(s.topic_training_metrics, key=s.model.encode(), value=orjson.dumps(record)).get(
+            timeout=s.kafka_timeout_s)
+        self.history.append(record)
+        log.info("batch %d: %d labelled (%d unlabelled, %d invalid), prequential %.3f (window %.3f), "
+                 "%d updates, drift=%s", batch_id, record["rows"], record["unlabelled"], record["invalid"],
+                 record.get("accuracy", float("nan")), record.get("window_accuracy", float("nan")),
+                 record.get("updates", 0), record.get("drift", False))
+
+    def _score(self, x: np.ndarray, y: np.ndarray) -> dict:
+        """Prequential metrics with the center variable before this batch trains it."""
+        weights, counter = self.client.pull()
+        self._center = weights
+        self.bundle.set_weights(weights)
+        probabilities = np.concatenate([self.bundle.predict_proba(x[i:i + 8192]) for i in range(0, len(x), 8192)])
+        metrics = self.prequential.score(probabilities, y)
+        if metrics["drift"]:
+            self._boost_left = self.settings.drift_boost_batches
+            log.warning("drift detected at labelled event %d: learning rate x%g for %d micro-batches",
+                        metrics["drift_at_event"], self.settings.drift_boost, self._boost_left)
+        return {**metrics, "counter_before": counter}
+
+    def _standardise_once(self, x: np.ndarray, batch_id: int) -> int:
+        """A model no data has been seen by yet (identity standardisation) gets its standardisation
+        from the first labelled micro-batch, as ``streamfit fit`` does from the file: one commit,
+        tagged like a worker's so a replayed batch does not apply it twice. Synchronous rounds only
+        take workers' commits, so ``sync`` keeps what the model has. Returns the updates applied (0 or 1)."""
+        if self._standardised or self.settings.algorithm == "sync":
+            return 0
+        self._standardised = True
+        if not has_identity_standardisation(self._center):
+            return 0
+        std = x.std(axis=0)
+        delta = {"standardise/mean": x.mean(axis=0).astype(np.float32),
+                 "standardise/std": (np.where(std > 1e-12, std, 1.0) - 1.0).astype(np.float32)}
+        ack = self.client.commit(delta, tag=CommitTag(self._query_id(), batch_id, STANDARDISE_WORKER))
+        log.info("batch %d: standardisation fitted from %d labelled events", batch_id, len(x))
+        return int(ack.status == "applied")
+
+    def _train(self, checked, batch_id: int, rows: int, offsets: dict) -> dict:
+        s = self.settings
+        boosted = self._boost_left > 0
+        self._boost_left -= boosted
+        learning_rate = (s.learning_rate or self.spec.optimizer.learning_rate) * (s.drift_boost if boosted else 1.0)
+        params = {name: getattr(s, name) for name in ("communication_window", "rho", "workers")}
+        steps = None
+        if s.algorithm == "sync":
+            steps = rows // s.workers // s.batch_size
+            if steps == 0:
+                return {"updates": 0, "trained_rows": 0, "learning_rate": learning_rate}
+            params["global_batch_size"] = s.workers * s.batch_size
+        plan = TrainingPlan.create(
+            self.spec, algorithm=s.algorithm, addresses=_addresses(s), learning_rate=learning_rate,
+            momentum=s.momentum, algorithm_params=params, batch_size=s.batch_size, epochs=s.epochs,
+            steps_per_epoch=steps, seed=s.seed + batch_id, io_timeout_s=s.ps_io_timeout_s,
+            secret=s.ps_secret.get_secret_value() if s.ps_secret else None, query_id=self._query_id(),
+            batch_id=batch_id, commit_meta={"offsets": offsets})
+        train = checked.filter("kind = 'train'").select("features", "label").repartition(s.workers)
+        reports = [r.asDict() for r in train.mapInArrow(arrow_trainer(plan), REPORT_DDL,
+                                                        barrier=s.algorithm == "sync").collect()]
+        commits = sum(r["commits"] for r in reports)
+        skipped = sum(r["skipped"] for r in reports)
+        return {"updates": commits - skipped, "replayed_commits": skipped, "trained_rows": sum(r["rows"] for r in reports),
+                "staleness_mean": sum(r["total_staleness"] for r in reports) / commits if commits else 0.0,
+                "staleness_max": max((r["max_staleness"] for r in reports), default=0),
+                "counter_after": max((r["counter"] for r in reports), default=0), "learning_rate": learning_rate}
+
+    def _query_id(self) -> str:
+        """The streaming query's id: it survives restarts from the same checkpoint, so replayed
+        batches carry the same tags, and a fresh checkpoint never collides with an old one's."""
+        for query in self.spark.streams.active:
+            if query.name == QUERY_NAME:
+                return str(query.id)
+        raise TrainingError("the training query is not active")
+
+    def check_parameter_server(self) -> int:
+        """The server's update counter; a clear error when it is not reachable."""
+        try:
+            return self.client.stats()["counter"]
+        except OSError as exc:
+            s = self.settings
+            raise TrainingError(f"parameter server at {s.ps_host}:{s.ps_port} ({s.ps_shards} shard(s)) is not "
+                                f"reachable ({exc}): start it with `streamfit ps --model {s.model}`") from exc
+
+    def start(self, checkpoint: str, trigger: dict | None = None, starting_offsets: str | None = None):
+        s = self.settings
+        self.check_parameter_server()
+        reader = (self.spark.readStream.format(self.format).option("kafka.bootstrap.servers", self.bootstrap)
+                  .option("subscribe", s.topic_events)
+                  .option("startingOffsets", starting_offsets or s.starting_offsets)
+                  .option("failOnDataLoss", "false"))
+        if s.max_offsets_per_trigger:
+            reader = reader.option("maxOffsetsPerTrigger", str(s.max_offsets_per_trigger))
+        writer = (reader.load().writeStream.queryName(QUERY_NAME).foreachBatch(self._process)
+                  .option("checkpointLocation", checkpoint))
+        return writer.trigger(**(trigger or {"processingTime": f"{s.trigger_interval_s} seconds"})).start()
+
+    def close(self) -> None:
+        self.producer.close(timeout=self.settings.kafka_timeout_s)
+        self.client.close()
+
+
+def _addresses(settings: Settings) -> list[tuple[str, int]]:
+    from pipeline.ps.sharding import addresses
+
+    return addresses(settings.ps_host, settings.ps_port, settings.ps_shards)
+
+
+def _offsets_through(table: pa.Table, topic: str) -> dict:
+    """``{topic: {partition: next offset}}`` of the micro-batch: what the weights are trained through."""
+    through: dict[str, int] = {}
+    for partition, offset in zip(table.column("partition").to_pylist(), table.column("offset").to_pylist()):
+        through[str(partition)] = max(through.get(str(partition), 0), offset + 1)
+    return {topic: through}

@@ -1,0 +1,70 @@
+"""``streamfit train``: the Spark training consumer, labelled events -> parameter server (-> candidates)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from pipeline.ps.algorithms import ALGORITHMS
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="run the Spark training consumer (labelled events -> parameter server)",
+        description="Stream labelled events from Kafka, score them with the current model (prequential), then train "
+                    "the parameter server with them over Spark workers; watch for drift and gate promotions. "
+                    "Needs a running `streamfit ps` for the same model.")
+    parser.add_argument("--model", dest="model", help="registered model name (default higgs)")
+    parser.add_argument("--algorithm", dest="algorithm", choices=sorted(set(ALGORITHMS) - {"ensemble"}),
+                        help="worker algorithm; must match the one `streamfit ps` runs (default adag)")
+    parser.add_argument("--workers", dest="workers", type=int, help="Spark partitions training per micro-batch")
+    parser.add_argument("--learning-rate", dest="learning_rate", type=float, help="default: the model spec's")
+    parser.add_argument("--batch-size", dest="batch_size", type=int)
+    parser.add_argument("--communication-window", dest="communication_window", type=int)
+    parser.add_argument("--epochs", dest="epochs", type=int, help="passes over each micro-batch (default 1)")
+    parser.add_argument("--auto-promote", dest="auto_promote", action="store_true", default=None,
+                        help="promote candidates that pass the gate (default: they wait for `models promote`)")
+    parser.add_argument("--master", dest="spark_master", help="Spark master (default local[2])")
+    parser.add_argument("--max-offsets-per-trigger", dest="max_offsets_per_trigger", type=int)
+    parser.add_argument("--trigger-interval", dest="trigger_interval_s", type=float, help="seconds between micro-batches")
+    parser.add_argument("--starting-offsets", dest="starting_offsets", help="earliest | latest | JSON (new queries only)")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint directory (default <home>/checkpoints/training)")
+    parser.add_argument("--source", dest="kafka_source", choices=["auto", "native", "python"])
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from consumers.training import TrainingError, TrainingJob
+    from pipeline.cli import CommandError, settings_from
+    from pipeline.kafka import bootstrap
+    from pipeline.model_updates import announcing_registry
+    from pipeline.registry import RegistryError
+    from pipeline.spark.session import spark_session
+
+    settings = settings_from(args)
+    servers = bootstrap(settings)
+    registry, announcer = announcing_registry(settings)
+    spark = spark_session(settings, "streamfit-train")
+    try:
+        job = TrainingJob(spark, settings, servers, registry)
+        checkpoint = args.checkpoint or str(settings.home / "checkpoints" / "training")
+        query = job.start(checkpoint)
+    except (TrainingError, RegistryError) as exc:
+        spark.stop()
+        announcer.close()
+        raise CommandError(str(exc)) from None
+    print(f"training {settings.model} with {settings.algorithm} x{settings.workers} from {settings.topic_events} "
+          f"(checkpoint {checkpoint}, auto-promote {'on' if settings.auto_promote else 'off'}); Ctrl-C stops",
+          flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0) and query.isActive:
+        pass
+    query.stop()
+    job.close()
+    announcer.close()
+    spark.stop()
+    if query.exception():
+        raise CommandError(str(query.exception()))
+    return 0

@@ -1,0 +1,177 @@
+"""The streaming training consumer on real local Spark, the real broker and a real parameter server."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from consumers.training import PromotionGate, TrainingError, TrainingJob
+from pipeline.bundle import ModelBundle
+from pipeline.kafka import ensure_topics, producer
+from pipeline.ps.algorithms import from_settings
+from pipeline.ps.server import CenterState, ParameterServer
+from pipeline.publishing import CandidatePublisher
+from pipeline.registry import Registry
+from pipeline.settings import load_settings
+from pipeline.spec import BUILTIN_SPECS
+from producers.sender import Outgoing, Sender, synthetic_events
+from producers.synthetic import synthetic_rows
+from tests.kafka_reader import read_topic
+
+SPEC = BUILTIN_SPECS["small"]
+
+
+def produce(bootstrap: str, topic: str, messages) -> None:
+    kafka_producer = producer(bootstrap)
+    sender = Sender(kafka_producer, topic, topic + ".dlq")
+    for message in messages:
+        sender.send(message)
+    assert sender.close().failed == 0
+    kafka_producer.close()
+
+
+def invalid(number: int) -> Outgoing:
+    return Outgoing(b"bad", orjson.dumps({"id": f"bad{number}", "ts": 1, "features": [1.0], "label": 0}))
+
+
+@pytest.fixture
+def setup(kafka, topic, tmp_path):
+    """Settings on fresh topics, a registry with a random-initialised ``small`` champion, and a
+    parameter server (TCP, publishing candidates) started from it; returns (settings, registry, server)."""
+    servers = []
+
+    def start(**overrides):
+        ensure_topics(kafka, {topic: 3, topic + ".dlq": 1, topic + ".metrics": 1})
+        registry = Registry(tmp_path / "registry")
+        registry.create_model(SPEC)
+        registry.set_alias("small", "champion", registry.register("small", ModelBundle(SPEC, seed=1).get_weights()))
+        settings = load_settings(home=tmp_path, model="small", topic_events=topic, topic_dlq=topic + ".dlq",
+                                 topic_training_metrics=topic + ".metrics", kafka_source="python",
+                                 **{"workers": 2, "batch_size": 32, "max_offsets_per_trigger": 2000, **overrides})
+        state = CenterState(registry.weights("small")[1], from_settings(settings).rule())
+        publisher = CandidatePublisher(registry, "small", algorithm=settings.algorithm, keep=50)
+        server = ParameterServer(state, port=0, on_publish=publisher, publish_every_updates=30,
+                                 publish_every_s=3600).start()
+        servers.append(server)
+        return settings.model_copy(update={"ps_port": server.address[1]}), registry, server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def run(spark, settings, registry, bootstrap, checkpoint) -> TrainingJob:
+    job = TrainingJob(spark, settings, bootstrap, registry)
+    query = job.start(str(checkpoint), trigger={"availableNow": True}, starting_offsets="earliest")
+    query.awaitTermination(600)
+    job.close()
+    assert query.exception() is None, query.exception()
+    return job
+
+
+def test_learns_to_90_percent_prequential_only_from_valid_labelled_events(spark, kafka, topic, tmp_path, setup):
+    settings, registry, server = setup(auto_promote=True)
+    rows = list(itertools.islice(synthetic_rows("hyperplane", seed=4), 21_000))  # 5% label noise
+    events = list(synthetic_events(rows, "e", label_fraction=0.95, seed=1))
+    labelled = sum(orjson.loads(e.value)["label"] is not None for e in events)
+    produce(kafka, topic, itertools.chain(events, (invalid(n) for n in range(150))))
+
+    job = run(spark, settings, registry, kafka, tmp_path / "ck")
+
+    history = list(job.history)
+    assert sum(r["rows"] for r in history) == labelled >= 19_500
+    assert sum(r["trained_rows"] for r in history) == labelled  # unlabelled and invalid never reach a worker
+    assert sum(r["unlabelled"] for r in history) == 21_000 - labelled
+    assert sum(r["invalid"] for r in history) == 150
+    assert history[0]["accuracy"] < 0.75 and history[-1]["window_accuracy"] >= 0.9, [round(
+        r["window_accuracy"], 3) for r in history]
+    assert server.state.counter == sum(r["updates"] for r in history) > 0
+    dead = [orjson.loads(r.value) for r in read_topic(kafka, settings.topic_dlq, expected=150)]
+    assert len(dead) == 150 and {d["stage"] for d in dead} == {"train"}
+    metrics = [orjson.loads(r.value) for r in read_topic(kafka, settings.topic_training_metrics, expected=len(history))]
+    assert [m["batch_id"] for m in metrics] == [r["batch_id"] for r in history]
+    assert {"accuracy", "log_loss", "updates", "staleness_mean", "staleness_max", "drift"} <= metrics[-1].keys()
+    # candidates were published while training, and the gate promoted the improving ones
+    published = [v for r in history for v in r["versions_published"]]
+    promoted = [r["gate"]["candidate"] for r in history if r["gate"] and r["gate"]["promoted"]]
+    assert published and promoted and registry.resolve("small", "champion") == promoted[-1]
+    assert registry.meta("small", promoted[-1])["offsets"][topic]  # trained-through offsets recorded
+
+
+def test_a_replayed_micro_batch_is_not_trained_twice(spark, kafka, topic, tmp_path, setup):
+    settings, registry, server = setup()
+    rows = itertools.islice(synthetic_rows("hyperplane", seed=5), 6000)
+    produce(kafka, topic, synthetic_events(rows, "r"))
+    checkpoint = tmp_path / "ck"
+    first = list(run(spark, settings, registry, kafka, checkpoint).history)
+    assert [r["batch_id"] for r in first] == [0, 1, 2]
+    counter = server.state.counter
+    assert counter == sum(r["updates"] for r in first) and all(r["replayed_commits"] == 0 for r in first)
+
+    # a crash after the last batch trained but before Spark committed it: its commit log entry is missing
+    (checkpoint / "commits" / "2").unlink()
+    shutil.rmtree(checkpoint / "commits" / ".2.crc", ignore_errors=True)
+    Path(checkpoint / "commits" / ".2.crc").unlink(missing_ok=True)
+    replay = list(run(spark, settings, registry, kafka, checkpoint).history)
+
+    assert [r["batch_id"] for r in replay] == [2] and replay[0]["rows"] == first[2]["rows"]
+    assert replay[0]["updates"] == 0 and replay[0]["replayed_commits"] == first[2]["updates"]
+    assert server.state.counter == counter  # the update counter shows the batch applied once
+
+
+def test_abrupt_drift_is_flagged_and_accuracy_recovers(spark, kafka, topic, tmp_path, setup):
+    settings, registry, _ = setup(max_offsets_per_trigger=1000, prequential_window=1500)
+    drift_at = 10_000
+    rows = itertools.islice(synthetic_rows("hyperplane", seed=6, drift_at=drift_at), 22_000)
+    produce(kafka, topic, synthetic_events(rows, "d"))
+
+    history = list(run(spark, settings, registry, kafka, tmp_path / "ck").history)
+
+    flagged = [r["drift_at_event"] for r in history if r.get("drift")]
+    after = [at for at in flagged if at >= drift_at]
+    assert after and after[0] - drift_at <= 2000, flagged
+    before = next(r for r in history if r["batch_id"] == drift_at // 1000 - 1)["window_accuracy"]
+    assert history[-1]["window_accuracy"] >= before - 0.05, [(r["batch_id"], r["window_accuracy"]) for r in history]
+    assert any(r["learning_rate"] > SPEC.optimizer.learning_rate for r in history if r["batch_id"] > drift_at // 1000)
+
+
+def test_gate_holds_back_a_worse_candidate_and_promotes_a_good_one(tmp_path):
+    registry = Registry(tmp_path / "registry")
+    registry.create_model(SPEC)
+    x = np.random.default_rng(0).normal(size=(3000, SPEC.n_features)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    good = ModelBundle(SPEC, seed=2)
+    for _ in range(300):
+        good.train_on_batch(x[:256], y[:256])
+    registry.set_alias("small", "champion", registry.register("small", good.get_weights()))
+    gate = PromotionGate(registry, "small", window=2000, margin=0.01, auto_promote=True)
+    gate.remember(x[:1000], y[:1000])
+    gate.remember(x[1000:], y[1000:])
+    bundle = ModelBundle(SPEC)
+
+    registry.set_alias("small", "candidate", registry.register("small", ModelBundle(SPEC, seed=9).get_weights()))
+    verdict = gate.review(bundle)
+    assert verdict["events"] == 2000 and verdict["candidate_accuracy"] < verdict["champion_accuracy"] - 0.01
+    assert not verdict["promoted"] and registry.resolve("small", "champion") == 1
+    assert gate.review(bundle) is None  # a candidate is reviewed once
+
+    registry.set_alias("small", "candidate", registry.register("small", good.get_weights()))
+    assert gate.review(bundle)["promoted"] and registry.resolve("small", "champion") == 3
+
+
+def test_ensemble_and_an_absent_parameter_server_are_clear_errors(spark, kafka, tmp_path):
+    registry = Registry(tmp_path / "registry")
+    registry.create_model(SPEC)
+    registry.set_alias("small", "champion", registry.register("small", ModelBundle(SPEC).get_weights()))
+    with pytest.raises(TrainingError, match="streamfit fit"):
+        TrainingJob(spark, load_settings(home=tmp_path, model="small", algorithm="ensemble"), kafka, registry)
+    job = TrainingJob(spark, load_settings(home=tmp_path, model="small", ps_port=1, kafka_source="python"), kafka,
+                      registry)
+    with pytest.raises(TrainingError, match="streamfit ps --model small"):
+        job.start(str(tmp_path / "ck"))
+    job.close()
