@@ -80,12 +80,15 @@ class Prequential:
         self.events = 0  # labelled events scored so far
 
     def score(self, probabilities: np.ndarray, y: np.ndarray) -> dict:
-        """Metrics of one batch; ``drift_at`` is the labelled-event index where ADWIN fired, if it did."""
+        """Metrics of one batch; ``drift_at`` is the labelled-event index where ADWIN found the error
+        rate had risen. ADWIN flags any change, and the error falls in steps as micro-batches train
+        the model: those changes are improvements, not drift, and are not flagged."""
         wrong = (probabilities.argmax(axis=1) != y).astype(int)
         drift_at = None
         for i, error in enumerate(wrong.tolist()):
+            before = self.detector.estimation
             self.detector.update(error)
-            if self.detector.drift_detected and drift_at is None:
+            if self.detector.drift_detected and self.detector.estimation > before and drift_at is None:
                 drift_at = self.events + i
         self.errors.extend(wrong.tolist())
         self.events += len(y)
@@ -175,8 +178,15 @@ class TrainingJob:
         s = self.settings
         check = functools.partial(check_partition, schema=self.schema, topic_dlq=s.topic_dlq)  # no `self`: Spark ships it
         checked = frame.select("value", "topic", "partition", "offset").mapInArrow(check, CHECK_DDL).cache()
+        phases, mark = {}, [started]
+
+        def lap(name: str) -> None:  # seconds per phase, for the record: where a micro-batch's time goes
+            now = time.monotonic()
+            phases[name], mark[0] = round(now - mark[0], 3), now
+
         try:
             table = checked.toArrow()
+            lap("validate")
             kinds = table.column("kind").to_numpy(zero_copy_only=False)
             dead = table.filter(pa.compute.equal(table.column("kind"), "dead")).column("dead").to_pylist()
             futures = [self.producer.send(s.topic_dlq, value=value) for value in dead]
@@ -187,8 +197,10 @@ class TrainingJob:
             if len(y):
                 record.update(self._score(x, y))
                 standardised = self._standardise_once(x, batch_id)
+                lap("score")
                 record.update(self._train(checked, batch_id, len(y), _offsets_through(table, s.topic_events)))
                 record["updates"] += standardised
+                lap("train")
                 self.gate.remember(x, y)
             for future in futures:
                 future.get(timeout=s.kafka_timeout_s)  # dead letters acknowledged before the batch commits
@@ -198,7 +210,8 @@ class TrainingJob:
         versions = set(self.registry.versions(s.model))
         record["versions_published"] = sorted(versions - self._known_versions)
         self._known_versions = versions
-        record.update(seconds=round(time.monotonic() - started, 3), ts=int(time.time() * 1000))
+        lap("gate")
+        record.update(seconds=round(time.monotonic() - started, 3), phases=phases, ts=int(time.time() * 1000))
         self.producer.send(s.topic_training_metrics, key=s.model.encode(), value=orjson.dumps(record)).get(
             timeout=s.kafka_timeout_s)
         self.history.append(record)

@@ -1,0 +1,173 @@
+"""Streaming training next to river's online learners, on the same seeded drifting streams, in one run.
+
+``python -m bench.training [--events N] [--algorithms adag,downpour] [--png PATH]`` streams each of
+``hyperplane`` and ``rbf`` (abrupt concept drift half-way) into a topic of an embedded broker, then
+trains the small spec with ``streamfit train``'s job (Spark ``local[2]``, 2 workers, an in-process
+parameter server over TCP) from Kafka, timing the query from its first micro-batch to the last.
+In the same process, on the same events, river's logistic regression (standardised), Hoeffding
+adaptive tree and adaptive random forest learn one event at a time, test-then-train. Prints one
+JSON object (final and mean prequential accuracy and events/s of each; the ratios the targets
+name, against ARF) and writes a PNG of prequential accuracy over events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from producers.synthetic import synthetic_rows
+
+STREAMS = ("hyperplane", "rbf")
+WINDOW = 2000  # events in the sliding accuracy drawn and called final
+
+
+def river_models() -> dict:
+    from river import compose, forest, linear_model, preprocessing, tree
+
+    return {"river_logistic_regression": compose.Pipeline(preprocessing.StandardScaler(),
+                                                          linear_model.LogisticRegression()),
+            "river_hoeffding_adaptive_tree": tree.HoeffdingAdaptiveTreeClassifier(seed=0),
+            "river_arf": forest.ARFClassifier(seed=0)}
+
+
+def run_river(model, rows: list) -> dict:
+    """Test-then-train one event at a time; per-event correctness gives the curve."""
+    correct = np.zeros(len(rows))
+    started = time.perf_counter()
+    for i, (features, label) in enumerate(rows):
+        x = dict(enumerate(features))
+        correct[i] = model.predict_one(x) == label
+        model.learn_one(x, label)
+    return _summary(correct, len(rows) / (time.perf_counter() - started))
+
+
+def run_streamfit(spark, bootstrap: str, home: Path, stream: str, rows: list, algorithm: str, batch: int) -> dict:
+    """Produce the rows as events, then train from Kafka; per-batch accuracy weighted by its rows."""
+    from consumers.training import TrainingJob
+    from pipeline.bundle import ModelBundle
+    from pipeline.kafka import ensure_topics, producer
+    from pipeline.ps.algorithms import from_settings
+    from pipeline.ps.server import CenterState, ParameterServer
+    from pipeline.registry import Registry
+    from pipeline.settings import load_settings
+    from pipeline.spec import BUILTIN_SPECS
+    from producers.sender import Sender, synthetic_events
+
+    topic = f"bench-{stream}-{algorithm}"
+    ensure_topics(bootstrap, {topic: 3, topic + ".dlq": 1, topic + ".metrics": 1})
+    kafka_producer = producer(bootstrap)
+    sender = Sender(kafka_producer, topic, topic + ".dlq")
+    for message in synthetic_events(rows, stream):
+        sender.send(message)
+    assert sender.close().failed == 0
+    kafka_producer.close()
+
+    spec = BUILTIN_SPECS["small"]
+    registry = Registry(home / topic / "registry")
+    registry.create_model(spec)
+    registry.set_alias(spec.name, "champion", registry.register(spec.name, ModelBundle(spec).get_weights()))
+    settings = load_settings(home=home / topic, model=spec.name, algorithm=algorithm, workers=2, batch_size=32,
+                             topic_events=topic, topic_dlq=topic + ".dlq", topic_training_metrics=topic + ".metrics",
+                             kafka_source="python", max_offsets_per_trigger=batch)
+    state = CenterState(registry.weights(spec.name)[1], from_settings(settings).rule())
+    with ParameterServer(state, port=0) as server:
+        settings = settings.model_copy(update={"ps_port": server.address[1]})
+        job = TrainingJob(spark, settings, bootstrap, registry)
+        query = job.start(str(home / topic / "checkpoint"), trigger={"availableNow": True}, starting_offsets="earliest")
+        query.awaitTermination()
+        job.close()
+    if query.exception():
+        raise RuntimeError(str(query.exception()))
+    history = list(job.history)
+    seconds = sum(r["seconds"] for r in history)
+    correct = np.concatenate([np.full(r["rows"], r["accuracy"]) for r in history])  # a batch's events share its accuracy
+    phases = {name: round(sum(r["phases"].get(name, 0) for r in history), 2) for name in history[0]["phases"]}
+    drift = [r["drift_at_event"] for r in history if r.get("drift")]
+    return {**_summary(correct, len(rows) / seconds), "micro_batches": len(history), "phase_seconds": phases,
+            "drift_flagged_at": drift}
+
+
+def _summary(correct: np.ndarray, events_per_s: float) -> dict:
+    return {"final_accuracy": round(float(correct[-WINDOW:].mean()), 4),
+            "mean_accuracy": round(float(correct.mean()), 4), "events_per_s": round(events_per_s, 1),
+            "curve": [round(float(correct[max(0, i - WINDOW):i].mean()), 4)
+                      for i in range(WINDOW, len(correct) + 1, WINDOW)]}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for ax, (stream, learners) in zip(axes[0], results.items()):
+        for name, result in learners.items():
+            ax.plot([WINDOW * (i + 1) for i in range(len(result["curve"]))], result["curve"], label=name)
+        ax.set(title=f"{stream} (drift half-way)", xlabel="events", ylabel=f"prequential accuracy (last {WINDOW})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.training", description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--algorithms", default="adag,downpour", help="streamfit algorithms to run; the best is compared")
+    parser.add_argument("--micro-batch", type=int, default=5000, help="maxOffsetsPerTrigger of the training query")
+    parser.add_argument("--png", type=Path, default=Path("bench/training.png"))
+    args = parser.parse_args(argv)
+
+    from pipeline.broker import EmbeddedBroker
+    from pipeline.settings import load_settings
+    from pipeline.spark.session import spark_session
+
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
+        home = Path(tmp)
+        broker = EmbeddedBroker("noida", data_dir=home / "broker")
+        broker.start()
+        spark = spark_session(load_settings(home=home), "bench-training")
+        try:
+            for stream in STREAMS:
+                rows = list(itertools.islice(synthetic_rows(stream, seed=7, drift_at=args.events // 2), args.events))
+                learners = results[stream] = {}
+                for algorithm in args.algorithms.split(","):
+                    print(f"bench.training: {stream} streamfit {algorithm}", file=sys.stderr, flush=True)
+                    learners[f"streamfit_{algorithm}"] = run_streamfit(spark, broker.bootstrap, home, stream, rows,
+                                                                       algorithm, args.micro_batch)
+                for name, model in river_models().items():
+                    print(f"bench.training: {stream} {name}", file=sys.stderr, flush=True)
+                    learners[name] = run_river(model, rows)
+        finally:
+            spark.stop()
+            broker.stop()
+    summary = {}
+    for stream, learners in results.items():
+        best = max((n for n in learners if n.startswith("streamfit_")), key=lambda n: learners[n]["mean_accuracy"])
+        arf = learners["river_arf"]
+        summary[stream] = {"best_streamfit": best,
+                           "mean_accuracy_minus_arf": round(learners[best]["mean_accuracy"] - arf["mean_accuracy"], 4),
+                           "events_per_s_vs_arf": round(learners[best]["events_per_s"] / arf["events_per_s"], 2)}
+    args.png.parent.mkdir(parents=True, exist_ok=True)
+    plot(results, args.png)
+    for learners in results.values():
+        for result in learners.values():
+            result.pop("curve")
+    print(json.dumps({"events_per_stream": args.events, "drift_at": args.events // 2, "workers": 2,
+                      "micro_batch": args.micro_batch, "targets": {"mean_accuracy_minus_arf": ">= 0",
+                                                                   "events_per_s_vs_arf": ">= 10"},
+                      "summary": summary, "results": results, "png": str(args.png)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
