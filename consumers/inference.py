@@ -5,13 +5,19 @@ micro-batch is predicted by the same version and a promotion shows from the next
 micro-batch on. Python workers validate each event with the same validator as the
 producer and serving (so reasons match everywhere), predict the valid rows of each
 Arrow batch in one vectorised call, and emit either a prediction or a dead-letter
-record; one Kafka write sends both (the ``topic`` column routes them). A worker loads
-a model version once and keeps it while that version is champion.
+record (the ``topic`` column routes them). A worker loads a model version once and
+keeps it while that version is champion.
+
+With the Python Kafka source the same worker also sends its output and waits for the
+acknowledgements (one Python hop fewer than a separate sink stage); with Spark's JVM
+connector the output goes through ``format("kafka")``. Either way the micro-batch only
+commits once every prediction and dead letter is in Kafka (at-least-once). A prediction
+goes to the partition number of its event when both topics have as many partitions
+(the event's key is its id, so that is where Kafka's default partitioner puts it too).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -26,8 +32,11 @@ from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
-OUTPUT_SCHEMA = pa.schema([("topic", pa.string()), ("key", pa.binary()), ("value", pa.binary())])
-OUTPUT_DDL = "topic string, key binary, value binary"
+QUERY_NAME = "streamfit-inference"
+OUTPUT_SCHEMA = pa.schema([("topic", pa.string()), ("key", pa.binary()), ("value", pa.binary()),
+                           ("partition", pa.int32())])
+OUTPUT_DDL = "topic string, key binary, value binary, partition int"
+SENT_DDL = "records long"
 _loaded: dict[tuple, object] = {}  # per Python worker: (registry, model, version) -> bundle
 
 
@@ -45,21 +54,24 @@ def _bundle(registry_url: str, model: str, version: int):
 
 
 def predict_partition(batches: Iterator[pa.RecordBatch], registry_url: str, model: str, version: int,
-                      schema: FeatureSchema, predictions_topic: str, dlq_topic: str) -> Iterator[pa.RecordBatch]:
+                      schema: FeatureSchema, predictions_topic: str, dlq_topic: str,
+                      copartitioned: bool) -> Iterator[pa.RecordBatch]:
     """Validate and predict one partition's Arrow batches (runs in a Spark Python worker)."""
     bundle = _bundle(registry_url, model, version)
     for batch in batches:
         values = batch.column("value").to_pylist()
         topics, partitions, offsets = (batch.column(c).to_pylist() for c in ("topic", "partition", "offset"))
-        out_topics, out_keys, out_values, valid = [], [], [], []
+        out_topics, out_keys, out_values, out_partitions, valid, valid_partitions = [], [], [], [], [], []
         for raw, topic, partition, offset in zip(values, topics, partitions, offsets):
             verdict = validate(raw, schema)
             if isinstance(verdict, Rejection):
                 out_topics.append(dlq_topic)
                 out_keys.append(None)
                 out_values.append(dead_letter("predict", verdict.reason, raw, topic, partition, offset))
+                out_partitions.append(None)
             else:
                 valid.append(verdict)
+                valid_partitions.append(partition if copartitioned else None)
         if valid:
             probabilities = bundle.predict_proba(np.asarray([e.features for e in valid], dtype=np.float32))
             now = int(time.time() * 1000)
@@ -67,8 +79,18 @@ def predict_partition(batches: Iterator[pa.RecordBatch], registry_url: str, mode
                 out_topics.append(predictions_topic)
                 out_keys.append(event.id.encode())
                 out_values.append(_prediction(event, model, version, probs, now))
+            out_partitions.extend(valid_partitions)
         yield pa.RecordBatch.from_arrays([pa.array(out_topics, pa.string()), pa.array(out_keys, pa.binary()),
-                                          pa.array(out_values, pa.binary())], schema=OUTPUT_SCHEMA)
+                                          pa.array(out_values, pa.binary()), pa.array(out_partitions, pa.int32())],
+                                         schema=OUTPUT_SCHEMA)
+
+
+def predict_and_send(batches: Iterator[pa.RecordBatch], bootstrap: str, *args) -> Iterator[pa.RecordBatch]:
+    """``predict_partition`` whose output is sent (and acknowledged) from the same worker; yields the count."""
+    from pipeline.spark.source import send_rows
+
+    sent = send_rows(bootstrap, None, predict_partition(batches, *args))
+    yield pa.RecordBatch.from_pydict({"records": [sent.records]}, schema=pa.schema([("records", pa.int64())]))
 
 
 def _prediction(event: Event, model: str, version: int, probabilities: list[float], now_ms: int) -> bytes:
@@ -78,10 +100,13 @@ def _prediction(event: Event, model: str, version: int, probabilities: list[floa
 
 
 class InferenceJob:
-    """Builds and starts the streaming query; ``versions`` records the version used per micro-batch."""
+    """Builds and starts the streaming query. ``versions`` records the model version of every
+    micro-batch; ``reporter`` logs and exports each batch's progress (``reporter.metrics``)."""
 
     def __init__(self, spark, settings: Settings, bootstrap: str):
+        from pipeline.kafka import describe
         from pipeline.registry import Registry
+        from pipeline.spark.progress import ProgressMetrics, ProgressReporter
         from pipeline.spark.session import kafka_format
 
         self.spark, self.settings, self.bootstrap = spark, settings, bootstrap
@@ -89,46 +114,42 @@ class InferenceJob:
         spec = self.registry.spec(settings.model)
         self.schema = FeatureSchema(tuple(spec.feature_names), spec.n_classes, settings.max_event_bytes)
         self.format = kafka_format(spark, settings)
+        topics = describe(bootstrap, settings.kafka_timeout_s)
+        self.copartitioned = topics.get(settings.topic_events) == topics.get(settings.topic_predictions)
         self.versions: dict[int, int] = {}
+        self.reporter = ProgressReporter(QUERY_NAME, ProgressMetrics("streamfit_predict"), self.versions.get)
+        spark.streams.addListener(self.reporter)
 
     def _process(self, frame, batch_id: int) -> None:
+        from pipeline.spark.source import NAME as PYTHON_SOURCE
+
         version = self.registry.resolve(self.settings.model, "champion")
         if version != (self.versions[max(self.versions)] if self.versions else None):
             log.info("micro-batch %d: predicting with %s version %d", batch_id, self.settings.model, version)
         self.versions[batch_id] = version
         s = self.settings
-        args = (s.registry_url, s.model, version, self.schema, s.topic_predictions, s.topic_dlq)
-        output = frame.select("value", "topic", "partition", "offset").mapInArrow(
-            lambda batches: predict_partition(batches, *args), OUTPUT_DDL)
-        (output.write.format(self.format).option("kafka.bootstrap.servers", self.bootstrap).mode("append").save())
+        args = (s.registry_url, s.model, version, self.schema, s.topic_predictions, s.topic_dlq, self.copartitioned)
+        events = frame.select("value", "topic", "partition", "offset")
+        if self.format == PYTHON_SOURCE:
+            bootstrap = self.bootstrap
+            events.mapInArrow(lambda batches: predict_and_send(batches, bootstrap, *args), SENT_DDL).collect()
+        else:
+            (events.mapInArrow(lambda batches: predict_partition(batches, *args), OUTPUT_DDL)
+             .write.format(self.format).option("kafka.bootstrap.servers", self.bootstrap).mode("append").save())
 
     def start(self, checkpoint: str, trigger: dict | None = None, starting_offsets: str | None = None):
         s = self.settings
+        min_partitions = s.spark_min_partitions or 2 * self.spark.sparkContext.defaultParallelism
         reader = (self.spark.readStream.format(self.format).option("kafka.bootstrap.servers", self.bootstrap)
                   .option("subscribe", s.topic_events)
                   .option("startingOffsets", starting_offsets or s.starting_offsets)
+                  .option("minPartitions", str(min_partitions))
                   .option("failOnDataLoss", "false"))
         if s.max_offsets_per_trigger:
             reader = reader.option("maxOffsetsPerTrigger", str(s.max_offsets_per_trigger))
-        writer = (reader.load().writeStream.queryName("streamfit-inference").foreachBatch(self._process)
+        writer = (reader.load().writeStream.queryName(QUERY_NAME).foreachBatch(self._process)
                   .option("checkpointLocation", checkpoint))
         writer = writer.trigger(**(trigger or {"processingTime": f"{s.trigger_interval_s} seconds"}))
-        return writer.start()
-
-
-def progress_line(progress: dict, version: int | None) -> str:
-    """One log line per micro-batch: rows, rows/s, duration, lag behind the latest offsets, version."""
-    lag = 0
-    for source in progress.get("sources", []):
-        end, latest = _offsets(source.get("endOffset")), _offsets(source.get("latestOffset"))
-        lag += sum(max(0, latest.get(k, 0) - end.get(k, 0)) for k in latest)
-    return (f"batch {progress['batchId']}: rows={progress['numInputRows']} "
-            f"rows/s={progress.get('processedRowsPerSecond', 0):.0f} "
-            f"duration_ms={progress.get('durationMs', {}).get('triggerExecution', 0)} lag={lag} version={version}")
-
-
-def _offsets(value) -> dict:
-    if not value:
-        return {}
-    doc = json.loads(value) if isinstance(value, str) else value
-    return {(t, p): o for t, parts in doc.items() if isinstance(parts, dict) for p, o in parts.items()}
+        query = writer.start()
+        self.reporter.query_id = str(query.id)
+        return query

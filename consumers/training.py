@@ -143,6 +143,45 @@ class PromotionGate:
                 "promoted": promoted}
 
 
+class TrainingGauges:
+    """Each ``training-metrics`` record as Prometheus series (``streamfit_train_*``), in their own registry."""
+
+    GAUGES = {"batch_id": "id of the last trained micro-batch", "rows": "labelled events in the last micro-batch",
+              "accuracy": "prequential accuracy of the last micro-batch (before training on it)",
+              "log_loss": "prequential log loss of the last micro-batch",
+              "window_accuracy": "prequential accuracy over the sliding window",
+              "updates": "updates the last micro-batch applied", "staleness_mean": "mean staleness of its commits",
+              "staleness_max": "largest staleness of its commits", "learning_rate": "workers' learning rate",
+              "seconds": "wall time of the last micro-batch"}
+    COUNTERS = {"events": ("events", "events consumed"), "trained_rows": ("rows", "labelled events trained on"),
+                "invalid_events": ("invalid", "events dead-lettered"),
+                "unlabelled_events": ("unlabelled", "unlabelled events skipped"),
+                "applied_updates": ("updates", "updates applied"), "drifts": ("drift", "drifts flagged"),
+                "promotions": ("promoted", "candidates promoted by the gate")}
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        self.registry = CollectorRegistry()
+        self.gauges = {k: Gauge(f"streamfit_train_{k}", doc, registry=self.registry) for k, doc in self.GAUGES.items()}
+        self.counters = {field: Counter(f"streamfit_train_{name}", doc, registry=self.registry)
+                         for name, (field, doc) in self.COUNTERS.items()}
+
+    def update(self, record: dict) -> None:
+        for name, gauge in self.gauges.items():
+            if record.get(name) is not None:
+                gauge.set(record[name])
+        values = {**record, "promoted": bool(record.get("gate") and record["gate"]["promoted"])}
+        for field, counter in self.counters.items():
+            counter.inc(float(values.get(field) or 0))
+
+    def serve(self, port: int, host: str = "0.0.0.0"):
+        """Serve ``/metrics`` on ``port``; returns the HTTP server (``shutdown()`` stops it)."""
+        from prometheus_client import start_http_server
+
+        return start_http_server(port, addr=host, registry=self.registry)[0]
+
+
 class TrainingJob:
     """Builds and starts the training query; ``history`` keeps the last micro-batches' metrics."""
 
@@ -168,6 +207,7 @@ class TrainingJob:
                                   margin=settings.promotion_margin, auto_promote=settings.auto_promote)
         self.producer = producer(bootstrap, settings.kafka_timeout_s, client_id="streamfit-train")
         self.history: deque[dict] = deque(maxlen=1000)
+        self.gauges = TrainingGauges()
         self._boost_left = 0
         self._standardised = False
         self._center: dict[str, np.ndarray] = {}
@@ -215,6 +255,7 @@ class TrainingJob:
         self.producer.send(s.topic_training_metrics, key=s.model.encode(), value=orjson.dumps(record)).get(
             timeout=s.kafka_timeout_s)
         self.history.append(record)
+        self.gauges.update(record)
         log.info("batch %d: %d labelled (%d unlabelled, %d invalid), prequential %.3f (window %.3f), "
                  "%d updates, drift=%s", batch_id, record["rows"], record["unlabelled"], record["invalid"],
                  record.get("accuracy", float("nan")), record.get("window_accuracy", float("nan")),

@@ -1,11 +1,15 @@
-"""The inference consumer on real local Spark, the real broker and a registered model."""
+"""The inference consumer on real local Spark, the real broker and registered models: every event
+answered exactly once (prediction or dead letter), restarts from the checkpoint, promotions
+mid-stream, and the per-batch progress it exports."""
 
 from __future__ import annotations
 
 import itertools
+import time
 
 import numpy as np
 import orjson
+import pytest
 
 from consumers.inference import InferenceJob
 from pipeline.bundle import ModelBundle
@@ -17,8 +21,17 @@ from producers.sender import Outgoing, Sender, synthetic_events
 from producers.synthetic import synthetic_rows
 from tests.kafka_reader import read_topic
 
+BAD = [  # (value, the reason the DLQ record must give)
+    (orjson.dumps({"id": "x", "ts": 1, "features": [1.0], "label": 0}), "expected 10 features, got 1"),
+    (b"\xff\x00 not json", "not valid JSON"),
+    (orjson.dumps({"id": "x", "ts": 1, "features": [0.5] * 10, "label": 7}), "'label' must be null or an integer"),
+    (orjson.dumps({"id": "x", "ts": 1, "features": ["a"] * 10, "label": None}), "is not a number"),
+]
 
-def test_every_valid_event_predicted_every_invalid_dead_lettered(spark, kafka, topic, tmp_path):
+
+@pytest.fixture
+def setup(kafka, topic, tmp_path):
+    """Settings on fresh topics and a registered ``small`` model whose version 1 is champion."""
     settings = load_settings(home=tmp_path, model="small", topic_events=topic, topic_dlq=topic + ".dlq",
                              topic_predictions=topic + ".pred", kafka_source="python")
     ensure_topics(kafka, {topic: 3, topic + ".dlq": 1, topic + ".pred": 3})
@@ -26,27 +39,118 @@ def test_every_valid_event_predicted_every_invalid_dead_lettered(spark, kafka, t
     registry.create_model(BUILTIN_SPECS["small"])
     bundle = ModelBundle(BUILTIN_SPECS["small"], seed=3)
     registry.set_alias("small", "champion", registry.register("small", bundle.get_weights()))
-    kafka_producer = producer(kafka)
-    sender = Sender(kafka_producer, topic, topic)
-    rows = list(itertools.islice(synthetic_rows("hyperplane", seed=2), 3000))
+    return settings, registry, bundle
+
+
+def _produce(bootstrap: str, topic: str, n: int, bad_every: int = 0) -> np.ndarray:
+    """``n`` valid events ``i-0..i-{n-1}`` (plus one invalid one after every ``bad_every``); their features."""
+    kafka = producer(bootstrap)
+    sender = Sender(kafka, topic, topic)
+    rows = list(itertools.islice(synthetic_rows("hyperplane", seed=2), n))
     for number, message in enumerate(synthetic_events(rows, "i")):
         sender.send(message)
-        if number % 50 == 0:  # 2% invalid: wrong feature count
-            sender.send(Outgoing(b"bad", orjson.dumps({"id": f"bad{number}", "ts": 1, "features": [1.0], "label": 0})))
+        if bad_every and number % bad_every == 0:
+            sender.send(Outgoing(f"bad{number}".encode(), BAD[number // bad_every % len(BAD)][0]))
     assert sender.close().failed == 0
-    kafka_producer.close()
+    kafka.close()
+    return np.array([features for features, _ in rows], dtype=np.float32)
+
+
+def _run(job: InferenceJob, checkpoint, **trigger):
+    return job.start(str(checkpoint), trigger=trigger or {"availableNow": True}, starting_offsets="earliest")
+
+
+def _finish(query) -> None:
+    assert query.awaitTermination(300), "the query did not finish in 5 minutes"
+    assert query.exception() is None, query.exception()
+
+
+def _predictions(kafka, topic: str, expected: int) -> list[dict]:
+    return [orjson.loads(r.value) | {"_partition": r.partition} for r in read_topic(kafka, topic + ".pred", expected)]
+
+
+def test_50k_events_one_prediction_per_valid_one_dead_letter_per_invalid(spark, kafka, topic, tmp_path, setup):
+    settings, _, bundle = setup
+    n, bad_every = 49_000, 49  # 1,000 invalid: 2% of 50,000
+    x = _produce(kafka, topic, n, bad_every)
+    events = {r.key: r for r in read_topic(kafka, topic, expected=50_000)}
     job = InferenceJob(spark, settings, kafka)
-    query = job.start(str(tmp_path / "ck"), trigger={"availableNow": True}, starting_offsets="earliest")
-    query.awaitTermination(300)
-    assert query.exception() is None
-    predictions = {orjson.loads(r.value)["id"]: orjson.loads(r.value)
-                   for r in read_topic(kafka, topic + ".pred", expected=3000)}
-    assert len(predictions) == 3000
-    dead = [orjson.loads(r.value) for r in read_topic(kafka, topic + ".dlq", expected=60)]
-    assert len(dead) == 60 and all("expected 10 features, got 1" in d["error"] for d in dead)
-    assert all(d["stage"] == "predict" and d["offset"] is not None for d in dead)
-    x = np.array([features for features, _ in rows], dtype=np.float32)
-    direct = bundle.predict_proba(x)
-    served = np.array([predictions[f"i-{n}"]["probabilities"] for n in range(3000)])
-    assert np.allclose(served, direct, atol=1e-5)
-    assert {p["model_version"] for p in predictions.values()} == {1}
+    _finish(_run(job, tmp_path / "ck"))
+
+    predictions = _predictions(kafka, topic, n)
+    by_id = {p["id"]: p for p in predictions}
+    assert len(predictions) == len(by_id) == n, "not exactly one prediction per valid event"
+    served = np.array([by_id[f"i-{i}"]["probabilities"] for i in range(n)])
+    assert np.allclose(served, bundle.predict_proba(x), atol=1e-5)
+    assert {p["model_version"] for p in predictions} == {1} and {p["model"] for p in predictions} == {"small"}
+    assert all(p["label"] == int(np.argmax(p["probabilities"])) for p in predictions[:1000])
+    assert all(p["_partition"] == events[p["id"].encode()].partition for p in predictions), "not co-partitioned"
+
+    dead = [orjson.loads(r.value) for r in read_topic(kafka, topic + ".dlq", expected=1000)]
+    assert len(dead) == 1000 and len({(d["partition"], d["offset"]) for d in dead}) == 1000
+    by_offset = {(r.partition, r.offset): r for r in events.values()}
+    for record in dead:
+        original = by_offset[(record["partition"], record["offset"])]
+        reason = next(reason for value, reason in BAD if value == original.value)
+        assert record["stage"] == "predict" and record["topic"] == topic and reason in record["error"]
+
+    metrics = job.reporter.metrics.registry
+    assert metrics.get_sample_value("streamfit_predict_rows_total") == 50_000
+    assert metrics.get_sample_value("streamfit_predict_model_version") == 1
+    assert metrics.get_sample_value("streamfit_predict_lag_records") == 0
+
+
+def test_restart_from_checkpoint_loses_nothing_duplicates_at_most_one_batch(spark, kafka, topic, tmp_path, setup):
+    settings = setup[0].model_copy(update={"max_offsets_per_trigger": 1500})
+    n = 12_000
+    _produce(kafka, topic, n)
+    job = InferenceJob(spark, settings, kafka)
+    query = _run(job, tmp_path / "ck", processingTime="0 seconds")
+    deadline = time.monotonic() + 180
+    while len(job.versions) < 4 and time.monotonic() < deadline:  # batches 0-2 committed, batch 3 under way
+        time.sleep(0.02)
+    query.stop()
+    assert len(job.versions) >= 4, "the query never got going"
+    before = len(read_topic(kafka, topic + ".pred", expected=0, timeout_s=10))
+    assert 3 * 1500 <= before < n, f"not stopped mid-stream ({before} predictions)"
+
+    _finish(_run(InferenceJob(spark, settings, kafka), tmp_path / "ck"))
+    ids = [p["id"] for p in _predictions(kafka, topic, n)]
+    duplicates = len(ids) - len(set(ids))
+    print(f"restart: {before} predictions before the stop, {duplicates} duplicates after the restart")
+    assert set(ids) == {f"i-{i}" for i in range(n)}, "an event was lost across the restart"
+    assert duplicates <= 1500, f"{duplicates} duplicates: more than the one interrupted micro-batch"
+
+
+def test_promotion_mid_stream_switches_versions_between_micro_batches(spark, kafka, topic, tmp_path, setup):
+    settings, registry, _ = setup
+    settings = settings.model_copy(update={"max_offsets_per_trigger": 1500})
+    n = 12_000
+    x = _produce(kafka, topic, n)
+    offsets = {r.key.decode(): (r.partition, r.offset) for r in read_topic(kafka, topic, expected=n)}
+    new = ModelBundle(BUILTIN_SPECS["small"], seed=11)
+    job = InferenceJob(spark, settings, kafka)
+    query = _run(job, tmp_path / "ck")
+    while len(job.versions) < 2 and query.isActive:  # promote while batch 1 runs
+        time.sleep(0.02)
+    registry.set_alias("small", "champion", registry.register("small", new.get_weights()))
+    _finish(query)
+
+    versions = [job.versions[b] for b in sorted(job.versions)]
+    assert versions[0] == 1 and versions[-1] == 2 and versions == sorted(versions), versions
+    batch_of = {}  # (partition, offset) -> batch id, from Spark's own progress reports
+    for progress in query.recentProgress:
+        source = progress["sources"][0]
+        start = (orjson.loads(source["startOffset"] or "null") or {}).get(topic, {})  # batch 0: none
+        end = orjson.loads(source["endOffset"])[topic]
+        for partition, stop in end.items():
+            for offset in range(start.get(partition, 0), stop):
+                batch_of[(int(partition), offset)] = progress["batchId"]
+    predictions = _predictions(kafka, topic, n)
+    assert len(predictions) == n
+    for p in predictions:
+        assert p["model_version"] == job.versions[batch_of[offsets[p["id"]]]], "a micro-batch mixed versions"
+    later = [p for p in predictions if p["model_version"] == 2]
+    assert later, "the promoted version was never used"
+    rows = [int(p["id"][2:]) for p in later]
+    assert np.allclose([p["probabilities"] for p in later], new.predict_proba(x[rows]), atol=1e-5)

@@ -63,6 +63,14 @@ def test_batch_read_has_spark_kafka_columns_and_every_record(spark, loaded_topic
     assert all(json.loads(bytes(r.value))["id"] == bytes(r.key).decode() for r in rows[:50])
 
 
+def test_min_partitions_splits_ranges_and_reads_each_record_once(spark, loaded_topic):
+    bootstrap, topic, keys = loaded_topic
+    df = (spark.read.format(NAME).option("kafka.bootstrap.servers", bootstrap).option("subscribe", topic)
+          .option("minPartitions", 7).load())
+    assert df.rdd.getNumPartitions() >= 7
+    assert sorted(bytes(r.key) for r in df.collect()) == sorted(keys)
+
+
 def test_max_offsets_per_trigger_and_restart_reads_only_new(spark, loaded_topic, tmp_path):
     bootstrap, topic, keys = loaded_topic
     rows, batches = _stream(spark, bootstrap, topic, tmp_path / "ck", startingOffsets="earliest",
@@ -111,3 +119,13 @@ def test_stream_writer_acknowledges_every_row(spark, kafka, topic, tmp_path):
     out = read_topic(kafka, topic + "-out", expected=2000)
     assert sorted(r.key for r in out) == sorted(keys)
     assert all(r.value.startswith(b'{"ID"') for r in out)
+
+
+def test_writer_honours_a_partition_column(spark, kafka, topic):
+    ensure_topics(kafka, {topic: 3})
+    rows = [(f"k{i}", f"v{i}", i % 3 if i % 2 else None) for i in range(300)]
+    (spark.createDataFrame(rows, "key string, value string, partition int").write.format(NAME)
+     .option("kafka.bootstrap.servers", kafka).option("topic", topic).mode("append").save())
+    out = {r.key.decode(): r.partition for r in read_topic(kafka, topic, expected=300)}
+    assert len(out) == 300
+    assert all(out[f"k{i}"] == i % 3 for i in range(1, 300, 2))

@@ -6,6 +6,7 @@ import itertools
 import shutil
 from pathlib import Path
 
+import httpx
 import numpy as np
 import orjson
 import pytest
@@ -91,6 +92,12 @@ def test_learns_to_90_percent_prequential_only_from_valid_labelled_events(spark,
     assert history[0]["accuracy"] < 0.75 and history[-1]["window_accuracy"] >= 0.9, [round(
         r["window_accuracy"], 3) for r in history]
     assert server.state.counter == sum(r["updates"] for r in history) > 0
+    exported = job.gauges.serve(0, host="127.0.0.1")
+    try:
+        text = httpx.get(f"http://127.0.0.1:{exported.server_port}/metrics").text
+    finally:
+        exported.shutdown()
+    assert "streamfit_train_events_total 21150.0" in text and f"streamfit_train_batch_id {history[-1]['batch_id']}.0" in text
     dead = [orjson.loads(r.value) for r in read_topic(kafka, settings.topic_dlq, expected=150)]
     assert len(dead) == 150 and {d["stage"] for d in dead} == {"train"}
     metrics = [orjson.loads(r.value) for r in read_topic(kafka, settings.topic_training_metrics, expected=len(history))]

@@ -18,38 +18,52 @@ def register(subparsers) -> None:
     parser.add_argument("--max-offsets-per-trigger", dest="max_offsets_per_trigger", type=int)
     parser.add_argument("--trigger-interval", dest="trigger_interval_s", type=float, help="seconds between micro-batches")
     parser.add_argument("--starting-offsets", dest="starting_offsets", help="earliest | latest | JSON (new queries only)")
-    parser.add_argument("--checkpoint", default=None, help="checkpoint directory (default <home>/checkpoints/inference)")
+    parser.add_argument("--min-partitions", dest="spark_min_partitions", type=int,
+                        help="Spark tasks per micro-batch at least (default twice the cores)")
+    parser.add_argument("--checkpoint", dest="predict_checkpoint",
+                        help="checkpoint directory (default <home>/checkpoints/inference)")
+    parser.add_argument("--metrics-port", dest="predict_metrics_port", type=int,
+                        help="serve Prometheus metrics on this port (default off)")
     parser.add_argument("--source", dest="kafka_source", choices=["auto", "native", "python"])
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from consumers.inference import InferenceJob, progress_line
-    from pipeline.cli import settings_from
-    from pipeline.kafka import bootstrap
-    from pipeline.spark.session import spark_session
+    from consumers.inference import InferenceJob
+    from pipeline.cli import CommandError, settings_from
+    from pipeline.kafka import bootstrap, ensure_topics, topic_specs
+    from pipeline.registry import RegistryError
+    from pipeline.spark.session import SparkSetupError, spark_session
 
+    logging.getLogger("py4j").setLevel(logging.WARNING)  # its callback server logs every connection at INFO
     settings = settings_from(args)
     servers = bootstrap(settings)
-    spark = spark_session(settings, "streamfit-predict")
-    job = InferenceJob(spark, settings, servers)
-    checkpoint = args.checkpoint or str(settings.home / "checkpoints" / "inference")
+    ensure_topics(servers, topic_specs(settings), settings.kafka_timeout_s)
+    try:
+        spark = spark_session(settings, "streamfit-predict")
+    except SparkSetupError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        job = InferenceJob(spark, settings, servers)
+    except RegistryError as exc:
+        spark.stop()
+        raise CommandError(str(exc)) from None
+    metrics = job.reporter.metrics.serve(settings.predict_metrics_port) if settings.predict_metrics_port else None
+    checkpoint = settings.predict_checkpoint or str(settings.home / "checkpoints" / "inference")
     query = job.start(checkpoint)
     print(f"predicting {settings.topic_events} -> {settings.topic_predictions} with {settings.model} "
-          f"(checkpoint {checkpoint}); Ctrl-C stops", flush=True)
+          f"(checkpoint {checkpoint}" + (f", metrics on :{settings.predict_metrics_port}/metrics" if metrics else "")
+          + "); Ctrl-C stops", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    seen = None
     while not stop.wait(1.0) and query.isActive:
-        progress = query.lastProgress
-        if progress and progress["batchId"] != seen:
-            seen = progress["batchId"]
-            log.info(progress_line(progress, job.versions.get(seen)))
+        pass
     query.stop()
+    failure = query.exception()
     spark.stop()
-    if query.exception():
-        from pipeline.cli import CommandError
-
-        raise CommandError(str(query.exception()))
+    if metrics:
+        metrics.shutdown()
+    if failure:
+        raise CommandError(str(failure))
     return 0

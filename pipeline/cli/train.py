@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     parser.add_argument("--max-offsets-per-trigger", dest="max_offsets_per_trigger", type=int)
     parser.add_argument("--trigger-interval", dest="trigger_interval_s", type=float, help="seconds between micro-batches")
     parser.add_argument("--starting-offsets", dest="starting_offsets", help="earliest | latest | JSON (new queries only)")
-    parser.add_argument("--checkpoint", default=None, help="checkpoint directory (default <home>/checkpoints/training)")
+    parser.add_argument("--checkpoint", dest="train_checkpoint", help="checkpoint directory (default <home>/checkpoints/training)")
+    parser.add_argument("--metrics-port", dest="train_metrics_port", type=int, help="serve Prometheus metrics on this port")
     parser.add_argument("--source", dest="kafka_source", choices=["auto", "native", "python"])
     parser.set_defaults(func=run)
 
@@ -47,8 +48,9 @@ def run(args) -> int:
     spark = spark_session(settings, "streamfit-train")
     try:
         job = TrainingJob(spark, settings, servers, registry)
-        checkpoint = args.checkpoint or str(settings.home / "checkpoints" / "training")
+        checkpoint = settings.train_checkpoint or str(settings.home / "checkpoints" / "training")
         query = job.start(checkpoint)
+        metrics = job.gauges.serve(settings.train_metrics_port) if settings.train_metrics_port is not None else None
     except (TrainingError, RegistryError) as exc:
         spark.stop()
         announcer.close()
@@ -63,6 +65,8 @@ def run(args) -> int:
         pass
     query.stop()
     job.close()
+    if metrics is not None:
+        metrics.shutdown()
     announcer.close()
     spark.stop()
     if query.exception():

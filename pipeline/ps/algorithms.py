@@ -264,7 +264,7 @@ class Sequential(Algorithm):
     >>> model = SoftmaxRegression(features=2, classes=2)
     >>> client = LocalClient.serving(model.get_weights(), Sequential().rule())
     >>> Sequential().run(model, client, [(np.eye(2), np.array([0, 1]))] * 3)
-    WorkerReport(steps=3, commits=1, skipped=0, max_staleness=0, counter=1)
+    WorkerReport(steps=3, commits=1, skipped=0, max_staleness=0, total_staleness=0, counter=1)
     """
 
     name = "sequential"

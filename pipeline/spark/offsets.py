@@ -144,6 +144,24 @@ def ranges(start: Offsets, end: Offsets) -> list[OffsetRange]:
             if stop > start.get(topic, {}).get(p, 0)]
 
 
+def split(parts: list[OffsetRange], min_parts: int) -> list[OffsetRange]:
+    """Cut ranges so there are at least ``min_parts`` (each range in proportion to its size, like
+    Spark's ``minPartitions``), so a micro-batch keeps every core busy whatever the partition count.
+
+    >>> [(r.start, r.end) for r in split([OffsetRange("t", 0, 0, 10), OffsetRange("t", 1, 5, 7)], 4)]
+    [(0, 2), (2, 5), (5, 7), (7, 10), (5, 7)]
+    """
+    total = sum(part.size for part in parts)
+    if len(parts) >= min_parts or total == 0:
+        return parts
+    result = []
+    for part in parts:
+        pieces = max(1, min(part.size, -(-part.size * min_parts // total)))
+        bounds = [part.start + part.size * i // pieces for i in range(pieces + 1)]
+        result.extend(OffsetRange(part.topic, part.partition, a, b) for a, b in zip(bounds, bounds[1:]))
+    return result
+
+
 def read_range(consumer: KafkaConsumer, part: OffsetRange, fail_on_data_loss: bool = True,
                timeout_s: float = 60.0) -> Iterator:
     """Every record with offset in [start, end) of one partition, in order."""

@@ -7,7 +7,9 @@ loaded once per worker stays loaded); memory and shuffle settings suit a 2-core 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 from pipeline.settings import Settings
@@ -20,12 +22,19 @@ class SparkSetupError(RuntimeError):
 
 
 def _check_java() -> None:
+    """Spark 4 needs Java 17 or newer; say so plainly instead of a py4j gateway error."""
     java_home = os.environ.get("JAVA_HOME")
-    if java_home and os.path.exists(os.path.join(java_home, "bin", "java")):
-        return
-    if shutil.which("java") is None:
-        raise SparkSetupError("Spark needs Java 17 or 21: install a JDK (e.g. `apt-get install openjdk-17-jre-headless`) "
-                              "or set JAVA_HOME")
+    java = os.path.join(java_home, "bin", "java") if java_home else shutil.which("java")
+    if not java or not os.path.exists(java):
+        where = f"JAVA_HOME={java_home} has no bin/java" if java_home else "no `java` on PATH"
+        raise SparkSetupError(f"Spark needs Java 17 or 21 ({where}): install a JDK (e.g. `apt-get install "
+                              "openjdk-17-jre-headless`) or point JAVA_HOME at one")
+    answer = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30).stderr
+    found = re.search(r'version "(\d+)(?:\.(\d+))?', answer)
+    major = found and (int(found.group(2) or 0) if found.group(1) == "1" else int(found.group(1)))
+    if major and major < 17:
+        raise SparkSetupError(f"Spark 4 needs Java 17 or 21, {java} is Java {major}: install a newer JDK "
+                              "or point JAVA_HOME at one")
 
 
 def spark_session(settings: Settings, app_name: str = "streamfit"):
@@ -39,7 +48,7 @@ def spark_session(settings: Settings, app_name: str = "streamfit"):
              .config("spark.python.worker.reuse", "true")
              .config("spark.sql.shuffle.partitions", str(max(2, settings.workers)))
              .config("spark.default.parallelism", str(max(2, settings.workers)))
-             .config("spark.driver.memory", "2g")
+             .config("spark.driver.memory", "2g")  # the Python workers (TensorFlow) need the rest of a small box
              .config("spark.ui.enabled", "false")
              .config("spark.ui.showConsoleProgress", "false")
              .config("spark.sql.execution.arrow.pyspark.enabled", "true")

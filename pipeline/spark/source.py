@@ -3,7 +3,7 @@
 Used where Spark's JVM Kafka connector is not on the classpath (a pip-installed
 pyspark). Same output columns as Spark's own Kafka source; options
 ``kafka.bootstrap.servers``, ``subscribe``, ``startingOffsets``, ``endingOffsets``
-(batch), ``maxOffsetsPerTrigger``, ``failOnDataLoss``; the writer takes ``topic``
+(batch), ``maxOffsetsPerTrigger``, ``minPartitions``, ``failOnDataLoss``; the writer takes ``topic``
 (or a ``topic`` column). Offsets live in Spark's checkpoint, so a restarted query
 reads only what it has not read. The writer waits for every acknowledgement before
 its task reports success, so a micro-batch only commits once its output is in Kafka
@@ -24,7 +24,7 @@ from pyspark.sql.datasource import (DataSource, DataSourceArrowWriter, DataSourc
 from pyspark.sql.streaming.datasource import ReadAllAvailable, ReadLimit, ReadMaxRows, SupportsTriggerAvailableNow
 
 from pipeline.spark.offsets import (KafkaOffsetReader, OffsetError, OffsetRange, Offsets, limit_end, parse_topics,
-                                    ranges, read_range)
+                                    ranges, read_range, split)
 
 NAME = "streamfit-kafka"
 SCHEMA = "key binary, value binary, topic string, partition int, offset long, timestamp timestamp, timestampType int"
@@ -53,6 +53,10 @@ class _Options:
         if max_rows is not None and (not str(max_rows).isdigit() or int(max_rows) < 1):
             raise OffsetError(f"{NAME}: maxOffsetsPerTrigger must be a positive integer, got {max_rows!r}")
         self.max_rows = int(max_rows) if max_rows else None
+        min_parts = options.get("minPartitions", "1")
+        if not str(min_parts).isdigit() or int(min_parts) < 1:
+            raise OffsetError(f"{NAME}: minPartitions must be a positive integer, got {min_parts!r}")
+        self.min_parts = int(min_parts)
 
     @property
     def topics(self) -> list[str]:
@@ -118,7 +122,7 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         return self.offsets.latest()
 
     def partitions(self, start: dict, end: dict) -> list[InputPartition]:
-        return [KafkaRangePartition(part) for part in ranges(start, end)]
+        return [KafkaRangePartition(part) for part in split(ranges(start, end), self.options.min_parts)]
 
     def read(self, partition: KafkaRangePartition) -> Iterator[pa.RecordBatch]:
         return _read(self.options, partition.part)
@@ -138,7 +142,7 @@ class KafkaBatchReader(DataSourceReader):
             end: Offsets = offsets.latest() if ending == "latest" else offsets.starting(ending)
         finally:
             offsets.close()
-        self.parts = ranges(start, end)
+        self.parts = split(ranges(start, end), self.options.min_parts)
 
     def partitions(self) -> list[InputPartition]:
         return [KafkaRangePartition(part) for part in self.parts]
@@ -152,9 +156,10 @@ class SentCount(WriterCommitMessage):
         self.records = records
 
 
-def _send(bootstrap: str, default_topic: str | None, iterator: Iterator[pa.RecordBatch]) -> SentCount:
-    """Send every row (``key`` optional, ``value`` required, ``topic`` column or option); return only
-    after the broker acknowledged all of them, so the task fails rather than loses rows."""
+def send_rows(bootstrap: str, default_topic: str | None, iterator: Iterator[pa.RecordBatch]) -> SentCount:
+    """Send every row (``value`` required; ``key``, ``partition`` and a ``topic`` column optional, as in
+    Spark's Kafka sink); return only after the broker acknowledged all of them, so the task fails
+    rather than loses rows. A null partition means Kafka's default partitioner (murmur2 of the key)."""
     from pipeline.kafka import producer
 
     kafka = producer(bootstrap, client_id="streamfit-spark-writer")
@@ -165,12 +170,14 @@ def _send(bootstrap: str, default_topic: str | None, iterator: Iterator[pa.Recor
             if "value" not in names:
                 raise OffsetError(f"{NAME} writer: the DataFrame needs a 'value' column, has {names}")
             values = batch.column("value").to_pylist()
-            keys = batch.column("key").to_pylist() if "key" in names else [None] * len(values)
+            nothing = [None] * len(values)
+            keys = batch.column("key").to_pylist() if "key" in names else nothing
             topics = batch.column("topic").to_pylist() if "topic" in names else [default_topic] * len(values)
-            for topic, key, value in zip(topics, keys, values):
+            partitions = batch.column("partition").to_pylist() if "partition" in names else nothing
+            for topic, key, value, partition in zip(topics, keys, values, partitions):
                 if topic is None:
                     raise OffsetError(f"{NAME} writer: no 'topic' option and no topic in the row")
-                futures.append(kafka.send(topic, key=_bytes(key), value=_bytes(value)))
+                futures.append(kafka.send(topic, key=_bytes(key), value=_bytes(value), partition=partition))
         kafka.flush()
         for future in futures:
             future.get()
@@ -186,7 +193,7 @@ class KafkaStreamWriter(DataSourceStreamArrowWriter):
         self.options = _Options(options)
 
     def write(self, iterator: Iterator[pa.RecordBatch]) -> SentCount:
-        return _send(self.options.bootstrap, self.options.options.get("topic"), iterator)
+        return send_rows(self.options.bootstrap, self.options.options.get("topic"), iterator)
 
     def commit(self, messages: list, batchId: int) -> None:
         """Nothing to do: every row was acknowledged before its task returned."""
@@ -202,7 +209,7 @@ class KafkaBatchWriter(DataSourceArrowWriter):
         self.options = _Options(options)
 
     def write(self, iterator: Iterator[pa.RecordBatch]) -> SentCount:
-        return _send(self.options.bootstrap, self.options.options.get("topic"), iterator)
+        return send_rows(self.options.bootstrap, self.options.options.get("topic"), iterator)
 
 
 def _bytes(value) -> bytes | None:

@@ -1,0 +1,170 @@
+"""Inference consumer throughput next to a dist-keras-style row-wise predictor and the compute limit.
+
+``python -m bench.inference [--events N] [--rowwise-sample N]`` prints one JSON object, every figure
+measured in the same run, on the default higgs model (~1.02 M parameters) and Spark ``local[2]``:
+
+- ``events_per_s``: end to end, ``events`` -> acknowledged ``predictions`` through ``streamfit predict``'s
+  job (Python Kafka source, validation, Arrow batch inference, acknowledged Kafka write);
+- ``rowwise_events_per_s``: the same path with dist-keras' predictor (one ``model.predict`` per row
+  inside ``mapPartitions``), on a sample;
+- ``compute_limit_events_per_s``: TensorFlow batch inference of the same rows, no Kafka, no Spark.
+
+``speedup_vs_rowwise`` (target >= 100) and ``efficiency`` = end-to-end / compute limit (target >= 0.3).
+The Python workers are warmed on a small topic first (TensorFlow imported, model loaded), as they are
+in a consumer that has been running for a while.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from pipeline.broker import EmbeddedBroker
+from pipeline.kafka import ensure_topics, producer
+from pipeline.settings import load_settings
+from pipeline.spark.offsets import KafkaOffsetReader
+from producers.sender import Sender, synthetic_events
+from producers.synthetic import synthetic_rows
+
+BATCH = 10_000  # rows per inference call, as spark.sql.execution.arrow.maxRecordsPerBatch
+
+
+def produce(bootstrap: str, topic: str, n: int, seed: int) -> list[list[float]]:
+    kafka = producer(bootstrap)
+    sender = Sender(kafka, topic, topic + ".dlq")
+    rows = list(itertools.islice(synthetic_rows("higgs", seed=seed), n))
+    for message in synthetic_events(rows, f"{topic}-{seed}"):
+        sender.send(message)
+    summary = sender.close()
+    kafka.close()
+    assert summary.acknowledged == n, summary.as_dict()
+    return [features for features, _ in rows]
+
+
+def topic_size(bootstrap: str, topic: str) -> int:
+    reader = KafkaOffsetReader(bootstrap, [topic])
+    try:
+        return sum(reader.latest()[topic].values())
+    finally:
+        reader.close()
+
+
+def end_to_end(spark, settings, bootstrap: str, checkpoint: Path) -> float:
+    """Seconds for the inference job to turn everything in ``topic_events`` into acknowledged predictions."""
+    from consumers.inference import InferenceJob
+
+    job = InferenceJob(spark, settings, bootstrap)
+    started = time.perf_counter()
+    query = job.start(str(checkpoint), trigger={"availableNow": True}, starting_offsets="earliest")
+    query.awaitTermination()
+    elapsed = time.perf_counter() - started
+    if query.exception():
+        raise RuntimeError(str(query.exception()))
+    return elapsed
+
+
+def _rowwise_partition(rows, registry_url: str, model: str, version: int, out_topic: str):
+    """dist-keras' ModelPredictor: ``model.predict`` on a one-row array, once per row (the Keras model
+    comes from the worker's model cache, so loading it is not counted)."""
+    from consumers.inference import _bundle
+
+    keras_model = _bundle(registry_url, model, version).model
+    for row in rows:
+        event = orjson.loads(row.value)
+        probabilities = keras_model.predict(np.asarray([event["features"]], np.float32), verbose=0)[0].tolist()
+        yield (out_topic, row.key, orjson.dumps({"id": event["id"], "model": model, "model_version": version,
+                                                  "label": int(np.argmax(probabilities)),
+                                                  "probabilities": probabilities, "event_ts": event["ts"],
+                                                  "predicted_at": int(time.time() * 1000)}))
+
+
+def rowwise(spark, settings, bootstrap: str, topic: str, per_partition: int, out_topic: str) -> float:
+    """Events/s of the row-wise predictor over the first ``per_partition`` events of each partition,
+    read from Kafka and written back to Kafka."""
+    from pipeline.spark.source import NAME
+
+    ending = json.dumps({topic: {str(p): per_partition for p in range(settings.events_partitions)}})
+    args = (settings.registry_url, settings.model, 1, out_topic)
+    started = time.perf_counter()
+    (spark.read.format(NAME).option("kafka.bootstrap.servers", bootstrap).option("subscribe", topic)
+     .option("endingOffsets", ending).load()
+     .rdd.mapPartitions(lambda rows: _rowwise_partition(rows, *args)).toDF("topic string, key binary, value binary")
+     .write.format(NAME).option("kafka.bootstrap.servers", bootstrap).mode("append").save())
+    return per_partition * settings.events_partitions / (time.perf_counter() - started)
+
+
+def compute_limit(registry_url: str, model: str, features: list[list[float]]) -> float:
+    """Events/s of the compiled TensorFlow batch inference alone, on the same rows, in this process."""
+    from pipeline.registry import Registry
+
+    bundle = Registry(registry_url).load(model, 1)
+    x = np.asarray(features, np.float32)
+    bundle.predict_proba(x[:BATCH])
+    started = time.perf_counter()
+    for start in range(0, len(x), BATCH):
+        bundle.predict_proba(x[start:start + BATCH])
+    return len(x) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--rowwise-sample", type=int, default=300)
+    parser.add_argument("--impl", default="noida", choices=["noida", "tansu"])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from pipeline.bundle import ModelBundle
+    from pipeline.registry import Registry
+    from pipeline.spark.session import spark_session
+    from pipeline.spec import BUILTIN_SPECS
+
+    with tempfile.TemporaryDirectory() as home, EmbeddedBroker(args.impl, data_dir=Path(home)) as broker:
+        bootstrap = broker.bootstrap
+        settings = load_settings(home=home, model="higgs", spark_master="local[2]", kafka_source="python")
+        registry = Registry(settings.registry_url)
+        registry.create_model(BUILTIN_SPECS["higgs"])
+        bundle = ModelBundle(BUILTIN_SPECS["higgs"], seed=0)
+        registry.set_alias("higgs", "champion", registry.register("higgs", bundle.get_weights()))
+        n_parameters = bundle.n_parameters
+        del bundle
+        topics = {"warm": 3, "warm.pred": 3, "events": 3, "predictions": 3, "events.dlq": 1, "rowwise.pred": 3}
+        ensure_topics(bootstrap, topics)
+        produce(bootstrap, "warm", 5_000, seed=1)
+        features = produce(bootstrap, "events", args.events, seed=2)
+
+        spark = spark_session(settings, "streamfit-bench-inference")
+        try:
+            warm = settings.model_copy(update={"topic_events": "warm", "topic_predictions": "warm.pred"})
+            for round_ in range(3):  # worker processes are pooled: each may run the predictor and load the model
+                end_to_end(spark, warm, bootstrap, Path(home) / f"ck-warm{round_}")
+            elapsed = end_to_end(spark, settings, bootstrap, Path(home) / "ck")
+            predicted = topic_size(bootstrap, "predictions")
+            assert predicted == args.events, f"{predicted} predictions for {args.events} events"
+            per_partition = args.rowwise_sample // settings.events_partitions
+            rowwise(spark, settings, bootstrap, "warm", 5, "rowwise.pred")  # load the Keras model in each worker
+            rowwise_eps = rowwise(spark, settings, bootstrap, "events", per_partition, "rowwise.pred")
+        finally:
+            spark.stop()
+        limit = compute_limit(settings.registry_url, "higgs", features)
+
+    eps = args.events / elapsed
+    print(json.dumps({
+        "benchmark": "inference", "broker": args.impl, "spark_master": settings.spark_master,
+        "model_parameters": n_parameters, "events": args.events, "elapsed_s": round(elapsed, 2),
+        "events_per_s": round(eps), "rowwise_events_per_s": round(rowwise_eps, 1),
+        "rowwise_sample": args.rowwise_sample, "compute_limit_events_per_s": round(limit),
+        "speedup_vs_rowwise": round(eps / rowwise_eps, 1), "target_speedup": 100,
+        "efficiency": round(eps / limit, 3), "target_efficiency": 0.3,
+    }))
+
+
+if __name__ == "__main__":
+    main()

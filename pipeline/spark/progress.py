@@ -1,0 +1,104 @@
+"""Per-micro-batch progress of a streaming query: one log line and Prometheus gauges.
+
+Spark reports every micro-batch to its query listeners; this listener turns that report
+into a log line (rows, rows/s, batch duration, lag, model version) and into gauges that a
+Prometheus server can scrape (``serve`` starts the HTTP endpoint). Lag is the number of
+records between the batch's end offsets and the latest offsets the source saw.
+
+>>> progress_line({"batchId": 3, "numInputRows": 500, "processedRowsPerSecond": 1000.0,
+...                "durationMs": {"triggerExecution": 480},
+...                "sources": [{"endOffset": '{"e": {"0": 10}}', "latestOffset": '{"e": {"0": 25}}'}]}, 2)
+'batch 3: rows=500 rows/s=1000 duration_ms=480 lag=15 version=2'
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from pyspark.sql.streaming import StreamingQueryListener
+
+log = logging.getLogger(__name__)
+
+
+def lag(progress: dict) -> int:
+    """Records between where the batch ended and the latest offsets, over every source and partition."""
+    behind = 0
+    for source in progress.get("sources", []):
+        end, latest = _offsets(source.get("endOffset")), _offsets(source.get("latestOffset"))
+        behind += sum(max(0, latest[k] - end.get(k, 0)) for k in latest)
+    return behind
+
+
+def progress_line(progress: dict, version: int | None) -> str:
+    return (f"batch {progress['batchId']}: rows={progress['numInputRows']} "
+            f"rows/s={progress.get('processedRowsPerSecond', 0):.0f} "
+            f"duration_ms={progress.get('durationMs', {}).get('triggerExecution', 0)} "
+            f"lag={lag(progress)} version={version}")
+
+
+def _offsets(value) -> dict:
+    if not value:
+        return {}
+    doc = json.loads(value) if isinstance(value, str) else value
+    return {(t, p): o for t, parts in doc.items() if isinstance(parts, dict) for p, o in parts.items()}
+
+
+class ProgressMetrics:
+    """The gauges of one streaming query, in their own registry (``prefix`` e.g. ``streamfit_predict``)."""
+
+    def __init__(self, prefix: str):
+        self.registry = CollectorRegistry()
+        gauge = lambda name, doc: Gauge(f"{prefix}_{name}", doc, registry=self.registry)  # noqa: E731
+        self.batch_id = gauge("batch_id", "id of the last completed micro-batch")
+        self.batch_rows = gauge("batch_rows", "input rows of the last micro-batch")
+        self.rows_per_second = gauge("rows_per_second", "rows processed per second in the last micro-batch")
+        self.batch_duration = gauge("batch_duration_seconds", "wall time of the last micro-batch")
+        self.lag = gauge("lag_records", "records between the last batch's end offsets and the latest offsets")
+        self.model_version = gauge("model_version", "model version used by the last micro-batch")
+        self.rows = Counter(f"{prefix}_rows", "input rows processed", registry=self.registry)
+
+    def update(self, progress: dict, version: int | None) -> None:
+        self.batch_id.set(progress["batchId"])
+        self.batch_rows.set(progress["numInputRows"])
+        self.rows_per_second.set(progress.get("processedRowsPerSecond") or 0)
+        self.batch_duration.set(progress.get("durationMs", {}).get("triggerExecution", 0) / 1000)
+        self.lag.set(lag(progress))
+        if version is not None:
+            self.model_version.set(version)
+        self.rows.inc(progress["numInputRows"])
+
+    def serve(self, port: int, host: str = "0.0.0.0"):
+        """Serve ``/metrics`` on ``port``; returns the HTTP server (``shutdown()`` stops it)."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server
+
+
+class ProgressReporter(StreamingQueryListener):
+    """Logs and exports each completed micro-batch of the query named ``query_name`` (once
+    ``query_id`` is set, of that query run only: listeners outlive queries in a session);
+    ``version_of(batch_id)`` names the model version that batch used."""
+
+    def __init__(self, query_name: str, metrics: ProgressMetrics, version_of: Callable[[int], int | None]):
+        self.query_name, self.metrics, self.version_of = query_name, metrics, version_of
+        self.query_id: str | None = None
+
+    def onQueryStarted(self, event) -> None:
+        pass
+
+    def onQueryProgress(self, event) -> None:
+        mine = str(event.progress.id) == self.query_id if self.query_id else event.progress.name == self.query_name
+        if not mine:
+            return
+        progress = json.loads(event.progress.json)
+        version = self.version_of(progress["batchId"])
+        self.metrics.update(progress, version)
+        log.info(progress_line(progress, version))
+
+    def onQueryIdle(self, event) -> None:
+        pass
+
+    def onQueryTerminated(self, event) -> None:
+        pass
