@@ -11,7 +11,10 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Callable
 
 from pipeline.broker import BrokerError
 from pipeline.kafka import KafkaUnavailable
@@ -27,6 +30,15 @@ class CommandError(RuntimeError):
 def settings_from(args: argparse.Namespace) -> Settings:
     """Settings with every flag the user passed applied on top."""
     return load_settings(**{k: v for k, v in vars(args).items() if k in Settings.model_fields})
+
+
+def run_until_stopped(running: Callable[[], bool]) -> None:
+    """Block until Ctrl-C or SIGTERM, or until ``running()`` turns false (checked every second)."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0) and running():
+        pass
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 
 log = logging.getLogger("streamfit.predict")
 
@@ -30,7 +28,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from consumers.inference import InferenceJob
-    from pipeline.cli import CommandError, settings_from
+    from pipeline.cli import CommandError, run_until_stopped, settings_from
     from pipeline.kafka import bootstrap, ensure_topics, topic_specs
     from pipeline.registry import RegistryError
     from pipeline.spark.session import SparkSetupError, spark_session
@@ -54,11 +52,7 @@ def run(args) -> int:
     print(f"predicting {settings.topic_events} -> {settings.topic_predictions} with {settings.model} "
           f"(checkpoint {checkpoint}" + (f", metrics on :{settings.predict_metrics_port}/metrics" if metrics else "")
           + "); Ctrl-C stops", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0) and query.isActive:
-        pass
+    run_until_stopped(lambda: query.isActive)
     query.stop()
     failure = query.exception()
     spark.stop()

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import threading
-
 from pipeline.ps.algorithms import ALGORITHMS
 
 
@@ -36,7 +33,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from consumers.training import TrainingError, TrainingJob
-    from pipeline.cli import CommandError, settings_from
+    from pipeline.cli import CommandError, run_until_stopped, settings_from
     from pipeline.kafka import bootstrap
     from pipeline.model_updates import announcing_registry
     from pipeline.registry import RegistryError
@@ -58,11 +55,7 @@ def run(args) -> int:
     print(f"training {settings.model} with {settings.algorithm} x{settings.workers} from {settings.topic_events} "
           f"(checkpoint {checkpoint}, auto-promote {'on' if settings.auto_promote else 'off'}); Ctrl-C stops",
           flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0) and query.isActive:
-        pass
+    run_until_stopped(lambda: query.isActive)
     query.stop()
     job.close()
     if metrics is not None:
