@@ -1,0 +1,217 @@
+"""The FastAPI app: TensorFlow Serving's REST API over hot-swapped, dynamically batched models.
+
+``create_app(settings)`` wires the parts -- :class:`~serving.swap.ModelHost` (what is
+served), :class:`~serving.follow.Follower` (champion moves), :class:`~serving.batching.Batcher`
+(one forward pass for concurrent requests), the metrics and the admin routes -- and the
+route functions only delegate. ``run`` serves it with uvicorn, as ``streamfit serve`` does.
+"""
+
+# No `from __future__ import annotations`: FastAPI evaluates the route signatures, whose types are local names.
+
+
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+import uvicorn
+from fastapi import Body, FastAPI, HTTPException, Path, Response
+from fastapi.concurrency import run_in_threadpool
+
+from pipeline.model_updates import announcing_registry
+from pipeline.registry import Registry, RegistryError
+from pipeline.settings import Settings
+from pipeline.spec import BUILTIN_SPECS
+from serving import errors
+from serving.admin import admin_router
+from serving.batching import Batcher
+from serving.content_type import JsonBodies
+from serving.follow import Follower
+from serving.inputs import BadInput, to_matrix
+from serving.limits import BodyLimit
+from serving.metrics import Metrics, RequestMetrics
+from serving.schemas import (Error, Health, ModelMetadata, ModelReadiness, ModelSpecRef, ModelStatus, PredictRequest,
+                             PredictResponse, Readiness, Signature, Status, VersionStatus)
+from serving.swap import ModelHost, NotReady, Served, UnknownModel
+
+DESCRIPTION = """\
+Predictions from the registry's **champion** version of each served model, in TensorFlow
+Serving's REST shapes. A new champion (announced on Kafka's `model-updates`, or seen by
+polling the registry) is loaded and warmed off the request path, then swapped in: no request
+fails or waits for it, and every answer names the version that computed it. Concurrent
+requests are computed together in one forward pass.
+
+Errors are `{"error": "..."}` naming the problem: 400 for a body that does not fit the model,
+404 for an unknown model, 413 for a body over `max_request_bytes`, 503 while a model has no
+version loaded yet. Admin routes need `Authorization: Bearer <admin token>`.
+"""
+
+TAGS = [{"name": "predict", "description": "predictions (TF Serving `:predict`)"},
+        {"name": "models", "description": "what is served: version status and metadata"},
+        {"name": "admin", "description": "move the champion, pin a version, reload (bearer token)"},
+        {"name": "health", "description": "liveness, readiness, Prometheus metrics"}]
+
+BAD_REQUEST = {400: {"model": Error, "description": "the request does not fit the API or the model"},
+               413: {"model": Error, "description": "body over max_request_bytes"}}
+UNKNOWN = {404: {"model": Error, "description": "this server does not serve the model"}}
+NOT_READY = {503: {"model": Error, "description": "the model has no version loaded yet; retry"}}
+
+
+def create_app(settings: Settings, models: Sequence[str] | None = None) -> FastAPI:
+    """The serving app for ``models`` (default: ``settings.model``) from ``settings.registry_url``."""
+    models = list(models or [settings.model])
+    metrics = Metrics()
+    registry, announcer = announcing_registry(settings)
+    host = ModelHost(registry, models, metrics, warm_rows=settings.max_batch_size)
+    batcher = Batcher(settings.max_batch_size, settings.max_batch_wait_ms / 1000, metrics.observe_batch)
+    follower = Follower(settings, host, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        follower.start()
+        try:
+            yield
+        finally:
+            follower.stop()
+            await batcher.stop()
+            host.close()
+            announcer.close()
+
+    app = FastAPI(title="streamfit serving", description=DESCRIPTION, version="1", openapi_tags=TAGS,
+                  lifespan=lifespan)
+    app.state.host = host
+    errors.install(app)
+    app.add_middleware(JsonBodies)
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.include_router(admin_router(host, registry, settings.admin_token))
+    Model = Annotated[str, Path(description="the model's name in the registry", examples=models)]
+
+    @app.post("/v1/models/{model}:predict", tags=["predict"], responses=BAD_REQUEST | UNKNOWN | NOT_READY,
+              summary="Class probabilities for rows of features")
+    async def predict(model: Model, body: Annotated[PredictRequest, Body(openapi_examples=_examples(registry, models[0]))]
+                      ) -> PredictResponse:
+        served = _lease(host, model)
+        try:
+            x = to_matrix(body, served.spec)
+        except BadInput as exc:
+            served.release()
+            raise HTTPException(400, str(exc)) from None
+        y = await batcher.predict(served, x)  # releases the lease once computed
+        return PredictResponse(predictions=y.tolist(), model_version=served.version)
+
+    @app.get("/v1/models/{model}", tags=["models"], responses=UNKNOWN, summary="Version status (TF Serving's)")
+    async def status(model: Model) -> ModelStatus:
+        served, loading, failed, pinned = _state(host, model)
+        versions = []
+        if loading is not None:
+            versions.append(VersionStatus(version=str(loading), state="LOADING"))
+        if served is not None:
+            versions.append(VersionStatus(version=str(served.version), state="AVAILABLE"))
+        if failed is not None:
+            versions.append(VersionStatus(version=str(failed[0] or ""), state="END",
+                                          status=Status(error_code="UNKNOWN", error_message=failed[1])))
+        champion = await run_in_threadpool(_champion, registry, model)
+        return ModelStatus(model_version_status=versions, champion=champion, pinned=pinned)
+
+    @app.get("/v1/models/{model}/metadata", tags=["models"], responses=UNKNOWN | NOT_READY,
+             summary="Feature schema, classes, version and size of the served version")
+    async def metadata(model: Model) -> ModelMetadata:
+        served = _state(host, model)[0]
+        if served is None:
+            raise HTTPException(503, f"model {model!r} has no version loaded yet", headers={"Retry-After": "1"})
+        spec, meta = served.spec, served.meta
+        return ModelMetadata(
+            model_spec=ModelSpecRef(name=model, version=str(served.version)),
+            metadata=Signature(features=spec.feature_names, classes=spec.classes, n_features=spec.n_features,
+                               n_classes=spec.n_classes, parameters=served.bundle.n_parameters, builder=spec.builder,
+                               builder_args=spec.builder_args, created_at=meta["created_at"], parent=meta["parent"],
+                               algorithm=meta["algorithm"], updates=meta["updates"], metrics=meta["metrics"]))
+
+    @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
+    async def healthz() -> Health:
+        return Health()
+
+    @app.get("/readyz", tags=["health"], responses={503: {"model": Readiness, "description": "not ready"}},
+             summary="Readiness: every served model has a loaded, warmed version")
+    async def readyz(response: Response) -> Readiness:
+        states = {m: host.state(m) for m in host.models}
+        ready = all(state[0] is not None for state in states.values())
+        response.status_code = 200 if ready else 503
+        return Readiness(ready=ready, models={
+            m: ModelReadiness(version=served.version if served else None, loading=loading,
+                              error=failed[1] if failed else None)
+            for m, (served, loading, failed, _) in states.items()})
+
+    @app.get("/metrics", tags=["health"], response_class=Response, summary="Prometheus metrics",
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    _document_400_not_422(app)
+    return app
+
+
+def run(app: FastAPI, settings: Settings, *, access_log: bool = False) -> None:
+    """Serve ``app`` on ``settings.serve_host:serve_port`` until SIGINT/SIGTERM."""
+    uvicorn.run(app, host=settings.serve_host, port=settings.serve_port, access_log=access_log,
+                log_level="info", timeout_graceful_shutdown=10)
+
+
+def _lease(host: ModelHost, model: str) -> Served:
+    try:
+        return host.acquire(model)
+    except UnknownModel as exc:
+        raise HTTPException(404, str(exc)) from None
+    except NotReady as exc:
+        raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from None
+
+
+def _state(host: ModelHost, model: str):
+    try:
+        return host.state(model)
+    except UnknownModel as exc:
+        raise HTTPException(404, str(exc)) from None
+
+
+def _champion(registry: Registry, model: str) -> int | None:
+    try:
+        return registry.resolve(model, "champion")
+    except RegistryError:
+        return None
+
+
+def _examples(registry: Registry, model: str) -> dict:
+    """Request examples that work as they are against ``model`` (the OpenAPI page's "Try it out")."""
+    try:
+        names = registry.spec(model).feature_names
+    except RegistryError:
+        names = BUILTIN_SPECS["higgs"].feature_names
+    row = [round(0.1 * (i % 10) - 0.4, 1) for i in range(len(names))]
+    return {
+        "rows": {"summary": "rows as lists, in feature order", "value": {"instances": [row]}},
+        "objects": {"summary": "rows as {feature: value} objects", "value": {"instances": [dict(zip(names, row))]}},
+        "columns": {"summary": "columns: {feature: [a value per row]}",
+                    "value": {"inputs": {name: [value, -value] for name, value in zip(names, row)}}},
+    }
+
+
+def _document_400_not_422(app: FastAPI) -> None:
+    """Validation errors answer 400 (see :mod:`serving.errors`); the schema should say so, not FastAPI's 422."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for path in schema["paths"].values():
+                for operation in path.values():
+                    responses = operation.get("responses", {})
+                    if responses.pop("422", None) is not None:
+                        responses.setdefault("400", {"description": "the request does not fit the API",
+                                                     "content": {"application/json": {
+                                                         "schema": {"$ref": "#/components/schemas/Error"}}}})
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi

@@ -1,0 +1,86 @@
+"""Prometheus metrics of one server, and the ASGI middleware that times every request.
+
+Each app has its own registry (several apps can live in one process, as in the tests),
+with the process collector added so ``/metrics`` also shows memory and CPU. Requests are
+labelled by route template (``/v1/models/{model}:predict``), never by raw path, so label
+cardinality stays fixed whatever clients send.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import disable_created_metrics, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+UNMATCHED = "<unmatched>"
+"""The route label of requests no route matched: unknown paths, and bodies refused before routing (413)."""
+
+disable_created_metrics()  # no ``*_created`` series: they double the output and no dashboard reads them
+
+
+class Metrics:
+    """Every figure ``/metrics`` shows; the serving parts update them."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self):
+        self.registry = registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        labels = ["route", "method", "status"]
+        self.requests = Counter("streamfit_http_requests", "HTTP requests answered", labels, registry=registry)
+        self.latency = Histogram("streamfit_http_request_duration_seconds", "time to answer a request", labels,
+                                 buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5), registry=registry)
+        self.batch_rows = Histogram("streamfit_batch_rows", "rows per forward pass (coalesced requests)",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096), registry=registry)
+        self.batch_requests = Histogram("streamfit_batch_requests", "requests coalesced into one forward pass",
+                                        buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=registry)
+        self.inference = Histogram("streamfit_inference_duration_seconds", "one forward pass on the inference thread",
+                                   buckets=(.0002, .0005, .001, .002, .005, .01, .02, .05, .1, .5), registry=registry)
+        self.version = Gauge("streamfit_model_version", "the version being served", ["model"], registry=registry)
+        self.swaps = Counter("streamfit_model_swaps", "completed swaps to another version", ["model"], registry=registry)
+        self.swap_failures = Counter("streamfit_model_swap_failures", "versions that could not be loaded; the "
+                                     "previous one stayed", ["model"], registry=registry)
+        self.swap_duration = Histogram("streamfit_model_swap_duration_seconds", "read, load and warm a version, "
+                                       "then replace the served reference", ["model"],
+                                       buckets=(.01, .02, .05, .1, .2, .5, 1, 2, 5, 10, 30), registry=registry)
+        self.bundles = Gauge("streamfit_model_bundles", "model instances in memory: serving, draining in-flight "
+                             "requests, or kept spare for the next swap", ["model"], registry=registry)
+        self.updates_connected = Gauge("streamfit_model_updates_connected", "1 while following model-updates on "
+                                       "Kafka, 0 while only polling the registry", registry=registry)
+
+    def observe_batch(self, rows: int, requests: int, seconds: float) -> None:
+        self.batch_rows.observe(rows)
+        self.batch_requests.observe(requests)
+        self.inference.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestMetrics:
+    """ASGI middleware: counts and times each HTTP request by route template, method and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            labels = (getattr(route, "path", UNMATCHED), scope["method"], str(status))
+            self.metrics.requests.labels(*labels).inc()
+            self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)

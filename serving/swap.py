@@ -1,0 +1,234 @@
+"""Hot swap: the served version of each model is one reference, replaced only once the next is warm.
+
+All loading happens on one swap thread, never on the request path: read and check the
+version's weights, put them into an idle model instance, run it once per batch shape it
+will see, then replace the reference. A request leases the version it starts with and
+keeps it until its forward pass is done, so it finishes on that version whatever swaps
+happen meanwhile; nothing a request does waits for a swap.
+
+Memory does not grow with the number of swaps: a version that stops being served is
+kept, once no request holds it, as the spare instance the next swap loads into (its
+compiled inference function is reused too, so a swap costs a weights copy, not a model
+build). Beyond the serving, draining and one spare instance, old ones are dropped.
+
+What to serve is the registry's ``champion`` unless an admin pinned a version; a version
+that fails to load is recorded, not retried until asked (``reload``) or superseded, and
+the previous version keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from pipeline.registry import Registry, RegistryError
+from pipeline.spec import ModelSpec
+from serving.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+SPARES = 1
+"""Idle model instances kept per model for the next swap to load into."""
+
+
+class UnknownModel(LookupError):
+    """This server does not serve the model."""
+
+
+class NotReady(RuntimeError):
+    """The model has no warmed version yet."""
+
+
+class Served:
+    """One loaded, warmed version of a model; requests lease it while they use it."""
+
+    __slots__ = ("model", "version", "bundle", "meta", "leases", "_lock")
+
+    def __init__(self, model: str, version: int, bundle, meta: dict, lock: threading.Lock):
+        self.model, self.version, self.bundle, self.meta = model, version, bundle, meta
+        self.leases, self._lock = 0, lock
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.bundle.spec
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.bundle.predict_proba(x)
+
+    def release(self) -> None:
+        with self._lock:
+            self.leases -= 1
+
+
+class ModelHost:
+    """The served version of each of ``models``, kept on the champion (or a pinned version).
+
+    ``warm_rows`` is the largest batch a forward pass will see; warming runs one row and
+    that many, so neither size is traced or tuned on a live request.
+    """
+
+    def __init__(self, registry: Registry, models: Iterable[str], metrics: Metrics, warm_rows: int):
+        self.registry, self.metrics, self.warm_rows = registry, metrics, warm_rows
+        self.models = tuple(dict.fromkeys(models))
+        self._lock = threading.Lock()
+        self._current: dict[str, Served] = {}
+        self._retired: dict[str, list[Served]] = {m: [] for m in self.models}
+        self._pinned: dict[str, int] = {}
+        self._loading: dict[str, int] = {}
+        self._failed: dict[str, tuple[int, str]] = {}
+        self._queued: dict[str, Future] = {}
+        self._swapper = ThreadPoolExecutor(1, thread_name_prefix="streamfit-swap")
+
+    # ----------------------------------------------------------------------------------- request path
+
+    def acquire(self, model: str) -> Served:
+        """Lease the version of ``model`` served now; the caller must ``release`` it."""
+        with self._lock:
+            served = self._current.get(model)
+            if served is not None:
+                served.leases += 1
+                return served
+        if model not in self.models:
+            raise UnknownModel(f"model {model!r} is not served here; served: {', '.join(self.models)}")
+        loading = self._loading.get(model)
+        failed = self._failed.get(model)
+        raise NotReady(f"model {model!r} has no version loaded yet" + (
+            f" (loading version {loading})" if loading else f" ({failed[1]})" if failed else ""))
+
+    def current(self, model: str) -> Served | None:
+        if model not in self.models:
+            raise UnknownModel(f"model {model!r} is not served here; served: {', '.join(self.models)}")
+        return self._current.get(model)
+
+    def ready(self) -> bool:
+        return all(model in self._current for model in self.models)
+
+    def state(self, model: str) -> tuple[Served | None, int | None, tuple[int, str] | None, int | None]:
+        """The served version, the version loading now, the last failure (version, reason), the pin."""
+        return self.current(model), self._loading.get(model), self._failed.get(model), self._pinned.get(model)
+
+    # ----------------------------------------------------------------------------------- control
+
+    def refresh(self, model: str, *, retry: bool = False, reload: bool = False) -> Future:
+        """Bring ``model`` to its target version on the swap thread; the future gives the served version.
+
+        A plain call made while another is still queued shares it (that one resolves the target when
+        it runs, so it sees every move made until then). ``retry`` tries a version that failed
+        before again; ``reload`` loads the target even if it is the version served.
+        """
+        with self._lock:
+            queued = self._queued.get(model)
+            if queued is not None and not (retry or reload):
+                return queued
+            future = self._swapper.submit(self._sync, model, retry, reload)
+            if not (retry or reload):
+                self._queued[model] = future
+            return future
+
+    def refresh_all(self) -> None:
+        for model in self.models:
+            self.refresh(model)
+
+    def pin(self, model: str, version: int) -> Future:
+        """Serve ``version`` until ``unpin``, whatever the champion."""
+        self.registry.meta(model, version)  # RegistryError if there is no such version
+        self._pinned[model] = version
+        return self.refresh(model, retry=True)
+
+    def unpin(self, model: str) -> Future:
+        self._pinned.pop(model, None)
+        return self.refresh(model, retry=True)
+
+    def close(self) -> None:
+        self._swapper.shutdown(wait=True, cancel_futures=True)
+
+    # ----------------------------------------------------------------------------------- swap thread
+
+    def _sync(self, model: str, retry: bool, reload: bool) -> int | None:
+        with self._lock:
+            queued = self._queued.get(model)
+            if queued is not None and queued.running():  # this very call: later ones must queue anew
+                del self._queued[model]
+        current = self._current.get(model)
+        try:
+            target = self._pinned.get(model) or self.registry.resolve(model, "champion")
+        except RegistryError as exc:
+            self._fail(model, None, str(exc))
+            raise
+        failed_before = self._failed.get(model, (None,))[0] == target
+        if not reload and ((current is not None and current.version == target) or (failed_before and not retry)):
+            return current.version if current else None
+        self._swap(model, target)
+        return target
+
+    def _fail(self, model: str, version: int | None, reason: str) -> None:
+        """Record why ``model`` cannot be brought to ``version``; logged once per distinct reason."""
+        if self._failed.get(model) != (version, reason):
+            served = self._current.get(model)
+            log.error("%s: %s; serving %s", model, reason, f"v{served.version}" if served else "nothing yet")
+        self._failed[model] = (version, reason)
+
+    def _swap(self, model: str, version: int) -> None:
+        started = time.perf_counter()
+        self._loading[model] = version
+        try:
+            served = self._load(model, version)
+        except Exception as exc:  # a bad version must never take serving down: the previous one stays
+            self.metrics.swap_failures.labels(model).inc()
+            self._fail(model, version, f"version {version} could not be loaded: {exc}")
+            raise
+        finally:
+            self._loading.pop(model, None)
+        with self._lock:
+            previous = self._current.get(model)
+            self._current[model] = served
+            if previous is not None:
+                self._retire(model, previous)
+            bundles = 1 + len(self._retired[model])
+        self._failed.pop(model, None)
+        seconds = time.perf_counter() - started
+        self.metrics.swaps.labels(model).inc()
+        self.metrics.swap_duration.labels(model).observe(seconds)
+        self.metrics.version.labels(model).set(version)
+        self.metrics.bundles.labels(model).set(bundles)
+        log.info("%s: now serving v%d (was %s; loaded and warmed in %.0f ms)", model, version,
+                 f"v{previous.version}" if previous else "none", seconds * 1000)
+
+    def _load(self, model: str, version: int) -> Served:
+        """Version ``version`` of ``model`` in an idle instance (the spare if there is one), warmed."""
+        spec = self.registry.spec(model)
+        version, weights = self.registry.weights(model, version)
+        meta = self.registry.meta(model, version)
+        bundle = self._spare(model, spec)
+        if bundle is None:
+            from pipeline.bundle import ModelBundle  # TensorFlow: imported on the swap thread, not at start-up
+
+            bundle = ModelBundle(spec, version=version)
+        bundle.set_weights(weights)
+        bundle.version = version
+        for rows in sorted({1, self.warm_rows}):
+            bundle.predict_proba(np.zeros((rows, spec.n_features), np.float32))
+        return Served(model, version, bundle, meta, self._lock)
+
+    def _spare(self, model: str, spec: ModelSpec):
+        """An idle retired instance of the same spec, taken out of the retired list, or None."""
+        with self._lock:
+            retired = self._retired[model]
+            for i, served in enumerate(retired):
+                if served.leases == 0:
+                    del retired[i]
+                    return served.bundle if served.spec == spec else None
+        return None
+
+    def _retire(self, model: str, served: Served) -> None:
+        """Keep ``served`` for reuse; beyond ``SPARES`` idle instances the oldest are dropped (caller holds the lock)."""
+        retired = self._retired[model]
+        retired.append(served)
+        idle = [s for s in retired if s.leases == 0]
+        for old in idle[:max(0, len(idle) - SPARES)]:
+            retired.remove(old)
