@@ -171,6 +171,8 @@ def test_models_cli(tmp_path, monkeypatch, capsys):
         return out + err
 
     assert "version 1 is champion" in streamfit("create", "tiny", "--spec", "small", "--seed", "3")
+    assert "already exists" in streamfit("create", "tiny", "--spec", "small", code=1)
+    assert "exists (champion v1): left as it is" in streamfit("create", "tiny", "--spec", "small", "--exist-ok")
     registry = Registry(tmp_path / "home" / "registry")
     v2 = registry.register("tiny", registry.weights("tiny", 1)[1], parent=1, algorithm="adag", metrics={"accuracy": 0.8})
     registry.set_alias("tiny", "candidate", v2)
@@ -182,3 +184,5 @@ def test_models_cli(tmp_path, monkeypatch, capsys):
     assert "tiny: champion 1 -> 2" in streamfit("promote", "tiny")
     assert "tiny: champion 2 -> 1" in streamfit("rollback", "tiny")
     assert "no previous champion" in streamfit("rollback", "tiny", code=1)
+    registry.create_model(BUILTIN_SPECS["small"].model_copy(update={"name": "half"}))  # a create cut short: no version
+    assert "version 1 is champion" in streamfit("create", "half", "--spec", "small", "--exist-ok")

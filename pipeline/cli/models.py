@@ -24,6 +24,9 @@ def register(subparsers) -> None:
     create.add_argument("name", help="model name (letters, digits, . _ -)")
     create.add_argument("--spec", choices=sorted(BUILTIN_SPECS), default="higgs", help="built-in spec (default higgs)")
     create.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default 0)")
+    create.add_argument("--exist-ok", action="store_true",
+                        help="a model of that name is not an error: it is left as it is (and given its champion "
+                             "version 1 if an interrupted create left it without one)")
     create.set_defaults(func=run, action_func=_create)
 
     actions.add_parser("list", help="every model with its versions and aliases").set_defaults(func=run, action_func=_list)
@@ -63,7 +66,13 @@ def _create(registry, args) -> int:
     if not re.fullmatch(NAME_PATTERN, args.name):
         raise ValueError(f"bad model name {args.name!r}: up to 128 letters, digits, '.', '_' or '-', not starting with '.', '_' or '-'")
     spec = ModelSpec.model_validate(BUILTIN_SPECS[args.spec].model_dump() | {"name": args.name})
-    registry.create_model(spec)
+    if args.exist_ok and args.name in registry.models():
+        if registry.aliases(args.name).get("champion") is not None:
+            print(f"model {args.name!r} exists (champion v{registry.resolve(args.name, 'champion')}): left as it is")
+            return 0
+        spec = registry.spec(args.name)  # an interrupted create: finish it with the spec it wrote
+    else:
+        registry.create_model(spec)
     bundle = ModelBundle(spec, seed=args.seed)
     version = registry.register(spec.name, bundle.get_weights(), algorithm="init")
     event = registry.set_alias(spec.name, "champion", version)
