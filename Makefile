@@ -18,8 +18,9 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# the whole pipeline on the embedded broker until Ctrl-C; `make demo DURATION=120` stops by itself
 demo: $(STAMP)
-	$(BIN)/python -m pipeline.demo
+	$(BIN)/streamfit up $(if $(DURATION),--duration $(DURATION))
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.produce

@@ -72,7 +72,9 @@ def free_port(host: str) -> int:
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could listen there now (connections in TIME_WAIT from a previous one do not count)."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

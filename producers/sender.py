@@ -49,15 +49,28 @@ class Summary:
         return {**asdict(self), "errors": self.errors[:5], "events_per_s": round(self.events_per_s, 1)}
 
 
-def synthetic_events(rows: Iterable[Row], id_prefix: str, label_fraction: float = 1.0, seed: int = 0) -> Iterator[Outgoing]:
-    """Turn generated (features, label) rows into event messages keyed by id (hot path: no per-event objects)."""
-    keep = random.Random(seed).random
+BROKEN = (  # what an event is replaced with when it is sent broken on purpose: each fails validation differently
+    lambda event: b"{not json: " + event["id"].encode(),
+    lambda event: orjson.dumps(event | {"features": event["features"][:-1]}),
+    lambda event: orjson.dumps(event | {"features": ["n/a"] * len(event["features"])}),
+)
+
+
+def synthetic_events(rows: Iterable[Row], id_prefix: str, label_fraction: float = 1.0, seed: int = 0,
+                     invalid_fraction: float = 0.0) -> Iterator[Outgoing]:
+    """Turn generated (features, label) rows into event messages keyed by id (hot path: no per-event objects).
+
+    ``invalid_fraction`` of them are sent broken (not JSON, a feature short, non-numbers), so a demo or
+    a test shows the consumers' dead-letter path on the same stream.
+    """
+    keep, breaks = random.Random(seed).random, random.Random(seed + 1).random
     dumps, now_ns = orjson.dumps, time.time_ns
     for number, (features, label) in enumerate(rows):
         event_id = f"{id_prefix}-{number}"
-        value = dumps({"id": event_id, "ts": now_ns() // 1_000_000, "features": features,
-                       "label": label if keep() < label_fraction else None})
-        yield Outgoing(event_id.encode(), value)
+        event = {"id": event_id, "ts": now_ns() // 1_000_000, "features": features,
+                 "label": label if keep() < label_fraction else None}
+        broken = invalid_fraction and breaks() < invalid_fraction
+        yield Outgoing(event_id.encode(), BROKEN[number % len(BROKEN)](event) if broken else dumps(event))
 
 
 def file_events(rows: Iterable[FileRow], schema_for, source: str, label_fraction: float = 1.0,

@@ -20,7 +20,7 @@ from pipeline.broker import BrokerError
 from pipeline.kafka import KafkaUnavailable
 from pipeline.settings import CONFIG_ENV, Settings, SettingsError, load_settings
 
-COMMANDS = ("broker", "topics", "produce", "ps", "fit", "train", "predict", "models", "serve")
+COMMANDS = ("broker", "topics", "produce", "ps", "fit", "train", "predict", "models", "serve", "up")
 
 
 class CommandError(RuntimeError):

@@ -31,7 +31,7 @@ def run(args) -> int:
     from pipeline.cli import CommandError, run_until_stopped, settings_from
     from pipeline.kafka import bootstrap, ensure_topics, topic_specs
     from pipeline.registry import RegistryError
-    from pipeline.spark.session import SparkSetupError, spark_session
+    from pipeline.spark.session import SparkSetupError, spark_session, stop_between_batches
 
     logging.getLogger("py4j").setLevel(logging.WARNING)  # its callback server logs every connection at INFO
     settings = settings_from(args)
@@ -53,7 +53,7 @@ def run(args) -> int:
           f"(checkpoint {checkpoint}" + (f", metrics on :{settings.predict_metrics_port}/metrics" if metrics else "")
           + "); Ctrl-C stops", flush=True)
     run_until_stopped(lambda: query.isActive)
-    query.stop()
+    stop_between_batches(query)
     failure = query.exception()
     spark.stop()
     if metrics:

@@ -21,10 +21,13 @@ def register(subparsers) -> None:
                       "file rows that fail validation go to the dead-letter topic.")
     parser.add_argument("--source", required=True, help="synth:higgs | synth:hyperplane | ... | path/to/file.csv")
     parser.add_argument("--rate", type=float, default=0.0, help="events/s (token bucket); 0 = as fast as possible")
-    parser.add_argument("--limit", type=int, default=None, help="stop after this many events (synthetic default: 10000)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="stop after this many events (synthetic default: 10000; 0: no end)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label-fraction", type=float, default=1.0, help="share of events that keep their label")
     parser.add_argument("--drift-at", type=int, default=None, help="synthetic: switch to a new concept after N events")
+    parser.add_argument("--invalid-fraction", type=float, default=0.0,
+                        help="synthetic: share of events sent broken on purpose (they end in the dead-letter topic)")
     parser.add_argument("--id-prefix", default=None, help="event ids are PREFIX-N (default: source, seed and start time)")
     parser.add_argument("--topic", dest="topic_events", help="target topic (default: events)")
     parser.add_argument("--classes", type=int, default=2, help="file: number of classes labels must fall in")
@@ -37,14 +40,16 @@ def register(subparsers) -> None:
 
 
 def _messages(args, settings):
-    if not 0.0 <= args.label_fraction <= 1.0:
-        raise ValueError(f"--label-fraction must be in [0, 1], got {args.label_fraction}")
+    for flag in ("label_fraction", "invalid_fraction"):
+        if not 0.0 <= getattr(args, flag) <= 1.0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be in [0, 1], got {getattr(args, flag)}")
     if args.source.startswith("synth:"):
         name = args.source.removeprefix("synth:")
         rows = synthetic.synthetic_rows(name, args.seed, args.drift_at)
-        limit = 10_000 if args.limit is None else args.limit
+        limit = 10_000 if args.limit is None else args.limit or None
         prefix = args.id_prefix or f"{name}-{args.seed}-{int(time.time() * 1000):x}"
-        return synthetic_events(itertools.islice(rows, limit), prefix, args.label_fraction, args.seed), limit
+        return synthetic_events(itertools.islice(rows, limit), prefix, args.label_fraction, args.seed,
+                                args.invalid_fraction), limit
     columns = Columns(args.id_column or None, args.label_column or None, args.ts_column or None,
                       tuple(args.feature_columns.split(",")) if args.feature_columns else None)
     schemas: dict[int, FeatureSchema] = {}
@@ -58,7 +63,7 @@ def _messages(args, settings):
         return schemas[0]
 
     rows = file_rows(args.source, columns)
-    if args.limit is not None:
+    if args.limit:
         rows = itertools.islice(rows, args.limit)
     return file_events(rows, schema_for, args.source, args.label_fraction, args.seed), args.limit
 

@@ -37,7 +37,7 @@ def run(args) -> int:
     from pipeline.kafka import bootstrap
     from pipeline.model_updates import announcing_registry
     from pipeline.registry import RegistryError
-    from pipeline.spark.session import spark_session
+    from pipeline.spark.session import spark_session, stop_between_batches
 
     settings = settings_from(args)
     servers = bootstrap(settings)
@@ -56,7 +56,7 @@ def run(args) -> int:
           f"(checkpoint {checkpoint}, auto-promote {'on' if settings.auto_promote else 'off'}); Ctrl-C stops",
           flush=True)
     run_until_stopped(lambda: query.isActive)
-    query.stop()
+    stop_between_batches(query)
     job.close()
     if metrics is not None:
         metrics.shutdown()

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 from pipeline.settings import Settings
 from pipeline.spark.source import NAME as PYTHON_SOURCE
@@ -79,3 +80,16 @@ def kafka_format(spark, settings: Settings) -> str:
         raise SparkSetupError("kafka_source=native but Spark's Kafka connector (spark-sql-kafka-0-10) is not on the "
                               "classpath; use kafka_source=auto or python")
     return "kafka" if native else PYTHON_SOURCE
+
+
+def stop_between_batches(query, timeout_s: float = 60.0) -> None:
+    """Stop ``query`` once its running micro-batch (if any) has committed, waiting at most ``timeout_s``.
+
+    ``query.stop()`` interrupts a running micro-batch: its tasks die mid-write (Spark logs the
+    interruption as a failure, with long JVM traces) and a restart replays the batch. Stopping in
+    the gap between triggers avoids both.
+    """
+    deadline = time.monotonic() + timeout_s
+    while query.isActive and query.status.get("isTriggerActive") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    query.stop()

@@ -1,0 +1,109 @@
+"""``streamfit up``: broker, parameter server, both Spark consumers, serving and a producer, with a live status."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from pipeline.ps.algorithms import ALGORITHMS
+
+STATUS_EVERY_S = 5.0
+"""Seconds between status lines when the output is not a terminal (a terminal gets a live table)."""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "up", help="run the whole pipeline on this machine, with a live status",
+        description="Start the embedded broker (unless STREAMFIT_KAFKA_BOOTSTRAP), the parameter server, the training "
+                    "and inference consumers (one Spark driver), the serving app and a producer of a drifting "
+                    "synthetic stream; show a live status; Ctrl-C (or --duration) stops everything in order. A second "
+                    "run with the same STREAMFIT_HOME resumes from where this one stopped.")
+    parser.add_argument("--duration", type=float, default=None, metavar="SECONDS", help="stop after this long (default: Ctrl-C)")
+    parser.add_argument("--model", dest="model", help="model to train and serve; created from the built-in spec of "
+                                                      "the same name when missing (default here: small)")
+    parser.add_argument("--source", default="synth:hyperplane", help="producer source (default synth:hyperplane)")
+    parser.add_argument("--rate", type=float, default=500.0, help="events/s the producer sends (default 500)")
+    parser.add_argument("--label-fraction", type=float, default=0.5, help="share of labelled events (default 0.5)")
+    parser.add_argument("--invalid-fraction", type=float, default=0.01, help="share of broken events (default 0.01)")
+    parser.add_argument("--drift-at", type=int, default=60_000, help="abrupt concept drift after N events (0: none)")
+    parser.add_argument("--algorithm", dest="algorithm", choices=sorted(set(ALGORITHMS) - {"ensemble"}))
+    parser.add_argument("--workers", dest="workers", type=int, help="Spark partitions training per micro-batch")
+    parser.add_argument("--manual-promote", dest="auto_promote", action="store_false", default=None,
+                        help="candidates wait for `streamfit models promote` (default: the gate promotes them)")
+    parser.add_argument("--port", dest="serve_port", type=int, help="serving port (default 8000)")
+    parser.add_argument("--ps-port", dest="ps_port", type=int, help="parameter server port (default 5700)")
+    parser.add_argument("--master", dest="spark_master", help="Spark master (default local[2])")
+    parser.set_defaults(func=run)
+
+
+UP_DEFAULTS = {"model": "small", "auto_promote": True}
+"""Where ``up`` differs from the single commands' defaults (a flag or ``STREAMFIT_*`` still wins)."""
+
+
+def run(args) -> int:
+    from pipeline.broker import BrokerError
+    from pipeline.cli import CommandError, settings_from
+    from pipeline.registry import RegistryError
+    from pipeline.spark.session import SparkSetupError
+    from pipeline.up import Pipeline, Traffic, UpError
+
+    for name, default in UP_DEFAULTS.items():
+        if getattr(args, name) is None and f"STREAMFIT_{name.upper()}" not in os.environ:
+            setattr(args, name, default)
+    settings = settings_from(args)
+    traffic = Traffic(args.source, args.rate, args.label_fraction, args.invalid_fraction, args.drift_at or None)
+    logs = settings.home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    _log_to(logs / "up.log")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    pipeline = Pipeline(settings, traffic, say=lambda text: print(text, flush=True))
+    try:
+        status = pipeline.run(stop, args.duration, _show_live if sys.stdout.isatty() else _show_lines)
+    except (UpError, SparkSetupError, RegistryError, BrokerError) as exc:
+        raise CommandError(str(exc)) from None
+    print(f"stopped; registry, checkpoints and broker data are under {settings.home}: `streamfit up` resumes from them",
+          flush=True)
+    return status
+
+
+def _log_to(path) -> None:
+    """Component logs go to a file: the terminal belongs to the live status."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    for noisy in ("py4j", "httpx"):  # a line per callback connection / per status request
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _running(deadline: float | None, stop: threading.Event, failure) -> bool:
+    return not stop.is_set() and (deadline is None or time.monotonic() < deadline) and failure() is None
+
+
+def _show_live(board, deadline, stop, failure) -> None:
+    from rich.live import Live
+
+    from pipeline.status import render
+
+    title = "streamfit up" + ("" if deadline is None else " (bounded run)") + " - Ctrl-C stops"
+    with Live(render(board.sample(), title), refresh_per_second=2) as live:
+        while _running(deadline, stop, failure):
+            stop.wait(1.0)
+            live.update(render(board.sample(), title))
+
+
+def _show_lines(board, deadline, stop, failure) -> None:
+    from pipeline.status import one_line
+
+    while _running(deadline, stop, failure):
+        print("status " + one_line(board.sample()), flush=True)
+        stop.wait(min(STATUS_EVERY_S, max(0.0, deadline - time.monotonic())) if deadline else STATUS_EVERY_S)
+    print("status " + one_line(board.sample()), flush=True)

@@ -1,0 +1,272 @@
+"""``streamfit up``: the whole pipeline on one machine, started and stopped in order.
+
+Up: the broker (embedded unless ``STREAMFIT_KAFKA_BOOTSTRAP`` is set) with its topics; the model
+in the registry (created from the built-in spec of the same name when missing); the parameter
+server and the serving app as child processes (they warm up in parallel); one Spark driver, in
+this process, running the inference and the training queries; last, the producer. Down is the
+reverse, each part finishing its work: the producer waits for its acknowledgements, the queries
+end their micro-batch and commit their checkpoints, the parameter server writes its checkpoint
+and publishes its last candidate (announced while Kafka is still up), serving drains, and the
+broker stops. Everything a run keeps (broker data, checkpoints, registry) lives under
+``STREAMFIT_HOME``, so the next ``streamfit up`` resumes where this one stopped.
+
+Children run in their own sessions, so a terminal's Ctrl-C reaches only this process, which
+then stops them in order; their output goes to ``<home>/logs/<name>.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from pipeline.broker import kafka_cluster, port_is_free
+from pipeline.settings import Settings
+from pipeline.spec import BUILTIN_SPECS
+from producers.synthetic import synthetic_rows
+
+log = logging.getLogger(__name__)
+
+
+class UpError(RuntimeError):
+    """The pipeline cannot start or a part of it failed; the message says which and where its log is."""
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What the producer streams: a synthetic source with drift, partial labels and some broken events."""
+
+    source: str = "synth:hyperplane"
+    rate: float = 500.0
+    label_fraction: float = 0.5
+    invalid_fraction: float = 0.01
+    drift_at: int | None = 60_000
+
+
+class Child:
+    """A ``streamfit`` command in its own session, its output in ``<logs>/<name>.log``."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path):
+        self.name, self.log = name, logs / f"{name}.log"
+        with self.log.open("ab") as sink:
+            self.process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], env=env, stdin=subprocess.DEVNULL,
+                                            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
+        """Ask it to stop with ``sig``; killed if it has not stopped within ``timeout_s``."""
+        if self.alive:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.error("%s did not stop within %g s: killed", self.name, timeout_s)
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def tail(self, lines: int = 15) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def child_env(settings: Settings, bootstrap: str) -> dict[str, str]:
+    """This process's environment plus every resolved setting as ``STREAMFIT_*``: children see the same settings."""
+    env = dict(os.environ)
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif isinstance(value, bool):
+            value = str(value).lower()
+        elif isinstance(value, (list, dict)):
+            value = json.dumps(value)
+        env[f"STREAMFIT_{name.upper()}"] = str(value)
+    env["STREAMFIT_KAFKA_BOOTSTRAP"] = bootstrap
+    return env
+
+
+def ensure_model(settings: Settings, source: str) -> str:
+    """Create ``settings.model`` from its built-in spec when missing; check the source fits its features."""
+    from pipeline.model_updates import announcing_registry
+    from pipeline.registry import RegistryError
+
+    registry, announcer = announcing_registry(settings)
+    try:
+        try:
+            spec = registry.spec(settings.model)
+            made = ""
+        except RegistryError:
+            if settings.model not in BUILTIN_SPECS:
+                raise UpError(f"model {settings.model!r} is not in {settings.registry_url} and is no built-in spec "
+                              f"({', '.join(sorted(BUILTIN_SPECS))}): create it with `streamfit models create`") from None
+            from pipeline.bundle import ModelBundle
+
+            spec = BUILTIN_SPECS[settings.model]
+            registry.create_model(spec)
+            version = registry.register(spec.name, ModelBundle(spec, seed=settings.seed).get_weights(), algorithm="init")
+            registry.set_alias(spec.name, "champion", version)
+            made = f" (created: version {version} is champion)"
+    finally:
+        announcer.close()
+    if source.startswith("synth:"):
+        width = len(next(synthetic_rows(source.removeprefix("synth:")))[0])
+        if width != spec.n_features:
+            raise UpError(f"{source} has {width} features but model {settings.model!r} takes {spec.n_features}: "
+                          f"pick a source that fits (synth:higgs for higgs, synth:hyperplane for small)")
+    return f"model {settings.model} ({spec.n_features} features){made}"
+
+
+def curl_line(settings: Settings, source: str) -> str:
+    """A curl command that asks the served model about one real row of the source."""
+    features = next(synthetic_rows(source.removeprefix("synth:")))[0] if source.startswith("synth:") else None
+    if features is None:
+        features = [0.0] * BUILTIN_SPECS.get(settings.model, BUILTIN_SPECS["higgs"]).n_features
+    body = json.dumps({"instances": [[round(float(v), 4) for v in features]]})
+    return (f"curl -s -H 'Content-Type: application/json' "
+            f"http://{settings.serve_host}:{settings.serve_port}/v1/models/{settings.model}:predict -d '{body}'")
+
+
+class Pipeline:
+    """Runs every part of streamfit until ``stop`` is set, ``duration_s`` passes or a part fails."""
+
+    def __init__(self, settings: Settings, traffic: Traffic, *, say: Callable[[str], None] = print):
+        self.settings, self.traffic, self.say = settings, traffic, say
+        self.logs = settings.home / "logs"
+        self.children: list[Child] = []
+        self.env: dict[str, str] = {}
+
+    def run(self, stop: threading.Event, duration_s: float | None, show) -> int:
+        """``show(board, deadline, stop)`` displays the status until the run ends; returns an exit status."""
+        s = self.settings
+        for what, host, port in (("parameter server", s.ps_host, s.ps_port), ("serving", s.serve_host, s.serve_port)):
+            if not port_is_free(host, port):
+                raise UpError(f"{what} port {host}:{port} is in use (another `streamfit up`?): stop it or pass another port")
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with kafka_cluster(s) as bootstrap:
+            self.say(f"Kafka at {bootstrap}; logs in {self.logs}")
+            self.say(ensure_model(s, self.traffic.source))
+            self.env = child_env(s, bootstrap)
+            try:
+                return self._run(bootstrap, stop, duration_s, show)
+            finally:
+                self._stop_children()
+
+    def _run(self, bootstrap: str, stop: threading.Event, duration_s, show) -> int:
+        from consumers.inference import InferenceJob
+        from consumers.training import TrainingJob
+        from pipeline.model_updates import announcing_registry
+        from pipeline.spark.session import spark_session, stop_between_batches
+        from pipeline.status import StatusBoard
+
+        s, t = self.settings, self.traffic
+        ps = self._start("ps", ["ps", "--model", s.model, "--algorithm", s.algorithm])
+        serve = self._start("serve", ["serve", "--model", s.model])
+        self._wait_listening(ps, s.ps_host, s.ps_port)
+        self.say(f"parameter server ({s.algorithm}) on {s.ps_host}:{s.ps_port}")
+        registry, announcer = announcing_registry(s)
+        spark = spark_session(s, "streamfit-up")
+        training = queries = None
+        try:
+            inference = InferenceJob(spark, s, bootstrap)
+            training = TrainingJob(spark, s, bootstrap, registry)
+            home = s.home / "checkpoints"
+            queries = [inference.start(s.predict_checkpoint or str(home / "inference")),
+                       training.start(s.train_checkpoint or str(home / "training"))]
+            self.say(f"Spark {s.spark_master}: inference and training queries on {s.topic_events} "
+                     f"(auto-promote {'on' if s.auto_promote else 'off'})")
+            producer = ["produce", "--source", t.source, "--rate", str(t.rate), "--limit", "0", "--no-progress",
+                        "--label-fraction", str(t.label_fraction), "--invalid-fraction", str(t.invalid_fraction),
+                        "--seed", str(s.seed)] + (["--drift-at", str(t.drift_at)] if t.drift_at else [])
+            self._start("produce", producer)
+            self.say(f"producing {t.source} at {t.rate:g} events/s ({t.label_fraction:.0%} labelled, "
+                     f"{t.invalid_fraction:.0%} broken" + (f", drift after {t.drift_at:,} events)" if t.drift_at else ")"))
+            url = f"http://{s.serve_host}:{s.serve_port}"
+            self._wait_ready(serve, url)
+            self.say(f"serving {s.model} on {url} (docs {url}/docs); try:\n  {curl_line(s, t.source)}")
+            board = StatusBoard(s, bootstrap, url, lambda: tuple(training.history))
+            deadline = time.monotonic() + duration_s if duration_s else None
+            try:
+                show(board, deadline, stop, lambda: self._failure(queries))
+            finally:
+                board.close()
+            failure = self._failure(queries)
+        finally:
+            self.say("stopping in order: producer, queries, parameter server, serving, broker")
+            self._stop_child("produce", signal.SIGINT)
+            for query in queries or ():
+                stop_between_batches(query)
+            if training is not None:
+                training.close()
+            spark.stop()
+            announcer.close()
+        if failure:
+            raise UpError(failure)
+        return 0
+
+    def _start(self, name: str, args: list[str]) -> Child:
+        child = Child(name, args, self.env, self.logs)
+        self.children.append(child)
+        return child
+
+    def _failure(self, queries) -> str | None:
+        """Why the run cannot go on (a child exited, a query failed), or None."""
+        for child in self.children:
+            if not child.alive:
+                return f"{child.name} exited with status {child.process.returncode}; the end of {child.log}:\n{child.tail()}"
+        for query in queries:
+            if not query.isActive:
+                return f"Spark query {query.name} stopped: {query.exception()}"
+        return None
+
+    def _wait_listening(self, child: Child, host: str, port: int, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not child.alive:
+                raise UpError(f"{child.name} exited at start; the end of {child.log}:\n{child.tail()}")
+            try:
+                socket.create_connection((host, port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise UpError(f"{child.name} did not listen on {host}:{port} within {timeout_s:g} s; see {child.log}")
+
+    def _wait_ready(self, child: Child, url: str, timeout_s: float = 180.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not child.alive:
+                raise UpError(f"{child.name} exited at start; the end of {child.log}:\n{child.tail()}")
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise UpError(f"{child.name} was not ready within {timeout_s:g} s; see {child.log}")
+
+    def _stop_child(self, name: str, sig: int = signal.SIGTERM) -> None:
+        for child in self.children:
+            if child.name == name:
+                child.stop(sig)
+
+    def _stop_children(self) -> None:
+        """Producer first (SIGINT: it waits for its acknowledgements), then the parameter server, then serving."""
+        for name, sig in (("produce", signal.SIGINT), ("ps", signal.SIGTERM), ("serve", signal.SIGTERM)):
+            self._stop_child(name, sig)

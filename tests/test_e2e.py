@@ -1,0 +1,103 @@
+"""The whole pipeline as ``streamfit up`` runs it on its own embedded broker, watched from outside:
+predictions for the produced events, rising prequential accuracy, champions promoted and served
+within a second, dead letters for the broken events, no process left behind, and a second run
+that resumes from the first."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from bench.e2e import UpRun, processes_of
+from pipeline.registry import Registry
+
+ENV = {"STREAMFIT_PS_PUBLISH_EVERY_S": "4", "STREAMFIT_GATE_WINDOW": "1000", "STREAMFIT_PREQUENTIAL_WINDOW": "1000"}
+
+
+def _finish(run: UpRun, timeout_s: float) -> int:
+    try:
+        return run.wait(timeout_s)
+    finally:
+        run.kill()
+
+
+def _no_process_left(run: UpRun) -> None:
+    deadline = time.monotonic() + 15
+    while (left := processes_of(run.home)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    home = tmp_path_factory.mktemp("up") / "home"
+    run = UpRun(home, 100, rate=400, env=ENV, args=("--drift-at", "0", "--invalid-fraction", "0.02"))
+    status = _finish(run, 600)
+    return run, status
+
+
+def test_up_runs_the_whole_pipeline(first_run):
+    run, status = first_run
+    output = "\n".join(run.output)
+    assert status == 0, output
+    assert "curl -s -H 'Content-Type: application/json' http://127.0.0.1:" in output, output
+    assert any(line.startswith("status events=") for line in run.output), output
+    _no_process_left(run)
+
+    # every prediction answers a produced event, and the events produced early are all predicted
+    events = {r.key.decode(): r for r in run.records["events"]}
+    predictions = run.values("predictions")
+    predicted = Counter(p["id"] for p in predictions)
+    assert predictions and set(predicted) <= set(events), "predictions for events that were never produced"
+    dead = run.values("events.dlq")
+    broken = {(d["partition"], d["offset"]) for d in dead}
+    early = [key for key, r in events.items()
+             if r.timestamp < time.time() * 1000 - 60_000 and (r.partition, r.offset) not in broken]
+    assert early, "no events older than a minute"
+    missing = [key for key in early if key not in predicted]
+    assert len(missing) <= 0.02 * len(early), f"{len(missing)} of {len(early)} early events have no prediction"
+
+    # the broken events are dead letters with their reason
+    assert dead, "no dead letters although 2% of events were sent broken"
+    assert {d["stage"] for d in dead} == {"predict", "train"}, "both consumers dead-letter what they cannot use"
+    assert all(d["error"] for d in dead)
+
+    # prequential accuracy rises from random to learnt
+    accuracy = [m["window_accuracy"] for m in run.values("training-metrics") if "window_accuracy" in m]
+    assert len(accuracy) >= 4, accuracy
+    assert accuracy[-1] >= 0.8 and accuracy[-1] > accuracy[0] + 0.15, accuracy
+
+    # at least 3 promoted versions served, each within a second of becoming champion
+    assert len(run.champion_seen) >= 4, run.champion_seen  # v1 plus three promotions
+    assert len(set(run.served_seen) - {1}) >= 3, run.served_seen
+    delays = run.freshness()
+    assert delays and max(delays) <= 1.0, f"publish-to-serve delays {np.round(delays, 3).tolist()}"
+    assert not run.request_errors, run.request_errors[:5]
+
+
+def test_a_second_up_resumes_where_the_first_stopped(first_run):
+    first, status = first_run
+    assert status == 0
+    registry = Registry(first.home / "registry")
+    newest_before = max(registry.versions("small"))
+    predicted_before = Counter(p["id"] for p in first.values("predictions"))
+    last_batch = max(m["batch_id"] for m in first.values("training-metrics"))
+    started_ms = time.time() * 1000
+    run = UpRun(first.home, 30, rate=400, env=ENV, args=("--drift-at", "0"))
+    assert _finish(run, 400) == 0, "\n".join(run.output)
+    _no_process_left(run)
+    # the parameter server resumed from its checkpoint, and its candidates continue the version line
+    started = [line for line in (first.home / "logs" / "ps.log").read_text().splitlines() if "listening on" in line]
+    assert len(started) == 2 and "from checkpoint" in started[1], started
+    assert max(registry.versions("small")) > newest_before
+    # the inference query resumed from its checkpoint: at most one micro-batch predicted again
+    again = [key for key, n in Counter(p["id"] for p in run.values("predictions")).items()
+             if n > 1 and key in predicted_before]
+    assert len(again) <= 5000, f"{len(again)} events predicted again after the restart"
+    # the training query resumed from its checkpoint, with the trained model
+    metrics = [m for m in run.values("training-metrics") if m["ts"] > started_ms]
+    assert metrics and metrics[0]["batch_id"] in (last_batch, last_batch + 1), (last_batch, metrics[:1])  # a replay at most
+    assert metrics[0]["accuracy"] >= 0.8, metrics[:1]
