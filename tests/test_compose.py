@@ -646,38 +646,12 @@ def compose() -> dict:
     return load_compose()
 
 
-def test_streamfit_commands_parse_and_fit_the_model(compose):
-    problems = check_commands(compose)
-    assert not problems, "\n".join(problems)
-
-
-def test_environment_is_real_settings_that_validate(compose):
-    problems = check_environment(compose)
-    assert not problems, "\n".join(problems)
-
-
-def test_kafka_is_kraft_healthchecked_and_advertised(compose):
-    problems = check_kafka(compose)
-    assert not problems, "\n".join(problems)
-
-
-def test_images_are_pinned(compose):
-    problems = check_images(compose)
-    assert not problems, "\n".join(problems)
-
-
-def test_ports_and_hosts_agree(compose):
-    problems = check_ports(compose)
-    assert not problems, "\n".join(problems)
-
-
-def test_volumes_declared_and_state_persisted(compose):
-    problems = check_volumes(compose)
-    assert not problems, "\n".join(problems)
-
-
-def test_start_order(compose):
-    problems = check_dependencies(compose)
+@pytest.mark.parametrize("check", [check_commands, check_environment, check_kafka, check_images, check_ports,
+                                   check_volumes, check_dependencies], ids=lambda check: check.__name__)
+def test_the_compose_file_passes(compose, check):
+    """Commands parse and fit the model; variables are real settings that validate; Kafka is KRaft,
+    health-checked and advertised; images pinned; ports, hosts and volumes agree; start order holds."""
+    problems = check(compose)
     assert not problems, "\n".join(problems)
 
 
