@@ -9,7 +9,8 @@ happen meanwhile; nothing a request does waits for a swap.
 Memory does not grow with the number of swaps: a version that stops being served is
 kept, once no request holds it, as the spare instance the next swap loads into (its
 compiled inference function is reused too, so a swap costs a weights copy, not a model
-build). Beyond the serving, draining and one spare instance, old ones are dropped.
+build). The first spare is built and warmed right after the first version is served, so even
+the first swap is a copy. Beyond the serving, draining and one spare instance, old ones are dropped.
 
 What to serve is the registry's ``champion`` unless an admin pinned a version; a version
 that fails to load is recorded, not retried until asked (``reload``) or superseded, and
@@ -198,6 +199,16 @@ class ModelHost:
         self.metrics.bundles.labels(model).set(bundles)
         log.info("%s: now serving v%d (was %s; loaded and warmed in %.0f ms)", model, version,
                  f"v{previous.version}" if previous else "none", seconds * 1000)
+        if previous is None:  # build the spare now, so even the first swap is a weights copy, not a model build
+            self._swapper.submit(self._build_spare, served)
+
+    def _build_spare(self, served: Served) -> None:
+        from pipeline.bundle import ModelBundle
+
+        bundle = ModelBundle(served.spec, version=0)
+        self._warm(bundle)
+        with self._lock:
+            self._retired[served.model].append(Served(served.model, 0, bundle, {}, self._lock))
 
     def _load(self, model: str, version: int) -> Served:
         """Version ``version`` of ``model`` in an idle instance (the spare if there is one), warmed."""
@@ -211,9 +222,13 @@ class ModelHost:
             bundle = ModelBundle(spec, version=version)
         bundle.set_weights(weights)
         bundle.version = version
-        for rows in sorted({1, self.warm_rows}):
-            bundle.predict_proba(np.zeros((rows, spec.n_features), np.float32))
+        self._warm(bundle)
         return Served(model, version, bundle, meta, self._lock)
+
+    def _warm(self, bundle) -> None:
+        """One forward pass per batch size the batcher makes at the extremes, so none is traced on a request."""
+        for rows in sorted({1, self.warm_rows}):
+            bundle.predict_proba(np.zeros((rows, bundle.spec.n_features), np.float32))
 
     def _spare(self, model: str, spec: ModelSpec):
         """An idle retired instance of the same spec, taken out of the retired list, or None."""

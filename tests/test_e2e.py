@@ -14,7 +14,8 @@ import pytest
 from bench.e2e import UpRun, processes_of
 from pipeline.registry import Registry
 
-ENV = {"STREAMFIT_PS_PUBLISH_EVERY_S": "4", "STREAMFIT_GATE_WINDOW": "1000", "STREAMFIT_PREQUENTIAL_WINDOW": "1000"}
+ENV = {"STREAMFIT_PS_PUBLISH_EVERY_S": "4", "STREAMFIT_GATE_WINDOW": "1000", "STREAMFIT_PREQUENTIAL_WINDOW": "1000",
+       "STREAMFIT_MAX_OFFSETS_PER_TRIGGER": "4000"}  # bounded micro-batches: the cold-start backlog drains in steps
 
 
 def _finish(run: UpRun, timeout_s: float) -> int:
@@ -34,7 +35,7 @@ def _no_process_left(run: UpRun) -> None:
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     home = tmp_path_factory.mktemp("up") / "home"
-    run = UpRun(home, 100, rate=400, env=ENV, args=("--drift-at", "0", "--invalid-fraction", "0.02"))
+    run = UpRun(home, 120, rate=300, env=ENV, args=("--drift-at", "0", "--invalid-fraction", "0.02"))
     status = _finish(run, 600)
     return run, status
 
@@ -44,7 +45,9 @@ def test_up_runs_the_whole_pipeline(first_run):
     output = "\n".join(run.output)
     assert status == 0, output
     assert "curl -s -H 'Content-Type: application/json' http://127.0.0.1:" in output, output
-    assert any(line.startswith("status events=") for line in run.output), output
+    last = dict(item.split("=", 1) for item in [l for l in run.output if l.startswith("status ")][-1].split()[1:])
+    assert int(last["predictions"]) > 0 and int(last["dlq"]) > 0 and last["accuracy"] != "-", last
+    assert int(last["champion"]) > 1 and int(last["served"]) > 1, last
     _no_process_left(run)
 
     # every prediction answers a produced event, and the events produced early are all predicted
@@ -86,7 +89,7 @@ def test_a_second_up_resumes_where_the_first_stopped(first_run):
     predicted_before = Counter(p["id"] for p in first.values("predictions"))
     last_batch = max(m["batch_id"] for m in first.values("training-metrics"))
     started_ms = time.time() * 1000
-    run = UpRun(first.home, 30, rate=400, env=ENV, args=("--drift-at", "0"))
+    run = UpRun(first.home, 30, rate=300, env=ENV, args=("--drift-at", "0"))
     assert _finish(run, 400) == 0, "\n".join(run.output)
     _no_process_left(run)
     # the parameter server resumed from its checkpoint, and its candidates continue the version line
@@ -101,3 +104,19 @@ def test_a_second_up_resumes_where_the_first_stopped(first_run):
     metrics = [m for m in run.values("training-metrics") if m["ts"] > started_ms]
     assert metrics and metrics[0]["batch_id"] in (last_batch, last_batch + 1), (last_batch, metrics[:1])  # a replay at most
     assert metrics[0]["accuracy"] >= 0.8, metrics[:1]
+
+
+def test_the_live_status_table_shows_every_figure():
+    from rich.console import Console
+
+    from pipeline.status import Figures, render
+
+    console = Console(record=True, width=100)
+    console.print(render(Figures(at=0, events=1200, predictions=1100, dead_letters=12, events_per_s=500.0,
+                                 predictions_per_s=480.0, trained_events=600, training_batches=3, window_accuracy=0.912,
+                                 drifts=1, champion=4, candidate=5, served=4, serve_requests=30, serve_requests_per_s=2.5,
+                                 notes=["serving: not answering yet"]), "streamfit up"))
+    text = console.export_text()
+    for shown in ("1,200 (500/s)", "1,100 (480/s)", "12", "600 in 3 micro-batches", "0.912", "v4 / v5",
+                  "30 (2.5/s)", "serving: not answering yet"):
+        assert shown in text, (shown, text)

@@ -306,7 +306,8 @@ def test_no_request_built_from_the_openapi_schema_gets_a_5xx(live):
 def test_the_readme_serve_and_curl_lines_work_as_written(tmp_path, cli_env):
     """``streamfit models create`` + ``streamfit serve`` + the README's curl line, as a new user runs them."""
     readme = (ROOT / "README.md").read_text()
-    curl = next(line for line in readme.splitlines() if line.startswith("curl ") and ":predict" in line)
+    curl = next(line for line in readme.splitlines() if line.startswith("curl ") and "127.0.0.1:8000/v1/models/" in line
+                and ":predict" in line)
     port = free_port("127.0.0.1")
     args = shlex.split(curl.replace(":8000", f":{port}"))
     url = next(a for a in args if a.startswith("http"))
