@@ -37,10 +37,12 @@ def register(subparsers) -> None:
     parser.add_argument("--port", dest="serve_port", type=int, help="serving port (default 8000)")
     parser.add_argument("--ps-port", dest="ps_port", type=int, help="parameter server port (default 5700)")
     parser.add_argument("--master", dest="spark_master", help="Spark master (default local[2])")
+    parser.add_argument("--max-offsets-per-trigger", dest="max_offsets_per_trigger", type=int,
+                        help="events per micro-batch at most, for both queries (default here: 5000)")
     parser.set_defaults(func=run)
 
 
-UP_DEFAULTS = {"model": "small", "auto_promote": True}
+UP_DEFAULTS = {"model": "small", "auto_promote": True, "max_offsets_per_trigger": 5000}
 """Where ``up`` differs from the single commands' defaults (a flag or ``STREAMFIT_*`` still wins)."""
 
 
