@@ -43,6 +43,10 @@ class UpError(RuntimeError):
     """The pipeline cannot start or a part of it failed; the message says which and where its log is."""
 
 
+class StoppedDuringStart(Exception):
+    """Ctrl-C (or SIGTERM) came before every part was up: what started is stopped in order."""
+
+
 @dataclass(frozen=True)
 class Traffic:
     """What the producer streams: a synthetic source with drift, partial labels and some broken events."""
@@ -164,6 +168,8 @@ class Pipeline:
             self.env = child_env(s, bootstrap)
             try:
                 return self._run(bootstrap, stop, duration_s, show)
+            except StoppedDuringStart:
+                return 130
             finally:
                 self._stop_children()
 
@@ -177,7 +183,7 @@ class Pipeline:
         s, t = self.settings, self.traffic
         ps = self._start("ps", ["ps", "--model", s.model, "--algorithm", s.algorithm])
         serve = self._start("serve", ["serve", "--model", s.model])
-        self._wait_listening(ps, s.ps_host, s.ps_port)
+        self._wait_listening(ps, s.ps_host, s.ps_port, stop)
         self.say(f"parameter server ({s.algorithm}) on {s.ps_host}:{s.ps_port}")
         registry, announcer = announcing_registry(s)
         spark = spark_session(s, "streamfit-up")
@@ -197,7 +203,7 @@ class Pipeline:
             self.say(f"producing {t.source} at {t.rate:g} events/s ({t.label_fraction:.0%} labelled, "
                      f"{t.invalid_fraction:.0%} broken" + (f", drift after {t.drift_at:,} events)" if t.drift_at else ")"))
             url = f"http://{s.serve_host}:{s.serve_port}"
-            self._wait_ready(serve, url)
+            self._wait_ready(serve, url, stop)
             self.say(f"serving {s.model} on {url} (docs {url}/docs); try:\n  {curl_line(s, t.source)}")
             board = StatusBoard(s, bootstrap, url, lambda: tuple(training.history))
             deadline = time.monotonic() + duration_s if duration_s else None
@@ -234,11 +240,11 @@ class Pipeline:
                 return f"Spark query {query.name} stopped: {query.exception()}"
         return None
 
-    def _wait_listening(self, child: Child, host: str, port: int, timeout_s: float = 120.0) -> None:
+    def _wait_listening(self, child: Child, host: str, port: int, stop: threading.Event,
+                        timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if not child.alive:
-                raise UpError(f"{child.name} exited at start; the end of {child.log}:\n{child.tail()}")
+            self._starting(child, stop)
             try:
                 socket.create_connection((host, port), timeout=1).close()
                 return
@@ -246,13 +252,12 @@ class Pipeline:
                 time.sleep(0.2)
         raise UpError(f"{child.name} did not listen on {host}:{port} within {timeout_s:g} s; see {child.log}")
 
-    def _wait_ready(self, child: Child, url: str, timeout_s: float = 180.0) -> None:
+    def _wait_ready(self, child: Child, url: str, stop: threading.Event, timeout_s: float = 180.0) -> None:
         import httpx
 
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if not child.alive:
-                raise UpError(f"{child.name} exited at start; the end of {child.log}:\n{child.tail()}")
+            self._starting(child, stop)
             try:
                 if httpx.get(url + "/readyz", timeout=2).status_code == 200:
                     return
@@ -260,6 +265,14 @@ class Pipeline:
                 pass
             time.sleep(0.3)
         raise UpError(f"{child.name} was not ready within {timeout_s:g} s; see {child.log}")
+
+    @staticmethod
+    def _starting(child: Child, stop: threading.Event) -> None:
+        """Raise if start-up cannot or should not go on: ``child`` exited, or we were asked to stop."""
+        if not child.alive:
+            raise UpError(f"{child.name} exited at start; the end of {child.log}:\n{child.tail()}")
+        if stop.is_set():
+            raise StoppedDuringStart
 
     def _stop_child(self, name: str, sig: int = signal.SIGTERM) -> None:
         for child in self.children:
