@@ -1,7 +1,7 @@
 """Dead-letter records: every rejected message, with why and where it came from.
 
 Value shape on ``events.dlq``: ``{"stage", "error", "topic", "partition", "offset",
-"raw", "raw_encoding"}``. ``raw`` is the original bytes as UTF-8 text when they decode,
+"raw", "raw_encoding", "failed_at"}``. ``raw`` is the original bytes as UTF-8 text when they decode,
 base64 otherwise (``raw_encoding`` says which), so nothing about the bad event is lost.
 """
 
