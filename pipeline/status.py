@@ -125,26 +125,28 @@ class StatusBoard:
         figures.serve_requests = requests
 
 
+def _show(value, fmt: str = "{:,}") -> str:
+    """``value`` formatted, or ``-`` when its source had nothing to say."""
+    return "-" if value is None else fmt.format(value)
+
+
 def render(figures: Figures, title: str):
     """A rich table of ``figures``."""
     from rich.table import Table
 
-    def show(value, fmt: str = "{:,}") -> str:
-        return "-" if value is None else fmt.format(value)
-
     table = Table(title=title, show_header=False, title_justify="left", min_width=60)
     table.add_column(style="bold")
     table.add_column(justify="right")
-    table.add_row("events in", f"{show(figures.events)} ({show(figures.events_per_s, '{:,.0f}')}/s)")
-    table.add_row("predictions out", f"{show(figures.predictions)} ({show(figures.predictions_per_s, '{:,.0f}')}/s)")
-    table.add_row("dead letters", show(figures.dead_letters))
+    table.add_row("events in", f"{_show(figures.events)} ({_show(figures.events_per_s, '{:,.0f}')}/s)")
+    table.add_row("predictions out", f"{_show(figures.predictions)} ({_show(figures.predictions_per_s, '{:,.0f}')}/s)")
+    table.add_row("dead letters", _show(figures.dead_letters))
     table.add_row("trained events", f"{figures.trained_events:,} in {figures.training_batches} micro-batches")
-    table.add_row("prequential accuracy", show(figures.window_accuracy, "{:.3f}") + " (recent window)")
+    table.add_row("prequential accuracy", _show(figures.window_accuracy, "{:.3f}") + " (recent window)")
     table.add_row("drift flags", str(figures.drifts))
-    table.add_row("champion / candidate", f"v{show(figures.champion)} / v{show(figures.candidate)}")
-    table.add_row("served version", "v" + show(figures.served))
-    table.add_row("serving requests", f"{show(figures.serve_requests, '{:,.0f}')} "
-                                      f"({show(figures.serve_requests_per_s, '{:,.1f}')}/s)")
+    table.add_row("champion / candidate", f"v{_show(figures.champion)} / v{_show(figures.candidate)}")
+    table.add_row("served version", "v" + _show(figures.served))
+    table.add_row("serving requests", f"{_show(figures.serve_requests, '{:,.0f}')} "
+                                      f"({_show(figures.serve_requests_per_s, '{:,.1f}')}/s)")
     for note in figures.notes:
         table.add_row("[yellow]note", f"[yellow]{note}")
     return table
@@ -152,12 +154,11 @@ def render(figures: Figures, title: str):
 
 def one_line(figures: Figures) -> str:
     """The same figures as one log line (when stdout is not a terminal)."""
-    def show(value, fmt: str = "{}") -> str:
-        return "-" if value is None else fmt.format(value)
-
-    return (f"events={show(figures.events)} events/s={show(figures.events_per_s, '{:.0f}')} "
-            f"predictions={show(figures.predictions)} predictions/s={show(figures.predictions_per_s, '{:.0f}')} "
-            f"dlq={show(figures.dead_letters)} trained={figures.trained_events} "
-            f"accuracy={show(figures.window_accuracy, '{:.3f}')} drifts={figures.drifts} "
-            f"champion={show(figures.champion)} candidate={show(figures.candidate)} served={show(figures.served)} "
-            f"serve_requests/s={show(figures.serve_requests_per_s, '{:.1f}')}")
+    return (f"events={_show(figures.events, '{}')} events/s={_show(figures.events_per_s, '{:.0f}')} "
+            f"predictions={_show(figures.predictions, '{}')} "
+            f"predictions/s={_show(figures.predictions_per_s, '{:.0f}')} "
+            f"dlq={_show(figures.dead_letters, '{}')} trained={figures.trained_events} "
+            f"accuracy={_show(figures.window_accuracy, '{:.3f}')} drifts={figures.drifts} "
+            f"champion={_show(figures.champion, '{}')} candidate={_show(figures.candidate, '{}')} "
+            f"served={_show(figures.served, '{}')} "
+            f"serve_requests/s={_show(figures.serve_requests_per_s, '{:.1f}')}")

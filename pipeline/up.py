@@ -183,7 +183,8 @@ class Pipeline:
         s, t = self.settings, self.traffic
         ps = self._start("ps", ["ps", "--model", s.model, "--algorithm", s.algorithm])
         serve = self._start("serve", ["serve", "--model", s.model])
-        self._wait_listening(ps, s.ps_host, s.ps_port, stop)
+        self._wait(ps, lambda: _listening(s.ps_host, s.ps_port), f"did not listen on {s.ps_host}:{s.ps_port}", stop,
+                   timeout_s=120)
         self.say(f"parameter server ({s.algorithm}) on {s.ps_host}:{s.ps_port}")
         registry, announcer = announcing_registry(s)
         spark = spark_session(s, "streamfit-up")
@@ -203,7 +204,7 @@ class Pipeline:
             self.say(f"producing {t.source} at {t.rate:g} events/s ({t.label_fraction:.0%} labelled, "
                      f"{t.invalid_fraction:.0%} broken" + (f", drift after {t.drift_at:,} events)" if t.drift_at else ")"))
             url = f"http://{s.serve_host}:{s.serve_port}"
-            self._wait_ready(serve, url, stop)
+            self._wait(serve, lambda: _ready(url), "was not ready", stop, timeout_s=180)
             self.say(f"serving {s.model} on {url} (docs {url}/docs); try:\n  {curl_line(s, t.source)}")
             board = StatusBoard(s, bootstrap, url, lambda: tuple(training.history))
             deadline = time.monotonic() + duration_s if duration_s else None
@@ -240,39 +241,19 @@ class Pipeline:
                 return f"Spark query {query.name} stopped: {query.exception()}"
         return None
 
-    def _wait_listening(self, child: Child, host: str, port: int, stop: threading.Event,
-                        timeout_s: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self._starting(child, stop)
-            try:
-                socket.create_connection((host, port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.2)
-        raise UpError(f"{child.name} did not listen on {host}:{port} within {timeout_s:g} s; see {child.log}")
-
-    def _wait_ready(self, child: Child, url: str, stop: threading.Event, timeout_s: float = 180.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self._starting(child, stop)
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise UpError(f"{child.name} was not ready within {timeout_s:g} s; see {child.log}")
-
     @staticmethod
-    def _starting(child: Child, stop: threading.Event) -> None:
-        """Raise if start-up cannot or should not go on: ``child`` exited, or we were asked to stop."""
-        if not child.alive:
-            raise UpError(f"{child.name} exited at start; the end of {child.log}:\n{child.tail()}")
-        if stop.is_set():
-            raise StoppedDuringStart
+    def _wait(child: Child, ready: Callable[[], bool], what: str, stop: threading.Event, timeout_s: float) -> None:
+        """Poll ``ready()`` until true; raise if ``child`` exits, we are asked to stop, or ``timeout_s`` passes."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not child.alive:
+                raise UpError(f"{child.name} exited at start; the end of {child.log}:\n{child.tail()}")
+            if stop.is_set():
+                raise StoppedDuringStart
+            if ready():
+                return
+            time.sleep(0.2)
+        raise UpError(f"{child.name} {what} within {timeout_s:g} s; see {child.log}")
 
     def _stop_child(self, name: str, sig: int = signal.SIGTERM) -> None:
         for child in self.children:
@@ -283,3 +264,20 @@ class Pipeline:
         """Producer first (SIGINT: it waits for its acknowledgements), then the parameter server, then serving."""
         for name, sig in (("produce", signal.SIGINT), ("ps", signal.SIGTERM), ("serve", signal.SIGTERM)):
             self._stop_child(name, sig)
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _ready(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url + "/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -54,10 +54,7 @@ def admin_router(host: ModelHost, registry: Registry, token: SecretStr | None) -
             raise HTTPException(409, str(exc)) from None
         except Exception as exc:  # the load failed: the swap thread logged it, the previous version serves
             raise HTTPException(409, f"{exc}; still serving {_version(host, model)}") from None
-        try:
-            champion = await run_in_threadpool(registry.resolve, model, "champion")
-        except RegistryError:
-            champion = None
+        champion = await run_in_threadpool(champion_of, registry, model)
         served, _, _, pinned = host.state(model)
         return AdminResult(model=model, serving=served.version if served else None, champion=champion, pinned=pinned)
 
@@ -104,6 +101,14 @@ def admin_router(host: ModelHost, registry: Registry, token: SecretStr | None) -
         return await result(model, host.refresh(model, reload=True))
 
     return router
+
+
+def champion_of(registry: Registry, model: str) -> int | None:
+    """The registry's champion version of ``model``, None when it cannot be read."""
+    try:
+        return registry.resolve(model, "champion")
+    except RegistryError:
+        return None
 
 
 def _served_here(host: ModelHost, model: str) -> None:

@@ -22,7 +22,7 @@ from pipeline.registry import Registry, RegistryError
 from pipeline.settings import Settings
 from pipeline.spec import BUILTIN_SPECS
 from serving import errors
-from serving.admin import admin_router
+from serving.admin import admin_router, champion_of
 from serving.batching import Batcher
 from serving.content_type import JsonBodies
 from serving.follow import Follower
@@ -111,7 +111,7 @@ def create_app(settings: Settings, models: Sequence[str] | None = None) -> FastA
         if failed is not None:
             versions.append(VersionStatus(version=str(failed[0] or ""), state="END",
                                           status=Status(error_code="UNKNOWN", error_message=failed[1])))
-        champion = await run_in_threadpool(_champion, registry, model)
+        champion = await run_in_threadpool(champion_of, registry, model)
         return ModelStatus(model_version_status=versions, champion=champion, pinned=pinned)
 
     @app.get("/v1/models/{model}/metadata", tags=["models"], responses=UNKNOWN | NOT_READY,
@@ -172,13 +172,6 @@ def _state(host: ModelHost, model: str):
         return host.state(model)
     except UnknownModel as exc:
         raise HTTPException(404, str(exc)) from None
-
-
-def _champion(registry: Registry, model: str) -> int | None:
-    try:
-        return registry.resolve(model, "champion")
-    except RegistryError:
-        return None
 
 
 def _examples(registry: Registry, model: str) -> dict:
