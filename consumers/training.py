@@ -1,17 +1,18 @@
 """The training consumer: a Spark streaming query on ``events`` that trains the parameter server.
 
-Each micro-batch is one Spark job (every extra job costs ~0.25 s on a small box): Python
-workers validate every event (the same validator as prediction and serving), then the events are
-spread over ``workers`` partitions, each of which scores its labelled events with the center
-variable as it was before this micro-batch (prequential, test-then-train), then trains on them
-against the parameter server (:func:`pipeline.training.train_rows`, the code ``streamfit fit``
-runs). Unlabelled and invalid events pass through a worker untouched. The driver collects the
-result: it dead-letters the invalid events, feeds the per-event errors to a river ADWIN drift
-detector and keeps the labelled events for the promotion gate, which scores a new ``candidate``
-against the ``champion`` on the most recent of them. The first labelled micro-batch of a model
-without standardisation is read once more before training, to fit it. Commits are tagged with
-(query id, batch id, worker id, seq), so a micro-batch Spark replays after a crash is skipped by
-the server. One record per micro-batch goes to ``training-metrics``.
+Each micro-batch is one Spark job (every extra job costs ~0.25 s on a small box): the events are
+spread over ``workers`` partitions, and each worker validates its share (the same validator as
+prediction and serving), then test-then-trains on the labelled events against the parameter server
+(:func:`pipeline.training.train_rows`, the code ``streamfit fit`` runs): each minibatch is scored
+by the worker's model (the center it last pulled plus its own steps since) just before it trains on
+it, the way river's online learners are scored one event at a time. Unlabelled and invalid events
+pass through a worker untouched. The driver collects the result: it dead-letters the invalid
+events, feeds the per-event errors to a river ADWIN drift detector and keeps the labelled events
+for the promotion gate, which scores a new ``candidate`` against the ``champion`` on the most
+recent of them. The first labelled micro-batch of a model without standardisation is read once
+more before training, to fit it. Commits are tagged with (query id, batch id, worker id, seq), so a
+micro-batch Spark replays after a crash is skipped by the server. One record per micro-batch goes
+to ``training-metrics``.
 
 On drift the workers' learning rate is multiplied by ``drift_boost`` for ``drift_boost_batches``
 micro-batches: the old concept's weights must be unlearned, and a larger step does that faster
@@ -36,7 +37,7 @@ from pipeline.events import FeatureSchema, Rejection, validate
 from pipeline.ps.protocol import CommitTag
 from pipeline.ps.algorithms import WorkerReport
 from pipeline.settings import Settings
-from pipeline.training import TrainingPlan, local_model, rows_of, train_rows
+from pipeline.training import Scores, TrainingPlan, local_model, rows_of, train_rows
 
 log = logging.getLogger(__name__)
 
@@ -74,24 +75,17 @@ def check_partition(batches: Iterator[pa.RecordBatch], schema: FeatureSchema) ->
         yield pa.RecordBatch.from_pydict(rows, schema=CHECK_SCHEMA)
 
 
-def score_and_train(batches: Iterator[pa.RecordBatch], plan: TrainingPlan, center: dict[str, np.ndarray],
-                    schema: FeatureSchema, topic: str) -> Iterator[pa.RecordBatch]:
+def score_and_train(batches: Iterator[pa.RecordBatch], plan: TrainingPlan, schema: FeatureSchema,
+                    topic: str) -> Iterator[pa.RecordBatch]:
     """One worker's share of a micro-batch of Kafka rows (runs in a Spark Python worker): validate
-    them, score the labelled events with ``center``, the weights before this micro-batch, then train
-    on them; every event is passed on (labelled ones with their score), then one ``report`` row.
-    Validating here rather than in a step of its own saves a Python worker hop per micro-batch."""
+    them, then test-then-train on the labelled events (each scored by the worker's model just
+    before it trains on it); every event is passed on (labelled ones with their score), then one
+    ``report`` row. Validating here rather than in a step of its own saves a Python worker hop."""
     from pyspark import TaskContext
 
     table = pa.Table.from_batches(list(check_partition(batches, schema)), schema=CHECK_SCHEMA)
     is_train = pa.compute.equal(table.column("kind"), "train").to_numpy(zero_copy_only=False)
     x, y = rows_of(table.filter(is_train).to_batches(), plan.spec.n_features)
-    correct, label_probability = np.zeros(len(is_train), bool), np.zeros(len(is_train), np.float32)
-    if len(y):
-        model = local_model(plan.spec)
-        model.set_weights(center)
-        probabilities = np.concatenate([model.predict_proba(x[i:i + 8192]) for i in range(0, len(x), 8192)])
-        correct[is_train] = probabilities.argmax(axis=1) == y
-        label_probability[is_train] = probabilities[np.arange(len(y)), y]
     worker_id = TaskContext.get().partitionId()
     plan = plan.model_copy(update={"commit_meta": {"offsets": _offsets_through(table, topic)}})
     if plan.algorithm_name == "sync":  # synchronous rounds: every worker takes the same number of steps
@@ -99,14 +93,21 @@ def score_and_train(batches: Iterator[pa.RecordBatch], plan: TrainingPlan, cente
 
         fewest = min(int(n) for n in BarrierTaskContext.get().allGather(str(len(y))))
         plan = plan.model_copy(update={"steps_per_epoch": fewest // plan.batch_size})
-        x, y = (x, y) if plan.steps_per_epoch else (x[:0], y[:0])
-    report = train_rows(plan, x, y, worker_id) if len(y) else WorkerReport()
+    scores = Scores(len(y))
+    report = train_rows(plan, x, y, worker_id, scores) if len(y) and plan.steps_per_epoch != 0 else WorkerReport()
+    if len(y) and not report.steps:  # nothing trained (a sync round too small): the current center scores them
+        model = local_model(plan.spec)
+        with plan.client() as client:
+            model.set_weights(client.pull(worker_id=worker_id)[0])
+        scores.record(model.predict_proba(x), y)
+    correct, label_probability = np.zeros(len(is_train), bool), np.zeros(len(is_train), np.float32)
+    correct[is_train], label_probability[is_train] = scores.correct, scores.label_probability
     scored = pa.Table.from_arrays([*table.columns, pa.array(correct, mask=~is_train),
                                    pa.array(label_probability, mask=~is_train),
                                    pa.nulls(len(is_train), pa.string())], schema=STEP_SCHEMA)
     yield from scored.to_batches()
     yield pa.RecordBatch.from_pylist([{"kind": "report", "report": orjson.dumps(
-        {"worker_id": worker_id, "rows": len(y), **vars(report)}).decode()}], schema=STEP_SCHEMA)
+        {"worker_id": worker_id, "rows": len(y) if report.steps else 0, **vars(report)}).decode()}], schema=STEP_SCHEMA)
 
 
 def warm_worker(batches: Iterator[pa.RecordBatch], spec) -> Iterator[pa.RecordBatch]:
@@ -260,6 +261,7 @@ class TrainingJob:
         self.history: deque[dict] = deque(maxlen=1000)
         self.gauges = TrainingGauges()
         self._boost_left = 0
+        self.warm_up_s = 0.0
         self._standardised = False
         self._known_versions = set(self.registry.versions(settings.model))
 
@@ -274,18 +276,20 @@ class TrainingJob:
             phases[name], mark[0] = round(now - mark[0], 3), now
 
         standardised = self._standardise_once(raw, batch_id)
-        center, counter = self.client.pull()
+        if standardised:
+            lap("standardise")
+        counter = self.client.stats()["counter"]
         boosted = self._boost_left > 0
         self._boost_left -= boosted
         plan = self._plan(batch_id, self._query_id(), boosted)
         # no `self` in what Spark ships to the workers
-        step = functools.partial(score_and_train, plan=plan, center=center, schema=self.schema, topic=s.topic_events)
+        step = functools.partial(score_and_train, plan=plan, schema=self.schema, topic=s.topic_events)
         table = raw.repartition(s.workers).mapInArrow(step, STEP_DDL, barrier=s.algorithm == "sync").toArrow()
         lap("spark_job")
         kinds = table.column("kind")
         reports = [orjson.loads(r) for r in table.filter(pa.compute.equal(kinds, "report")).column("report").to_pylist()]
-        events = table.filter(pa.compute.not_equal(kinds, "report")).sort_by([("partition", "ascending"),
-                                                                               ("offset", "ascending")])
+        events = table.filter(pa.compute.not_equal(kinds, "report")).sort_by([("offset", "ascending"),  # ~arrival
+                                                                               ("partition", "ascending")])
         kinds = events.column("kind").to_numpy(zero_copy_only=False)
         dead = events.filter(pa.compute.equal(events.column("kind"), "dead")).column("dead").to_pylist()
         futures = [self.producer.send(s.topic_dlq, value=value) for value in dead]
@@ -404,7 +408,7 @@ class TrainingJob:
     def start(self, checkpoint: str, trigger: dict | None = None, starting_offsets: str | None = None):
         s = self.settings
         self.check_parameter_server()
-        self.warm_workers()
+        self.warm_up_s = self.warm_workers()
         reader = (self.spark.readStream.format(self.format).option("kafka.bootstrap.servers", self.bootstrap)
                   .option("subscribe", s.topic_events)
                   .option("startingOffsets", starting_offsets or s.starting_offsets)

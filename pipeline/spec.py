@@ -145,4 +145,8 @@ BUILTIN_SPECS: dict[str, ModelSpec] = {
     # small and fast, for tests and 10-feature synthetic streams (hyperplane, random RBF)
     "small": ModelSpec(name="small", builder_args={"hidden": [32]}, feature_names=_features(10),
                        optimizer=OptimizerSpec(learning_rate=0.1)),
+    # two wider layers with momentum, for 10-feature streams whose concept moves all the time (random RBF
+    # with drifting centroids): tracks them where ``small`` cannot (``python -m bench.training``)
+    "wide": ModelSpec(name="wide", builder_args={"hidden": [128, 128]}, feature_names=_features(10),
+                      optimizer=OptimizerSpec(learning_rate=0.1, momentum=0.9)),
 }

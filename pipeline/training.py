@@ -119,18 +119,53 @@ def minibatches(x: np.ndarray, y: np.ndarray, *, batch_size: int, epochs: int = 
             yield x[index], y[index]
 
 
-def train_rows(plan: TrainingPlan, x: np.ndarray, y: np.ndarray, worker_id: int) -> WorkerReport:
-    """Train this worker's share ``(x, y)`` with the plan's algorithm against the parameter server.
+class Scores:
+    """Prequential outcomes of a worker's rows: each row's correctness and its label's probability
+    under the model as it was just before the row trained it (``done`` rows so far, in order)."""
+
+    def __init__(self, rows: int):
+        self.correct = np.zeros(rows, bool)
+        self.label_probability = np.zeros(rows, np.float32)
+        self.done = 0
+
+    def record(self, probabilities: np.ndarray, y: np.ndarray) -> None:
+        end = self.done + len(y)
+        self.correct[self.done:end] = probabilities.argmax(axis=1) == y
+        self.label_probability[self.done:end] = probabilities[np.arange(len(y)), y]
+        self.done = end
+
+
+def test_then_train(model, x: np.ndarray, y: np.ndarray, scores: Scores, *, batch_size: int, epochs: int = 1,
+                    seed: int = 0, steps_per_epoch: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A streaming worker's minibatches: the first pass in stream order, each slice scored by the
+    model just before it trains on it (what river's ``predict_one`` then ``learn_one`` does, a
+    minibatch at a time), then ``epochs - 1`` shuffled passes like :func:`minibatches`."""
+    for start in list(range(0, len(x), batch_size))[:steps_per_epoch]:
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        scores.record(model.predict_proba(xb), yb)
+        yield xb, yb
+    yield from minibatches(x, y, batch_size=batch_size, epochs=epochs - 1, seed=seed, steps_per_epoch=steps_per_epoch)
+
+
+def train_rows(plan: TrainingPlan, x: np.ndarray, y: np.ndarray, worker_id: int,
+               scores: Scores | None = None) -> WorkerReport:
+    """Train this worker's share ``(x, y)`` with the plan's algorithm against the parameter server;
+    with ``scores``, test-then-train (:func:`test_then_train`; rows a capped pass never reaches
+    are scored by the final model: they were not trained on either).
 
     Commits are tagged ``(plan.query_id, plan.batch_id, worker_id)``: a replayed task re-sends the
     same tags and the server skips what it already applied.
     """
     model = local_model(plan.spec)
-    batches = minibatches(x, y, batch_size=plan.batch_size, epochs=plan.epochs, seed=plan.seed + worker_id,
-                          steps_per_epoch=plan.steps_per_epoch)
+    passes = {"batch_size": plan.batch_size, "epochs": plan.epochs, "seed": plan.seed + worker_id,
+              "steps_per_epoch": plan.steps_per_epoch}
+    batches = minibatches(x, y, **passes) if scores is None else test_then_train(model, x, y, scores, **passes)
     tag = CommitTag(query_id=plan.query_id, batch_id=plan.batch_id, worker_id=worker_id)
     with plan.client() as client:
-        return plan.algorithm().run(model, client, batches, tag=tag, meta=plan.commit_meta or None)
+        report = plan.algorithm().run(model, client, batches, tag=tag, meta=plan.commit_meta or None)
+    if scores is not None and scores.done < len(y):
+        scores.record(model.predict_proba(x[scores.done:]), y[scores.done:])
+    return report
 
 
 def rows_of(batches: Iterable[pa.RecordBatch], n_features: int) -> tuple[np.ndarray, np.ndarray]:
