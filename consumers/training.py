@@ -356,6 +356,8 @@ class TrainingJob:
         """What every worker of a micro-batch needs; ``boosted`` after a drift (a larger learning rate)."""
         s = self.settings
         learning_rate = (s.learning_rate or self.spec.optimizer.learning_rate) * (s.drift_boost if boosted else 1.0)
+        if boosted and s.algorithm in ("aeasgd", "eamsgd"):  # their elastic step learning_rate * rho must stay <= 1
+            learning_rate = min(learning_rate, 1.0 / s.rho)
         params = {name: getattr(s, name) for name in ("communication_window", "rho", "workers")}
         if s.algorithm == "sync":
             params["global_batch_size"] = s.workers * s.batch_size

@@ -213,3 +213,15 @@ def test_each_minibatch_is_scored_just_before_the_worker_trains_on_it():
     np.testing.assert_allclose(scores.label_probability, expected[np.arange(len(y)), y], atol=1e-5)
     assert np.array_equal(scores.correct, expected.argmax(axis=1) == y)
     assert scores.correct[-100:].mean() > scores.correct[:32].mean()  # it learned while it was scored
+
+
+@pytest.mark.parametrize("algorithm", ["aeasgd", "eamsgd"])
+def test_a_drift_boost_keeps_the_elastic_step_valid(spark, kafka, setup, algorithm):
+    """EASGD's elastic step is learning_rate * rho <= 1: a boosted learning rate is capped, not a crash."""
+    settings, registry, _ = setup(algorithm=algorithm, drift_boost=3.0, rho=5.0)
+    job = TrainingJob(spark, settings, kafka, registry)
+    try:
+        boosted = job._plan(1, "q", boosted=True).algorithm()
+        assert boosted.alpha == pytest.approx(1.0) and job._plan(1, "q").algorithm().alpha == pytest.approx(0.5)
+    finally:
+        job.close()
