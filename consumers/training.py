@@ -34,10 +34,10 @@ import pyarrow as pa
 from pipeline.bundle import has_identity_standardisation
 from pipeline.dlq import dead_letter
 from pipeline.events import FeatureSchema, Rejection, validate
+from pipeline.ps.algorithms import ALGORITHMS, WorkerReport
 from pipeline.ps.protocol import CommitTag
-from pipeline.ps.algorithms import WorkerReport
 from pipeline.settings import Settings
-from pipeline.training import Scores, TrainingPlan, local_model, rows_of, train_rows
+from pipeline.training import Scores, TrainingPlan, local_model, report_fields, rows_of, train_rows
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,8 @@ def score_and_train(batches: Iterator[pa.RecordBatch], plan: TrainingPlan, schem
                                    pa.array(label_probability, mask=~is_train),
                                    pa.nulls(len(is_train), pa.string())], schema=STEP_SCHEMA)
     yield from scored.to_batches()
-    yield pa.RecordBatch.from_pylist([{"kind": "report", "report": orjson.dumps(
-        {"worker_id": worker_id, "rows": len(y) if report.steps else 0, **vars(report)}).decode()}], schema=STEP_SCHEMA)
+    fields = report_fields(worker_id, len(y) if report.steps else 0, report)
+    yield pa.RecordBatch.from_pylist([{"kind": "report", "report": orjson.dumps(fields).decode()}], schema=STEP_SCHEMA)
 
 
 def warm_worker(batches: Iterator[pa.RecordBatch], spec) -> Iterator[pa.RecordBatch]:
@@ -286,17 +286,16 @@ class TrainingJob:
         step = functools.partial(score_and_train, plan=plan, schema=self.schema, topic=s.topic_events)
         table = raw.repartition(s.workers).mapInArrow(step, STEP_DDL, barrier=s.algorithm == "sync").toArrow()
         lap("spark_job")
-        kinds = table.column("kind")
-        reports = [orjson.loads(r) for r in table.filter(pa.compute.equal(kinds, "report")).column("report").to_pylist()]
-        events = table.filter(pa.compute.not_equal(kinds, "report")).sort_by([("offset", "ascending"),  # ~arrival
-                                                                               ("partition", "ascending")])
-        kinds = events.column("kind").to_numpy(zero_copy_only=False)
-        dead = events.filter(pa.compute.equal(events.column("kind"), "dead")).column("dead").to_pylist()
+        table = table.sort_by([("offset", "ascending"), ("partition", "ascending")])  # ~arrival (reports last)
+        by_kind = {kind: table.filter(pa.compute.equal(table.column("kind"), kind))
+                   for kind in ("report", "dead", "unlabelled", "train")}
+        reports = [orjson.loads(r) for r in by_kind["report"].column("report").to_pylist()]
+        dead = by_kind["dead"].column("dead").to_pylist()
         futures = [self.producer.send(s.topic_dlq, value=value) for value in dead]
-        labelled = events.filter(pa.compute.equal(events.column("kind"), "train"))
+        labelled = by_kind["train"]
         x, y = rows_of(labelled.to_batches(), self.spec.n_features)
-        record = {"model": s.model, "batch_id": batch_id, "rows": len(y), "events": len(kinds),
-                  "invalid": len(dead), "unlabelled": int(np.sum(kinds == "unlabelled"))}
+        record = {"model": s.model, "batch_id": batch_id, "rows": len(y), "events": table.num_rows - len(reports),
+                  "invalid": len(dead), "unlabelled": by_kind["unlabelled"].num_rows}
         if len(y):
             record.update(self.prequential.score(labelled.column("correct").to_numpy(zero_copy_only=False),
                                                  labelled.column("label_probability").to_numpy(zero_copy_only=False)))
@@ -356,8 +355,8 @@ class TrainingJob:
         """What every worker of a micro-batch needs; ``boosted`` after a drift (a larger learning rate)."""
         s = self.settings
         learning_rate = (s.learning_rate or self.spec.optimizer.learning_rate) * (s.drift_boost if boosted else 1.0)
-        if boosted and s.algorithm in ("aeasgd", "eamsgd"):  # their elastic step learning_rate * rho must stay <= 1
-            learning_rate = min(learning_rate, 1.0 / s.rho)
+        if boosted:  # a boost must not push the rate past what the algorithm accepts (EASGD: learning_rate * rho <= 1)
+            learning_rate = min(learning_rate, ALGORITHMS[s.algorithm].largest_learning_rate(s.rho))
         params = {name: getattr(s, name) for name in ("communication_window", "rho", "workers")}
         if s.algorithm == "sync":
             params["global_batch_size"] = s.workers * s.batch_size

@@ -189,12 +189,14 @@ def arrow_trainer(plan: TrainingPlan):
         worker_id = TaskContext.get().partitionId()
         x, y = rows_of(batches, plan.spec.n_features)
         report = train_rows(plan, x, y, worker_id) if len(x) else WorkerReport()
-        yield pa.RecordBatch.from_pylist([{
-            "worker_id": worker_id, "rows": len(x), "steps": report.steps, "commits": report.commits,
-            "skipped": report.skipped, "max_staleness": report.max_staleness,
-            "total_staleness": report.total_staleness, "counter": report.counter}])
+        yield pa.RecordBatch.from_pylist([report_fields(worker_id, len(x), report)])
 
     return train_partition
+
+
+def report_fields(worker_id: int, rows: int, report: WorkerReport) -> dict[str, int]:
+    """One worker's report as ``REPORT_DDL``'s fields: which worker, how many rows it trained, what it did."""
+    return {"worker_id": worker_id, "rows": rows, **vars(report)}
 
 
 def evaluate(model, x: np.ndarray, y: np.ndarray) -> dict[str, float]:

@@ -239,6 +239,11 @@ class Algorithm(ABC):
 
     name: ClassVar[str]
 
+    @classmethod
+    def largest_learning_rate(cls, rho: float) -> float:
+        """The largest learning rate the algorithm accepts (with ``rho``, for the elastic ones)."""
+        return float("inf")
+
     def rule(self) -> UpdateRule:
         return UpdateRule()
 
@@ -423,6 +428,10 @@ class AEASGD(Algorithm):
     @property
     def alpha(self) -> float:
         return self.learning_rate * self.rho
+
+    @classmethod
+    def largest_learning_rate(cls, rho: float) -> float:
+        return 1.0 / rho  # alpha = learning_rate * rho <= 1
 
     def run(self, model, client, batches, tag=CommitTag(), meta=None):
         session = _Session(model, client, tag, meta)
