@@ -7,11 +7,12 @@ keeps one compiled model per spec and optimizer across tasks and micro-batches, 
 task pays for building it.
 
 >>> import numpy as np
+>>> from pipeline.bundle import ModelBundle
 >>> from pipeline.ps.server import CenterState, ParameterServer
 >>> from pipeline.spec import BUILTIN_SPECS
 >>> spec = BUILTIN_SPECS["small"]
 >>> plan = TrainingPlan.create(spec, algorithm="downpour", addresses=[], batch_size=32)
->>> state = CenterState(initial_weights(spec), plan.algorithm().rule())
+>>> state = CenterState(ModelBundle(spec).get_weights(), plan.algorithm().rule())
 >>> with ParameterServer(state) as server:
 ...     plan = plan.model_copy(update={"addresses": [server.address]})
 ...     x = np.random.default_rng(0).normal(size=(320, 10)).astype(np.float32)
