@@ -290,7 +290,8 @@ def test_no_request_built_from_the_openapi_schema_gets_a_5xx(live):
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @hypothesis_settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @hypothesis_settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+                            derandomize=True)
         def no_5xx(case):
             if "model" in (case.path_parameters or {}):
                 case.path_parameters["model"] = "small"
