@@ -42,9 +42,12 @@ from pipeline.training import Scores, TrainingPlan, local_model, report_fields, 
 log = logging.getLogger(__name__)
 
 QUERY_NAME = "streamfit-training"
+# arrival_us: the Kafka record's timestamp in microseconds, which orders events across partitions
 CHECK_SCHEMA = pa.schema([("kind", pa.string()), ("features", pa.list_(pa.float32())), ("label", pa.int64()),
-                          ("partition", pa.int32()), ("offset", pa.int64()), ("dead", pa.binary())])
-CHECK_DDL = "kind string, features array<float>, label long, partition int, offset long, dead binary"
+                          ("partition", pa.int32()), ("offset", pa.int64()), ("arrival_us", pa.int64()),
+                          ("dead", pa.binary())])
+CHECK_DDL = "kind string, features array<float>, label long, partition int, offset long, arrival_us long, dead binary"
+ARRIVAL_ORDER = [("arrival_us", "ascending"), ("partition", "ascending"), ("offset", "ascending")]
 # a worker's output: its events (scored if labelled) and one row of kind "report" (its WorkerReport as JSON)
 STEP_SCHEMA = pa.schema([*CHECK_SCHEMA, ("correct", pa.bool_()), ("label_probability", pa.float32()),
                          ("report", pa.string())])
@@ -60,9 +63,10 @@ def check_partition(batches: Iterator[pa.RecordBatch], schema: FeatureSchema) ->
     """Validate Kafka rows (in a Spark Python worker): each row becomes ``train``
     (features and label), ``unlabelled`` (nothing else kept) or ``dead`` (its DLQ record)."""
     for batch in batches:
-        rows = {"kind": [], "features": [], "label": [], "partition": [], "offset": [], "dead": []}
-        columns = (batch.column(c).to_pylist() for c in ("value", "topic", "partition", "offset"))
-        for raw, topic, partition, offset in zip(*columns):
+        rows = {"kind": [], "features": [], "label": [], "partition": [], "offset": [], "arrival_us": [], "dead": []}
+        columns = [batch.column(c).to_pylist() for c in ("value", "topic", "partition", "offset")]
+        columns.append(batch.column("timestamp").cast(pa.int64()).to_pylist())
+        for raw, topic, partition, offset, arrival in zip(*columns):
             verdict = validate(raw, schema)
             if isinstance(verdict, Rejection):
                 kind, features, label = "dead", None, None
@@ -70,7 +74,7 @@ def check_partition(batches: Iterator[pa.RecordBatch], schema: FeatureSchema) ->
             else:
                 kind = "unlabelled" if verdict.label is None else "train"
                 features, label, dead = (verdict.features, verdict.label, None) if kind == "train" else (None, None, None)
-            for name, value in zip(rows, (kind, features, label, partition, offset, dead)):
+            for name, value in zip(rows, (kind, features, label, partition, offset, arrival, dead)):
                 rows[name].append(value)
         yield pa.RecordBatch.from_pydict(rows, schema=CHECK_SCHEMA)
 
@@ -78,12 +82,14 @@ def check_partition(batches: Iterator[pa.RecordBatch], schema: FeatureSchema) ->
 def score_and_train(batches: Iterator[pa.RecordBatch], plan: TrainingPlan, schema: FeatureSchema,
                     topic: str) -> Iterator[pa.RecordBatch]:
     """One worker's share of a micro-batch of Kafka rows (runs in a Spark Python worker): validate
-    them, then test-then-train on the labelled events (each scored by the worker's model just
-    before it trains on it); every event is passed on (labelled ones with their score), then one
-    ``report`` row. Validating here rather than in a step of its own saves a Python worker hop."""
+    them, then test-then-train on the labelled events in arrival order (each scored by the worker's
+    model just before it trains on it); every event is passed on (labelled ones with their score),
+    then one ``report`` row. Validating here rather than in a step of its own saves a Python worker
+    hop. Spark's round-robin repartition delivers a worker's share in no particular order, and a
+    concept that moves during the micro-batch must be learned in the order it moved."""
     from pyspark import TaskContext
 
-    table = pa.Table.from_batches(list(check_partition(batches, schema)), schema=CHECK_SCHEMA)
+    table = pa.Table.from_batches(list(check_partition(batches, schema)), schema=CHECK_SCHEMA).sort_by(ARRIVAL_ORDER)
     is_train = pa.compute.equal(table.column("kind"), "train").to_numpy(zero_copy_only=False)
     x, y = rows_of(table.filter(is_train).to_batches(), plan.spec.n_features)
     worker_id = TaskContext.get().partitionId()
@@ -268,7 +274,7 @@ class TrainingJob:
     def _process(self, frame, batch_id: int) -> None:
         started = time.monotonic()
         s = self.settings
-        raw = frame.select("value", "topic", "partition", "offset")
+        raw = frame.select("value", "topic", "partition", "offset", "timestamp")
         phases, mark = {}, [started]
 
         def lap(name: str) -> None:  # seconds per phase, for the record: where a micro-batch's time goes
@@ -286,7 +292,7 @@ class TrainingJob:
         step = functools.partial(score_and_train, plan=plan, schema=self.schema, topic=s.topic_events)
         table = raw.repartition(s.workers).mapInArrow(step, STEP_DDL, barrier=s.algorithm == "sync").toArrow()
         lap("spark_job")
-        table = table.sort_by([("offset", "ascending"), ("partition", "ascending")])  # ~arrival (reports last)
+        table = table.sort_by(ARRIVAL_ORDER)  # reports (no arrival) last
         by_kind = {kind: table.filter(pa.compute.equal(table.column("kind"), kind))
                    for kind in ("report", "dead", "unlabelled", "train")}
         reports = [orjson.loads(r) for r in by_kind["report"].column("report").to_pylist()]
