@@ -63,6 +63,23 @@ def check_weights(spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> dict[st
     return checked
 
 
+def _bulk_access(variables: list):
+    """Read and assign all ``variables`` as one flat float32 vector, one TF call each way: a worker
+    swaps weights several times per commit, and one eager call per tensor cost ~0.1 ms to read and
+    ~0.25 ms to assign (``wide``: 0.9 and 1.8 ms per swap, against 0.3 and 0.5 ms this way)."""
+    import tensorflow as tf
+
+    sizes = [int(np.prod(v.shape)) for v in variables]
+    read = tf.function(lambda: tf.concat([tf.reshape(v, [-1]) for v in variables], axis=0))
+
+    @tf.function(input_signature=[tf.TensorSpec([sum(sizes)], tf.float32)])
+    def assign(flat):
+        for variable, part in zip(variables, tf.split(flat, sizes)):
+            variable.assign(tf.reshape(part, variable.shape))
+
+    return read, assign, np.cumsum(sizes)[:-1]
+
+
 @functools.cache
 def _standardise_layer():
     """The standardisation layer class, defined on first use so importing this module stays TF-free.
@@ -110,6 +127,7 @@ class ModelBundle:
             self._set_standardisation(spec.standardisation.mean, spec.standardisation.std)
         self._infer = tf.function(lambda x: self.model(x, training=False),
                                   input_signature=[tf.TensorSpec([None, spec.n_features], tf.float32)])
+        self._read_all, self._assign_all, self._splits = _bulk_access(list(self._variables.values()))
         self._trainable = False
 
     @property
@@ -119,12 +137,12 @@ class ModelBundle:
 
     def get_weights(self) -> dict[str, np.ndarray]:
         """Fresh float32 copies in the model's layer order; the caller may keep and modify them."""
-        return {name: np.array(v.numpy(), dtype=np.float32) for name, v in self._variables.items()}
+        parts = np.split(self._read_all().numpy(), self._splits)  # views of one fresh copy
+        return {name: part.reshape(v.shape) for (name, v), part in zip(self._variables.items(), parts)}
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """Copy every tensor in; all or nothing, as names and shapes are checked first."""
-        for name, value in check_weights(self.spec, weights).items():
-            self._variables[name].assign(value)
+        self._assign_all(np.concatenate([value.ravel() for value in check_weights(self.spec, weights).values()]))
 
     def save_weights(self, path: str | Path) -> None:
         Path(path).write_bytes(weights_to_bytes(self.get_weights()))
