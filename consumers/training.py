@@ -14,9 +14,10 @@ more before training, to fit it. Commits are tagged with (query id, batch id, wo
 micro-batch Spark replays after a crash is skipped by the server. One record per micro-batch goes
 to ``training-metrics``.
 
-On drift the workers' learning rate is multiplied by ``drift_boost`` for ``drift_boost_batches``
-micro-batches: the old concept's weights must be unlearned, and a larger step does that faster
-(``python -m bench.training`` measures the recovery with and without it).
+On drift the workers' learning rate is multiplied by ``drift_boost`` until ``drift_boost_events``
+labelled events after the drift point have trained: the old concept's weights must be unlearned, and
+a larger step does that faster. The events the detecting micro-batch already trained count, so with
+micro-batches larger than that the workers have recovered inside it and nothing is boosted.
 """
 
 from __future__ import annotations
@@ -286,7 +287,6 @@ class TrainingJob:
             lap("standardise")
         counter = self.client.stats()["counter"]
         boosted = self._boost_left > 0
-        self._boost_left -= boosted
         plan = self._plan(batch_id, self._query_id(), boosted)
         # no `self` in what Spark ships to the workers
         step = functools.partial(score_and_train, plan=plan, schema=self.schema, topic=s.topic_events)
@@ -307,6 +307,7 @@ class TrainingJob:
                                                  labelled.column("label_probability").to_numpy(zero_copy_only=False)))
             record.update(counter_before=counter, **self._training_figures(reports, plan))
             record["updates"] += standardised
+            self._boost_left -= len(y) if boosted else 0
             self._react_to_drift(record)
             self.gate.remember(x, y)
         for future in futures:
@@ -328,11 +329,15 @@ class TrainingJob:
                  record.get("updates", 0), record.get("drift", False))
 
     def _react_to_drift(self, metrics: dict) -> None:
-        """On drift, the next ``drift_boost_batches`` micro-batches train with a boosted learning rate."""
+        """On drift, the next micro-batches train with a boosted learning rate until ``drift_boost_events``
+        labelled events since the drift point have trained (those of this micro-batch included)."""
         if metrics["drift"]:
-            self._boost_left = self.settings.drift_boost_batches
-            log.warning("drift detected at labelled event %d: learning rate x%g for %d micro-batches",
-                        metrics["drift_at_event"], self.settings.drift_boost, self._boost_left)
+            trained_since = self.prequential.events - metrics["drift_at_event"]
+            self._boost_left = self.settings.drift_boost_events - trained_since
+            reaction = (f"learning rate x{self.settings.drift_boost:g} for the next {self._boost_left} labelled events"
+                        if self._boost_left > 0 else "no boost, the workers have trained through it")
+            log.warning("drift detected at labelled event %d (%d trained since): %s", metrics["drift_at_event"],
+                        trained_since, reaction)
 
     def _standardise_once(self, raw, batch_id: int) -> int:
         """A model no data has been seen by yet (identity standardisation) gets its standardisation

@@ -108,7 +108,8 @@ class Settings(BaseSettings):
     prequential_window: int = Field(2000, ge=10, description="labelled events in the sliding prequential accuracy")
     drift_delta: float = Field(0.002, gt=0, lt=1, description="ADWIN confidence on the prequential error stream")
     drift_boost: float = Field(3.0, ge=1, description="learning-rate multiplier after a drift (1 = no reaction)")
-    drift_boost_batches: int = Field(5, ge=0, description="micro-batches the boosted learning rate lasts")
+    drift_boost_events: int = Field(5000, ge=0, description="labelled events after a drift point that train with the "
+                                    "boosted learning rate (those already trained when it is flagged count)")
     auto_promote: bool = Field(False, description="the gate promotes good candidates; off: they wait for `models promote`")
     promotion_margin: float = Field(0.01, ge=0, le=1, description="a candidate may trail the champion by this much accuracy")
     gate_window: int = Field(5000, ge=10, description="most recent labelled events the promotion gate scores on")

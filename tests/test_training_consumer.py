@@ -147,7 +147,24 @@ def test_abrupt_drift_is_flagged_and_accuracy_recovers(spark, kafka, topic, tmp_
     assert after and after[0] - drift_at <= 2000, flagged
     before = next(r for r in history if r["batch_id"] == drift_at // 1000 - 1)["window_accuracy"]
     assert history[-1]["window_accuracy"] >= before - 0.05, [(r["batch_id"], r["window_accuracy"]) for r in history]
-    assert any(r["learning_rate"] > SPEC.optimizer.learning_rate for r in history if r["batch_id"] > drift_at // 1000)
+    boosted = [r["batch_id"] for r in history if r["learning_rate"] > SPEC.optimizer.learning_rate]
+    # from the drift on, until drift_boost_events labelled events after the (last) flagged point have trained
+    assert boosted and min(boosted) >= drift_at // 1000, boosted
+    assert max(boosted) <= (max(flagged) + settings.drift_boost_events) // 1000 < history[-1]["batch_id"], boosted
+
+
+def test_no_boost_when_the_detecting_micro_batch_already_trained_past_the_drift(spark, kafka, setup):
+    """A micro-batch as long as the boost: the workers recovered inside it, a boost afterwards only adds noise."""
+    settings, registry, _ = setup(drift_boost_events=5000)
+    job = TrainingJob(spark, settings, kafka, registry)
+    try:
+        job.prequential.events = 20_000
+        job._react_to_drift({"drift": True, "drift_at_event": 14_000})  # 6,000 trained since the drift
+        assert job._boost_left <= 0  # nothing left to boost
+        job._react_to_drift({"drift": True, "drift_at_event": 18_500})
+        assert job._boost_left == 3500
+    finally:
+        job.close()
 
 
 def test_a_concept_that_changes_inside_a_micro_batch_is_learned_in_arrival_order(spark, kafka, topic, tmp_path,
