@@ -1,6 +1,6 @@
 """Streaming training next to river's online learners, on the same seeded drifting streams, in one run.
 
-``python -m bench.training [--events N] [--algorithms adag,downpour] [--png PATH]`` streams each of
+``python -m bench.training [--events N] [--algorithms adag,eamsgd] [--png PATH]`` streams each of
 ``hyperplane`` and ``rbf`` (abrupt concept drift half-way; rbf's centroids also move all the time)
 into a topic of an embedded broker, then trains the ``wide`` spec with ``streamfit train``'s job
 (Spark ``local[2]``, 2 workers, an in-process parameter server over TCP) from Kafka, timing the
@@ -22,6 +22,7 @@ import json
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,8 @@ def run_river(model, rows: list) -> dict:
 
 def run_streamfit(spark, bootstrap: str, home: Path, stream: str, rows: list, algorithm: str, batch: int,
                   model: str = "small") -> dict:
-    """Produce the rows as events, then train from Kafka; every labelled event's prequential outcome counts."""
+    """Produce the rows as events, then train from Kafka; every labelled event's prequential outcome counts
+    (``outcomes``: each one's correctness, in arrival order)."""
     from consumers.training import TrainingJob
     from pipeline.bundle import ModelBundle
     from pipeline.kafka import ensure_topics, producer
@@ -65,7 +67,7 @@ def run_streamfit(spark, bootstrap: str, home: Path, stream: str, rows: list, al
     from pipeline.spec import BUILTIN_SPECS
     from producers.sender import Sender, synthetic_events
 
-    topic = f"bench-{stream}-{algorithm}"
+    topic = f"bench-{stream}-{algorithm}-{uuid.uuid4().hex[:8]}"  # a fresh topic per run
     ensure_topics(bootstrap, {topic: 3, topic + ".dlq": 1, topic + ".metrics": 1})
     kafka_producer = producer(bootstrap)
     sender = Sender(kafka_producer, topic, topic + ".dlq")
@@ -99,7 +101,7 @@ def run_streamfit(spark, bootstrap: str, home: Path, stream: str, rows: list, al
     phases = {name: round(sum(r["phases"].get(name, 0) for r in history), 2) for name in history[0]["phases"]}
     drift = [r["drift_at_event"] for r in history if r.get("drift")]
     return {**_summary(correct, len(rows) / seconds), "seconds": round(seconds, 2), "warm_up_s": round(job.warm_up_s, 2),
-            "micro_batches": len(history), "phase_seconds": phases, "drift_flagged_at": drift}
+            "micro_batches": len(history), "phase_seconds": phases, "drift_flagged_at": drift, "outcomes": correct}
 
 
 def _summary(correct: np.ndarray, events_per_s: float) -> dict:
@@ -129,7 +131,7 @@ def plot(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.training", description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--algorithms", default="adag", help="streamfit algorithms to run (comma-separated); the best "
+    parser.add_argument("--algorithms", default="adag,eamsgd", help="streamfit algorithms to run (comma-separated); the best "
                         "is compared")
     parser.add_argument("--model", default="wide", help="built-in spec streamfit trains")
     parser.add_argument("--micro-batch", type=int, default=20_000, help="maxOffsetsPerTrigger of the training query")
@@ -172,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     for learners in results.values():
         for result in learners.values():
             result.pop("curve")
+            result.pop("outcomes", None)
     print(json.dumps({"events_per_stream": args.events, "drift_at": args.events // 2, "workers": 2,
                       "model": args.model, "micro_batch": args.micro_batch, "targets": {"mean_accuracy_minus_arf": ">= 0",
                                                                    "events_per_s_vs_arf": ">= 10"},
