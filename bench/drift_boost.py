@@ -15,8 +15,6 @@ import argparse
 import itertools
 import json
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
@@ -36,34 +34,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="6,11")
     args = parser.parse_args(argv)
 
-    from pipeline.broker import EmbeddedBroker
     from pipeline.settings import load_settings
-    from pipeline.spark.session import spark_session
 
     drift_at, settings = args.events // 2, load_settings()
     after = slice(drift_at, drift_at + settings.drift_boost_events)
     results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-drift-boost-") as tmp:
-        home = Path(tmp)
-        broker = EmbeddedBroker("noida", data_dir=home / "broker")
-        broker.start()
-        spark = spark_session(load_settings(home=home), "bench-drift-boost")
+    with training.spark_and_broker("bench-drift-boost") as (spark, bootstrap, home):
         try:
             for seed in map(int, args.seeds.split(",")):
                 rows = swapped_rows(seed, args.events, drift_at)
                 for boost in (1.0, settings.drift_boost):
                     os.environ["STREAMFIT_DRIFT_BOOST"] = str(boost)  # run_streamfit's settings read it
-                    run = training.run_streamfit(spark, broker.bootstrap, home / f"{seed}-{boost}", "hyperplane",
-                                                 rows, "adag", args.micro_batch, "small")
+                    run = training.run_streamfit(spark, bootstrap, home / f"{seed}-{boost}", "hyperplane", rows,
+                                                 "adag", args.micro_batch, "small")
                     correct = run["outcomes"]
                     results.setdefault(f"seed_{seed}", {})[f"boost_{boost:g}"] = {
                         "after_drift_accuracy": round(float(correct[after].mean()), 4),
-                        "later_accuracy": round(float(correct[after.stop:].mean()), 4),
+                        "later_accuracy": round(float(correct[after.stop:].mean()), 4) if len(correct) > after.stop
+                        else None,
                         "mean_accuracy": run["mean_accuracy"], "drift_flagged_at": run["drift_flagged_at"]}
         finally:
             os.environ.pop("STREAMFIT_DRIFT_BOOST", None)
-            spark.stop()
-            broker.stop()
     gains = [r[f"boost_{settings.drift_boost:g}"]["after_drift_accuracy"] - r["boost_1"]["after_drift_accuracy"]
              for r in results.values()]
     print(json.dumps({"events": args.events, "drift_at": drift_at, "micro_batch": args.micro_batch,

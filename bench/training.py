@@ -17,6 +17,7 @@ name, against ARF) and writes a PNG of prequential accuracy over events.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import sys
@@ -51,6 +52,28 @@ def run_river(model, rows: list) -> dict:
         correct[i] = model.predict_one(x) == label
         model.learn_one(x, label)
     return _summary(correct, len(rows) / (time.perf_counter() - started))
+
+
+@contextlib.contextmanager
+def spark_and_broker(name: str):
+    """``(spark, bootstrap, home)``: a local Spark session and an embedded broker in a temporary home,
+    both stopped on the way out."""
+    from pipeline.broker import EmbeddedBroker
+    from pipeline.settings import load_settings
+    from pipeline.spark.session import spark_session
+
+    with tempfile.TemporaryDirectory(prefix=f"{name}-") as tmp:
+        home = Path(tmp)
+        broker = EmbeddedBroker("noida", data_dir=home / "broker")
+        broker.start()
+        try:
+            spark = spark_session(load_settings(home=home), name)
+            try:
+                yield spark, broker.bootstrap, home
+            finally:
+                spark.stop()
+        finally:
+            broker.stop()
 
 
 def run_streamfit(spark, bootstrap: str, home: Path, stream: str, rows: list, algorithm: str, batch: int,
@@ -138,30 +161,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", type=Path, default=Path("bench/training.png"))
     args = parser.parse_args(argv)
 
-    from pipeline.broker import EmbeddedBroker
-    from pipeline.settings import load_settings
-    from pipeline.spark.session import spark_session
-
     results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
-        home = Path(tmp)
-        broker = EmbeddedBroker("noida", data_dir=home / "broker")
-        broker.start()
-        spark = spark_session(load_settings(home=home), "bench-training")
-        try:
-            for stream in STREAMS:
-                rows = list(itertools.islice(synthetic_rows(stream, seed=7, drift_at=args.events // 2), args.events))
-                learners = results[stream] = {}
-                for algorithm in args.algorithms.split(","):
-                    print(f"bench.training: {stream} streamfit {algorithm}", file=sys.stderr, flush=True)
-                    learners[f"streamfit_{algorithm}"] = run_streamfit(spark, broker.bootstrap, home, stream, rows,
-                                                                       algorithm, args.micro_batch, args.model)
-                for name, model in river_models().items():
-                    print(f"bench.training: {stream} {name}", file=sys.stderr, flush=True)
-                    learners[name] = run_river(model, rows)
-        finally:
-            spark.stop()
-            broker.stop()
+    with spark_and_broker("bench-training") as (spark, bootstrap, home):
+        for stream in STREAMS:
+            rows = list(itertools.islice(synthetic_rows(stream, seed=7, drift_at=args.events // 2), args.events))
+            learners = results[stream] = {}
+            for algorithm in args.algorithms.split(","):
+                print(f"bench.training: {stream} streamfit {algorithm}", file=sys.stderr, flush=True)
+                learners[f"streamfit_{algorithm}"] = run_streamfit(spark, bootstrap, home, stream, rows, algorithm,
+                                                                   args.micro_batch, args.model)
+            for name, model in river_models().items():
+                print(f"bench.training: {stream} {name}", file=sys.stderr, flush=True)
+                learners[name] = run_river(model, rows)
     summary = {}
     for stream, learners in results.items():
         best = max((n for n in learners if n.startswith("streamfit_")), key=lambda n: learners[n]["mean_accuracy"])
