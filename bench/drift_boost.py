@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 
 import numpy as np
 
@@ -40,21 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     after = slice(drift_at, drift_at + settings.drift_boost_events)
     results: dict[str, dict] = {}
     with training.spark_and_broker("bench-drift-boost") as (spark, bootstrap, home):
-        try:
-            for seed in map(int, args.seeds.split(",")):
-                rows = swapped_rows(seed, args.events, drift_at)
-                for boost in (1.0, settings.drift_boost):
-                    os.environ["STREAMFIT_DRIFT_BOOST"] = str(boost)  # run_streamfit's settings read it
-                    run = training.run_streamfit(spark, bootstrap, home / f"{seed}-{boost}", "hyperplane", rows,
-                                                 "adag", args.micro_batch, "small")
-                    correct = run["outcomes"]
-                    results.setdefault(f"seed_{seed}", {})[f"boost_{boost:g}"] = {
-                        "after_drift_accuracy": round(float(correct[after].mean()), 4),
-                        "later_accuracy": round(float(correct[after.stop:].mean()), 4) if len(correct) > after.stop
-                        else None,
-                        "mean_accuracy": run["mean_accuracy"], "drift_flagged_at": run["drift_flagged_at"]}
-        finally:
-            os.environ.pop("STREAMFIT_DRIFT_BOOST", None)
+        for seed in map(int, args.seeds.split(",")):
+            rows = swapped_rows(seed, args.events, drift_at)
+            for boost in (1.0, settings.drift_boost):
+                run = training.run_streamfit(spark, bootstrap, home / f"{seed}-{boost}", "hyperplane", rows, "adag",
+                                             args.micro_batch, "small", drift_boost=boost)
+                correct = run["outcomes"]
+                results.setdefault(f"seed_{seed}", {})[f"boost_{boost:g}"] = {
+                    "after_drift_accuracy": round(float(correct[after].mean()), 4),
+                    "later_accuracy": round(float(correct[after.stop:].mean()), 4) if len(correct) > after.stop
+                    else None,
+                    "mean_accuracy": run["mean_accuracy"], "drift_flagged_at": run["drift_flagged_at"]}
     gains = [r[f"boost_{settings.drift_boost:g}"]["after_drift_accuracy"] - r["boost_1"]["after_drift_accuracy"]
              for r in results.values()]
     print(json.dumps({"events": args.events, "drift_at": drift_at, "micro_batch": args.micro_batch,

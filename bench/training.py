@@ -77,9 +77,9 @@ def spark_and_broker(name: str):
 
 
 def run_streamfit(spark, bootstrap: str, home: Path, stream: str, rows: list, algorithm: str, batch: int,
-                  model: str = "small") -> dict:
-    """Produce the rows as events, then train from Kafka; every labelled event's prequential outcome counts
-    (``outcomes``: each one's correctness, in arrival order)."""
+                  model: str = "small", **overrides: object) -> dict:
+    """Produce the rows as events, then train from Kafka (``overrides``: job settings); every labelled
+    event's prequential outcome counts (``outcomes``: each one's correctness, in arrival order)."""
     from consumers.training import TrainingJob
     from pipeline.bundle import ModelBundle
     from pipeline.kafka import ensure_topics, producer
@@ -105,7 +105,7 @@ def run_streamfit(spark, bootstrap: str, home: Path, stream: str, rows: list, al
     registry.set_alias(spec.name, "champion", registry.register(spec.name, ModelBundle(spec).get_weights()))
     settings = load_settings(home=home / topic, model=spec.name, algorithm=algorithm, workers=2,
                              topic_events=topic, topic_dlq=topic + ".dlq", topic_training_metrics=topic + ".metrics",
-                             kafka_source="python", max_offsets_per_trigger=batch)
+                             kafka_source="python", max_offsets_per_trigger=batch, **overrides)
     state = CenterState(registry.weights(spec.name)[1], from_settings(settings).rule())
     with ParameterServer(state, port=0) as server:
         settings = settings.model_copy(update={"ps_port": server.address[1]})
