@@ -206,6 +206,7 @@ class _Session:
         self.tag = tag
         self.meta = meta
         self.report = WorkerReport()
+        self._rows = 0  # rows trained since the last commit: the server counts them per query
 
     def pull(self, *, into_model: bool = True, min_counter: int = 0, wait_s: float = 0.0) -> tuple[dict[str, np.ndarray], int]:
         weights, counter = self.client.pull(worker_id=self.tag.worker_id, min_counter=min_counter, wait_s=wait_s)
@@ -217,10 +218,12 @@ class _Session:
     def train(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> None:
         self.model.train_on_batch(x, y, sample_weight=sample_weight)
         self.report.steps += 1
+        self._rows += len(x) if sample_weight is None else int(np.count_nonzero(sample_weight))
 
     def commit(self, delta: Weights) -> Ack:
         tag = replace(self.tag, seq=self.tag.seq + self.report.commits)
-        ack = self.client.commit(delta, tag=tag, meta=self.meta)
+        ack = self.client.commit(delta, tag=tag, meta={**(self.meta or {}), "rows": self._rows})
+        self._rows = 0
         self.report.commits += 1
         self.report.skipped += ack.status == "skipped"
         self.report.max_staleness = max(self.report.max_staleness, ack.staleness)
@@ -253,7 +256,7 @@ class Algorithm(ABC):
         """Train ``model`` on ``batches`` (``(x, y)`` minibatches) against the server behind ``client``.
 
         Commits carry ``tag`` with ``seq`` counting up from ``tag.seq`` and ``meta`` (JSON, e.g. the
-        Kafka offsets this run trains through)."""
+        Kafka offsets this run trains through) plus ``rows``: the rows trained since the last commit."""
 
 
 @dataclass(frozen=True, kw_only=True)
