@@ -123,6 +123,8 @@ class Settings(BaseSettings):
     max_offsets_per_trigger: int | None = Field(None, ge=1)
     trigger_interval_s: float = Field(1.0, ge=0)
     starting_offsets: str = "earliest"
+    fail_on_data_loss: bool = Field(True, description="Spark's failOnDataLoss: a query fails when offsets it should "
+                                    "read are gone (retention, truncation); false: it logs the lost range and goes on")
     spark_min_partitions: int = Field(0, ge=0, description="Spark tasks per micro-batch at least (Kafka ranges are "
                                                             "split); 0 = twice the cores of spark_master")
     predict_checkpoint: str | None = Field(None, description="checkpoint of streamfit predict; default <home>/checkpoints/inference")
@@ -136,6 +138,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1)
     max_batch_wait_ms: float = Field(2.0, ge=0)
     max_request_bytes: int = Field(1024 * 1024, ge=1024)
+    max_queued_rows: int = Field(4096, ge=1, description="rows waiting for a forward pass at most; a request beyond "
+                                 "gets 503 with Retry-After instead of growing memory and latency")
     registry_poll_s: float = Field(2.0, gt=0, description="serving re-reads the champion this often: the fallback "
                                                           "when model-updates is unreachable or a message was missed")
 
