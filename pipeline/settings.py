@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     topic_training_metrics: str = "training-metrics"
     events_partitions: int = Field(3, ge=1)
     max_event_bytes: int = Field(64 * 1024, ge=256, description="larger events go to the DLQ")
+    dlq_max_raw_bytes: int = Field(16 * 1024, ge=256, le=24 * 1024, description="a dead letter keeps this many bytes of its event (with the full size and sha256), so every DLQ record stays under 64 KiB")
     kafka_timeout_s: float = Field(15.0, gt=0, description="bounded wait for an unreachable cluster or a send")
 
     # producer
@@ -84,7 +85,10 @@ class Settings(BaseSettings):
     ps_host: str = "127.0.0.1"
     ps_port: int = Field(5700, ge=0, le=65535)
     ps_shards: int = Field(1, ge=1)
-    ps_secret: SecretStr | None = Field(None, description="shared HMAC secret; unset means frames are not authenticated")
+    ps_secret: SecretStr | None = Field(None, description="shared HMAC secret; unset means frames are not "
+                                        "authenticated (an empty value is an error, not 'off')")
+    ps_allow_insecure: bool = Field(False, description="let `streamfit ps` bind a non-loopback address without ps_secret")
+    ps_max_connections: int = Field(64, ge=1, description="concurrent connections per shard; more get a 'busy' error")
     ps_max_frame_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     ps_io_timeout_s: float = Field(60.0, gt=0, description="a frame (or reply) must arrive completely within this")
     ps_idle_timeout_s: float = Field(600.0, gt=0, description="connections idle this long are closed; also the longest pull wait")
@@ -152,6 +156,13 @@ class Settings(BaseSettings):
             host, _, port = part.strip().rpartition(":")
             if not host or not port.isdigit():
                 raise ValueError(f"expected host:port[,host:port], got {value!r}")
+        return value
+
+    @field_validator("ps_secret")
+    @classmethod
+    def _secret_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            raise ValueError("an empty secret would authenticate nothing; unset it to turn HMAC off")
         return value
 
     @property
