@@ -117,6 +117,8 @@ class Settings(BaseSettings):
     auto_promote: bool = Field(False, description="the gate promotes good candidates; off: they wait for `models promote`")
     promotion_margin: float = Field(0.01, ge=0, le=1, description="a candidate may trail the champion by this much accuracy")
     gate_window: int = Field(5000, ge=10, description="most recent labelled events the promotion gate scores on")
+    batch_attempts: int = Field(3, ge=1, description="tries of a micro-batch whose commits the parameter server refuses "
+                                "before its poison events are found, dead-lettered, and the rest trained")
     train_checkpoint: str | None = Field(None, description="checkpoint of streamfit train; default <home>/checkpoints/training")
     train_metrics_port: int | None = Field(None, ge=0, le=65535, description="serve streamfit train's Prometheus "
                                                                             "metrics on this port (e.g. 9109); unset: off")
