@@ -32,6 +32,7 @@ def run(args) -> int:
     from pipeline.kafka import bootstrap, ensure_topics, topic_specs
     from pipeline.registry import RegistryError
     from pipeline.spark.session import SparkSetupError, spark_session, stop_between_batches
+    from pipeline.spark.supervisor import QuerySupervisor
 
     logging.getLogger("py4j").setLevel(logging.WARNING)  # its callback server logs every connection at INFO
     settings = settings_from(args)
@@ -48,13 +49,13 @@ def run(args) -> int:
         raise CommandError(str(exc)) from None
     metrics = job.reporter.metrics.serve(settings.predict_metrics_port) if settings.predict_metrics_port else None
     checkpoint = settings.predict_checkpoint or str(settings.home / "checkpoints" / "inference")
-    query = job.start(checkpoint)
+    supervisor = QuerySupervisor(job.start(checkpoint), lambda: job.start(checkpoint))
     print(f"predicting {settings.topic_events} -> {settings.topic_predictions} with {settings.model} "
           f"(checkpoint {checkpoint}" + (f", metrics on :{settings.predict_metrics_port}/metrics" if metrics else "")
           + "); Ctrl-C stops", flush=True)
-    run_until_stopped(lambda: query.isActive)
-    stop_between_batches(query)
-    failure = query.exception()
+    run_until_stopped(supervisor.poll)
+    stop_between_batches(supervisor.query)
+    failure = supervisor.query.exception()
     spark.stop()
     if metrics:
         metrics.shutdown()

@@ -38,6 +38,7 @@ def run(args) -> int:
     from pipeline.model_updates import announcing_registry
     from pipeline.registry import RegistryError
     from pipeline.spark.session import spark_session, stop_between_batches
+    from pipeline.spark.supervisor import QuerySupervisor
 
     settings = settings_from(args)
     servers = bootstrap(settings)
@@ -46,7 +47,8 @@ def run(args) -> int:
     try:
         job = TrainingJob(spark, settings, servers, registry)
         checkpoint = settings.train_checkpoint or str(settings.home / "checkpoints" / "training")
-        query = job.start(checkpoint)
+        supervisor = QuerySupervisor(job.start(checkpoint), lambda: job.start_query(checkpoint),
+                                     on_restart=job.gauges.restarts.inc)
         metrics = job.gauges.serve(settings.train_metrics_port) if settings.train_metrics_port is not None else None
     except (TrainingError, RegistryError) as exc:
         spark.stop()
@@ -55,7 +57,8 @@ def run(args) -> int:
     print(f"training {settings.model} with {settings.algorithm} x{settings.workers} from {settings.topic_events} "
           f"(checkpoint {checkpoint}, auto-promote {'on' if settings.auto_promote else 'off'}); Ctrl-C stops",
           flush=True)
-    run_until_stopped(lambda: query.isActive)
+    run_until_stopped(supervisor.poll)
+    query = supervisor.query
     stop_between_batches(query)
     job.close()
     if metrics is not None:

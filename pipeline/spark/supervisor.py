@@ -11,8 +11,7 @@ its business: the consumers handle them inside the micro-batch, so they never re
 >>> class Flaky:  # a stand-in with a query's surface: fails once, then runs
 ...     def __init__(self, active): self.isActive, self.name = active, "q"
 ...     def exception(self): return None if self.isActive else "broker down"
->>> starts = iter([Flaky(False), Flaky(True)])
->>> supervisor = QuerySupervisor("q", lambda: next(starts), first_delay_s=0.0)
+>>> supervisor = QuerySupervisor(Flaky(False), lambda: Flaky(True), first_delay_s=0.0)
 >>> supervisor.poll(), supervisor.poll(), supervisor.restarts, supervisor.query.isActive
 (True, True, 1, True)
 """
@@ -28,20 +27,20 @@ log = logging.getLogger(__name__)
 
 
 class QuerySupervisor:
-    """Starts a query with ``start()`` and starts it again whenever it fails; ``on_restart()`` is
-    called after each restart (a metric). ``poll()`` does the work and is called every second or so."""
+    """Watches a started ``query`` and starts it again with ``restart()`` whenever it fails;
+    ``on_restart()`` is called after each restart (a metric). ``poll()`` does the work and is called
+    every second or so."""
 
-    def __init__(self, name: str, start: Callable[[], Any], *, first_delay_s: float = 1.0, max_delay_s: float = 15.0,
-                 on_restart: Callable[[], None] | None = None):
-        self.name = name
-        self._start = start
+    def __init__(self, query: Any, restart: Callable[[], Any], *, first_delay_s: float = 1.0,
+                 max_delay_s: float = 15.0, on_restart: Callable[[], None] | None = None):
+        self.query, self.name = query, query.name
+        self._start = restart
         self._first_delay, self._max_delay = first_delay_s, max_delay_s
         self._delay = first_delay_s
         self._on_restart = on_restart
         self.restarts = 0
         self.last_error: str | None = None
         self._retry_at: float | None = None
-        self.query = start()
         self._started = time.monotonic()
 
     def poll(self) -> bool:
