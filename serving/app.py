@@ -23,7 +23,7 @@ from pipeline.settings import Settings
 from pipeline.spec import BUILTIN_SPECS
 from serving import errors
 from serving.admin import admin_router, champion_of
-from serving.batching import Batcher
+from serving.batching import Batcher, Overloaded
 from serving.content_type import JsonBodies
 from serving.follow import Follower
 from serving.inputs import BadInput, to_matrix
@@ -41,8 +41,9 @@ fails or waits for it, and every answer names the version that computed it. Conc
 requests are computed together in one forward pass.
 
 Errors are `{"error": "..."}` naming the problem: 400 for a body that does not fit the model,
-404 for an unknown model, 413 for a body over `max_request_bytes`, 503 while a model has no
-version loaded yet. Admin routes need `Authorization: Bearer <admin token>`.
+404 for an unknown model, 413 for a body over `max_request_bytes`, 503 with `Retry-After` while
+a model has no version loaded yet or while `max_queued_rows` rows already wait for the model
+(overload: retry later rather than queue without end). Admin routes need `Authorization: Bearer <admin token>`.
 """
 
 TAGS = [{"name": "predict", "description": "predictions (TF Serving `:predict`)"},
@@ -54,6 +55,10 @@ BAD_REQUEST = {400: {"model": Error, "description": "the request does not fit th
                413: {"model": Error, "description": "body over max_request_bytes"}}
 UNKNOWN = {404: {"model": Error, "description": "this server does not serve the model"}}
 NOT_READY = {503: {"model": Error, "description": "the model has no version loaded yet; retry"}}
+OVERLOADED = {503: {"model": Error, "description": "the model has no version loaded yet, or max_queued_rows rows "
+                                                   "already wait for it; retry after Retry-After seconds"}}
+RETRY_AFTER_S = 1
+"""What a 503 tells clients to wait: about the time a full queue takes to drain at small-model speed."""
 
 
 def create_app(settings: Settings, models: Sequence[str] | None = None) -> FastAPI:
@@ -62,7 +67,9 @@ def create_app(settings: Settings, models: Sequence[str] | None = None) -> FastA
     metrics = Metrics()
     registry, announcer = announcing_registry(settings)
     host = ModelHost(registry, models, metrics, warm_rows=settings.max_batch_size)
-    batcher = Batcher(settings.max_batch_size, settings.max_batch_wait_ms / 1000, metrics.observe_batch)
+    batcher = Batcher(settings.max_batch_size, settings.max_batch_wait_ms / 1000, settings.max_queued_rows,
+                      metrics.observe_batch)
+    metrics.queued_rows.set_function(lambda: batcher.queued_rows)
     follower = Follower(settings, host, metrics)
 
     @asynccontextmanager
@@ -87,7 +94,7 @@ def create_app(settings: Settings, models: Sequence[str] | None = None) -> FastA
     app.include_router(admin_router(host, registry, settings.admin_token))
     Model = Annotated[str, Path(description="the model's name in the registry", examples=models)]
 
-    @app.post("/v1/models/{model}:predict", tags=["predict"], responses=BAD_REQUEST | UNKNOWN | NOT_READY,
+    @app.post("/v1/models/{model}:predict", tags=["predict"], responses=BAD_REQUEST | UNKNOWN | OVERLOADED,
               summary="Class probabilities for rows of features")
     async def predict(model: Model, body: Annotated[PredictRequest, Body(openapi_examples=_examples(registry, models[0]))]
                       ) -> PredictResponse:
@@ -97,7 +104,12 @@ def create_app(settings: Settings, models: Sequence[str] | None = None) -> FastA
         except BadInput as exc:
             served.release()
             raise HTTPException(400, str(exc)) from None
-        y = await batcher.predict(served, x)  # releases the lease once computed
+        try:
+            y = await batcher.predict(served, x)  # releases the lease once computed, or at once when refused
+        except Overloaded as exc:
+            metrics.overloaded.labels(model).inc()
+            raise HTTPException(503, f"overloaded: {exc}; retry after {RETRY_AFTER_S} s",
+                                headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         return PredictResponse(predictions=y.tolist(), model_version=served.version)
 
     @app.get("/v1/models/{model}", tags=["models"], responses=UNKNOWN, summary="Version status (TF Serving's)")
@@ -119,7 +131,8 @@ def create_app(settings: Settings, models: Sequence[str] | None = None) -> FastA
     async def metadata(model: Model) -> ModelMetadata:
         served = _state(host, model)[0]
         if served is None:
-            raise HTTPException(503, f"model {model!r} has no version loaded yet", headers={"Retry-After": "1"})
+            raise HTTPException(503, f"model {model!r} has no version loaded yet",
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
         spec, meta = served.spec, served.meta
         return ModelMetadata(
             model_spec=ModelSpecRef(name=model, version=str(served.version)),
@@ -164,7 +177,7 @@ def _lease(host: ModelHost, model: str) -> Served:
     except UnknownModel as exc:
         raise HTTPException(404, str(exc)) from None
     except NotReady as exc:
-        raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from None
+        raise HTTPException(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
 
 def _state(host: ModelHost, model: str):

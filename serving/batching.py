@@ -8,12 +8,18 @@ inference thread. While a pass runs the event loop keeps parsing requests, so th
 batch gathers meanwhile: a request queued behind a busy model has already waited and goes
 in the next pass at once. Each request's lease is returned once its pass is done.
 
+The queue is bounded (``max_queued_rows``): past it a request is refused at once with
+:class:`Overloaded` (the app answers 503 with ``Retry-After``), so overload costs clients a
+retry rather than costing the server memory and every queued request its latency. A request
+larger than the bound is still taken when the queue is empty, so no request is refused forever.
+
 >>> import asyncio, numpy as np
 >>> class Doubler:  # anything with predict(x) and release()
 ...     def predict(self, x): return x * 2
 ...     def release(self): pass
 >>> async def demo():
-...     batcher = Batcher(max_rows=64, max_wait_s=0.01, on_batch=lambda rows, n, s: print(rows, "rows in", n, "requests"))
+...     batcher = Batcher(max_rows=64, max_wait_s=0.01, max_queued_rows=1024,
+...                       on_batch=lambda rows, n, s: print(rows, "rows in", n, "requests"))
 ...     batcher.start()
 ...     model = Doubler()
 ...     out = await asyncio.gather(*(batcher.predict(model, np.full((1, 1), i)) for i in range(3)))
@@ -44,6 +50,10 @@ class Leased(Protocol):
     def release(self) -> None: ...
 
 
+class Overloaded(Exception):
+    """The queue holds ``max_queued_rows`` already; the request was not queued (its lease is released)."""
+
+
 class _Request:
     __slots__ = ("model", "x", "future", "arrived")
 
@@ -55,11 +65,13 @@ class Batcher:
     """Coalesces ``predict`` calls of the same leased version into passes of at most ``max_rows`` rows.
 
     ``on_batch(rows, requests, seconds)`` is told about every pass (for metrics). A request
-    with more rows than ``max_rows`` runs alone.
+    with more rows than ``max_rows`` runs alone. At most ``max_queued_rows`` rows wait.
     """
 
-    def __init__(self, max_rows: int, max_wait_s: float, on_batch: Callable[[int, int, float], None]):
+    def __init__(self, max_rows: int, max_wait_s: float, max_queued_rows: int,
+                 on_batch: Callable[[int, int, float], None]):
         self.max_rows, self.max_wait_s, self.on_batch = max_rows, max_wait_s, on_batch
+        self.max_queued_rows = max_queued_rows
         self._queue: deque[_Request] = deque()
         self._rows = 0
         self._arrived = asyncio.Event()
@@ -79,8 +91,18 @@ class Batcher:
         self._queue.clear()
         self._executor.shutdown(wait=True)
 
+    @property
+    def queued_rows(self) -> int:
+        return self._rows
+
     async def predict(self, model: Leased, x: np.ndarray) -> np.ndarray:
-        """``model.predict(x)``, computed in a pass shared with concurrent requests; releases ``model`` after."""
+        """``model.predict(x)``, computed in a pass shared with concurrent requests; releases ``model`` after.
+
+        Raises :class:`Overloaded` when ``x`` does not fit in the queue."""
+        if self._queue and self._rows + len(x) > self.max_queued_rows:
+            model.release()
+            raise Overloaded(f"{self._rows} rows are already waiting for the model and this request's {len(x)} "
+                             f"would pass the {self.max_queued_rows}-row bound (setting max_queued_rows)")
         loop = asyncio.get_running_loop()
         request = _Request(model, x, loop.create_future(), loop.time())
         self._queue.append(request)

@@ -2,8 +2,12 @@
 
 Each app has its own registry (several apps can live in one process, as in the tests),
 with the process collector added so ``/metrics`` also shows memory and CPU. Requests are
-labelled by route template (``/v1/models/{model}:predict``), never by raw path, so label
-cardinality stays fixed whatever clients send.
+labelled by route template (``/v1/models/{model}:predict``), never by raw path, and by method
+from a fixed set, so label cardinality stays fixed whatever clients send: an unknown path
+counts under ``<unmatched>``, an unknown method (``PURGE``, ``FOO``) under ``other``.
+
+>>> method_label("get"), method_label("PURGE")
+('GET', 'other')
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 UNMATCHED = "<unmatched>"
 """The route label of requests no route matched: unknown paths, and bodies refused before routing (413)."""
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+"""Methods labelled as themselves; any other is ``other``."""
 
 disable_created_metrics()  # no ``*_created`` series: they double the output and no dashboard reads them
 
@@ -47,6 +54,10 @@ class Metrics:
                                        buckets=(.01, .02, .05, .1, .2, .5, 1, 2, 5, 10, 30), registry=registry)
         self.bundles = Gauge("streamfit_model_bundles", "model instances in memory: serving, draining in-flight "
                              "requests, or kept spare for the next swap", ["model"], registry=registry)
+        self.queued_rows = Gauge("streamfit_batch_queue_rows", "rows waiting for a forward pass (at most "
+                                 "max_queued_rows)", registry=registry)
+        self.overloaded = Counter("streamfit_requests_overloaded", "predict requests refused with 503 because "
+                                  "max_queued_rows rows were already waiting", ["model"], registry=registry)
         self.updates_connected = Gauge("streamfit_model_updates_connected", "1 while following model-updates on "
                                        "Kafka, 0 while only polling the registry", registry=registry)
 
@@ -81,6 +92,11 @@ class RequestMetrics:
             await self.app(scope, receive, send_status)
         finally:
             route = scope.get("route")
-            labels = (getattr(route, "path", UNMATCHED), scope["method"], str(status))
+            labels = (getattr(route, "path", UNMATCHED), method_label(scope["method"]), str(status))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+
+
+def method_label(method: str) -> str:
+    method = method.upper()
+    return method if method in METHODS else "other"

@@ -5,12 +5,14 @@ problem, and a schemathesis run over the OpenAPI schema finds no 5xx."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shlex
 import signal
 import subprocess
 import threading
 import time
+from collections import Counter
 
 import httpx
 import numpy as np
@@ -185,6 +187,72 @@ def test_admin_needs_the_bearer_token(live):
             answer = httpx.request(method, f"{server.url}/admin/models/small/{path}", headers=headers)
             assert answer.status_code == 401, (headers, path, answer.text)
             assert "Bearer" in answer.json()["error"]
+
+
+def test_a_flood_past_the_queue_bound_gets_503_with_retry_after_and_the_server_recovers(tmp_path):
+    """120 concurrent requests against a queue of 8 rows whose passes wait 300 ms for companions:
+    the excess is refused at once with 503 + Retry-After (no other 5xx, no unbounded queue), and
+    the server answers normally afterwards."""
+    settings = load_settings(home=tmp_path, model="small", max_batch_size=64, max_batch_wait_ms=300, max_queued_rows=8)
+    registry = Registry(settings.registry_url)
+    registry.create_model(SPEC)
+    registry.set_alias("small", "champion", registry.register("small", _weights(4)))
+    server = LiveServer(create_app(settings))
+    body = {"instances": [[0.5] * 10]}
+
+    async def flood(n: int) -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+        async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as client:
+            return await asyncio.gather(*(client.post("/v1/models/small:predict", json=body) for _ in range(n)))
+
+    try:
+        started = time.monotonic()
+        answers = asyncio.run(flood(120))
+        assert time.monotonic() - started < 30
+        statuses = Counter(answer.status_code for answer in answers)
+        assert set(statuses) <= {200, 503}, statuses
+        assert statuses[503] > 0 and statuses[200] >= 8, statuses
+        for answer in answers:
+            if answer.status_code == 503:
+                assert answer.headers["Retry-After"] == "1"
+                assert "overloaded" in answer.json()["error"] and "max_queued_rows" in answer.json()["error"]
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            for _ in range(3):
+                answer = _predict(client, body)
+                assert answer.status_code == 200 and answer.json()["model_version"] == 1, answer.text
+            metrics = client.get("/metrics").text
+        assert f'streamfit_requests_overloaded_total{{model="small"}} {statuses[503]}.0' in metrics
+        assert "streamfit_batch_queue_rows 0.0" in metrics
+    finally:
+        server.stop()
+
+
+def _series(url: str) -> set[str]:
+    text = httpx.get(url + "/metrics").text
+    return {line.rsplit(" ", 1)[0] for line in text.splitlines() if line.startswith("streamfit_http_")}
+
+
+def test_unknown_methods_and_paths_create_no_new_metric_series(live):
+    server = live[0]
+    rng = np.random.default_rng(7)
+
+    def strangers(n: int) -> None:
+        with httpx.Client(base_url=server.url) as client:
+            for _ in range(n):
+                word = "".join(rng.choice(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"), 6))
+                for method in ("PURGE", "FOO" + word, "get", "POST"):
+                    client.request(method, f"/{word.lower()}/{rng.integers(1 << 30)}")
+                client.request("PURGE", "/v1/models/small")
+                client.request(word, "/healthz")
+
+    strangers(3)
+    _series(server.url)  # the first scrape's own series appear after it answers
+    before = _series(server.url)
+    assert any('method="other"' in series for series in before), before
+    strangers(30)
+    after = _series(server.url)
+    assert after == before, after - before
+    assert not any("PURGE" in series or "FOO" in series for series in after)
 
 
 def _load(url: str, stop: threading.Event, log: list, body: dict) -> None:
