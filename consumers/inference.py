@@ -144,7 +144,7 @@ class InferenceJob:
                   .option("subscribe", s.topic_events)
                   .option("startingOffsets", starting_offsets or s.starting_offsets)
                   .option("minPartitions", str(min_partitions))
-                  .option("failOnDataLoss", "false"))
+                  .option("failOnDataLoss", str(s.fail_on_data_loss).lower()))
         if s.max_offsets_per_trigger:
             reader = reader.option("maxOffsetsPerTrigger", str(s.max_offsets_per_trigger))
         writer = (reader.load().writeStream.queryName(QUERY_NAME).foreachBatch(self._process)
