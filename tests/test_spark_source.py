@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import uuid
 
 import pytest
+from kafka import KafkaAdminClient, TopicPartition
+from pyspark.sql.streaming.datasource import ReadAllAvailable
 
-from pipeline.kafka import ensure_topics, producer
-from pipeline.spark.source import NAME
+from pipeline.kafka import consumer, ensure_topics, producer
+from pipeline.spark.offsets import OffsetError, OffsetRange, ranges, read_range
+from pipeline.spark.source import NAME, KafkaStreamReader
 from producers.sender import Sender, synthetic_events
 from producers.synthetic import synthetic_rows
 from tests.kafka_reader import read_topic
@@ -129,3 +133,77 @@ def test_writer_honours_a_partition_column(spark, kafka, topic):
     out = {r.key.decode(): r.partition for r in read_topic(kafka, topic, expected=300)}
     assert len(out) == 300
     assert all(out[f"k{i}"] == i % 3 for i in range(1, 300, 2))
+
+
+def _delete_records(bootstrap: str, topic: str, before: int) -> None:
+    """What retention does: the log of partition 0 now starts at ``before`` (noida-db supports DeleteRecords)."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.delete_records({TopicPartition(topic, 0): before})
+    finally:
+        admin.close()
+
+
+def test_a_partition_behind_the_query_or_gone_keeps_the_query_offset(kafka, topic, caplog):
+    """The broker reports less than the query read (restarted with less data) or a partition no more:
+    the next batch ends where the query is, not below it, and each is logged once."""
+    ensure_topics(kafka, {topic: 2})
+    kafka_producer = producer(kafka)
+    for i in range(40):
+        kafka_producer.send(topic, value=b"%d" % i, partition=i % 2)
+    kafka_producer.flush()
+    kafka_producer.close()
+    reader = KafkaStreamReader({"kafka.bootstrap.servers": kafka, "subscribe": topic})
+    try:
+        committed = {topic: {"0": 1000, "1": 5, "7": 55}}
+        with caplog.at_level(logging.WARNING, logger="pipeline.spark.source"):
+            end = reader.latestOffset(committed, ReadAllAvailable())
+            again = reader.latestOffset(committed, ReadAllAvailable())
+    finally:
+        reader.stop()
+    assert end == again == {topic: {"0": 1000, "1": 20, "7": 55}}
+    assert [(r.partition, r.start, r.end) for r in ranges(committed, end)] == [(1, 5, 20)]
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 2, warnings  # once per partition, not once per trigger
+    assert any(f"{topic}[0]: the broker reports end offset 20, below the query's offset 1000" in w for w in warnings)
+    assert any(f"{topic}[7]: the broker reports no such partition" in w for w in warnings)
+
+
+def test_read_range_names_offsets_lost_to_retention(kafka, topic, caplog):
+    ensure_topics(kafka, {topic: 1})
+    _produce(kafka, topic, 100, "r")
+    _delete_records(kafka, topic, 30)
+    reader = consumer(kafka, auto_offset_reset="none")
+    try:
+        with pytest.raises(OffsetError, match=rf"{topic}\[0\]: offsets 10..29 are gone \(the log now starts at 30"):
+            list(read_range(reader, OffsetRange(topic, 0, 10, 60), fail_on_data_loss=True))
+        with caplog.at_level(logging.WARNING, logger="pipeline.spark.offsets"):
+            records = list(read_range(reader, OffsetRange(topic, 0, 10, 60), fail_on_data_loss=False))
+    finally:
+        reader.close()
+    assert [r.offset for r in records] == list(range(30, 60))
+    assert f"{topic}[0]: offsets 10..29 are gone" in caplog.text and "skipped (failOnDataLoss=false)" in caplog.text
+
+
+@pytest.mark.parametrize("fail", [True, False], ids=["failOnDataLoss=true", "failOnDataLoss=false"])
+def test_records_deleted_before_a_query_reads_them_fail_it_or_are_skipped(spark, kafka, topic, tmp_path, fail):
+    ensure_topics(kafka, {topic: 1})
+    _produce(kafka, topic, 100, "early")
+    option = {"failOnDataLoss": str(fail).lower()}
+    rows, _ = _stream(spark, kafka, topic, tmp_path / "ck", startingOffsets="earliest", **option)
+    assert len(rows) == 100
+    _produce(kafka, topic, 100, "later")  # offsets 100..199; retention then takes 100..149 before the query runs
+    _delete_records(kafka, topic, 150)
+    if fail:
+        with pytest.raises(Exception, match=rf"{topic}\[0\]: offsets 100..149 are gone"):  # StreamingQueryException
+            _stream(spark, kafka, topic, tmp_path / "ck", **option)
+    else:
+        rows, _ = _stream(spark, kafka, topic, tmp_path / "ck", **option)
+        assert sorted(r.offset for r in rows) == list(range(150, 200))
+
+
+def test_fail_on_data_loss_must_be_a_boolean(spark, kafka, topic):
+    ensure_topics(kafka, {topic: 1})
+    with pytest.raises(Exception, match="failOnDataLoss must be true or false, got 'maybe'"):
+        spark.read.format(NAME).option("kafka.bootstrap.servers", kafka).option("subscribe", topic) \
+            .option("failOnDataLoss", "maybe").load().count()

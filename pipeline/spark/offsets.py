@@ -7,16 +7,25 @@ This module speaks only the Kafka protocol (kafka-python); the Spark adapter in
 End offsets are the larger of the ListOffsets answer and the high watermark of a
 Fetch at that position: some brokers (tansu 0.6) answer ListOffsets(latest) with the
 base offset of the last batch rather than the end of the log.
+
+A query's offsets never move backwards: a partition the broker reports behind the query
+(restarted with less data, a truncated log, a lagging leader) or no longer reports keeps
+the query's offset, so nothing is read twice. Records gone before they are read
+(retention, ``deleteRecords``) are data loss, handled as Spark's ``failOnDataLoss`` says.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import OffsetOutOfRangeError
+
+log = logging.getLogger(__name__)
 
 Offsets = dict[str, dict[str, int]]
 
@@ -119,10 +128,34 @@ def _as_offsets(by_partition: dict[TopicPartition, int]) -> Offsets:
     return result
 
 
+def behind(start: Offsets, latest: Offsets) -> dict[tuple[str, str], int | None]:
+    """Partitions of ``start`` the broker reports below it (their reported end) or not at all (None).
+
+    >>> behind({"t": {"0": 100, "1": 5, "2": 7}}, {"t": {"0": 10, "1": 9}})
+    {('t', '0'): 10, ('t', '2'): None}
+    """
+    found: dict[tuple[str, str], int | None] = {}
+    for topic, parts in start.items():
+        for partition, offset in parts.items():
+            reported = latest.get(topic, {}).get(partition)
+            if reported is None or reported < offset:
+                found[(topic, partition)] = reported
+    return found
+
+
 def limit_end(start: Offsets, latest: Offsets, max_rows: int | None) -> Offsets:
     """The end offsets of the next batch: everything available, or at most ``max_rows`` spread
-    over partitions in proportion to their backlog (as Spark's Kafka source does)."""
-    merged = {t: {p: latest[t][p] for p in parts} for t, parts in latest.items()}
+    over partitions in proportion to their backlog (as Spark's Kafka source does). Never below
+    ``start``: a partition :func:`behind` names keeps its offset.
+
+    >>> limit_end({"t": {"0": 100, "1": 5, "2": 7}}, {"t": {"0": 10, "1": 9}}, None)
+    {'t': {'0': 100, '1': 9, '2': 7}}
+    """
+    merged = {t: {p: max(offset, start.get(t, {}).get(p, offset)) for p, offset in parts.items()}
+              for t, parts in latest.items()}
+    for topic, parts in start.items():
+        for partition, offset in parts.items():
+            merged.setdefault(topic, {}).setdefault(partition, offset)
     backlog = {(t, p): max(0, merged[t][p] - start.get(t, {}).get(p, merged[t][p])) for t in merged for p in merged[t]}
     total = sum(backlog.values())
     if max_rows is None or total <= max_rows:
@@ -164,23 +197,36 @@ def split(parts: list[OffsetRange], min_parts: int) -> list[OffsetRange]:
 
 def read_range(consumer: KafkaConsumer, part: OffsetRange, fail_on_data_loss: bool = True,
                timeout_s: float = 60.0) -> Iterator:
-    """Every record with offset in [start, end) of one partition, in order."""
+    """Every record with offset in [start, end) of one partition, in order.
+
+    Offsets gone before they are read (retention, truncation, ``deleteRecords``) are data loss:
+    with ``fail_on_data_loss`` an :class:`OffsetError` naming them, without it a WARNING naming
+    them and the read goes on from what is left. ``consumer`` must not reset positions itself
+    (``auto_offset_reset="none"``), or a loss while reading would pass unseen.
+    """
     tp = TopicPartition(part.topic, part.partition)
     consumer.assign([tp])
-    earliest = consumer.beginning_offsets([tp])[tp]
-    position = part.start
-    if earliest > part.start:
-        if fail_on_data_loss:
-            raise OffsetError(f"{part.topic}[{part.partition}]: offsets {part.start}..{earliest - 1} are gone "
-                              "(retention or truncation); set failOnDataLoss=false to skip them")
-        position = earliest
+    position = _after_loss(consumer, part, part.start, fail_on_data_loss)
     consumer.seek(tp, position)
     deadline = time.monotonic() + timeout_s
-    while consumer.position(tp) < part.end:
-        batch = consumer.poll(timeout_ms=500).get(tp, [])
+    while position < part.end:
+        try:
+            batch = consumer.poll(timeout_ms=500).get(tp, [])
+        except OffsetOutOfRangeError:
+            resumed = _after_loss(consumer, part, position, fail_on_data_loss)
+            if resumed == position:  # not below the log's start, so above its end: the log was cut short
+                message = (f"{part.topic}[{part.partition}]: offset {position} is past the end of the log "
+                           f"(truncated?); offsets {position}..{part.end - 1} cannot be read")
+                if fail_on_data_loss:
+                    raise OffsetError(message + "; set fail_on_data_loss=false (failOnDataLoss) to skip them") from None
+                log.warning("%s: skipped (failOnDataLoss=false)", message)
+                return
+            position = resumed
+            consumer.seek(tp, position)
+            continue
         if not batch:
             if time.monotonic() > deadline:
-                raise OffsetError(f"{part.topic}[{part.partition}]: no data at offset {consumer.position(tp)} "
+                raise OffsetError(f"{part.topic}[{part.partition}]: no data at offset {position} "
                                   f"(expected up to {part.end}) after {timeout_s:.0f}s")
             continue
         deadline = time.monotonic() + timeout_s
@@ -188,3 +234,19 @@ def read_range(consumer: KafkaConsumer, part: OffsetRange, fail_on_data_loss: bo
             if record.offset >= part.end:
                 return
             yield record
+        position = batch[-1].offset + 1
+
+
+def _after_loss(consumer: KafkaConsumer, part: OffsetRange, wanted: int, fail_on_data_loss: bool) -> int:
+    """Where to read from when ``wanted`` is next: ``wanted`` itself, or the log's earliest offset
+    if retention took ``wanted`` (raising instead, with ``fail_on_data_loss``)."""
+    tp = TopicPartition(part.topic, part.partition)
+    earliest = consumer.beginning_offsets([tp])[tp]
+    if earliest <= wanted:
+        return wanted
+    lost = (f"{part.topic}[{part.partition}]: offsets {wanted}..{min(earliest, part.end) - 1} are gone "
+            f"(the log now starts at {earliest}: retention, truncation or deleteRecords)")
+    if fail_on_data_loss:
+        raise OffsetError(lost + "; set fail_on_data_loss=false (failOnDataLoss) to skip them")
+    log.warning("%s: skipped (failOnDataLoss=false)", lost)
+    return earliest

@@ -5,7 +5,10 @@ pyspark). Same output columns as Spark's own Kafka source; options
 ``kafka.bootstrap.servers``, ``subscribe``, ``startingOffsets``, ``endingOffsets``
 (batch), ``maxOffsetsPerTrigger``, ``minPartitions``, ``failOnDataLoss``; the writer takes ``topic``
 (or a ``topic`` column). Offsets live in Spark's checkpoint, so a restarted query
-reads only what it has not read. The writer waits for every acknowledgement before
+reads only what it has not read, and they never move backwards (see ``pipeline.spark.offsets``;
+a partition the broker reports behind the query is logged at WARNING). ``failOnDataLoss``
+(default true, as Spark's) decides whether records gone before they were read fail the
+query or are logged at WARNING and skipped. The writer waits for every acknowledgement before
 its task reports success, so a micro-batch only commits once its output is in Kafka
 (at-least-once).
 
@@ -16,6 +19,7 @@ its task reports success, so a micro-batch only commits once its output is in Ka
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -23,8 +27,10 @@ from pyspark.sql.datasource import (DataSource, DataSourceArrowWriter, DataSourc
                                     DataSourceStreamReader, InputPartition, WriterCommitMessage)
 from pyspark.sql.streaming.datasource import ReadAllAvailable, ReadLimit, ReadMaxRows, SupportsTriggerAvailableNow
 
-from pipeline.spark.offsets import (KafkaOffsetReader, OffsetError, OffsetRange, Offsets, limit_end, parse_topics,
-                                    ranges, read_range, split)
+from pipeline.spark.offsets import (KafkaOffsetReader, OffsetError, OffsetRange, Offsets, behind, limit_end,
+                                    parse_topics, ranges, read_range, split)
+
+log = logging.getLogger(__name__)
 
 NAME = "streamfit-kafka"
 SCHEMA = "key binary, value binary, topic string, partition int, offset long, timestamp timestamp, timestampType int"
@@ -48,7 +54,10 @@ class _Options:
         if not self.bootstrap:
             raise OffsetError(f"{NAME}: option 'kafka.bootstrap.servers' is required")
         self.options = options
-        self.fail_on_data_loss = options.get("failOnDataLoss", "true").lower() != "false"
+        fail_on_data_loss = str(options.get("failOnDataLoss", "true")).lower()
+        if fail_on_data_loss not in ("true", "false"):
+            raise OffsetError(f"{NAME}: failOnDataLoss must be true or false, got {fail_on_data_loss!r}")
+        self.fail_on_data_loss = fail_on_data_loss == "true"
         max_rows = options.get("maxOffsetsPerTrigger")
         if max_rows is not None and (not str(max_rows).isdigit() or int(max_rows) < 1):
             raise OffsetError(f"{NAME}: maxOffsetsPerTrigger must be a positive integer, got {max_rows!r}")
@@ -74,7 +83,7 @@ def _read(options: _Options, part: OffsetRange) -> Iterator[pa.RecordBatch]:
     from pipeline.kafka import consumer
 
     kafka = consumer(options.bootstrap, fetch_max_bytes=32 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024,
-                     max_poll_records=ROWS_PER_BATCH, client_id="streamfit-spark-reader")
+                     max_poll_records=ROWS_PER_BATCH, auto_offset_reset="none", client_id="streamfit-spark-reader")
     try:
         columns: list[list] = [[] for _ in ARROW_SCHEMA]
         for record in read_range(kafka, part, options.fail_on_data_loss):
@@ -98,6 +107,7 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         self.starting = options.get("startingOffsets", "latest")
         self._offsets: KafkaOffsetReader | None = None
         self._target: Offsets | None = None  # Trigger.AvailableNow: never read past what existed at start
+        self._behind: dict[tuple[str, str], int | None] = {}  # partitions last logged as behind the query
 
     @property
     def offsets(self) -> KafkaOffsetReader:
@@ -113,7 +123,21 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
 
     def latestOffset(self, start: dict, limit: ReadLimit) -> dict:
         max_rows = limit.max_rows if isinstance(limit, ReadMaxRows) else None  # ReadAllAvailable: no cap
-        return limit_end(start, self._target or self.offsets.latest(), max_rows)
+        latest = self._target or self.offsets.latest()
+        self._log_behind(start, latest)
+        return limit_end(start, latest, max_rows)
+
+    def _log_behind(self, start: Offsets, latest: Offsets) -> None:
+        """A WARNING when a partition falls behind the query's offset (once, not every trigger)."""
+        now = behind(start, latest)
+        for (topic, partition), reported in now.items():
+            if (topic, partition) not in self._behind or self._behind[(topic, partition)] != reported:
+                log.warning("%s[%s]: the broker reports %s, below the query's offset %d (a broker restarted with "
+                            "less data, a truncated log or a lagging leader): keeping %d, not rewinding; records "
+                            "the broker writes below it will not be read", topic, partition,
+                            "no such partition" if reported is None else f"end offset {reported}",
+                            start[topic][partition], start[topic][partition])
+        self._behind = now
 
     def prepareForTriggerAvailableNow(self) -> None:
         self._target = self.offsets.latest()
