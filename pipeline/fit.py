@@ -6,6 +6,10 @@ parameter server runs in this process, seeded with the registry's ``champion`` (
 standardisation is fitted to the data when it has none yet); the DataFrame is repartitioned into
 ``workers`` partitions, each trained by :func:`pipeline.training.arrow_trainer`; the center variable
 is then registered as a new version and becomes the ``candidate``.
+
+Commits are tagged like a streaming query's: query id = the run's id, batch id 0 (the whole file
+is one batch), worker id = partition, and a sequence number, so a Spark task that is retried (or
+speculatively run twice) re-sends tags the server already applied, and they are skipped.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +45,7 @@ class FitError(ValueError):
 class FitResult:
     """What a fit did: the versions registered (the first is the candidate), held-out metrics, counts."""
 
+    run_id: str
     versions: list[int]
     holdout: dict[str, float]
     rows: int
@@ -112,11 +118,12 @@ def standardisation_of(frame, n_features: int) -> tuple[np.ndarray, np.ndarray]:
 
 def fit(spark, settings: Settings, registry: Registry, data: str | Path, *, holdout: float = 0.1,
         label_column: str = "label", promote: bool = False,
-        progress: Callable[[dict], None] | None = None) -> FitResult:
+        progress: Callable[[dict], None] | None = None, run_id: str | None = None) -> FitResult:
     """Train ``settings.model`` on ``data`` with ``settings.algorithm`` over ``settings.workers``
     Spark partitions; register the result (see the module docstring). ``progress`` gets the server's
-    stats about once a second."""
+    stats about once a second. ``run_id`` (default: a fresh ``fit-<hex>``) tags the commits."""
     started = time.monotonic()
+    run_id = run_id or f"fit-{uuid.uuid4().hex[:12]}"
     model = settings.model
     spec = registry.spec(model)
     parent, weights = registry.weights(model, "champion")
@@ -129,7 +136,7 @@ def fit(spark, settings: Settings, registry: Registry, data: str | Path, *, hold
     if has_identity_standardisation(weights):
         weights["standardise/mean"], weights["standardise/std"] = (
             v.astype(np.float32) for v in standardisation_of(train, spec.n_features))
-    plan = _plan(settings, spec, rows)
+    plan = _plan(settings, spec, rows, run_id)
     state = CenterState(weights, plan.algorithm().rule())
     secret = secrets.token_hex(16)
     with ParameterServer(state, host=settings.ps_host, port=0, secret=secret.encode(),
@@ -146,11 +153,11 @@ def fit(spark, settings: Settings, registry: Registry, data: str | Path, *, hold
         registry.promote(model, versions[0])
     registry.retain(model, settings.registry_keep)
     train.unpersist()
-    return FitResult(versions=versions, holdout=metrics, rows=rows, invalid_rows=invalid, updates=updates,
+    return FitResult(run_id=run_id, versions=versions, holdout=metrics, rows=rows, invalid_rows=invalid, updates=updates,
                      seconds=time.monotonic() - started, workers=sorted(reports, key=lambda r: r["worker_id"]))
 
 
-def _plan(settings: Settings, spec: ModelSpec, rows: int) -> TrainingPlan:
+def _plan(settings: Settings, spec: ModelSpec, rows: int, run_id: str) -> TrainingPlan:
     params = {name: getattr(settings, name) for name in ("communication_window", "rho", "workers")}
     steps = None
     if settings.algorithm == SynchronousAveraging.name:
@@ -162,7 +169,8 @@ def _plan(settings: Settings, spec: ModelSpec, rows: int) -> TrainingPlan:
         return TrainingPlan.create(spec, algorithm=settings.algorithm, addresses=[],
                                    learning_rate=settings.learning_rate, momentum=settings.momentum,
                                    algorithm_params=params, batch_size=settings.batch_size, epochs=settings.epochs,
-                                   steps_per_epoch=steps, seed=settings.seed, io_timeout_s=settings.ps_io_timeout_s)
+                                   steps_per_epoch=steps, seed=settings.seed, io_timeout_s=settings.ps_io_timeout_s,
+                                   query_id=run_id, batch_id=0)
     except ValueError as exc:
         raise FitError(str(exc)) from exc
 

@@ -11,11 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.bundle import ModelBundle
-from pipeline.fit import FitError, fit
+from pipeline.fit import FitError, _plan, fit
 from pipeline.ps.algorithms import ALGORITHMS
+from pipeline.ps.server import CenterState, ParameterServer
 from pipeline.registry import Registry
 from pipeline.settings import load_settings
 from pipeline.spec import BUILTIN_SPECS
+from pipeline.training import train_rows
 from tests.conftest import STREAMFIT
 
 SPEC = BUILTIN_SPECS["small"]
@@ -55,6 +57,7 @@ def test_every_algorithm_converges_with_two_workers(spark, data_file, tmp_path, 
     assert result.rows + result.holdout["rows"] == 6000 and result.invalid_rows == 0
     assert [r["worker_id"] for r in result.workers] == [0, 1] and all(r["steps"] > 0 for r in result.workers)
     assert result.updates > 0 and all(r["skipped"] == 0 for r in result.workers)
+    assert result.run_id.startswith("fit-")
     candidate = registry.resolve("small", "candidate")
     assert candidate == result.versions[0] and registry.aliases("small")["champion"] == 1
     meta = registry.meta("small", candidate)
@@ -64,6 +67,23 @@ def test_every_algorithm_converges_with_two_workers(spark, data_file, tmp_path, 
     trained = registry.load("small", "candidate")
     assert float(np.mean(trained.predict_proba(x).argmax(axis=1) == y)) >= 0.9
     assert not np.allclose(trained.get_weights()["standardise/mean"], 0)  # fitted from the data
+
+
+def test_a_retried_fit_task_is_not_applied_twice(tmp_path):
+    """Spark re-running a task (lost executor, speculation) re-sends the same tags: all skipped."""
+    settings = load_settings(home=tmp_path, model="small", algorithm="downpour", workers=2, batch_size=32,
+                             communication_window=2)
+    plan = _plan(settings, SPEC, 320, "fit-run-1")
+    state = CenterState(ModelBundle(SPEC, seed=1).get_weights(), plan.algorithm().rule())
+    x, y = separable(320)
+    with ParameterServer(state) as server:
+        plan = plan.model_copy(update={"addresses": [server.address]})
+        first = train_rows(plan, x, y, worker_id=1)
+        counter = state.counter
+        retried = train_rows(plan, x, y, worker_id=1)
+    assert first.commits == counter > 0 and first.skipped == 0
+    assert retried.commits == retried.skipped == first.commits and state.counter == counter
+    assert state.stats()["queries"]["fit-run-1"] == {"offsets": {}, "rows": 320, "batch": 0}
 
 
 def test_sync_refuses_fewer_rows_than_one_round(spark, tmp_path):

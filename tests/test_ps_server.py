@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import hmac
 import json
 import queue
 import signal
@@ -18,12 +19,13 @@ import pytest
 from safetensors.numpy import save_file
 
 from pipeline.ps import client as client_module
+from pipeline.ps import meta as meta_module
 from pipeline.ps import server as server_module
 from pipeline.ps import sharding
 from pipeline.ps.algorithms import ReplicaSlots, StalenessScaled, SynchronousRound, UpdateRule
 from pipeline.ps.checkpoint import Checkpoint, CheckpointError
 from pipeline.ps.client import Client, ServerError, ShardedClient
-from pipeline.ps.protocol import HEADER, MAGIC, VERSION, CommitTag, Frame, FrameReader, MsgType, encode
+from pipeline.ps.protocol import FLAG_MAC, HEADER, MAGIC, VERSION, CommitTag, Frame, FrameReader, MsgType, encode
 from pipeline.ps.server import CenterState, ParameterServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +71,7 @@ def wire(frame: Frame, secret: bytes | None = None) -> bytes:
 
 
 def test_modules_docstring_examples_run():
-    for module in (server_module, client_module, sharding):
+    for module in (server_module, client_module, meta_module, sharding):
         assert doctest.testmod(module).failed == 0, module.__name__
 
 
@@ -126,14 +128,18 @@ def test_concurrent_commits_all_land(serve):
     np.testing.assert_array_equal(weights["bias"], np.full(4, 100, np.float32))
 
 
-def _header(**fields) -> bytes:
+def _header(secret: bytes | None = None, **fields) -> bytes:
+    """A bare header (signed with ``secret``: flag and header MAC), as no well-behaved client sends it."""
     values = {"magic": MAGIC, "version": VERSION, "kind": MsgType.PULL, "data": 0, **fields}
-    return HEADER.pack(values["magic"], values["version"], values["kind"], 0, 0, 0, values["data"], 0, -1, 0, 0, b"")
+    header = HEADER.pack(values["magic"], values["version"], values["kind"], FLAG_MAC if secret else 0, 0, 0,
+                         values["data"], 0, -1, 0, 0, b"")
+    return header + hmac.digest(secret, header, "sha256") if secret else header
 
 
 BAD_INPUTS = {
     "random bytes": (np.random.default_rng(7).bytes(300), "protocol"),
-    "frame claiming 10 GB": (_header(kind=MsgType.COMMIT, data=10 * 2**30), "too_large"),
+    "frame claiming 10 GB": (_header(SECRET, kind=MsgType.COMMIT, data=10 * 2**30), "too_large"),
+    "unauthenticated frame claiming 10 GB": (_header(kind=MsgType.COMMIT, data=10 * 2**30), "auth"),
     "wrong protocol version": (_header(version=VERSION + 1), "version"),
     "wrong HMAC": (wire(Frame(MsgType.PULL), b"not-the-secret"), "auth"),
     "no HMAC": (wire(Frame(MsgType.PULL)), "auth"),
@@ -268,7 +274,7 @@ def test_publish_callback_runs_in_the_background_and_survives_failures(serve):
         calls.append(published.get(timeout=5))
     thread, counter, meta, bias = calls[-1]
     assert thread == "publish" and counter == 4 and meta["counter"] == 4
-    assert meta["commits"]["q"] == {"offsets": {"events": {"0": 3}}}
+    assert meta["commits"]["q"] == {"offsets": {"events": {"0": 3}}, "rows": 0, "batch": 3}
     np.testing.assert_array_equal(bias, np.full(4, 4, np.float32))
     assert server.stats()["publish"]["error"] is None
 
@@ -285,7 +291,7 @@ def test_checkpoint_every_t_seconds_and_on_stop(tmp_path):
     finally:
         server.stop()
     snapshot = checkpoint.load()
-    assert snapshot.counter == 2 and snapshot.guard["q"]["meta"] == {"offsets": {"events": {"0": 20}}}
+    assert snapshot.counter == 2 and snapshot.guard["q"]["offsets"] == {"events": {"0": 20}}
     resumed = CenterState.from_snapshot(snapshot, UpdateRule())
     assert resumed.commit(ONES, pulled=2, tag=CommitTag("q", 2, 0, 0)).status == "skipped"
     weights, counter = resumed.pull()
@@ -454,3 +460,158 @@ def test_cli_refuses_a_sharded_ensemble(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("STREAMFIT_HOME", str(tmp_path))
     assert main(["ps", "--algorithm", "ensemble", "--shards", "2"]) == 1
     assert "--shards 1" in capsys.readouterr().err
+
+
+def test_cli_refuses_an_unauthenticated_public_address(monkeypatch, tmp_path, capsys):
+    from pipeline.cli import main
+
+    monkeypatch.setenv("STREAMFIT_HOME", str(tmp_path))
+    assert main(["ps", "--host", "0.0.0.0"]) == 1
+    assert "STREAMFIT_PS_SECRET" in capsys.readouterr().err
+    monkeypatch.setenv("STREAMFIT_PS_SECRET", "")
+    assert main(["ps"]) == 2  # a bad setting
+    assert "empty secret" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- metadata, rows, checkpoint()
+
+
+def test_empty_secret_is_an_error_not_off():
+    with pytest.raises(ValueError, match="empty"):
+        ParameterServer(CenterState(WEIGHTS, UpdateRule()), secret=b"")
+    with pytest.raises(ValueError, match="empty"):
+        Client(secret=b"")
+
+
+def test_queries_count_rows_of_accepted_commits_and_keep_the_latest_offsets():
+    state = CenterState(WEIGHTS, UpdateRule())
+    state.commit(ONES, pulled=0, tag=CommitTag("q", 4, 0, 0), meta={"offsets": {"events": {"0": 10}}, "rows": 5})
+    state.commit(ONES, pulled=1, tag=CommitTag("q", 5, 1, 0), meta={"rows": 7})  # no offsets: the last ones stay
+    assert state.commit(ONES, pulled=2, tag=CommitTag("q", 4, 0, 0), meta={"rows": 100}).status == "skipped"
+    state.commit(ONES, pulled=2, meta={"rows": 3})
+    assert state.stats()["queries"] == {"": {"offsets": {}, "rows": 3, "batch": -1},
+                                        "q": {"offsets": {"events": {"0": 10}}, "rows": 12, "batch": 5}}
+
+
+@pytest.mark.parametrize("meta, problem", [
+    ({"offsets": {"events": {"0": float("nan")}}}, "offsets.events.0"),
+    ({"offsets": {"events": {"0": "10"}}}, "valid integer"),
+    ({"offsets": {"events": {"zero": 1}}}, "pattern"),
+    ({"rows": -1}, "rows"),
+    ({"rows": True}, "rows"),
+    ({"note": "hi"}, "Extra inputs"),
+])
+def test_invalid_metadata_or_an_empty_delta_is_rejected_and_nothing_changes(meta, problem):
+    client = client_module.LocalClient(CenterState(WEIGHTS, UpdateRule()))
+    with pytest.raises(server_module.CommitRejected, match=problem):
+        client.commit(ONES, tag=CommitTag("q", 1), meta=meta)
+    with pytest.raises(server_module.CommitRejected, match="no tensors"):
+        client.commit({}, tag=CommitTag("q", 1))
+    stats = client.stats()
+    assert stats["counter"] == 0 and stats["queries"] == {} and json.dumps(stats, allow_nan=False)
+
+
+def test_stats_reply_that_cannot_be_encoded_is_an_error_on_that_connection_only(serve, monkeypatch):
+    server = serve()
+    with Client(*server.address) as bystander, Client(*server.address) as asker:
+        bystander.pull()
+        monkeypatch.setattr(server.state, "stats", lambda: {"counter": float("nan")})
+        with pytest.raises(ServerError) as error:
+            asker.stats()
+        assert error.value.code == "internal"
+        assert bystander.commit(ONES).status == "applied"
+
+
+def test_checkpoint_on_request_is_durable_when_it_answers(tmp_path):
+    checkpoint = Checkpoint(tmp_path / "ckpt")
+    state = CenterState(WEIGHTS, UpdateRule())
+    with ParameterServer(state, checkpoint=checkpoint, checkpoint_every_updates=10**6,
+                         checkpoint_every_s=3600) as server, Client(*server.address) as client:
+        client.commit(ONES, tag=CommitTag("q", 7, 0, 0), meta={"offsets": {"events": {"0": 42}}, "rows": 64})
+        reply = client.checkpoint()
+        expected = {"q": {"offsets": {"events": {"0": 42}}, "rows": 64, "batch": 7}}
+        assert reply.written and reply.counter == 1 and reply.queries == expected
+        resumed, found = CenterState.resume(Checkpoint(checkpoint.directory), UpdateRule(), lambda: pytest.fail("fresh"))
+        assert found and resumed.counter == 1 and resumed.stats()["queries"] == expected
+        again = client.checkpoint()  # nothing changed since: nothing written, the same answer
+        assert not again.written and (again.counter, again.queries) == (1, expected)
+
+
+def test_checkpoint_request_without_a_directory_or_failing_is_an_error_the_caller_sees(serve, tmp_path):
+    with Client(*serve().address) as client:
+        with pytest.raises(ServerError) as error:
+            client.checkpoint()
+        assert error.value.code == "no_checkpoint" and client.pull()[1] == 0  # the connection stays usable
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    server = serve(checkpoint=Checkpoint(blocker / "ckpt"), checkpoint_every_updates=10**6, checkpoint_every_s=3600)
+    with Client(*server.address) as client:
+        client.commit(ONES)
+        with pytest.raises(ServerError) as error:
+            client.checkpoint()
+        assert error.value.code == "checkpoint_failed" and client.stats()["checkpoint"]["error"]
+
+
+def test_a_failed_checkpoint_is_retried_while_idle(tmp_path):
+    blocker = tmp_path / "ckpt"
+    blocker.write_text("")  # the checkpoint directory cannot be created while this file is there
+    state = CenterState(WEIGHTS, UpdateRule())
+    with ParameterServer(state, checkpoint=Checkpoint(blocker), checkpoint_every_updates=1,
+                         checkpoint_every_s=3600) as server:
+        with Client(*server.address) as client:
+            client.commit(ONES)
+            wait_until(lambda: client.stats()["checkpoint"]["error"] is not None)
+        blocker.unlink()  # no commit arrives after the fix: only a retry can write it
+        wait_until(lambda: server.stats()["checkpoint"]["counter"] == 1)
+    assert Checkpoint(blocker).load().counter == 1
+
+
+def test_the_final_checkpoint_runs_when_the_last_one_failed(tmp_path):
+    blocker = tmp_path / "ckpt"
+    blocker.write_text("")
+    state = CenterState(WEIGHTS, UpdateRule())
+    server = ParameterServer(state, checkpoint=Checkpoint(blocker), checkpoint_every_updates=1,
+                             checkpoint_every_s=3600).start()
+    state.commit(ONES, pulled=0)
+    wait_until(lambda: server.stats()["checkpoint"]["error"] is not None)
+    blocker.unlink()
+    server.stop()
+    assert Checkpoint(blocker).load().counter == 1
+
+
+def test_sharded_checkpoint_and_a_commit_that_misses_a_shard(tmp_path):
+    layout = sharding.plan({name: value.size for name, value in WEIGHTS.items()}, 2)
+    states = [CenterState({name: WEIGHTS[name] for name in names}, UpdateRule()) for names in layout]
+    servers = [ParameterServer(state, checkpoint=Checkpoint(tmp_path / f"shard-{i}"), checkpoint_every_s=3600).start()
+               for i, state in enumerate(states)]
+    try:
+        with ShardedClient([s.address for s in servers]) as client:
+            ack = client.commit({"bias": np.ones(4, np.float32)}, tag=CommitTag("q", 3), meta={"rows": 9})
+            assert ack.status == "applied" and [s.counter for s in states] == [1, 1]  # both shards moved
+            reply = client.checkpoint()
+            assert reply.counter == 1 and reply.queries == {"q": {"offsets": {}, "rows": 9, "batch": 3}}
+            assert client.stats()["queries"] == reply.queries
+    finally:
+        for server in servers:
+            server.stop()
+    weights = {}
+    for i in range(2):
+        weights.update(Checkpoint(tmp_path / f"shard-{i}").load().weights)
+    np.testing.assert_array_equal(weights["bias"], np.ones(4, np.float32))
+    np.testing.assert_array_equal(weights["kernel"], WEIGHTS["kernel"])
+
+
+def test_checkpoint_with_invalid_or_old_metadata_loads_cleaned(tmp_path, caplog):
+    checkpoint = Checkpoint(tmp_path)
+    checkpoint.save(CenterState(WEIGHTS, UpdateRule()).snapshot())
+    state_file = tmp_path / "state.json"
+    stored = json.loads(state_file.read_text())
+    stored["guard"] = {"bad": {"batch": 2, "applied": [[0, 0]], "offsets": {"events": {"0": float("nan")}}, "rows": 1},
+                       "old": {"batch": 3, "applied": [[1, 0]], "meta": {"offsets": {"events": {"1": 5}}}}}
+    state_file.write_text(json.dumps(stored))  # NaN, as a server before the schema could write it
+    resumed = CenterState.from_snapshot(checkpoint.load(), UpdateRule())
+    assert resumed.stats()["queries"] == {"bad": {"offsets": {}, "rows": 0, "batch": 2},
+                                          "old": {"offsets": {"events": {"1": 5}}, "rows": 0, "batch": 3}}
+    assert "'bad' has invalid metadata" in caplog.text
+    assert resumed.commit(ONES, pulled=0, tag=CommitTag("bad", 2, 0, 0)).status == "skipped"  # guard kept
+    json.dumps(resumed.stats(), allow_nan=False)

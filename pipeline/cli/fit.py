@@ -62,7 +62,8 @@ def run(args) -> int:
     alias = "champion" if args.promote else "candidate"
     accuracy = result.holdout.get("accuracy")
     print(f"trained {settings.model} on {result.rows:,} rows ({result.invalid_rows:,} invalid left out) in "
-          f"{result.seconds:.1f}s: {result.updates:,} updates; version {result.versions[0]} is {alias}"
+          f"{result.seconds:.1f}s (run {result.run_id}): {result.updates:,} updates; version {result.versions[0]} "
+          f"is {alias}"
           + (f", held-out accuracy {accuracy:.3f}" if accuracy is not None else ""))
     return 0
 

@@ -6,16 +6,21 @@ are spread over shards by :func:`pipeline.ps.sharding.plan`. Shard ``i`` listens
 (any free port when 0). When the model is in the registry, the center variable is published as a
 new ``candidate`` version every ``ps_publish_every_updates`` updates or ``ps_publish_every_s``
 seconds with changes (and on shutdown), each alias move announced on ``model-updates``.
+
+Without ``ps_secret`` anyone who reaches the port can train the model, so binding a non-loopback
+address without one needs ``ps_allow_insecure`` (and is logged as a warning).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import multiprocessing
 import multiprocessing.connection
 import queue
 import signal
+import socket
 import sys
 import threading
 
@@ -57,6 +62,13 @@ def run(args) -> int:
         from_settings(settings)
     except ValueError as exc:
         raise CommandError(str(exc)) from exc
+    if settings.ps_secret is None and not _loopback(settings.ps_host):
+        if not settings.ps_allow_insecure:
+            raise CommandError(f"refusing to serve unauthenticated frames on {settings.ps_host!r}, which is not a "
+                               f"loopback address: set STREAMFIT_PS_SECRET (the training workers need the same), "
+                               f"or STREAMFIT_PS_ALLOW_INSECURE=true on a network you trust")
+        logging.getLogger(__name__).warning("parameter server on %s without ps_secret: anyone who reaches it can "
+                                            "change the model (ps_allow_insecure)", settings.ps_host)
     shards = settings.ps_shards
     if shards > 1 and settings.algorithm == Ensemble.name:
         raise CommandError("ensemble keeps one replica per worker on one server: run it with --shards 1")
@@ -90,6 +102,15 @@ def run(args) -> int:
     if crashed:
         raise CommandError(f"shard process(es) {', '.join(crashed)} exited unexpectedly")
     return 0
+
+
+def _loopback(host: str) -> bool:
+    """True if every address ``host`` resolves to is a loopback one."""
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(host, None)} if host else set()
+    except OSError:
+        return False
+    return bool(found) and all(ipaddress.ip_address(address.split("%")[0]).is_loopback for address in found)
 
 
 def _initial(settings, init_path: str | None) -> tuple[tuple[str, str | int], dict[str, int]]:

@@ -1,4 +1,4 @@
-"""Clients of the parameter server, all with one API: ``pull``, ``commit``, ``stats``.
+"""Clients of the parameter server, all with one API: ``pull``, ``commit``, ``stats``, ``checkpoint``.
 
 :class:`Client` talks to one shard over TCP, :class:`ShardedClient` scatters and gathers over
 several in parallel, :class:`LocalClient` calls a :class:`~pipeline.ps.server.CenterState` in-process
@@ -18,14 +18,17 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from pipeline.ps.algorithms import UpdateRule
+from pipeline.ps.meta import least_advanced
 from pipeline.ps.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     Ack,
+    Checkpointed,
     CommitTag,
     Frame,
     FrameReader,
     MsgType,
     ProtocolError,
+    checked_secret,
     send_frame,
 )
 from pipeline.ps.server import CenterState
@@ -33,12 +36,14 @@ from pipeline.ps.sharding import addresses
 
 log = logging.getLogger(__name__)
 
-_KEEPS_CONNECTION = {"rejected", "pull_timeout"}  # error codes after which the server keeps the connection
+# error codes after which the server keeps the connection
+_KEEPS_CONNECTION = {"rejected", "pull_timeout", "no_checkpoint", "checkpoint_failed"}
 
 
 class ServerError(RuntimeError):
     """The server answered with an ERROR frame; ``code`` says why (``rejected``, ``pull_timeout``,
-    ``auth``, ``version``, ``too_large``, ``protocol``, ``internal``)."""
+    ``no_checkpoint``, ``checkpoint_failed``, ``busy``, ``auth``, ``version``, ``too_large``,
+    ``frame_timeout``, ``protocol``, ``internal``)."""
 
     def __init__(self, code: str, message: str, address: str):
         super().__init__(f"parameter server {address}: {message} ({code})")
@@ -53,15 +58,17 @@ class Client:
     >>> with ParameterServer(CenterState({"w": np.zeros(2, np.float32)}, UpdateRule())) as server:
     ...     with Client(*server.address) as client:
     ...         weights, counter = client.pull()
-    ...         client.commit({"w": weights["w"] + 1}, meta={"offsets": {"events": {"0": 42}}})
+    ...         client.commit({"w": weights["w"] + 1}, meta={"offsets": {"events": {"0": 42}}, "rows": 8})
+    ...         client.stats()["queries"]
     Ack(status='applied', counter=1, staleness=0)
+    {'': {'offsets': {'events': {'0': 42}}, 'rows': 8, 'batch': -1}}
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 5700, *, secret: bytes | None = None,
                  timeout_s: float = 60.0, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
         self.address = f"{host}:{port}"
         self._target = (host, port)
-        self._secret = secret
+        self._secret = checked_secret(secret)
         self._timeout = timeout_s
         self._max_frame_bytes = max_frame_bytes
         self._sock: socket.socket | None = None
@@ -88,6 +95,12 @@ class Client:
 
     def stats(self) -> dict[str, Any]:
         return dict(self._request(Frame(MsgType.STATS), MsgType.STATS_REPLY).meta)
+
+    def checkpoint(self) -> Checkpointed:
+        """Have the server write its checkpoint now (unless nothing changed since its last one); returns
+        once it is durable. Raises :class:`ServerError` ``no_checkpoint`` or ``checkpoint_failed``."""
+        reply = self._request(Frame(MsgType.CHECKPOINT), MsgType.CHECKPOINT_REPLY)
+        return Checkpointed(reply.counter, dict(reply.meta.get("queries", {})), bool(reply.meta.get("written")))
 
     def close(self) -> None:
         with self._lock:
@@ -158,6 +171,7 @@ class ShardedClient:
                         for host, port in shards]
         self._pool = ThreadPoolExecutor(max_workers=len(shards), thread_name_prefix="ps-shard")
         self._owner: dict[str, int] | None = None
+        self._smallest: list[tuple[str, tuple[int, ...]]] | None = None  # per shard: its smallest tensor
 
     @property
     def pulled(self) -> int | None:
@@ -166,25 +180,39 @@ class ShardedClient:
 
     def pull(self, *, worker_id: int = 0, min_counter: int = 0, wait_s: float = 0.0) -> tuple[dict[str, np.ndarray], int]:
         parts = self._each(lambda c, _: c.pull(worker_id=worker_id, min_counter=min_counter, wait_s=wait_s))
-        self._owner = {name: i for i, (weights, _) in enumerate(parts) for name in weights}
+        self._learn_layout([{name: value.shape for name, value in weights.items()} for weights, _ in parts])
         return {name: value for weights, _ in parts for name, value in weights.items()}, min(c for _, c in parts)
 
     def commit(self, delta: Mapping[str, np.ndarray], *, tag: CommitTag = CommitTag(),
                meta: Mapping[str, Any] | None = None, pulled: int | None = None) -> Ack:
-        """Every shard gets its part (possibly empty) so the shards' counters and replay guards move together."""
+        """Every shard gets a commit so the shards' counters and replay guards move together: its part
+        of ``delta``, or when that is empty, zeros for its smallest tensor (a shard refuses empty commits)."""
+        if not delta:
+            raise ValueError("a commit needs at least one tensor")
         owner = self._layout()
         parts: list[dict[str, np.ndarray]] = [{} for _ in self.clients]
         for name, value in delta.items():
             if name not in owner:
                 raise ValueError(f"tensor {name!r} is on no shard")
             parts[owner[name]][name] = value
+        for part, (name, shape) in zip(parts, self._smallest):
+            if not part:
+                part[name] = np.zeros(shape, np.float32)
         acks = self._each(lambda c, i: c.commit(parts[i], tag=tag, meta=meta, pulled=pulled))
         return Ack.combine(acks)
 
     def stats(self) -> dict[str, Any]:
+        """Totals over the shards, ``queries`` as every shard has them (the least advanced record), and
+        each shard's own stats under ``shards``."""
         shards = self._each(lambda c, _: c.stats())
         return {"counter": min(s["counter"] for s in shards), "bytes_in": sum(s["bytes_in"] for s in shards),
-                "bytes_out": sum(s["bytes_out"] for s in shards), "shards": shards}
+                "bytes_out": sum(s["bytes_out"] for s in shards),
+                "queries": least_advanced(s["queries"] for s in shards), "shards": shards}
+
+    def checkpoint(self) -> Checkpointed:
+        """Every shard checkpoints now (in parallel); the answer is what all of them made durable, or
+        the first shard's failure."""
+        return Checkpointed.combine(self._each(lambda c, _: c.checkpoint()))
 
     def close(self) -> None:
         for client in self.clients:
@@ -199,9 +227,13 @@ class ShardedClient:
 
     def _layout(self) -> dict[str, int]:
         if self._owner is None:
-            shards = self._each(lambda c, _: c.stats())
-            self._owner = {name: i for i, s in enumerate(shards) for name in s["tensors"]}
+            self._learn_layout([{name: tuple(shape) for name, shape in s["tensors"].items()}
+                                for s in self._each(lambda c, _: c.stats())])
         return self._owner
+
+    def _learn_layout(self, shapes: list[dict[str, tuple[int, ...]]]) -> None:
+        self._owner = {name: i for i, shard in enumerate(shapes) for name in shard}
+        self._smallest = [min(shard.items(), key=lambda item: (int(np.prod(item[1])), item[0])) for shard in shapes]
 
     def _each(self, call: Callable[[Client, int], Any]) -> list:
         """``call(client, shard_index)`` on every shard in parallel; the first failure is raised."""
@@ -233,6 +265,10 @@ class LocalClient:
 
     def stats(self) -> dict[str, Any]:
         return self.state.stats()
+
+    def checkpoint(self) -> Checkpointed:
+        """An in-process state has no checkpoint directory: always ``no_checkpoint``, as from such a server."""
+        raise ServerError("no_checkpoint", "an in-process state has no checkpoint directory", "local")
 
 
 def connect(settings, *, timeout_s: float | None = None) -> Client | ShardedClient:

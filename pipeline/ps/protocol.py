@@ -2,14 +2,18 @@
 
 dist-keras pickled Python objects over unauthenticated sockets; anyone who could reach the port could
 run code on the parameter server. A frame here is plain data, and a receiver checks every length
-against a bound before it allocates anything. Layout on the wire::
+against a bound before it allocates anything. Layout on the wire (version 2)::
 
     header      HEADER.size bytes, little-endian: magic, version, type, flags, table/meta/data lengths,
                 counter, batch id, commit seq, worker id, query id (UTF-8, NUL padded)
+    header mac  32 bytes when FLAG_MAC is set: HMAC-SHA256 of the header
     table       per tensor: u16 name length, UTF-8 name, u8 dtype code, u8 ndim, ndim x u64 dims
     metadata    a JSON object (UTF-8), possibly empty: Kafka offsets, ACK status, stats, error message
     data        each tensor's raw little-endian bytes in table order, each padded to 8 bytes
     mac         32 bytes when FLAG_MAC is set: HMAC-SHA256 of everything before it
+
+The header has its own MAC so that a receiver holding the secret checks who sent the lengths before
+it reads or allocates the body: a peer without the secret costs it at most one header.
 
 Tensors are sent straight from the arrays' memory (``sendmsg`` scatter list) and received straight into
 one buffer that the decoded arrays are views of, so a 4 MB pull costs no copy on either side.
@@ -31,7 +35,7 @@ from typing import Any, Mapping
 import numpy as np
 
 MAGIC = b"SFPS"
-VERSION = 1
+VERSION = 2  # 2: the header has its own MAC
 FLAG_MAC = 0x0001
 MAC_SIZE = 32
 PREAMBLE = struct.Struct("<4sBBH")  # magic, version, type, flags: enough to reject a stranger
@@ -58,6 +62,8 @@ class MsgType(enum.IntEnum):
     STATS = 5
     STATS_REPLY = 6
     ERROR = 7
+    CHECKPOINT = 8
+    CHECKPOINT_REPLY = 9
 
 
 class ProtocolError(ValueError):
@@ -123,6 +129,25 @@ class Ack:
         return cls(status, min(a.counter for a in acks), max(a.staleness for a in acks))
 
 
+@dataclass(frozen=True)
+class Checkpointed:
+    """The server's answer to a checkpoint request, given once the checkpoint is durable: the update
+    counter and the per-query records (:class:`~pipeline.ps.meta.QueryRecord` as JSON) it holds, and
+    whether this request wrote it (False: nothing had changed since the last one)."""
+
+    counter: int
+    queries: dict[str, dict[str, Any]]
+    written: bool
+
+    @classmethod
+    def combine(cls, replies: list[Checkpointed]) -> Checkpointed:
+        """One answer over shards: what every shard has made durable."""
+        from pipeline.ps.meta import least_advanced
+
+        return cls(min(r.counter for r in replies), least_advanced(r.queries for r in replies),
+                   any(r.written for r in replies))
+
+
 @dataclass
 class Frame:
     type: MsgType
@@ -133,6 +158,13 @@ class Frame:
     seq: int = 0
     tensors: Mapping[str, np.ndarray] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+def checked_secret(secret: bytes | None) -> bytes | None:
+    """``secret`` if it can authenticate anything: None means HMAC off, an empty one is a mistake."""
+    if secret is not None and not secret:
+        raise ValueError("the shared secret is empty; pass None to turn HMAC off")
+    return secret
 
 
 def error_frame(code: str, message: str) -> Frame:
@@ -169,6 +201,8 @@ def encode(frame: Frame, secret: bytes | None = None) -> list[memoryview]:
         raise ValueError(f"tensor table ({len(table)} B) or metadata ({len(meta)} B) exceeds its {MAX_META_BYTES} B bound")
     header = HEADER.pack(MAGIC, VERSION, frame.type, FLAG_MAC if secret else 0, len(table), len(meta), data_len,
                          frame.counter, frame.batch_id, frame.seq, frame.worker_id, query)
+    if secret:
+        header += hmac.digest(secret, header, "sha256")
     buffers = [memoryview(header + table + meta), *parts]
     if secret:
         mac = hmac.new(secret, digestmod=hashlib.sha256)
@@ -240,12 +274,16 @@ class FrameReader:
         except ValueError:
             raise ProtocolError(f"unknown message type {kind}") from None
         mac_len = MAC_SIZE if flags & FLAG_MAC else 0
-        size = HEADER.size + table_len + meta_len + data_len + mac_len
+        if self._secret and not mac_len:
+            raise AuthenticationError("frame is not authenticated but this side requires HMAC (shared secret)")
+        header_mac = bytearray(mac_len)
+        self._recv_exact(memoryview(header_mac), deadline)
+        if self._secret and not hmac.compare_digest(hmac.digest(self._secret, preamble, "sha256"), header_mac):
+            raise AuthenticationError("frame header HMAC does not match: wrong shared secret or a corrupted frame")
+        size = HEADER.size + table_len + meta_len + data_len + 2 * mac_len
         if table_len > MAX_TABLE_BYTES or meta_len > MAX_META_BYTES or size > self._max:
             raise FrameTooLarge(f"frame of {size} bytes (table {table_len}, metadata {meta_len}) exceeds the bounds "
                                 f"(frame {self._max}, table {MAX_TABLE_BYTES}, metadata {MAX_META_BYTES})")
-        if self._secret and not mac_len:
-            raise AuthenticationError("frame is not authenticated but this side requires HMAC (shared secret)")
         table_meta = bytearray(table_len + meta_len)
         self._recv_exact(memoryview(table_meta), deadline)
         data = self._data_buffer(data_len)
@@ -255,7 +293,7 @@ class FrameReader:
             self._recv_exact(memoryview(mac), deadline)
             if self._secret:
                 expected = hmac.new(self._secret, digestmod=hashlib.sha256)
-                for part in (preamble, table_meta, data):
+                for part in (preamble, header_mac, table_meta, data):
                     expected.update(part)
                 if not hmac.compare_digest(expected.digest(), mac):
                     raise AuthenticationError("frame HMAC does not match: wrong shared secret or a corrupted frame")
@@ -312,7 +350,9 @@ def _decode_tensors(table: memoryview, data: np.ndarray) -> dict[str, np.ndarray
                 raise ProtocolError(f"tensor {name!r}: duplicate, or its {nbytes} bytes overrun the data section")
             tensors[name] = data[offset:offset + nbytes].view(dtype).reshape(shape)
             offset += nbytes + (-nbytes % _ALIGN)
-    except (struct.error, UnicodeDecodeError) as exc:
+    except ProtocolError:
+        raise
+    except (struct.error, UnicodeDecodeError, ValueError, OverflowError) as exc:  # e.g. dims (0, 2**63): no array
         raise ProtocolError(f"malformed tensor table: {exc}") from None
     if offset != data.size:
         raise ProtocolError(f"data section is {data.size} bytes but the tensor table describes {offset}")
@@ -324,8 +364,8 @@ def _decode_meta(raw: memoryview) -> dict[str, Any]:
         return {}
     try:
         meta = json.loads(bytes(raw))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"metadata is not valid JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nesting thousands deep
+        raise ProtocolError(f"metadata is not valid JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
     if not isinstance(meta, dict):
         raise ProtocolError("metadata must be a JSON object")
     return meta

@@ -8,6 +8,11 @@ keep applying. Checkpoints and publishing run in their own threads from snapshot
 request path.
 
 The transport does not know algorithms: the update rule object decides what a commit does.
+
+A client is not trusted to be well-behaved: every commit's metadata is held to a schema
+(:mod:`pipeline.ps.meta`), every failure of a request is answered with an ERROR frame on that
+connection only, and a peer without the shared secret can cost the server at most one frame header
+on one of ``max_connections`` connections.
 """
 
 from __future__ import annotations
@@ -21,16 +26,19 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from pipeline.ps.algorithms import CommitRejected, UpdateRule
-from pipeline.ps.checkpoint import Checkpoint, Snapshot
+from pipeline.ps.checkpoint import Checkpoint, CheckpointError, Snapshot
+from pipeline.ps.meta import CommitMeta, QueryRecord
 from pipeline.ps.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     Ack,
+    Checkpointed,
     CommitTag,
     Frame,
     FrameReader,
     MsgType,
     ProtocolError,
     TruncatedFrame,
+    checked_secret,
     error_frame,
     send_frame,
 )
@@ -47,39 +55,60 @@ class PullTimeout(TimeoutError):
 class ReplayGuard:
     """Recognises replayed commits: per streaming query, the highest batch id seen and the
     ``(worker_id, seq)`` pairs applied within it. A Spark micro-batch replayed after a crash re-sends
-    the same tags, so it is acknowledged as skipped instead of training twice. Also remembers the
-    latest commit metadata (Kafka offsets) per query, untagged commits under ``""``.
+    the same tags, so it is acknowledged as skipped instead of training twice. Also keeps each query's
+    :class:`~pipeline.ps.meta.QueryRecord` (latest offsets, rows trained, highest batch), untagged
+    commits under ``""``.
     """
 
-    def __init__(self, queries: Mapping[str, Any] | None = None):
-        self._batch: dict[str, int] = {}
+    def __init__(self):
         self._applied: dict[str, set[tuple[int, int]]] = {}
-        self.meta: dict[str, dict[str, Any]] = {}
-        for query, entry in (queries or {}).items():
-            self._batch[query] = int(entry["batch"])
-            self._applied[query] = {(int(w), int(s)) for w, s in entry["applied"]}
-            self.meta[query] = entry["meta"]
+        self.records: dict[str, QueryRecord] = {}
+
+    @classmethod
+    def from_json(cls, queries: Mapping[str, Any]) -> ReplayGuard:
+        """The inverse of :meth:`to_json`. Stored metadata that fails the schema (written before it
+        existed) is dropped with an error in the log: the replay guard itself is kept. Checkpoints
+        from before ``rows`` was counted keep their offsets under ``meta`` and start at 0 rows."""
+        guard = cls()
+        try:
+            for query, entry in queries.items():
+                batch, applied = int(entry["batch"]), {(int(w), int(s)) for w, s in entry["applied"]}
+                try:
+                    source = entry["meta"] if "meta" in entry else entry
+                    fields = {name: source[name] for name in ("offsets", "rows") if name in source}
+                    record = QueryRecord.model_validate({**fields, "batch": batch})
+                except (TypeError, ValueError) as exc:
+                    log.error("checkpoint: query %r has invalid metadata, dropped (its replay guard is kept): %s",
+                              query, " ".join(str(exc).split())[:300])
+                    record = QueryRecord(batch=batch)
+                guard.records[str(query)], guard._applied[str(query)] = record, applied
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"the checkpoint's replay guard is malformed: {exc!r}") from None
+        return guard
 
     def seen(self, tag: CommitTag) -> bool:
-        if not tag.query_id or tag.query_id not in self._batch:
+        if not tag.query_id or tag.query_id not in self.records:
             return False
-        highest = self._batch[tag.query_id]
+        highest = self.records[tag.query_id].batch
         return tag.batch_id < highest or (tag.batch_id == highest and (tag.worker_id, tag.seq) in self._applied[tag.query_id])
 
-    def record(self, tag: CommitTag, meta: Mapping[str, Any]) -> None:
-        if meta:
-            self.meta[tag.query_id] = dict(meta)
+    def record(self, tag: CommitTag, meta: CommitMeta) -> None:
+        record = self.records.setdefault(tag.query_id, QueryRecord())
+        record.add(meta)
         if not tag.query_id:
             return
-        if tag.batch_id > self._batch.get(tag.query_id, tag.batch_id - 1):
-            self._batch[tag.query_id] = tag.batch_id
+        if tag.query_id not in self._applied or tag.batch_id > record.batch:
+            record.batch = tag.batch_id
             self._applied[tag.query_id] = set()
         self._applied[tag.query_id].add((tag.worker_id, tag.seq))
 
+    def queries(self) -> dict[str, dict[str, Any]]:
+        """STATS' ``queries``: ``{query: {"offsets": {topic: {partition: offset}}, "rows": n, "batch": id}}``."""
+        return {query: record.model_dump() for query, record in sorted(self.records.items())}
+
     def to_json(self) -> dict[str, Any]:
-        queries = set(self._batch) | set(self.meta)
-        return {q: {"batch": self._batch.get(q, -1), "applied": sorted(self._applied.get(q, ())),
-                    "meta": self.meta.get(q, {})} for q in sorted(queries)}
+        return {query: {**record, "applied": sorted(self._applied.get(query, ()))}
+                for query, record in self.queries().items()}
 
 
 class CenterState:
@@ -105,7 +134,7 @@ class CenterState:
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot, rule: UpdateRule) -> CenterState:
         rule.restore(snapshot.rule_tensors, snapshot.rule_state)
-        return cls(snapshot.weights, rule, counter=snapshot.counter, guard=ReplayGuard(snapshot.guard))
+        return cls(snapshot.weights, rule, counter=snapshot.counter, guard=ReplayGuard.from_json(snapshot.guard))
 
     @classmethod
     def resume(cls, checkpoint: Checkpoint, rule: UpdateRule,
@@ -140,15 +169,18 @@ class CenterState:
 
         ``pulled`` is the counter the worker last pulled; staleness is how many updates landed since.
         ``delta`` arrays are only read during the call (they may be views of a receive buffer).
+        A delta without tensors, or metadata outside :class:`~pipeline.ps.meta.CommitMeta`, is
+        rejected (:class:`CommitRejected`) before anything changes.
         """
         delta = self._checked(delta)
+        checked_meta = CommitMeta.parse(meta)
         with self._cond:
             if self._guard.seen(tag):
                 self._tally["skipped"] += 1
                 return Ack("skipped", self._counter, max(self._counter - pulled, 0))
             staleness = max(self._counter - pulled, 0)
             new = self.rule.apply(self._center, delta, worker_id=tag.worker_id, staleness=staleness)
-            self._guard.record(tag, meta or {})
+            self._guard.record(tag, checked_meta)
             stats = self._workers.setdefault(tag.worker_id, [0, 0, 0, 0])
             stats[0] += 1
             stats[1] += staleness
@@ -173,15 +205,15 @@ class CenterState:
 
     def publication(self) -> tuple[dict[str, np.ndarray], int, dict[str, Any]]:
         """What ``on_publish`` receives: the rule's published weights, the counter, and metadata with
-        the latest commit metadata (Kafka offsets) per query."""
+        each query's record (latest Kafka offsets, rows, batch) under ``commits``."""
         with self._cond:
-            meta = {"counter": self._counter, "rule": self.rule.name, "commits": dict(self._guard.meta)}
+            meta = {"counter": self._counter, "rule": self.rule.name, "commits": self._guard.queries()}
             return dict(self.rule.published(self._center)), self._counter, meta
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
             return {"counter": self._counter, "rule": self.rule.name, "commits": dict(self._tally),
-                    "queries": dict(self._guard.meta),
+                    "queries": self._guard.queries(),
                     "tensors": {name: list(shape) for name, shape in self.shapes.items()},
                     "parameters": sum(int(np.prod(shape)) for shape in self.shapes.values()),
                     "workers": {str(w): {"commits": c, "staleness_mean": total / c, "staleness_max": top,
@@ -198,6 +230,8 @@ class CenterState:
             self._cond.notify_all()
 
     def _checked(self, delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not delta:
+            raise CommitRejected("the commit has no tensors")
         checked = {}
         for name, value in delta.items():
             if name not in self.shapes:
@@ -219,7 +253,15 @@ def _frozen(array: np.ndarray) -> np.ndarray:
 class _Periodic:
     """Runs ``action`` in its own thread after ``every_updates`` updates, or once ``every_s`` seconds
     passed since the last run with any change in between; a slow or failing action (registry down,
-    disk full) is logged and retried later, it never blocks or breaks a request."""
+    disk full) is logged and retried, it never blocks or breaks a request.
+
+    Only a successful run counts as done: a failed one is retried after a back-off (doubling from
+    ``RETRY_FIRST_S`` up to ``RETRY_MAX_S``) even while no new update arrives, and ``stop(final=True)``
+    runs again unless the last success covers every change. Runs never overlap (:meth:`run_now` may
+    be called from a request thread)."""
+
+    RETRY_FIRST_S = 0.5
+    RETRY_MAX_S = 30.0
 
     def __init__(self, name: str, state: CenterState, action: Callable[[], None], every_updates: int, every_s: float):
         self.name = name
@@ -230,6 +272,9 @@ class _Periodic:
         self._done_counter = state.counter
         self._done_changes = state.changes
         self._last = time.monotonic()
+        self._failures = 0
+        self._retry_at = 0.0
+        self._run_lock = threading.RLock()
         self._stopping = False
         self.info: dict[str, Any] = {"runs": 0, "counter": None, "at": None, "error": None}
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -238,7 +283,7 @@ class _Periodic:
         self._thread.start()
 
     def stop(self, *, final: bool) -> None:
-        """Stop the thread; with ``final``, run once more if anything changed since the last run."""
+        """Stop the thread; with ``final``, run once more unless the last success covers every change."""
         self._stopping = True
         self._state.wake()
         self._thread.join()
@@ -246,24 +291,53 @@ class _Periodic:
             self.run_once()
 
     def run_once(self) -> None:
-        counter, self._done_changes, self._last = self._state.counter, self._state.changes, time.monotonic()
-        self._done_counter = counter
+        """Run now; a failure is logged and scheduled for a retry."""
         try:
-            self._action()
-        except Exception as exc:  # noqa: BLE001 - any failure of a plug-in action is logged, then retried
-            log.exception("%s failed at update %d", self.name, counter)
-            self.info["error"] = f"{type(exc).__name__}: {exc}"
-        else:
+            self._run()
+        except Exception:  # noqa: BLE001 - any failure of a plug-in action is logged, then retried
+            log.exception("%s failed at update %d (attempt %d); retrying in %gs", self.name, self._state.counter,
+                          self._failures, self._retry_at - time.monotonic())
+
+    def run_now(self) -> bool:
+        """Run synchronously unless the last success covers every change; True if it ran. Raises what
+        the action raised (the failure is also scheduled for a retry)."""
+        with self._run_lock:
+            if self._state.changes == self._done_changes:
+                return False
+            self._run()
+            return True
+
+    def _run(self) -> None:
+        with self._run_lock:
+            counter, changes = self._state.counter, self._state.changes  # read before the action's snapshot
+            self._last = time.monotonic()
+            try:
+                self._action()
+            except Exception as exc:
+                self._failures += 1
+                self._retry_at = self._last + min(self.RETRY_FIRST_S * 2 ** (self._failures - 1), self.RETRY_MAX_S)
+                self.info["error"] = f"{type(exc).__name__}: {exc}"
+                raise
+            self._failures = 0
+            self._done_counter, self._done_changes = counter, changes
             self.info.update(runs=self.info["runs"] + 1, counter=counter, at=time.time(), error=None)
 
+    def _next_at(self) -> float:
+        """When pending changes become due by time alone."""
+        return self._retry_at if self._failures else self._last + self._every_s
+
     def _due(self, state: CenterState) -> bool:
-        return (self._stopping or state.counter - self._done_counter >= self._every_updates
-                or (state.changes != self._done_changes and time.monotonic() >= self._last + self._every_s))
+        if self._stopping:
+            return True
+        if state.changes == self._done_changes:
+            return False
+        return (time.monotonic() >= self._next_at()
+                or (not self._failures and state.counter - self._done_counter >= self._every_updates))
 
     def _loop(self) -> None:
         while True:
             pending = self._state.changes != self._done_changes
-            timeout = max(self._last + self._every_s - time.monotonic(), 0.01) if pending else self._every_s
+            timeout = max(self._next_at() - time.monotonic(), 0.01) if pending else self._every_s
             if not self._state.wait(self._due, timeout):
                 continue
             if self._stopping:
@@ -276,7 +350,12 @@ class ParameterServer:
 
     Malformed, oversized, wrong-version or unauthenticated frames get an ERROR frame and the
     connection is closed; a frame that stalls is cut off after ``io_timeout_s``, an idle connection
-    after ``idle_timeout_s``. Other clients are unaffected.
+    after ``idle_timeout_s`` (a new one whose first frame does not start within ``io_timeout_s``).
+    Beyond ``max_connections`` a connection gets a ``busy`` ERROR frame and is closed. Any failure
+    while handling a request is answered on its own connection; other clients are unaffected.
+
+    ``secret`` turns on HMAC (an empty one is an error). With a ``checkpoint``, a CHECKPOINT request
+    writes it synchronously; without one it is answered ``no_checkpoint``.
 
     >>> import numpy as np
     >>> from pipeline.ps.algorithms import UpdateRule
@@ -292,20 +371,25 @@ class ParameterServer:
 
     def __init__(self, state: CenterState, *, host: str = "127.0.0.1", port: int = 0, secret: bytes | None = None,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, io_timeout_s: float = 60.0,
-                 idle_timeout_s: float = 600.0, checkpoint: Checkpoint | None = None,
+                 idle_timeout_s: float = 600.0, max_connections: int = 64, checkpoint: Checkpoint | None = None,
                  checkpoint_every_updates: int = 200, checkpoint_every_s: float = 30.0,
                  on_publish: PublishCallback | None = None, publish_every_updates: int = 100,
                  publish_every_s: float = 20.0):
         self.state = state
         self._bind = (host, port)
-        self._secret = secret
+        self._secret = checked_secret(secret)
         self._max_frame_bytes = max_frame_bytes
         self._io_timeout = io_timeout_s
         self._idle_timeout = idle_timeout_s
+        self._max_connections = max_connections
         self._periodic: list[_Periodic] = []
+        self._checkpointing: _Periodic | None = None
         if checkpoint is not None:
-            self._periodic.append(_Periodic("checkpoint", state, lambda: checkpoint.save(state.snapshot()),
-                                            checkpoint_every_updates, checkpoint_every_s))
+            self._checkpoint = checkpoint
+            self._durable = Checkpointed(state.counter, state.stats()["queries"], written=False)
+            self._checkpointing = _Periodic("checkpoint", state, self._save_checkpoint,
+                                            checkpoint_every_updates, checkpoint_every_s)
+            self._periodic.append(self._checkpointing)
         if on_publish is not None:
             self._periodic.append(_Periodic("publish", state, lambda: on_publish(*state.publication()),
                                             publish_every_updates, publish_every_s))
@@ -322,7 +406,7 @@ class ParameterServer:
         secret = settings.ps_secret.get_secret_value().encode() if settings.ps_secret else None
         return cls(state, host=settings.ps_host, port=settings.ps_port if port is None else port, secret=secret,
                    max_frame_bytes=settings.ps_max_frame_bytes, io_timeout_s=settings.ps_io_timeout_s,
-                   idle_timeout_s=settings.ps_idle_timeout_s,
+                   idle_timeout_s=settings.ps_idle_timeout_s, max_connections=settings.ps_max_connections,
                    checkpoint_every_updates=settings.ps_checkpoint_every_updates,
                    checkpoint_every_s=settings.ps_checkpoint_every_s,
                    publish_every_updates=settings.ps_publish_every_updates,
@@ -387,44 +471,71 @@ class ParameterServer:
                     log.warning("accepting a connection failed: %s", exc)  # e.g. out of file descriptors
                     time.sleep(0.1)
                 continue
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
+            try:
+                self._admit(conn, f"{peer[0]}:{peer[1]}")
+            except Exception:  # noqa: BLE001 - e.g. no thread can be started: drop this one, keep accepting
+                log.exception("could not serve a connection from %s:%d", *peer[:2])
+                with self._lock:
+                    self._connections.discard(conn)
+                conn.close()
+
+    def _admit(self, conn: socket.socket, peer: str) -> None:
+        with self._lock:
+            busy = len(self._connections) >= self._max_connections
+            if not busy:
                 self._connections.add(conn)
-            threading.Thread(target=self._serve, args=(conn, f"{peer[0]}:{peer[1]}"), name=f"ps-conn-{peer[1]}",
-                             daemon=True).start()
+        if busy:
+            log.warning("%s refused: %d connections already open (ps_max_connections)", peer, self._max_connections)
+            try:
+                conn.settimeout(1.0)  # a fresh socket's send buffer is empty: this does not block
+                self._send(conn, error_frame("busy", f"the server already has {self._max_connections} connections"))
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the peer is gone already
+            conn.close()
+            return
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        threading.Thread(target=self._serve, args=(conn, peer), name=f"ps-conn-{peer}", daemon=True).start()
 
     def _serve(self, conn: socket.socket, peer: str) -> None:
-        reader = FrameReader(conn, secret=self._secret, max_frame_bytes=self._max_frame_bytes, reuse_buffer=True)
+        """One connection's requests until it closes; nothing escapes this thread."""
         try:
-            while not self._stopping.is_set():
-                try:
-                    request = reader.read(idle_timeout=self._idle_timeout, frame_timeout=self._io_timeout)
-                except TruncatedFrame:
-                    log.warning("%s closed the connection in the middle of a frame", peer)
-                    return
-                except ProtocolError as exc:
-                    log.warning("%s sent a bad frame (%s); closing the connection", peer, exc)
-                    self._send(conn, error_frame(exc.code, str(exc)))
-                    _linger(conn)
-                    return
-                except TimeoutError:
-                    log.info("%s idle for %gs; closing the connection", peer, self._idle_timeout)
-                    return
-                if request is None:
-                    return
-                with self._lock:
-                    self._bytes["in"] += reader.last_size
-                reply, keep_open = self._handle(request, peer)
-                self._send(conn, reply)
-                if not keep_open:
-                    _linger(conn)
-                    return
+            self._converse(conn, peer)
         except OSError as exc:
             log.info("connection with %s lost: %s", peer, exc)
+        except Exception:  # noqa: BLE001 - a bug must cost this connection only
+            log.exception("connection with %s failed", peer)
         finally:
             with self._lock:
                 self._connections.discard(conn)
             conn.close()
+
+    def _converse(self, conn: socket.socket, peer: str) -> None:
+        reader = FrameReader(conn, secret=self._secret, max_frame_bytes=self._max_frame_bytes, reuse_buffer=True)
+        idle_timeout = min(self._io_timeout, self._idle_timeout)  # a new connection must speak soon
+        while not self._stopping.is_set():
+            try:
+                request = reader.read(idle_timeout=idle_timeout, frame_timeout=self._io_timeout)
+            except TruncatedFrame:
+                log.warning("%s closed the connection in the middle of a frame", peer)
+                return
+            except ProtocolError as exc:
+                log.warning("%s sent a bad frame (%s); closing the connection", peer, exc)
+                self._send(conn, error_frame(exc.code, str(exc)))
+                _linger(conn)
+                return
+            except TimeoutError:
+                log.info("%s idle for %gs; closing the connection", peer, idle_timeout)
+                return
+            if request is None:
+                return
+            idle_timeout = self._idle_timeout
+            with self._lock:
+                self._bytes["in"] += reader.last_size
+            reply, keep_open = self._handle(request, peer)
+            if not self._send(conn, reply) or not keep_open:
+                _linger(conn)
+                return
 
     def _handle(self, request: Frame, peer: str) -> tuple[Frame, bool]:
         """The reply to one request, and whether the connection stays open."""
@@ -442,6 +553,8 @@ class ParameterServer:
                              meta={"status": ack.status, "staleness": ack.staleness}), True
             if request.type == MsgType.STATS:
                 return Frame(MsgType.STATS_REPLY, counter=self.state.counter, meta=self.stats()), True
+            if request.type == MsgType.CHECKPOINT:
+                return self._checkpoint_now(peer), True
             raise ProtocolError(f"a client may not send {request.type.name} frames")
         except ProtocolError as exc:
             log.warning("%s: %s; closing the connection", peer, exc)
@@ -455,11 +568,38 @@ class ParameterServer:
             log.exception("%s: request %s failed", peer, request.type.name)
             return error_frame("internal", "internal server error; see the server log"), False
 
-    def _send(self, conn: socket.socket, frame: Frame) -> None:
+    def _checkpoint_now(self, peer: str) -> Frame:
+        """Write the checkpoint now unless the last one covers every change, and answer with what is durable."""
+        if self._checkpointing is None:
+            return error_frame("no_checkpoint", "this server has no checkpoint directory")
+        try:
+            written = self._checkpointing.run_now()
+        except Exception as exc:  # noqa: BLE001 - the caller must learn that its updates are not durable
+            log.exception("%s: checkpoint on request failed", peer)
+            return error_frame("checkpoint_failed", f"{type(exc).__name__}: {exc}"[:500])
+        durable = self._durable
+        return Frame(MsgType.CHECKPOINT_REPLY, counter=durable.counter,
+                     meta={"queries": durable.queries, "written": written})
+
+    def _save_checkpoint(self) -> None:
+        snapshot = self.state.snapshot()
+        self._checkpoint.save(snapshot)
+        queries = {query: {k: v for k, v in entry.items() if k != "applied"} for query, entry in snapshot.guard.items()}
+        self._durable = Checkpointed(snapshot.counter, queries, written=True)
+
+    def _send(self, conn: socket.socket, frame: Frame) -> bool:
+        """Send ``frame``; if it cannot be encoded (a bug: a reply with NaN or a bad dtype), send an
+        ``internal`` ERROR frame instead and return False: the connection is to be closed."""
         conn.settimeout(self._io_timeout)
-        sent = send_frame(conn, frame, self._secret)
+        try:
+            sent, sent_frame = send_frame(conn, frame, self._secret), True  # encodes fully before sending a byte
+        except (TypeError, ValueError):
+            log.exception("a %s reply could not be encoded", frame.type.name)
+            failed = error_frame("internal", "the reply could not be encoded; see the server log")
+            sent, sent_frame = send_frame(conn, failed, self._secret), False
         with self._lock:
             self._bytes["out"] += sent
+        return sent_frame
 
 
 def _linger(conn: socket.socket) -> None:
