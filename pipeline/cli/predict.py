@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 log = logging.getLogger("streamfit.predict")
@@ -38,27 +39,24 @@ def run(args) -> int:
     settings = settings_from(args)
     servers = bootstrap(settings)
     ensure_topics(servers, topic_specs(settings), settings.kafka_timeout_s)
-    try:
-        spark = spark_session(settings, "streamfit-predict")
-    except SparkSetupError as exc:
-        raise CommandError(str(exc)) from None
-    try:
-        job = InferenceJob(spark, settings, servers)
-    except RegistryError as exc:
-        spark.stop()
-        raise CommandError(str(exc)) from None
-    metrics = job.reporter.metrics.serve(settings.predict_metrics_port) if settings.predict_metrics_port else None
-    checkpoint = settings.predict_checkpoint or str(settings.home / "checkpoints" / "inference")
-    supervisor = QuerySupervisor(job.start(checkpoint), lambda: job.start(checkpoint))
-    print(f"predicting {settings.topic_events} -> {settings.topic_predictions} with {settings.model} "
-          f"(checkpoint {checkpoint}" + (f", metrics on :{settings.predict_metrics_port}/metrics" if metrics else "")
-          + "); Ctrl-C stops", flush=True)
-    run_until_stopped(supervisor.poll)
-    stop_between_batches(supervisor.query)
-    failure = supervisor.query.exception()
-    spark.stop()
-    if metrics:
-        metrics.shutdown()
+    with contextlib.ExitStack() as down:  # Spark (and with it the query) and the metrics server end on every path
+        try:
+            spark = spark_session(settings, "streamfit-predict")
+            down.callback(spark.stop)
+            job = InferenceJob(spark, settings, servers)
+        except (SparkSetupError, RegistryError) as exc:
+            raise CommandError(str(exc)) from None
+        metrics = job.reporter.metrics.serve(settings.predict_metrics_port) if settings.predict_metrics_port else None
+        if metrics:
+            down.callback(metrics.shutdown)
+        checkpoint = settings.predict_checkpoint or str(settings.home / "checkpoints" / "inference")
+        supervisor = QuerySupervisor(job.start(checkpoint), lambda: job.start(checkpoint))
+        print(f"predicting {settings.topic_events} -> {settings.topic_predictions} with {settings.model} "
+              f"(checkpoint {checkpoint}" + (f", metrics on :{settings.predict_metrics_port}/metrics" if metrics else "")
+              + "); Ctrl-C stops", flush=True)
+        run_until_stopped(supervisor.poll)
+        stop_between_batches(supervisor.query)
+        failure = supervisor.query.exception()
     if failure:
         raise CommandError(str(failure))
     return 0
