@@ -36,9 +36,10 @@ from pipeline.bundle import has_identity_standardisation
 from pipeline.dlq import dead_letter
 from pipeline.events import FeatureSchema, Rejection, validate
 from pipeline.ps.algorithms import ALGORITHMS, WorkerReport
+from pipeline.ps.client import ServerError
 from pipeline.ps.protocol import CommitTag
 from pipeline.settings import Settings
-from pipeline.training import Scores, TrainingPlan, local_model, report_fields, rows_of, train_rows
+from pipeline.training import Scores, TrainingPlan, local_model, poisonous_rows, report_fields, rows_of, train_rows
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,13 @@ def score_and_train(batches: Iterator[pa.RecordBatch], plan: TrainingPlan, schem
 
         fewest = min(int(n) for n in BarrierTaskContext.get().allGather(str(len(y))))
         plan = plan.model_copy(update={"steps_per_epoch": fewest // plan.batch_size})
-    scores = Scores(len(y))
-    report = train_rows(plan, x, y, worker_id, scores) if len(y) and plan.steps_per_epoch != 0 else WorkerReport()
+    scores, rejected = Scores(len(y)), None
+    try:
+        report = train_rows(plan, x, y, worker_id, scores) if len(y) and plan.steps_per_epoch != 0 else WorkerReport()
+    except ServerError as exc:  # the server refused a commit for its content: the driver retries, then quarantines
+        if exc.code != "rejected":
+            raise
+        report, rejected, scores = WorkerReport(), str(exc), Scores(len(y))
     if len(y) and not report.steps:  # nothing trained (a sync round too small): the current center scores them
         model = local_model(plan.spec)
         with plan.client() as client:
@@ -113,7 +119,7 @@ def score_and_train(batches: Iterator[pa.RecordBatch], plan: TrainingPlan, schem
                                    pa.array(label_probability, mask=~is_train),
                                    pa.nulls(len(is_train), pa.string())], schema=STEP_SCHEMA)
     yield from scored.to_batches()
-    fields = report_fields(worker_id, len(y) if report.steps else 0, report)
+    fields = {**report_fields(worker_id, len(y) if report.steps else 0, report), "rejected": rejected}
     yield pa.RecordBatch.from_pylist([{"kind": "report", "report": orjson.dumps(fields).decode()}], schema=STEP_SCHEMA)
 
 
@@ -216,7 +222,9 @@ class TrainingGauges:
                 "invalid_events": ("invalid", "events dead-lettered"),
                 "unlabelled_events": ("unlabelled", "unlabelled events skipped"),
                 "applied_updates": ("updates", "updates applied"), "drifts": ("drift", "drifts flagged"),
-                "promotions": ("promoted", "candidates promoted by the gate")}
+                "promotions": ("promoted", "candidates promoted by the gate"),
+                "batch_retries": ("retries", "micro-batch tries repeated after the parameter server refused a commit"),
+                "poison_events": ("poison", "events dead-lettered because training on them broke the model")}
 
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -225,6 +233,8 @@ class TrainingGauges:
         self.gauges = {k: Gauge(f"streamfit_train_{k}", doc, registry=self.registry) for k, doc in self.GAUGES.items()}
         self.counters = {field: Counter(f"streamfit_train_{name}", doc, registry=self.registry)
                          for name, (field, doc) in self.COUNTERS.items()}
+        self.restarts = Counter("streamfit_train_query_restarts", "restarts of the training query after a failure "
+                                "(broker or parameter server unreachable)", registry=self.registry)
 
     def update(self, record: dict) -> None:
         for name, gauge in self.gauges.items():
@@ -285,23 +295,23 @@ class TrainingJob:
         standardised = self._standardise_once(raw, batch_id)
         if standardised:
             lap("standardise")
-        counter = self.client.stats()["counter"]
+        stats = self.client.stats()
+        counter, incarnation = stats["counter"], stats["incarnation"]
         boosted = self._boost_left > 0
         plan = self._plan(batch_id, self._query_id(), boosted)
-        # no `self` in what Spark ships to the workers
-        step = functools.partial(score_and_train, plan=plan, schema=self.schema, topic=s.topic_events)
-        table = raw.repartition(s.workers).mapInArrow(step, STEP_DDL, barrier=s.algorithm == "sync").toArrow()
+        table, poison, tries = self._train(raw, plan, batch_id)
         lap("spark_job")
         table = table.sort_by(ARRIVAL_ORDER)  # reports (no arrival) last
         by_kind = {kind: table.filter(pa.compute.equal(table.column("kind"), kind))
                    for kind in ("report", "dead", "unlabelled", "train")}
         reports = [orjson.loads(r) for r in by_kind["report"].column("report").to_pylist()]
-        dead = by_kind["dead"].column("dead").to_pylist()
+        dead = by_kind["dead"].column("dead").to_pylist() + poison
         futures = [self.producer.send(s.topic_dlq, value=value) for value in dead]
         labelled = by_kind["train"]
         x, y = rows_of(labelled.to_batches(), self.spec.n_features)
         record = {"model": s.model, "batch_id": batch_id, "rows": len(y), "events": table.num_rows - len(reports),
-                  "invalid": len(dead), "unlabelled": by_kind["unlabelled"].num_rows}
+                  "invalid": len(dead), "unlabelled": by_kind["unlabelled"].num_rows, "retries": tries - 1,
+                  "poison": len(poison)}
         if len(y):
             record.update(self.prequential.score(labelled.column("correct").to_numpy(zero_copy_only=False),
                                                  labelled.column("label_probability").to_numpy(zero_copy_only=False)))
@@ -312,6 +322,7 @@ class TrainingJob:
             self.gate.remember(x, y)
         for future in futures:
             future.get(timeout=s.kafka_timeout_s)  # dead letters acknowledged before the batch commits
+        self._make_durable(batch_id, incarnation)
         lap("driver")
         record["gate"] = self.gate.review(self.bundle)
         versions = set(self.registry.versions(s.model))
@@ -327,6 +338,83 @@ class TrainingJob:
                  "%d updates, drift=%s", batch_id, record["rows"], record["unlabelled"], record["invalid"],
                  record.get("accuracy", float("nan")), record.get("window_accuracy", float("nan")),
                  record.get("updates", 0), record.get("drift", False))
+
+    def _run_workers(self, raw, plan: TrainingPlan) -> pa.Table:
+        # no `self` in what Spark ships to the workers
+        step = functools.partial(score_and_train, plan=plan, schema=self.schema, topic=self.settings.topic_events)
+        synchronous = plan.algorithm_name == "sync"
+        return raw.repartition(self.settings.workers).mapInArrow(step, STEP_DDL, barrier=synchronous).toArrow()
+
+    def _train(self, raw, plan: TrainingPlan, batch_id: int) -> tuple[pa.Table, list[bytes], int]:
+        """The workers' output table, the dead letters of poison events, and the tries it took.
+
+        When the server refuses a commit (its content: non-finite weights, say), the micro-batch is
+        tried again, ``batch_attempts`` times in all (the tags make the server skip what it already
+        applied). Then the events that break training are found on the driver
+        (:func:`~pipeline.training.poisonous_rows`), dead-lettered, and the rest trained once more; if
+        even that is refused, the micro-batch's labelled events are dead-lettered with the refusal.
+        A micro-batch never blocks the query for its content."""
+        s = self.settings
+        for attempt in range(1, s.batch_attempts + 1):
+            table = self._run_workers(raw, plan)
+            refusal = _refusal(table)
+            if refusal is None:
+                return table, [], attempt
+            log.warning("batch %d: the parameter server refused a commit (%s); try %d of %d", batch_id, refusal,
+                        attempt, s.batch_attempts)
+        rows = raw.toArrow()
+        poison = self._poison_events(rows)
+        log.error("batch %d: refused %d times; %d poison event(s) dead-lettered, the rest trained again", batch_id,
+                  s.batch_attempts, len(poison))
+        if poison:
+            from pyspark.sql import functions as F
+
+            keys = [f"{partition}:{offset}" for partition, offset in poison]
+            raw = raw.filter(~F.concat_ws(":", "partition", "offset").isin(keys))
+        table = self._run_workers(raw, plan)
+        refusal = _refusal(table)
+        dead = [dead_letter("train", reason, value, topic, partition, offset)
+                for (partition, offset), (reason, value, topic) in poison.items()]
+        if refusal is not None:
+            log.error("batch %d: still refused (%s); its labelled events go to the dead-letter topic", batch_id, refusal)
+            train = table.filter(pa.compute.equal(table.column("kind"), "train"))
+            reason = (f"training micro-batch {batch_id} was refused by the parameter server {s.batch_attempts + 1} "
+                      f"times ({refusal}); this event may be partly trained")
+            values = _values_by_key(rows)
+            dead += [dead_letter("train", reason, values[key][0], values[key][1], *key)
+                     for key in zip(train.column("partition").to_pylist(), train.column("offset").to_pylist())]
+            table = table.filter(pa.compute.not_equal(table.column("kind"), "train"))
+        return table, dead, s.batch_attempts + 1
+
+    def _poison_events(self, rows: pa.Table) -> dict[tuple[int, int], tuple[str, bytes, str]]:
+        """``(partition, offset) -> (reason, raw value, topic)`` of the labelled events one SGD step on
+        which, from the current center, leaves non-finite weights."""
+        from pipeline.bundle import ModelBundle
+
+        checked = pa.Table.from_batches(list(check_partition(rows.to_batches(), self.schema)), schema=CHECK_SCHEMA)
+        train = checked.filter(pa.compute.equal(checked.column("kind"), "train"))
+        x, y = rows_of(train.to_batches(), self.spec.n_features)
+        optimizer = self.spec.optimizer.model_copy(update={"momentum": 0.0})  # no state a bad step could taint
+        screen = ModelBundle(self.spec.model_copy(update={"optimizer": optimizer}))
+        bad = poisonous_rows(screen, self.client.pull()[0], x, y, self.settings.batch_size)
+        keys = list(zip(train.column("partition").to_pylist(), train.column("offset").to_pylist()))
+        values = _values_by_key(rows)
+        reason = "training on this event makes the model's weights non-finite (the parameter server refuses them)"
+        return {keys[i]: (reason, *values[keys[i]]) for i in bad}
+
+    def _make_durable(self, batch_id: int, incarnation: str) -> None:
+        """Before Spark commits this micro-batch, the parameter server checkpoints what it trained:
+        a crash of the server after this point loses none of it. If the server restarted during
+        the micro-batch (its checkpoint may predate some of the micro-batch's commits), fail it:
+        the query is restarted, the micro-batch replayed, and the server skips what it kept."""
+        try:
+            now = self.client.checkpoint().incarnation
+        except ServerError as exc:
+            if exc.code != "no_checkpoint":
+                raise
+            now = self.client.stats()["incarnation"]  # a server that keeps no checkpoint: nothing to make durable
+        if now != incarnation:
+            raise TrainingError(f"the parameter server restarted during micro-batch {batch_id}; it is replayed")
 
     def _react_to_drift(self, metrics: dict) -> None:
         """On drift, the next micro-batches train with a boosted learning rate until ``drift_boost_events``
@@ -355,6 +443,7 @@ class TrainingJob:
         if not len(x):
             return 0
         self._standardised = True
+        x = x.astype(np.float64)  # float32 squares of valid values near its limit overflow to inf
         std = x.std(axis=0)
         delta = {"standardise/mean": x.mean(axis=0).astype(np.float32),
                  "standardise/std": (np.where(std > 1e-12, std, 1.0) - 1.0).astype(np.float32)}
@@ -418,13 +507,18 @@ class TrainingJob:
         return time.monotonic() - started
 
     def start(self, checkpoint: str, trigger: dict | None = None, starting_offsets: str | None = None):
-        s = self.settings
+        """Check the parameter server, warm the workers, then start the query."""
         self.check_parameter_server()
         self.warm_up_s = self.warm_workers()
+        return self.start_query(checkpoint, trigger, starting_offsets)
+
+    def start_query(self, checkpoint: str, trigger: dict | None = None, starting_offsets: str | None = None):
+        """Start (or, after a failure, restart) the streaming query from ``checkpoint``."""
+        s = self.settings
         reader = (self.spark.readStream.format(self.format).option("kafka.bootstrap.servers", self.bootstrap)
                   .option("subscribe", s.topic_events)
                   .option("startingOffsets", starting_offsets or s.starting_offsets)
-                  .option("failOnDataLoss", "false"))
+                  .option("failOnDataLoss", str(s.fail_on_data_loss).lower()))
         if s.max_offsets_per_trigger:
             reader = reader.option("maxOffsetsPerTrigger", str(s.max_offsets_per_trigger))
         writer = (reader.load().writeStream.queryName(QUERY_NAME).foreachBatch(self._process)
@@ -440,6 +534,18 @@ def _addresses(settings: Settings) -> list[tuple[str, int]]:
     from pipeline.ps.sharding import addresses
 
     return addresses(settings.ps_host, settings.ps_port, settings.ps_shards)
+
+
+def _refusal(table: pa.Table) -> str | None:
+    """The first refusal a worker reported in its report row, or None."""
+    reports = table.filter(pa.compute.equal(table.column("kind"), "report")).column("report").to_pylist()
+    return next((r["rejected"] for r in map(orjson.loads, reports) if r.get("rejected")), None)
+
+
+def _values_by_key(rows: pa.Table) -> dict[tuple[int, int], tuple[bytes, str]]:
+    """``(partition, offset) -> (raw value, topic)`` of Kafka rows."""
+    columns = (rows.column(c).to_pylist() for c in ("partition", "offset", "value", "topic"))
+    return {(p, o): (v, t) for p, o, v, t in zip(*columns)}
 
 
 def _offsets_through(table: pa.Table, topic: str) -> dict:

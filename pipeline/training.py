@@ -22,7 +22,7 @@ task pays for building it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -198,6 +198,38 @@ def arrow_trainer(plan: TrainingPlan):
 def report_fields(worker_id: int, rows: int, report: WorkerReport) -> dict[str, int]:
     """One worker's report as ``REPORT_DDL``'s fields: which worker, how many rows it trained, what it did."""
     return {"worker_id": worker_id, "rows": rows, **vars(report)}
+
+
+def poisonous_rows(model, center: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, batch_size: int) -> list[int]:
+    """The rows one SGD step on which, taken from ``center``, leaves non-finite weights: the events
+    a parameter server refuses to be trained with (valid numbers can still overflow a layer).
+    Each minibatch that breaks the model is halved until single rows remain, so finding a few poison
+    events among n costs about n / batch_size + log2(batch_size) steps. ``model`` must have a
+    stateless optimizer (no momentum), or one bad step would taint every later one.
+
+    >>> from pipeline.ps.softmax import SoftmaxRegression
+    >>> model = SoftmaxRegression(features=1, classes=2, learning_rate=100.0)
+    >>> x = np.array([[0.5], [3e38], [-0.5]], np.float32)  # a valid float32 whose step overflows
+    >>> poisonous_rows(model, model.get_weights(), x, np.array([0, 1, 0]), batch_size=2)
+    [1]
+    """
+    def breaks(index: np.ndarray) -> bool:
+        model.set_weights(center)
+        with np.errstate(all="ignore"):
+            model.train_on_batch(x[index], y[index])
+        return not all(np.isfinite(w).all() for w in model.get_weights().values())
+
+    poison, pending = [], [np.arange(start, min(start + batch_size, len(x))) for start in range(0, len(x), batch_size)]
+    while pending:
+        index = pending.pop()
+        if not breaks(index):
+            continue
+        if len(index) == 1:
+            poison.append(int(index[0]))
+        else:
+            pending += [index[:len(index) // 2], index[len(index) // 2:]]
+    model.set_weights(center)
+    return sorted(poison)
 
 
 def evaluate(model, x: np.ndarray, y: np.ndarray) -> dict[str, float]:

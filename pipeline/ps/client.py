@@ -100,7 +100,8 @@ class Client:
         """Have the server write its checkpoint now (unless nothing changed since its last one); returns
         once it is durable. Raises :class:`ServerError` ``no_checkpoint`` or ``checkpoint_failed``."""
         reply = self._request(Frame(MsgType.CHECKPOINT), MsgType.CHECKPOINT_REPLY)
-        return Checkpointed(reply.counter, dict(reply.meta.get("queries", {})), bool(reply.meta.get("written")))
+        return Checkpointed(reply.counter, dict(reply.meta.get("queries", {})), bool(reply.meta.get("written")),
+                            str(reply.meta.get("incarnation", "")))
 
     def close(self) -> None:
         with self._lock:
@@ -205,7 +206,8 @@ class ShardedClient:
         """Totals over the shards, ``queries`` as every shard has them (the least advanced record), and
         each shard's own stats under ``shards``."""
         shards = self._each(lambda c, _: c.stats())
-        return {"counter": min(s["counter"] for s in shards), "bytes_in": sum(s["bytes_in"] for s in shards),
+        return {"counter": min(s["counter"] for s in shards), "incarnation": ",".join(s["incarnation"] for s in shards),
+                "bytes_in": sum(s["bytes_in"] for s in shards),
                 "bytes_out": sum(s["bytes_out"] for s in shards),
                 "queries": least_advanced(s["queries"] for s in shards), "shards": shards}
 

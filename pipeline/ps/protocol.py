@@ -133,11 +133,14 @@ class Ack:
 class Checkpointed:
     """The server's answer to a checkpoint request, given once the checkpoint is durable: the update
     counter and the per-query records (:class:`~pipeline.ps.meta.QueryRecord` as JSON) it holds, and
-    whether this request wrote it (False: nothing had changed since the last one)."""
+    whether this request wrote it (False: nothing had changed since the last one). ``incarnation``
+    names the server's in-memory state (new at every start, as in ``stats()``): a caller that saw
+    another one before has lost what the server held in between."""
 
     counter: int
     queries: dict[str, dict[str, Any]]
     written: bool
+    incarnation: str = ""
 
     @classmethod
     def combine(cls, replies: list[Checkpointed]) -> Checkpointed:
@@ -145,7 +148,7 @@ class Checkpointed:
         from pipeline.ps.meta import least_advanced
 
         return cls(min(r.counter for r in replies), least_advanced(r.queries for r in replies),
-                   any(r.written for r in replies))
+                   any(r.written for r in replies), ",".join(r.incarnation for r in replies))
 
 
 @dataclass

@@ -21,6 +21,7 @@ import logging
 import socket
 import threading
 import time
+import uuid
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -125,6 +126,7 @@ class CenterState:
         self.shapes = {name: value.shape for name, value in self._center.items()}
         self.rule = rule
         self._counter = counter
+        self.incarnation = uuid.uuid4().hex[:12]  # this in-memory state: a restart is a new one
         self._guard = guard or ReplayGuard()
         self._cond = threading.Condition()
         self._changes = 0
@@ -212,7 +214,8 @@ class CenterState:
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
-            return {"counter": self._counter, "rule": self.rule.name, "commits": dict(self._tally),
+            return {"counter": self._counter, "incarnation": self.incarnation, "rule": self.rule.name,
+                    "commits": dict(self._tally),
                     "queries": self._guard.queries(),
                     "tensors": {name: list(shape) for name, shape in self.shapes.items()},
                     "parameters": sum(int(np.prod(shape)) for shape in self.shapes.values()),
@@ -579,7 +582,7 @@ class ParameterServer:
             return error_frame("checkpoint_failed", f"{type(exc).__name__}: {exc}"[:500])
         durable = self._durable
         return Frame(MsgType.CHECKPOINT_REPLY, counter=durable.counter,
-                     meta={"queries": durable.queries, "written": written})
+                     meta={"queries": durable.queries, "written": written, "incarnation": self.state.incarnation})
 
     def _save_checkpoint(self) -> None:
         snapshot = self.state.snapshot()
