@@ -5,7 +5,9 @@ micro-batch is predicted by the same version and a promotion shows from the next
 micro-batch on. Python workers validate each event with the same validator as the
 producer and serving (so reasons match everywhere), predict the valid rows of each
 Arrow batch in one vectorised call, and emit either a prediction or a dead-letter
-record (the ``topic`` column routes them). A worker loads a model version once and
+record (the ``topic`` column routes them). A valid event the model cannot compute --
+a feature its standardisation takes past float32, or non-finite probabilities -- is
+dead-lettered too, never answered with nulls. A worker loads a model version once and
 keeps it while that version is champion.
 
 With the Python Kafka source the same worker also sends its output and waits for the
@@ -27,7 +29,7 @@ import orjson
 import pyarrow as pa
 
 from pipeline.dlq import dead_letter
-from pipeline.events import Event, FeatureSchema, Rejection, validate
+from pipeline.events import Event, FeatureSchema, Rejection, probability_problems, standardisation_problems, validate
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,31 +57,41 @@ def _bundle(registry_url: str, model: str, version: int):
 
 def predict_partition(batches: Iterator[pa.RecordBatch], registry_url: str, model: str, version: int,
                       schema: FeatureSchema, predictions_topic: str, dlq_topic: str,
-                      copartitioned: bool) -> Iterator[pa.RecordBatch]:
+                      copartitioned: bool, max_raw_bytes: int) -> Iterator[pa.RecordBatch]:
     """Validate and predict one partition's Arrow batches (runs in a Spark Python worker)."""
     bundle = _bundle(registry_url, model, version)
+    mean, std = bundle.standardisation()
     for batch in batches:
         values = batch.column("value").to_pylist()
         topics, partitions, offsets = (batch.column(c).to_pylist() for c in ("topic", "partition", "offset"))
-        out_topics, out_keys, out_values, out_partitions, valid, valid_partitions = [], [], [], [], [], []
-        for raw, topic, partition, offset in zip(values, topics, partitions, offsets):
+        valid, dead = [], []  # (row, event) and (row, reason)
+        for row, raw in enumerate(values):
             verdict = validate(raw, schema)
             if isinstance(verdict, Rejection):
-                out_topics.append(dlq_topic)
-                out_keys.append(None)
-                out_values.append(dead_letter("predict", verdict.reason, raw, topic, partition, offset))
-                out_partitions.append(None)
+                dead.append((row, verdict.reason))
             else:
-                valid.append(verdict)
-                valid_partitions.append(partition if copartitioned else None)
+                valid.append((row, verdict))
+        predicted = []  # (row, event, probabilities)
         if valid:
-            probabilities = bundle.predict_proba(np.asarray([e.features for e in valid], dtype=np.float32))
-            now = int(time.time() * 1000)
-            for event, probs in zip(valid, probabilities.tolist()):
-                out_topics.append(predictions_topic)
-                out_keys.append(event.id.encode())
-                out_values.append(_prediction(event, model, version, probs, now))
-            out_partitions.extend(valid_partitions)
+            x = np.asarray([event.features for _, event in valid], dtype=np.float32)
+            problems = standardisation_problems(x, mean, std, schema.names)
+            dead += [(row, problem) for (row, _), problem in zip(valid, problems) if problem is not None]
+            computable = [k for k, problem in enumerate(problems) if problem is None]
+            if computable:
+                probabilities = bundle.predict_proba(x if len(computable) == len(valid) else x[computable])
+                for k, probs, problem in zip(computable, probabilities.tolist(), probability_problems(probabilities)):
+                    row, event = valid[k]
+                    if problem is None:
+                        predicted.append((row, event, probs))
+                    else:
+                        dead.append((row, problem))
+        now = int(time.time() * 1000)
+        out_topics = [dlq_topic] * len(dead) + [predictions_topic] * len(predicted)
+        out_keys = [None] * len(dead) + [event.id.encode() for _, event, _ in predicted]
+        out_values = ([dead_letter("predict", reason, values[row], topics[row], partitions[row], offsets[row],
+                                   max_raw_bytes) for row, reason in dead]
+                      + [_prediction(event, model, version, probs, now) for _, event, probs in predicted])
+        out_partitions = [None] * len(dead) + [partitions[row] if copartitioned else None for row, _, _ in predicted]
         yield pa.RecordBatch.from_arrays([pa.array(out_topics, pa.string()), pa.array(out_keys, pa.binary()),
                                           pa.array(out_values, pa.binary()), pa.array(out_partitions, pa.int32())],
                                          schema=OUTPUT_SCHEMA)
@@ -128,7 +140,8 @@ class InferenceJob:
             log.info("micro-batch %d: predicting with %s version %d", batch_id, self.settings.model, version)
         self.versions[batch_id] = version
         s = self.settings
-        args = (s.registry_url, s.model, version, self.schema, s.topic_predictions, s.topic_dlq, self.copartitioned)
+        args = (s.registry_url, s.model, version, self.schema, s.topic_predictions, s.topic_dlq, self.copartitioned,
+                s.dlq_max_raw_bytes)
         events = frame.select("value", "topic", "partition", "offset")
         if self.format == PYTHON_SOURCE:
             bootstrap = self.bootstrap

@@ -120,6 +120,7 @@ class ModelBundle:
         self.model = keras.Model(inputs, outputs, name=spec.name)
         self._standardise = standardise
         self._variables = {v.path: v for v in self.model.weights}
+        self._statistics: tuple[np.ndarray, np.ndarray] | None = None  # (mean, std), read on first use
         made = [(v.path, tuple(v.shape)) for v in self.model.weights]
         if made != list(spec.weight_shapes.items()):
             raise RuntimeError(f"builder {spec.builder!r} made {made}, not the weight_shapes it declares")
@@ -143,6 +144,7 @@ class ModelBundle:
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """Copy every tensor in; all or nothing, as names and shapes are checked first."""
         self._assign_all(np.concatenate([value.ravel() for value in check_weights(self.spec, weights).values()]))
+        self._statistics = None
 
     def save_weights(self, path: str | Path) -> None:
         Path(path).write_bytes(weights_to_bytes(self.get_weights()))
@@ -158,6 +160,16 @@ class ModelBundle:
                              f"got an array of shape {x.shape}")
         return self._infer(x).numpy()
 
+    def standardisation(self) -> tuple[np.ndarray, np.ndarray]:
+        """The standardisation layer's ``(mean, std)`` as float32 arrays: what inputs are checked against
+        (:func:`pipeline.events.standardisation_problems`) so none turns infinite inside the model. Read
+        once per weights (serving asks on every request), so the arrays are read-only."""
+        if self._statistics is None:
+            self._statistics = tuple(v.numpy() for v in (self._standardise.mean, self._standardise.std))
+            for value in self._statistics:
+                value.flags.writeable = False
+        return self._statistics
+
     def warm(self) -> None:
         """Trace the inference function now, so the first real request does not pay for it."""
         self.predict_proba(np.zeros((1, self.spec.n_features), np.float32))
@@ -171,6 +183,7 @@ class ModelBundle:
     def _set_standardisation(self, mean, std) -> None:
         self._standardise.mean.assign(np.asarray(mean, np.float32))
         self._standardise.std.assign(np.asarray(std, np.float32))
+        self._statistics = None
 
     def train_on_batch(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
         """One step of the spec's optimizer on ``mean_i(sample_weight_i * loss_i)``; returns that loss.

@@ -5,7 +5,10 @@ Each row becomes an event document: ``id`` from ``id_column`` (else ``<file>-<ro
 unlabelled) and ``features`` from ``feature_columns`` (default: every other column).
 A JSON line that already has a ``features`` field is taken as an event as it is.
 Rows are not validated here: the producer validates every document with the same
-validator the consumers use, and sends the rejects to the dead-letter topic.
+validator the consumers use, and sends the rejects to the dead-letter topic. Nothing a
+row holds stops the replay: an unreadable row (bad CSV quoting, a cell past the csv
+module's size limit, bytes that are not UTF-8, a JSON line repeating a key) is handed on
+with its error, to be dead-lettered like an invalid one.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
+
+from pipeline.events import duplicate_key
 
 
 @dataclass(frozen=True)
@@ -71,15 +76,27 @@ def _document(record: dict, features: tuple[str, ...], columns: Columns, fallbac
 
 
 def _csv_rows(path: Path, columns: Columns) -> Iterator[tuple[dict | None, bytes, str | None]]:
-    with open(path, newline="") as handle:
+    """Rows as text cells; bytes that are not UTF-8 survive as lone surrogates (so ``raw`` is exact,
+    and the validator refuses them where they matter), and a row the csv module refuses is an error row."""
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
         if header is None:
             return
-        for cells in reader:
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise ValueError(f"{path}: the header repeats column(s) {', '.join(map(repr, repeated))}")
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield None, b"", f"unreadable CSV row (line {reader.line_num}): {exc}"
+                continue
             buffer = io.StringIO()
             csv.writer(buffer, lineterminator="").writerow(cells)
-            raw = buffer.getvalue().encode()
+            raw = buffer.getvalue().encode("utf-8", "surrogateescape")
             if len(cells) != len(header):
                 yield None, raw, f"row has {len(cells)} cells, the header has {len(header)}"
             else:
@@ -100,7 +117,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[dict | None, bytes, str | None]]:
             if not isinstance(record, dict):
                 yield None, raw, f"line must be a JSON object, got {type(record).__name__}"
             else:
-                yield record, raw, None
+                yield record, raw, duplicate_key(raw, record)
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[dict | None, bytes, str | None]]:

@@ -17,7 +17,7 @@ import orjson
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from pipeline.dlq import dead_letter
+from pipeline.dlq import MAX_RAW_BYTES, dead_letter
 from pipeline.events import Event, Rejection, validate_document
 from producers.files import FileRow
 from producers.rate import TokenBucket
@@ -74,20 +74,30 @@ def synthetic_events(rows: Iterable[Row], id_prefix: str, label_fraction: float 
 
 
 def file_events(rows: Iterable[FileRow], schema_for, source: str, label_fraction: float = 1.0,
-                seed: int = 0) -> Iterator[Outgoing]:
+                seed: int = 0, max_raw_bytes: int = MAX_RAW_BYTES) -> Iterator[Outgoing]:
     """Validate file rows: valid ones become events, the rest dead-letter records naming row and reason.
 
     ``schema_for(document)`` gives the feature schema, so it can be derived from the first row.
+    An event larger than the schema's ``max_bytes`` (a long id) is dead-lettered here, as the
+    consumers would refuse it.
     """
     keep = random.Random(seed).random
     for row in rows:
-        verdict = Rejection(row.error) if row.error else validate_document(row.document, schema_for(row.document))
-        if isinstance(verdict, Rejection):
-            yield Outgoing(None, dead_letter("produce", verdict.reason, row.raw, topic=source, offset=row.row), dead=True)
-            continue
-        if verdict.label is not None and keep() >= label_fraction:
-            verdict = Event(verdict.id, verdict.ts, verdict.features, None)
-        yield Outgoing(verdict.id.encode(), verdict.to_json())
+        if row.error:
+            verdict = Rejection(row.error)
+        else:
+            schema = schema_for(row.document)
+            verdict = validate_document(row.document, schema)
+        if isinstance(verdict, Event):
+            if verdict.label is not None and keep() >= label_fraction:
+                verdict = Event(verdict.id, verdict.ts, verdict.features, None)
+            value = verdict.to_json()
+            if len(value) <= schema.max_bytes:
+                yield Outgoing(verdict.id.encode(), value)
+                continue
+            verdict = Rejection(f"event is {len(value)} bytes, over the {schema.max_bytes}-byte limit")
+        yield Outgoing(None, dead_letter("produce", verdict.reason, row.raw, source, None, row.row, max_raw_bytes),
+                       dead=True)
 
 
 class Sender:

@@ -26,7 +26,7 @@ from serving.admin import admin_router, champion_of
 from serving.batching import Batcher, Overloaded
 from serving.content_type import JsonBodies
 from serving.follow import Follower
-from serving.inputs import BadInput, to_matrix
+from serving.inputs import BadInput, check_answers, to_matrix
 from serving.limits import BodyLimit
 from serving.metrics import Metrics, RequestMetrics
 from serving.schemas import (Error, Health, ModelMetadata, ModelReadiness, ModelSpecRef, ModelStatus, PredictRequest,
@@ -100,7 +100,7 @@ def create_app(settings: Settings, models: Sequence[str] | None = None) -> FastA
                       ) -> PredictResponse:
         served = _lease(host, model)
         try:
-            x = to_matrix(body, served.spec)
+            x = to_matrix(body, served.spec, served.bundle.standardisation())
         except BadInput as exc:
             served.release()
             raise HTTPException(400, str(exc)) from None
@@ -110,6 +110,10 @@ def create_app(settings: Settings, models: Sequence[str] | None = None) -> FastA
             metrics.overloaded.labels(model).inc()
             raise HTTPException(503, f"overloaded: {exc}; retry after {RETRY_AFTER_S} s",
                                 headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        try:
+            check_answers(body, y)
+        except BadInput as exc:
+            raise HTTPException(400, str(exc)) from None
         return PredictResponse(predictions=y.tolist(), model_version=served.version)
 
     @app.get("/v1/models/{model}", tags=["models"], responses=UNKNOWN, summary="Version status (TF Serving's)")

@@ -2,7 +2,9 @@
 
 The schema has already refused non-numbers and non-finite numbers; what needs the model's
 spec is checked here: the feature count of list rows, the names of object rows and columns,
-and that every value fits a float32 (``1e39`` is finite JSON but infinite to the model).
+and -- by the pipeline's one rule (:mod:`pipeline.events`) -- that every value fits a float32
+(``1e39`` is finite JSON but infinite to the model) and stays finite after the model's
+standardisation. ``check_answers`` refuses a row whose probabilities still came out non-finite.
 
 >>> from pipeline.spec import BUILTIN_SPECS
 >>> from serving.schemas import PredictRequest
@@ -21,24 +23,37 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from pipeline.events import feature_value_problem, probability_problems, standardisation_problems
 from pipeline.spec import ModelSpec
 from serving.schemas import PredictRequest
-
-
-_OVERFLOW = "{where}: {value!r} is outside the float32 range the model computes in (|x| < 3.4e38)"
 
 
 class BadInput(ValueError):
     """The request does not fit the model; the message names the row and feature."""
 
 
-def to_matrix(request: PredictRequest, spec: ModelSpec) -> np.ndarray:
-    """The request's rows as a ``(rows, n_features)`` float32 array in the spec's feature order."""
+def to_matrix(request: PredictRequest, spec: ModelSpec,
+              standardisation: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """The request's rows as a ``(rows, n_features)`` float32 array in the spec's feature order;
+    with the model's ``(mean, std)``, only if every row stays finite after its standardisation."""
     if request.instances is not None:
-        return _rows(request.instances, spec, "instances")
-    if isinstance(request.inputs, Mapping):
-        return _columns(request.inputs, spec)
-    return _rows(request.inputs, spec, "inputs")
+        matrix = _rows(request.instances, spec, "instances")
+    elif isinstance(request.inputs, Mapping):
+        matrix = _columns(request.inputs, spec)
+    else:
+        matrix = _rows(request.inputs, spec, "inputs")
+    if standardisation is not None:
+        problems = standardisation_problems(matrix, *standardisation, spec.feature_names)
+        if (i := _first(problems)) is not None:
+            raise BadInput(f"{_row(request, i)}: {problems[i]}")
+    return matrix
+
+
+def check_answers(request: PredictRequest, probabilities: np.ndarray) -> None:
+    """Raise :class:`BadInput` naming the first row whose probabilities are not finite (no JSON answer has them)."""
+    problems = probability_problems(probabilities)
+    if (i := _first(problems)) is not None:
+        raise BadInput(f"{_row(request, i)}: {problems[i]}")
 
 
 def _rows(rows: Sequence, spec: ModelSpec, field: str) -> np.ndarray:
@@ -58,7 +73,7 @@ def _rows(rows: Sequence, spec: ModelSpec, field: str) -> np.ndarray:
         i, j = at
         row, name = rows[i], spec.feature_names[j]
         where, value = (f"{field}[{i}].{name}", row[name]) if isinstance(row, Mapping) else (f"{field}[{i}][{j}]", row[j])
-        raise BadInput(_OVERFLOW.format(where=where, value=value))
+        raise BadInput(f"{where} {feature_value_problem(value)}")
     return matrix
 
 
@@ -74,7 +89,7 @@ def _columns(columns: Mapping[str, Sequence[float]], spec: ModelSpec) -> np.ndar
         matrix = np.array([columns[name] for name in spec.feature_names], np.float32).T
     if (at := _overflow(matrix)) is not None:
         i, name = at[0], spec.feature_names[at[1]]
-        raise BadInput(_OVERFLOW.format(where=f"inputs.{name}[{i}]", value=columns[name][i]))
+        raise BadInput(f"inputs.{name}[{i}] {feature_value_problem(columns[name][i])}")
     return np.ascontiguousarray(matrix)
 
 
@@ -89,11 +104,23 @@ def _check_names(row: Mapping[str, float], spec: ModelSpec, where: str) -> None:
 
 
 def _overflow(matrix: np.ndarray) -> tuple[int, int] | None:
-    """Row and column of the first value that is finite JSON but not a finite float32, if any."""
+    """Row and column of the first value that is finite JSON but not a finite float32, if any
+    (for a float, the same test as :func:`~pipeline.events.feature_value_problem`, vectorised)."""
     if np.isfinite(matrix).all():
         return None
     i, j = np.argwhere(~np.isfinite(matrix))[0]
     return int(i), int(j)
+
+
+def _first(problems: list[str | None]) -> int | None:
+    return next((i for i, problem in enumerate(problems) if problem is not None), None)
+
+
+def _row(request: PredictRequest, i: int) -> str:
+    """Where row ``i`` is in the body, as the client wrote it."""
+    if request.instances is not None:
+        return f"instances[{i}]"
+    return f"inputs[{i}]" if not isinstance(request.inputs, Mapping) else f"inputs (row {i} of the columns)"
 
 
 def _names(spec: ModelSpec) -> str:

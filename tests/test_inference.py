@@ -13,6 +13,7 @@ import pytest
 
 from consumers.inference import InferenceJob
 from pipeline.bundle import ModelBundle
+from pipeline.dlq import original_bytes
 from pipeline.kafka import ensure_topics, producer
 from pipeline.registry import Registry
 from pipeline.settings import load_settings
@@ -98,6 +99,35 @@ def test_50k_events_one_prediction_per_valid_one_dead_letter_per_invalid(spark, 
     assert metrics.get_sample_value("streamfit_predict_rows_total") == 50_000
     assert metrics.get_sample_value("streamfit_predict_model_version") == 1
     assert metrics.get_sample_value("streamfit_predict_lag_records") == 0
+
+
+def test_events_the_model_cannot_compute_are_dead_lettered_not_predicted_with_nulls(spark, kafka, topic, tmp_path,
+                                                                                   setup):
+    """The champion's f3 has std 1e-20: f3 = 1e20 is a valid float32 that overflows once standardised, and
+    3e38 in the other features stays finite through the standardisation but not through the layers."""
+    settings, registry, bundle = setup
+    weights = bundle.get_weights()
+    weights["standardise/std"][3] = 1e-20
+    registry.set_alias("small", "champion", registry.register("small", weights))
+    _produce(kafka, topic, 300)
+    hostile = {"overflow": [0.5, 0.5, 0.5, 1e20, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5], "nan": [3e38] * 3 + [0.0] + [3e38] * 6}
+    kafka_producer = producer(kafka)
+    sender = Sender(kafka_producer, topic, topic)
+    for event_id, features in hostile.items():
+        sender.send(Outgoing(event_id.encode(), orjson.dumps({"id": event_id, "ts": 1, "features": features,
+                                                              "label": None})))
+    assert sender.close().failed == 0
+    kafka_producer.close()
+    _finish(_run(InferenceJob(spark, settings, kafka), tmp_path / "ck"))
+
+    predictions = _predictions(kafka, topic, 300)
+    assert sorted(p["id"] for p in predictions) == sorted(f"i-{i}" for i in range(300))
+    assert all(p["model_version"] == 2 and all(np.isfinite(p["probabilities"])) for p in predictions)
+    dead = {orjson.loads(original_bytes(d))["id"]: d
+            for d in map(orjson.loads, (r.value for r in read_topic(kafka, topic + ".dlq", expected=2)))}
+    assert set(dead) == set(hostile) and {d["stage"] for d in dead.values()} == {"predict"}
+    assert dead["overflow"]["error"].startswith("feature f3 = 1e+20 is inf after the model's standardisation (x - 0)")
+    assert dead["nan"]["error"].startswith("the model's probabilities are not finite")
 
 
 def test_restart_from_checkpoint_loses_nothing_duplicates_at_most_one_batch(spark, kafka, topic, tmp_path, setup):

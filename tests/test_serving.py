@@ -128,6 +128,14 @@ BAD_REQUESTS = [  # (body as bytes, status, words the error must contain)
     (b'{"instances": [[1, 2, 3, 4, 5, 6, 7, 8, 9, NaN]]}', 400, "instances[0][9]"),
     (b'{"instances": [[1, 2, 3, 4, 5, 6, 7, 8, 9, 1e999]]}', 400, "finite number"),
     (b'{"instances": [[1, 2, 3, 4, 5, 6, 7, 8, 9, 1e39]]}', 400, "float32 range"),
+    (b'{"instances": [[1, 2, 3, 4, 5, 6, 7, 8, 9, ' + b"9" * 400 + b']]}', 400,
+     "instances[0][9]: Input should be a valid number, got 9999"),
+    (b'{"instances": [{"f0": 0, "f1": 0, "f2": 0, "f3": -1e39, "f4": 0, "f5": 0, "f6": 0, "f7": 0, "f8": 0, "f9": 0}]}',
+     400, "instances[0].f3 is -1e+39, outside the float32 range"),
+    (b'{"inputs": {"f0": [0, 3.5e38], "f1": [0, 0], "f2": [0, 0], "f3": [0, 0], "f4": [0, 0], "f5": [0, 0], '
+     b'"f6": [0, 0], "f7": [0, 0], "f8": [0, 0], "f9": [0, 0]}}', 400, "inputs.f0[1] is 3.5e+38, outside the float32 range"),
+    (b'{"instances": [[0, 0, 0, 0, 0, 0, 0, 0, 0, 0], [3e38, 3e38, 3e38, 3e38, 3e38, 3e38, 3e38, 3e38, 3e38, 3e38]]}',
+     400, "instances[1]: the model's probabilities are not finite"),  # finite float32 input, overflow inside the model
     (b'{"instances": [[1, 2, 3, 4, 5, 6, 7, 8, 9, "x"]]}', 400, "instances[0][9]: Input should be a valid number"),
     (b'{"instances": [[1, 2, 3, 4, 5, 6, 7, 8, 9, true]]}', 400, "instances[0][9]"),
     (b'{"instances": []}', 400, "instances"),
@@ -370,6 +378,30 @@ def test_no_request_built_from_the_openapi_schema_gets_a_5xx(live):
         no_5xx()
     assert 200 in statuses["POST /v1/models/{model}:predict"], statuses  # the drawn bodies did reach the model
     assert 200 in statuses["POST /admin/models/{model}/reload"], statuses
+
+
+def test_a_value_the_models_standardisation_overflows_is_a_400_naming_the_feature(tmp_path):
+    """f3's std is 1e-30, so 1e10 is finite in float32 but infinite once standardised."""
+    settings = load_settings(home=tmp_path, model="small", registry_poll_s=30)  # no Kafka needed
+    registry = Registry(settings.registry_url)
+    registry.create_model(SPEC)
+    weights = _weights(1)
+    weights["standardise/std"][3] = 1e-30
+    registry.set_alias("small", "champion", registry.register("small", weights))
+    server = LiveServer(create_app(settings))
+    try:
+        with httpx.Client(base_url=server.url) as client:
+            rows = [[0.5] * 10, [0.5, 0.5, 0.5, 1e10, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]]
+            answer = _predict(client, {"instances": rows})
+            assert answer.status_code == 400, answer.text
+            assert answer.json()["error"].startswith("instances[1]: feature f3 = 1e+10 is inf after the model's "
+                                                     "standardisation (x - 0) / 1e-30"), answer.text
+            columns = {f"f{j}": [row[j] for row in rows] for j in range(10)}
+            answer = _predict(client, {"inputs": columns})
+            assert answer.status_code == 400 and "inputs (row 1 of the columns): feature f3" in answer.text
+            assert _predict(client, {"instances": rows[:1]}).status_code == 200
+    finally:
+        server.stop()
 
 
 def test_the_readme_serve_and_curl_lines_work_as_written(tmp_path, cli_env):

@@ -56,16 +56,19 @@ def _messages(args, settings):
 
     def schema_for(document: dict) -> FeatureSchema:
         """The first valid-looking row fixes the feature names; later rows must match them."""
+        features = document.get("features")
+        if not isinstance(features, (dict, list)):
+            return FeatureSchema((), args.classes, settings.max_event_bytes)  # refused whatever the schema; fixes none
         if not schemas:
-            features = document.get("features")
-            names = tuple(features) if isinstance(features, dict) else tuple(f"f{i}" for i in range(len(features or [])))
+            names = tuple(features) if isinstance(features, dict) else tuple(f"f{i}" for i in range(len(features)))
             schemas[0] = FeatureSchema(names, args.classes, settings.max_event_bytes)
         return schemas[0]
 
     rows = file_rows(args.source, columns)
     if args.limit:
         rows = itertools.islice(rows, args.limit)
-    return file_events(rows, schema_for, args.source, args.label_fraction, args.seed), args.limit
+    return file_events(rows, schema_for, args.source, args.label_fraction, args.seed,
+                       settings.dlq_max_raw_bytes), args.limit
 
 
 def run(args) -> int:
