@@ -107,14 +107,15 @@ def describe(bootstrap_servers: str, timeout_s: float = 15.0) -> dict[str, int]:
 
 
 def producer(bootstrap_servers: str, timeout_s: float = 15.0, **overrides) -> KafkaProducer:
-    """A producer that waits for full acknowledgement and fails within ``timeout_s`` if the cluster is gone."""
+    """A producer that waits for full acknowledgement, retries through a broker restart, and fails a
+    send only once ``timeout_s`` (+5 s) passed without an acknowledgement."""
     config = dict(
         bootstrap_servers=bootstrap_servers,
         acks="all",
         linger_ms=5,
         batch_size=256 * 1024,
         max_request_size=4 * 1024 * 1024,
-        retries=5,
+        retries=2**31 - 1,  # as Apache Kafka's own client: retry until delivery_timeout_ms, so a broker restart loses nothing
         request_timeout_ms=int(timeout_s * 1000),
         max_block_ms=int(timeout_s * 1000),
         bootstrap_timeout_ms=int(timeout_s * 1000),
