@@ -46,12 +46,15 @@ def run(args) -> int:
     try:
         _ensure_model(registry, settings.model, console)
         spark = spark_session(settings, "streamfit-fit")
-        with console.status("training") as status:
-            result = fit(spark, settings, registry, args.data, holdout=args.holdout, label_column=args.label_column,
-                         promote=args.promote, progress=lambda stats: status.update(
-                             f"training {settings.model} with {settings.algorithm} x{settings.workers}: "
-                             f"{stats['counter']:,} updates, {stats.get('commits', {}).get('skipped', 0)} replays skipped"))
-        spark.stop()
+        try:
+            with console.status("training") as status:
+                result = fit(spark, settings, registry, args.data, holdout=args.holdout, label_column=args.label_column,
+                             promote=args.promote, progress=lambda stats: status.update(
+                                 f"training {settings.model} with {settings.algorithm} x{settings.workers}: "
+                                 f"{stats['counter']:,} updates, {stats.get('commits', {}).get('skipped', 0)} "
+                                 "replays skipped"))
+        finally:
+            spark.stop()
     except (FitError, RegistryError, SparkSetupError) as exc:
         raise CommandError(str(exc)) from None
     finally:

@@ -100,8 +100,10 @@ def run(args) -> int:
     finally:
         if progress:
             progress.stop()
-        summary = sender.close(settings.kafka_timeout_s)
-        kafka.close(timeout=5)
+        try:
+            summary = sender.close(settings.kafka_timeout_s)
+        finally:
+            kafka.close(timeout=5)
     print(f"sent={summary.sent} acknowledged={summary.acknowledged} failed={summary.failed} "
           f"dead_lettered={summary.dead_lettered} elapsed={summary.elapsed_s:.2f}s events/s={summary.events_per_s:.0f}")
     if summary.failed:
