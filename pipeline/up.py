@@ -21,6 +21,7 @@ taking its Python workers with it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -184,6 +185,7 @@ class Pipeline:
         from consumers.training import TrainingJob
         from pipeline.model_updates import announcing_registry
         from pipeline.spark.session import spark_session, stop_between_batches
+        from pipeline.spark.supervisor import QuerySupervisor
         from pipeline.status import StatusBoard
 
         s, t = self.settings, self.traffic
@@ -201,11 +203,12 @@ class Pipeline:
             training = TrainingJob(spark, s, bootstrap, registry)
             down.callback(training.close)
             home = s.home / "checkpoints"
-            queries = []
-            for job, checkpoint in ((inference, s.predict_checkpoint or str(home / "inference")),
-                                    (training, s.train_checkpoint or str(home / "training"))):
-                queries.append(job.start(checkpoint))
-                down.callback(stop_between_batches, queries[-1])
+            queries = []  # each restarted from its checkpoint when it fails (broker or parameter server down)
+            for start, restart, checkpoint in (
+                    (inference.start, inference.start, s.predict_checkpoint or str(home / "inference")),
+                    (training.start, training.start_query, s.train_checkpoint or str(home / "training"))):
+                queries.append(QuerySupervisor(start(checkpoint), functools.partial(restart, checkpoint)))
+                down.callback(lambda supervisor=queries[-1]: stop_between_batches(supervisor.query))
             self.say(f"Spark {s.spark_master}: inference and training queries on {s.topic_events} "
                      f"(auto-promote {'on' if s.auto_promote else 'off'})")
             producer = ["produce", "--source", t.source, "--rate", str(t.rate), "--limit", "0", "--no-progress",
@@ -234,13 +237,13 @@ class Pipeline:
         return child
 
     def _failure(self, queries) -> str | None:
-        """Why the run cannot go on (a child exited, a query failed), or None."""
+        """Why the run cannot go on (a child exited, a query stopped), or None; a failed query is restarted."""
         for child in self.children:
             if not child.alive:
                 return f"{child.name} exited with status {child.process.returncode}; the end of {child.log}:\n{child.tail()}"
-        for query in queries:
-            if not query.isActive:
-                return f"Spark query {query.name} stopped: {query.exception()}"
+        for supervisor in queries:
+            if not supervisor.poll():
+                return f"Spark query {supervisor.name} stopped"
         return None
 
     @staticmethod
