@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -66,8 +67,10 @@ class UpRun:
     """``streamfit up`` in a subprocess, plus watchers: champion vs served version, topics, memory."""
 
     def __init__(self, home: Path, duration_s: float, *, rate: float = 400, model: str = "small",
-                 env: dict[str, str] | None = None, args: tuple[str, ...] = ()):
-        self.home, self.model = home, model
+                 env: dict[str, str] | None = None, args: tuple[str, ...] = (), topics: tuple[str, ...] = TOPICS):
+        """``topics``: the topics whose every record is kept in :attr:`records` (none for a long run: they
+        would fill this process's memory)."""
+        self.home, self.model, self.topics = home, model, topics
         logging.getLogger("kafka").setLevel(logging.CRITICAL)  # the topic reader outlives the broker by a moment
         self.serve_port, self.ps_port = free_port("127.0.0.1"), free_port("127.0.0.1")
         self.url = f"http://127.0.0.1:{self.serve_port}"
@@ -98,6 +101,13 @@ class UpRun:
             self._stopped.set()
             for thread in self._threads:
                 thread.join(timeout=10)
+
+    def stop(self, timeout_s: float) -> int:
+        """Ask ``up`` to stop in order (SIGTERM: pyspark's own SIGINT handler turns a Ctrl-C into a
+        KeyboardInterrupt once Spark is up) and wait for it."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.wait(timeout_s)
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -140,7 +150,7 @@ class UpRun:
                     except httpx.TransportError as exc:
                         if self.process.poll() is None and not self.stopping.is_set():
                             self.request_errors.append(repr(exc))
-                    if reader is None:
+                    if reader is None and self.topics:
                         reader = self._topic_reader()
                 if reader is not None:
                     for records in reader.poll(timeout_ms=0, max_records=5000).values():
@@ -156,7 +166,8 @@ class UpRun:
         except (OSError, ValueError, KeyError):
             return None
         reader = consumer(bootstrap, fetch_max_bytes=16 * 1024 * 1024)
-        reader.assign([TopicPartition(topic, p) for topic in TOPICS for p in (reader.partitions_for_topic(topic) or ())])
+        reader.assign([TopicPartition(topic, p) for topic in self.topics
+                       for p in (reader.partitions_for_topic(topic) or ())])
         reader.seek_to_beginning()
         return reader
 
