@@ -21,6 +21,7 @@ from pipeline.events import (Event, FeatureSchema, Rejection, feature_value_prob
                              standardisation_problems, validate, validate_document)
 from producers.files import file_rows
 from producers.sender import file_events
+from tests.hostile_corpus import event, hostile_corpus
 
 SCHEMA = FeatureSchema(("a", "b", "c"), n_classes=2, max_bytes=64 * 1024)
 F32_MAX = float(np.finfo(np.float32).max)
@@ -28,8 +29,7 @@ F32_MAX = float(np.finfo(np.float32).max)
 
 def _event(features: str = "[1, 2, 3]", **fields: str) -> bytes:
     """An event's JSON text with any field spelled out verbatim (so literals json cannot write get in)."""
-    parts = {"id": '"e1"', "ts": "1700000000000", "features": features, "label": "1"} | fields
-    return ("{" + ", ".join(f'"{k}": {v}' for k, v in parts.items()) + "}").encode()
+    return event(SCHEMA.names, features, **fields)
 
 
 def _accepted_are_finite(verdict) -> None:
@@ -57,58 +57,7 @@ def test_values_at_the_float32_limits_are_accepted_and_finite(features, seen):
     assert np.asarray(verdict.features, np.float32).tolist() == np.asarray(seen, np.float32).tolist()
 
 
-DEEP = 10_000
-HOSTILE = [  # (raw bytes, words the reason must contain)
-    (_event("[3.5e38, 0, 0]"), "feature a is 3.5e+38, outside the float32 range"),
-    (_event("[0, -1e39, 0]"), "feature b is -1e+39, outside the float32 range"),
-    (_event("[0, 0, 3.40282357e38]"), "feature c is 3.40282357e+38, outside the float32 range"),
-    (_event("[1.8e308, 0, 0]"), "number is infinity"),  # past float64 too
-    (_event("[1e999999999, 0, 0]"), "number is infinity"),
-    (_event("[" + "9" * 400 + ", 0, 0]"), "number is infinity"),  # a 400-digit integer
-    (_event("[" + "9" * 300 + ", 0, 0]"), "outside the float32 range"),  # inside float64, past float32
-    (_event("[340282356779733661637539395458142568448, 0, 0]"), "feature a is 3.4028235677973366e+38, outside"),
-    (_event('{"a": 1e39, "b": 0, "c": 0}'), "feature a is 1e+39"),
-    (_event("[NaN, 0, 0]"), "not valid JSON"),
-    (_event("[Infinity, 0, 0]"), "not valid JSON"),
-    (_event("[-Infinity, 0, 0]"), "not valid JSON"),
-    (_event("[nan, 0, 0]"), "not valid JSON"),
-    (_event("[" * DEEP + "]" * DEEP), "not valid JSON"),  # 10k deep
-    (_event('{"a":' * 5000 + "1" + "}" * 5000), "not valid JSON"),
-    (_event("[" * 1000 + "]" * 1000), "expected 3 features, got 1"),  # deep but inside the parser's limit
-    (_event(extra='{"x": ' * 1000 + "1" + "}" * 1000), "repeated keys"),  # too deep for the duplicate check
-    (b"[" * DEEP + b"]" * DEEP, "not valid JSON"),
-    (_event(id='"XX"').replace(b"XX", b"\xff\xfe"), "not valid JSON"),  # invalid UTF-8
-    (_event(id='"\\ud800"'), "not valid JSON"),  # a lone surrogate escape
-    (_event(id='"a\x01b"'), "not valid JSON"),  # a raw control character in a string
-    (b"\x00" * 100, "not valid JSON"),
-    (b"\x01\x02\x1f" * 1000, "not valid JSON"),
-    (b"\xef\xbb\xbf" + _event(), "not valid JSON"),  # a byte-order mark
-    (b"", "not valid JSON"),
-    (None, "null value"),
-    (_event(id='"a", "id": "b"'), "key 'id' appears more than once"),
-    (_event('{"a": 1, "b": 2, "c": 3, "a": 1e39}'), "key 'a' appears more than once"),
-    (_event('{"a": 1, "b": 2, "c": 3, "c": 3}'), "key 'c' appears more than once"),
-    (_event(extra='"x' + "y" * 70_000 + '"'), "over the 65536-byte limit"),
-    (_event("[" + ", ".join(["1"] * 100_000) + "]"), "over the 65536-byte limit"),
-    # wrong types in every field
-    (_event(id="1"), "'id'"), (_event(id="null"), "'id'"), (_event(id="[]"), "'id'"), (_event(id="{}"), "'id'"),
-    (_event(id="true"), "'id'"), (_event(id='""'), "'id'"),
-    (_event(ts='"1"'), "'ts'"), (_event(ts="1.5"), "'ts'"), (_event(ts="-1"), "'ts'"), (_event(ts="true"), "'ts'"),
-    (_event(ts="18446744073709551615"), "'ts' must be an integer in [0, 2**63 - 1]"), (_event(ts="null"), "'ts'"),
-    (_event(ts="[1]"), "'ts'"), (_event(ts="1e3"), "'ts'"),
-    (_event('"1, 2, 3"'), "'features' must be a list"), (_event("3"), "'features' must be a list"),
-    (_event("null"), "'features' must be a list"), (_event("true"), "'features' must be a list"),
-    (_event('[1, 2, "3"]'), "feature c is not a number: '3'"), (_event("[1, 2, true]"), "feature c is not a number"),
-    (_event("[1, 2, null]"), "feature c is not a number: None"), (_event("[1, 2, [3]]"), "a list of 1 items"),
-    (_event('[1, 2, {"v": 3}]'), "an object of 1 keys"), (_event("[1, 2]"), "expected 3 features"),
-    (_event("[]"), "expected 3 features, got 0"), (_event('{"a": 1, "b": 2}'), "missing feature(s): c"),
-    (_event('{"a": 1, "b": 2, "c": 3, "' + "z" * 5000 + '": 4}'), "unknown feature(s): zzzz"),
-    (_event(label='"1"'), "'label'"), (_event(label="1.0"), "'label'"), (_event(label="true"), "'label'"),
-    (_event(label="-1"), "'label'"), (_event(label="2"), "'label'"), (_event(label="[0]"), "'label'"),
-    (_event(label="99999999999999999999"), "'label'"),
-    (b"null", "got NoneType"), (b"1", "got int"), (b'"event"', "got str"), (b"[]", "got a list of 0 items"),
-    (b"true", "got bool"),
-]
+HOSTILE = hostile_corpus(SCHEMA.names, SCHEMA.n_classes, SCHEMA.max_bytes)  # (raw bytes, words the reason must contain)
 
 
 @pytest.mark.parametrize("raw, words", HOSTILE, ids=[f"{i}:{w}" for i, (_, w) in enumerate(HOSTILE)])
