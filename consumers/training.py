@@ -33,8 +33,8 @@ import orjson
 import pyarrow as pa
 
 from pipeline.bundle import has_identity_standardisation
-from pipeline.dlq import dead_letter
-from pipeline.events import FeatureSchema, Rejection, validate
+from pipeline.dlq import MAX_RAW_BYTES, dead_letter
+from pipeline.events import Event, FeatureSchema, Rejection, standardisation_problems, validate
 from pipeline.ps.algorithms import ALGORITHMS, WorkerReport
 from pipeline.ps.client import ServerError
 from pipeline.ps.protocol import CommitTag
@@ -54,6 +54,7 @@ ARRIVAL_ORDER = [("arrival_us", "ascending"), ("partition", "ascending"), ("offs
 STEP_SCHEMA = pa.schema([*CHECK_SCHEMA, ("correct", pa.bool_()), ("label_probability", pa.float32()),
                          ("report", pa.string())])
 STEP_DDL = CHECK_DDL + ", correct boolean, label_probability float, report string"
+Standardisation = tuple[np.ndarray, np.ndarray]  # the model's (mean, std), as its first layer applies them
 STANDARDISE_WORKER = 2**32 - 1  # the worker id of the driver's one standardisation commit (workers are partitions)
 
 
@@ -61,18 +62,28 @@ class TrainingError(RuntimeError):
     """The training consumer cannot run as configured; the message says why."""
 
 
-def check_partition(batches: Iterator[pa.RecordBatch], schema: FeatureSchema) -> Iterator[pa.RecordBatch]:
+def check_partition(batches: Iterator[pa.RecordBatch], schema: FeatureSchema,
+                    standardisation: Standardisation | None = None,
+                    max_raw_bytes: int = MAX_RAW_BYTES) -> Iterator[pa.RecordBatch]:
     """Validate Kafka rows (in a Spark Python worker): each row becomes ``train``
-    (features and label), ``unlabelled`` (nothing else kept) or ``dead`` (its DLQ record)."""
+    (features and label), ``unlabelled`` (nothing else kept) or ``dead`` (its DLQ record). With the
+    model's ``standardisation`` (mean, std), a labelled event it makes non-finite is dead too: the
+    same rule as prediction and serving."""
     for batch in batches:
         rows = {"kind": [], "features": [], "label": [], "partition": [], "offset": [], "arrival_us": [], "dead": []}
         columns = [batch.column(c).to_pylist() for c in ("value", "topic", "partition", "offset")]
         columns.append(batch.column("timestamp").cast(pa.int64()).to_pylist())
-        for raw, topic, partition, offset, arrival in zip(*columns):
-            verdict = validate(raw, schema)
+        verdicts = [validate(raw, schema) for raw in columns[0]]
+        if standardisation is not None:
+            labelled = [i for i, v in enumerate(verdicts) if isinstance(v, Event) and v.label is not None]
+            if labelled:
+                x = np.array([verdicts[i].features for i in labelled], np.float32)
+                for i, problem in zip(labelled, standardisation_problems(x, *standardisation, schema.names)):
+                    verdicts[i] = Rejection(problem) if problem else verdicts[i]
+        for verdict, raw, topic, partition, offset, arrival in zip(verdicts, *columns):
             if isinstance(verdict, Rejection):
                 kind, features, label = "dead", None, None
-                dead = dead_letter("train", verdict.reason, raw, topic, partition, offset)
+                dead = dead_letter("train", verdict.reason, raw, topic, partition, offset, max_raw_bytes)
             else:
                 kind = "unlabelled" if verdict.label is None else "train"
                 features, label, dead = (verdict.features, verdict.label, None) if kind == "train" else (None, None, None)
@@ -82,7 +93,8 @@ def check_partition(batches: Iterator[pa.RecordBatch], schema: FeatureSchema) ->
 
 
 def score_and_train(batches: Iterator[pa.RecordBatch], plan: TrainingPlan, schema: FeatureSchema,
-                    topic: str) -> Iterator[pa.RecordBatch]:
+                    topic: str, standardisation: Standardisation | None = None,
+                    max_raw_bytes: int = MAX_RAW_BYTES) -> Iterator[pa.RecordBatch]:
     """One worker's share of a micro-batch of Kafka rows (runs in a Spark Python worker): validate
     them, then test-then-train on the labelled events in arrival order (each scored by the worker's
     model just before it trains on it); every event is passed on (labelled ones with their score),
@@ -91,7 +103,8 @@ def score_and_train(batches: Iterator[pa.RecordBatch], plan: TrainingPlan, schem
     concept that moves during the micro-batch must be learned in the order it moved."""
     from pyspark import TaskContext
 
-    table = pa.Table.from_batches(list(check_partition(batches, schema)), schema=CHECK_SCHEMA).sort_by(ARRIVAL_ORDER)
+    checked = check_partition(batches, schema, standardisation, max_raw_bytes)
+    table = pa.Table.from_batches(list(checked), schema=CHECK_SCHEMA).sort_by(ARRIVAL_ORDER)
     is_train = pa.compute.equal(table.column("kind"), "train").to_numpy(zero_copy_only=False)
     x, y = rows_of(table.filter(is_train).to_batches(), plan.spec.n_features)
     worker_id = TaskContext.get().partitionId()
@@ -299,7 +312,9 @@ class TrainingJob:
         counter, incarnation = stats["counter"], stats["incarnation"]
         boosted = self._boost_left > 0
         plan = self._plan(batch_id, self._query_id(), boosted)
-        table, poison, tries = self._train(raw, plan, batch_id)
+        center = self.client.pull()[0]
+        standardisation = (center["standardise/mean"], center["standardise/std"])
+        table, poison, tries = self._train(raw, plan, batch_id, standardisation)
         lap("spark_job")
         table = table.sort_by(ARRIVAL_ORDER)  # reports (no arrival) last
         by_kind = {kind: table.filter(pa.compute.equal(table.column("kind"), kind))
@@ -309,7 +324,8 @@ class TrainingJob:
         futures = [self.producer.send(s.topic_dlq, value=value) for value in dead]
         labelled = by_kind["train"]
         x, y = rows_of(labelled.to_batches(), self.spec.n_features)
-        record = {"model": s.model, "batch_id": batch_id, "rows": len(y), "events": table.num_rows - len(reports),
+        record = {"model": s.model, "batch_id": batch_id, "rows": len(y),
+                  "events": table.num_rows - len(reports) + len(poison),  # poison events left the table
                   "invalid": len(dead), "unlabelled": by_kind["unlabelled"].num_rows, "retries": tries - 1,
                   "poison": len(poison)}
         if len(y):
@@ -339,13 +355,15 @@ class TrainingJob:
                  record.get("accuracy", float("nan")), record.get("window_accuracy", float("nan")),
                  record.get("updates", 0), record.get("drift", False))
 
-    def _run_workers(self, raw, plan: TrainingPlan) -> pa.Table:
+    def _run_workers(self, raw, plan: TrainingPlan, standardisation: Standardisation) -> pa.Table:
         # no `self` in what Spark ships to the workers
-        step = functools.partial(score_and_train, plan=plan, schema=self.schema, topic=self.settings.topic_events)
+        step = functools.partial(score_and_train, plan=plan, schema=self.schema, topic=self.settings.topic_events,
+                                 standardisation=standardisation, max_raw_bytes=self.settings.dlq_max_raw_bytes)
         synchronous = plan.algorithm_name == "sync"
         return raw.repartition(self.settings.workers).mapInArrow(step, STEP_DDL, barrier=synchronous).toArrow()
 
-    def _train(self, raw, plan: TrainingPlan, batch_id: int) -> tuple[pa.Table, list[bytes], int]:
+    def _train(self, raw, plan: TrainingPlan, batch_id: int,
+               standardisation: Standardisation) -> tuple[pa.Table, list[bytes], int]:
         """The workers' output table, the dead letters of poison events, and the tries it took.
 
         When the server refuses a commit (its content: non-finite weights, say), the micro-batch is
@@ -356,14 +374,14 @@ class TrainingJob:
         A micro-batch never blocks the query for its content."""
         s = self.settings
         for attempt in range(1, s.batch_attempts + 1):
-            table = self._run_workers(raw, plan)
+            table = self._run_workers(raw, plan, standardisation)
             refusal = _refusal(table)
             if refusal is None:
                 return table, [], attempt
             log.warning("batch %d: the parameter server refused a commit (%s); try %d of %d", batch_id, refusal,
                         attempt, s.batch_attempts)
         rows = raw.toArrow()
-        poison = self._poison_events(rows)
+        poison = self._poison_events(rows, standardisation)
         log.error("batch %d: refused %d times; %d poison event(s) dead-lettered, the rest trained again", batch_id,
                   s.batch_attempts, len(poison))
         if poison:
@@ -371,9 +389,10 @@ class TrainingJob:
 
             keys = [f"{partition}:{offset}" for partition, offset in poison]
             raw = raw.filter(~F.concat_ws(":", "partition", "offset").isin(keys))
-        table = self._run_workers(raw, plan)
+        table = self._run_workers(raw, plan, standardisation)
         refusal = _refusal(table)
-        dead = [dead_letter("train", reason, value, topic, partition, offset)
+        limit = s.dlq_max_raw_bytes
+        dead = [dead_letter("train", reason, value, topic, partition, offset, limit)
                 for (partition, offset), (reason, value, topic) in poison.items()]
         if refusal is not None:
             log.error("batch %d: still refused (%s); its labelled events go to the dead-letter topic", batch_id, refusal)
@@ -381,17 +400,19 @@ class TrainingJob:
             reason = (f"training micro-batch {batch_id} was refused by the parameter server {s.batch_attempts + 1} "
                       f"times ({refusal}); this event may be partly trained")
             values = _values_by_key(rows)
-            dead += [dead_letter("train", reason, values[key][0], values[key][1], *key)
+            dead += [dead_letter("train", reason, values[key][0], values[key][1], *key, limit)
                      for key in zip(train.column("partition").to_pylist(), train.column("offset").to_pylist())]
             table = table.filter(pa.compute.not_equal(table.column("kind"), "train"))
         return table, dead, s.batch_attempts + 1
 
-    def _poison_events(self, rows: pa.Table) -> dict[tuple[int, int], tuple[str, bytes, str]]:
+    def _poison_events(self, rows: pa.Table,
+                       standardisation: Standardisation) -> dict[tuple[int, int], tuple[str, bytes, str]]:
         """``(partition, offset) -> (reason, raw value, topic)`` of the labelled events one SGD step on
         which, from the current center, leaves non-finite weights."""
         from pipeline.bundle import ModelBundle
 
-        checked = pa.Table.from_batches(list(check_partition(rows.to_batches(), self.schema)), schema=CHECK_SCHEMA)
+        checked = check_partition(rows.to_batches(), self.schema, standardisation, self.settings.dlq_max_raw_bytes)
+        checked = pa.Table.from_batches(list(checked), schema=CHECK_SCHEMA)
         train = checked.filter(pa.compute.equal(checked.column("kind"), "train"))
         x, y = rows_of(train.to_batches(), self.spec.n_features)
         optimizer = self.spec.optimizer.model_copy(update={"momentum": 0.0})  # no state a bad step could taint
@@ -443,7 +464,7 @@ class TrainingJob:
         if not len(x):
             return 0
         self._standardised = True
-        x = x.astype(np.float64)  # float32 squares of valid values near its limit overflow to inf
+        x = _without_outliers(x.astype(np.float64))  # float64: squares of valid float32s near its limit overflow
         std = x.std(axis=0)
         delta = {"standardise/mean": x.mean(axis=0).astype(np.float32),
                  "standardise/std": (np.where(std > 1e-12, std, 1.0) - 1.0).astype(np.float32)}
@@ -534,6 +555,21 @@ def _addresses(settings: Settings) -> list[tuple[str, int]]:
     from pipeline.ps.sharding import addresses
 
     return addresses(settings.ps_host, settings.ps_port, settings.ps_shards)
+
+
+def _without_outliers(x: np.ndarray, spread: float = 1000.0) -> np.ndarray:
+    """The rows of ``x`` within ``spread`` median absolute deviations of every feature's median: one
+    extreme event (3e38 among values in [0, 1]) must not become the standardisation of the model.
+
+    >>> x = np.array([[0.1], [0.5], [0.9], [3e38]])
+    >>> _without_outliers(x).ravel().tolist()
+    [0.1, 0.5, 0.9]
+    """
+    median = np.median(x, axis=0)
+    deviation = np.abs(x - median)
+    scale = np.median(deviation, axis=0)
+    keep = (deviation <= spread * np.where(scale > 0, scale, np.abs(median) + 1.0)).all(axis=1)
+    return x[keep] if keep.any() else x
 
 
 def _refusal(table: pa.Table) -> str | None:

@@ -37,6 +37,7 @@ class Summary:
     sent: int = 0
     acknowledged: int = 0
     failed: int = 0
+    resent: int = 0
     dead_lettered: int = 0
     elapsed_s: float = 0.0
     errors: list[str] = field(default_factory=list)
@@ -101,13 +102,19 @@ def file_events(rows: Iterable[FileRow], schema_for, source: str, label_fraction
 
 
 class Sender:
-    """Pipelined sends with acknowledgement accounting and optional pacing."""
+    """Pipelined sends with acknowledgement accounting and optional pacing.
+
+    A send the producer gave up on (its own retries ran out, or a broker restarted and lost the
+    idempotent producer's sequence numbers: ``OutOfOrderSequenceNumberError``) is sent again, up to
+    ``resends`` times, before it counts as failed: at-least-once, so a resend may duplicate an event.
+    """
 
     def __init__(self, producer: KafkaProducer, topic: str, dlq_topic: str, rate: float = 0.0,
-                 max_in_flight: int = 20_000):
+                 max_in_flight: int = 20_000, resends: int = 3):
         self.producer, self.topic, self.dlq_topic = producer, topic, dlq_topic
         self.bucket = TokenBucket(rate)
         self.max_in_flight = max_in_flight
+        self.resends = resends
         self.pending: deque = deque()
         self.summary = Summary()
         self.started = time.monotonic()
@@ -119,25 +126,34 @@ class Sender:
         else:
             self.bucket.take()
             topic = self.topic
-        try:
-            self.pending.append(self.producer.send(topic, key=message.key, value=message.value))
-        except KafkaError as exc:
-            self._fail(exc)
-            return
-        self.summary.sent += 1
+        if self._send(topic, message, attempt=0):
+            self.summary.sent += 1
         if self.summary.sent % 256 == 0:
             self._collect(block=len(self.pending) > self.max_in_flight)
 
+    def _send(self, topic: str, message: Outgoing, attempt: int) -> bool:
+        try:
+            future = self.producer.send(topic, key=message.key, value=message.value)
+        except KafkaError as exc:
+            self._fail(exc)
+            return False
+        self.pending.append((future, topic, message, attempt))
+        return True
+
     def _collect(self, block: bool) -> None:
         pending = self.pending
-        while pending and (pending[0].is_done or block):
-            future = pending.popleft()
+        while pending and (pending[0][0].is_done or block):
+            future, topic, message, attempt = pending.popleft()
             block = False
             try:
                 future.get()
                 self.summary.acknowledged += 1
             except KafkaError as exc:
-                self._fail(exc)
+                if attempt < self.resends:
+                    self.summary.resent += 1
+                    self._send(topic, message, attempt + 1)
+                else:
+                    self._fail(exc)
 
     def _fail(self, exc: Exception) -> None:
         self.summary.failed += 1

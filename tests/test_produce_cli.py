@@ -43,7 +43,7 @@ def test_csv_with_bad_rows_sends_the_rest_and_dead_letters_each_bad_row(kafka, t
     done = subprocess.run([*STREAMFIT, "produce", "--source", str(path)], env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    assert f"sent={2000} acknowledged={2000} failed=0 dead_lettered={len(bad)}" in done.stdout
+    assert f"sent={2000} acknowledged={2000} failed=0 resent=0 dead_lettered={len(bad)}" in done.stdout
     good = read_topic(kafka, events, expected=2000 - len(bad))
     assert sorted(r.key.decode() for r in good) == sorted(f"r{i}" for i in range(1, 2001) if i not in bad)
     assert all(len(orjson.loads(r.value)["features"]) == 5 for r in good)

@@ -132,23 +132,28 @@ def test_a_replayed_micro_batch_is_not_trained_twice(spark, kafka, topic, tmp_pa
 
 
 def test_an_event_that_breaks_training_is_dead_lettered_and_the_rest_trained(spark, kafka, topic, tmp_path, setup):
-    """A valid float32 (3e38) overflows the model's first layer: the server refuses the commit that
-    trained on it. The micro-batch is tried ``batch_attempts`` times, then the event is found,
-    dead-lettered with its reason, and the rest of the micro-batch trained: the query goes on."""
+    """Valid float32s the model cannot train on. 3e38 overflows the standardisation (the features
+    are U[0, 1], std ~0.29): dead-lettered by the rule every stage applies. 7e37 standardises to
+    ~2.4e38 and overflows the first dense layer: the server refuses the commit that trained on it,
+    the micro-batch is tried ``batch_attempts`` times, then the event is found, dead-lettered with
+    its reason, and the rest of the micro-batch trained: the query goes on."""
     settings, registry, server = setup(batch_attempts=2, max_offsets_per_trigger=1000)
     rows = list(itertools.islice(synthetic_rows("hyperplane", seed=5), 3000))
     events = list(synthetic_events(rows, "e", label_fraction=1.0, seed=2))
-    poison = Outgoing(b"poison", orjson.dumps({"id": "poison", "ts": 1, "features": [3e38] * 10, "label": 1}))
-    produce(kafka, topic, [*events[:2000], poison, *events[2000:]])
+    extreme = [Outgoing(name.encode(), orjson.dumps({"id": name, "ts": 1, "features": [value] * 10, "label": 1}))
+               for name, value in (("overflows", 3e38), ("poison", 7e37))]
+    produce(kafka, topic, [*events[:2000], *extreme, *events[2000:]])
 
     job = run(spark, settings, registry, kafka, tmp_path / "ck")
 
     history = list(job.history)
     assert sum(r["poison"] for r in history) == 1 and sum(r["retries"] for r in history) >= 1, history
     assert sum(r["trained_rows"] for r in history) == 3000
-    dead = [orjson.loads(r.value) for r in read_topic(kafka, settings.topic_dlq, expected=1)]
-    assert [d["stage"] for d in dead] == ["train"] and "non-finite" in dead[0]["error"], dead
-    assert orjson.loads(dead[0]["raw"])["id"] == "poison"
+    dead = {orjson.loads(d["raw"])["id"]: d for d in map(orjson.loads, (r.value for r in read_topic(
+        kafka, settings.topic_dlq, expected=2)))}
+    assert {d["stage"] for d in dead.values()} == {"train"} and dead.keys() == {"overflows", "poison"}, dead
+    assert "after the model's standardisation" in dead["overflows"]["error"], dead
+    assert "non-finite" in dead["poison"]["error"], dead
     weights = server.state.pull()[0]
     assert all(np.isfinite(w).all() for w in weights.values())
     assert history[-1]["window_accuracy"] > 0.7

@@ -104,7 +104,7 @@ def run(args) -> int:
             summary = sender.close(settings.kafka_timeout_s)
         finally:
             kafka.close(timeout=5)
-    print(f"sent={summary.sent} acknowledged={summary.acknowledged} failed={summary.failed} "
+    print(f"sent={summary.sent} acknowledged={summary.acknowledged} failed={summary.failed} resent={summary.resent} "
           f"dead_lettered={summary.dead_lettered} elapsed={summary.elapsed_s:.2f}s events/s={summary.events_per_s:.0f}")
     if summary.failed:
         raise CommandError(f"{summary.failed} sends failed, first: {summary.errors[0]}")
