@@ -197,7 +197,9 @@ class Pipeline:
         with contextlib.ExitStack() as down:  # unwound in reverse order, every step even if an earlier one fails
             registry, announcer = announcing_registry(s)
             down.callback(announcer.close)
+            ctrl_c = signal.getsignal(signal.SIGINT)
             spark = spark_session(s, "streamfit-up")
+            signal.signal(signal.SIGINT, ctrl_c)  # pyspark's own handler would cancel the queries mid-batch
             down.callback(spark.stop)
             inference = InferenceJob(spark, s, bootstrap)
             training = TrainingJob(spark, s, bootstrap, registry)
