@@ -94,7 +94,8 @@ def check_partition(batches: Iterator[pa.RecordBatch], schema: FeatureSchema,
 
 def score_and_train(batches: Iterator[pa.RecordBatch], plan: TrainingPlan, schema: FeatureSchema,
                     topic: str, standardisation: Standardisation | None = None,
-                    max_raw_bytes: int = MAX_RAW_BYTES) -> Iterator[pa.RecordBatch]:
+                    max_raw_bytes: int = MAX_RAW_BYTES,
+                    skip: frozenset[tuple[int, int]] = frozenset()) -> Iterator[pa.RecordBatch]:
     """One worker's share of a micro-batch of Kafka rows (runs in a Spark Python worker): validate
     them, then test-then-train on the labelled events in arrival order (each scored by the worker's
     model just before it trains on it); every event is passed on (labelled ones with their score),
@@ -105,6 +106,9 @@ def score_and_train(batches: Iterator[pa.RecordBatch], plan: TrainingPlan, schem
 
     checked = check_partition(batches, schema, standardisation, max_raw_bytes)
     table = pa.Table.from_batches(list(checked), schema=CHECK_SCHEMA).sort_by(ARRIVAL_ORDER)
+    if skip:  # poison events the driver dead-letters: the other rows keep their places, so their commit tags too
+        keys = zip(table.column("partition").to_pylist(), table.column("offset").to_pylist())
+        table = table.filter(pa.array([key not in skip for key in keys]))
     is_train = pa.compute.equal(table.column("kind"), "train").to_numpy(zero_copy_only=False)
     x, y = rows_of(table.filter(is_train).to_batches(), plan.spec.n_features)
     worker_id = TaskContext.get().partitionId()
@@ -355,10 +359,12 @@ class TrainingJob:
                  record.get("accuracy", float("nan")), record.get("window_accuracy", float("nan")),
                  record.get("updates", 0), record.get("drift", False))
 
-    def _run_workers(self, raw, plan: TrainingPlan, standardisation: Standardisation) -> pa.Table:
+    def _run_workers(self, raw, plan: TrainingPlan, standardisation: Standardisation,
+                     skip: frozenset[tuple[int, int]] = frozenset()) -> pa.Table:
         # no `self` in what Spark ships to the workers
         step = functools.partial(score_and_train, plan=plan, schema=self.schema, topic=self.settings.topic_events,
-                                 standardisation=standardisation, max_raw_bytes=self.settings.dlq_max_raw_bytes)
+                                 standardisation=standardisation, max_raw_bytes=self.settings.dlq_max_raw_bytes,
+                                 skip=skip)
         synchronous = plan.algorithm_name == "sync"
         return raw.repartition(self.settings.workers).mapInArrow(step, STEP_DDL, barrier=synchronous).toArrow()
 
@@ -369,8 +375,9 @@ class TrainingJob:
         When the server refuses a commit (its content: non-finite weights, say), the micro-batch is
         tried again, ``batch_attempts`` times in all (the tags make the server skip what it already
         applied). Then the events that break training are found on the driver
-        (:func:`~pipeline.training.poisonous_rows`), dead-lettered, and the rest trained once more; if
-        even that is refused, the micro-batch's labelled events are dead-lettered with the refusal.
+        (:func:`~pipeline.training.poisonous_rows`), dead-lettered, and the rest trained once more, the
+        workers dropping the poison rows themselves: every other row keeps its worker and its commit
+        tag, so what the refused tries applied is skipped, not trained twice. If even that is refused, the micro-batch's labelled events are dead-lettered with the refusal.
         A micro-batch never blocks the query for its content."""
         s = self.settings
         for attempt in range(1, s.batch_attempts + 1):
@@ -384,12 +391,7 @@ class TrainingJob:
         poison = self._poison_events(rows, standardisation)
         log.error("batch %d: refused %d times; %d poison event(s) dead-lettered, the rest trained again", batch_id,
                   s.batch_attempts, len(poison))
-        if poison:
-            from pyspark.sql import functions as F
-
-            keys = [f"{partition}:{offset}" for partition, offset in poison]
-            raw = raw.filter(~F.concat_ws(":", "partition", "offset").isin(keys))
-        table = self._run_workers(raw, plan, standardisation)
+        table = self._run_workers(raw, plan, standardisation, frozenset(poison))
         refusal = _refusal(table)
         limit = s.dlq_max_raw_bytes
         dead = [dead_letter("train", reason, value, topic, partition, offset, limit)

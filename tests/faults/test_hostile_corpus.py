@@ -233,8 +233,6 @@ def test_hostile_corpus_through_both_consumers(spark, kafka, topic, tmp_path, pi
 
     # every valid labelled record trained once; the hostile ones and the unlabelled never
     history = list(training.history)
-    # not asserted: sum(r["events"]) == len(records). A micro-batch's "events" (and streamfit_train_events_total)
-    # leave out its poison events: TrainingJob._process counts the rows of the retried run they were filtered from
     assert sum(r["invalid"] for r in history) == n_hostile
     poisoned = sum(d["stage"] == "train" and POISONED in d["error"] for _, d in dead)
     assert sum(r["poison"] for r in history) == poisoned >= 2
