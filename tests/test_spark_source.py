@@ -207,3 +207,25 @@ def test_fail_on_data_loss_must_be_a_boolean(spark, kafka, topic):
     with pytest.raises(Exception, match="failOnDataLoss must be true or false, got 'maybe'"):
         spark.read.format(NAME).option("kafka.bootstrap.servers", kafka).option("subscribe", topic) \
             .option("failOnDataLoss", "maybe").load().count()
+
+
+def test_a_worker_keeps_its_kafka_clients_across_tasks_and_drops_one_whose_task_failed(kafka, topic):
+    """send_rows and the reader reuse the worker's client (no connect per task); a failed send closes it."""
+    import pyarrow as pa
+
+    from pipeline.spark import source
+
+    ensure_topics(kafka, {topic: 1})
+    rows = pa.RecordBatch.from_pydict({"value": [b"a", b"b"]})
+    assert source.send_rows(kafka, topic, iter([rows])).records == 2
+    first = source._clients[("writer", kafka)]
+    assert source.send_rows(kafka, topic, iter([rows])).records == 2
+    assert source._clients[("writer", kafka)] is first
+
+    no_partition = pa.RecordBatch.from_pydict({"value": [b"c"], "partition": pa.array([7], pa.int32())})
+    with pytest.raises(Exception):
+        source.send_rows(kafka, topic, iter([no_partition]))
+    assert ("writer", kafka) not in source._clients and first._closed
+    assert source.send_rows(kafka, topic, iter([rows])).records == 2
+    assert source._clients[("writer", kafka)] is not first
+    assert [r.value for r in read_topic(kafka, topic, 6, timeout_s=30)] == [b"a", b"b"] * 3
