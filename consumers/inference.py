@@ -13,8 +13,11 @@ keeps it while that version is champion.
 With the Python Kafka source the same worker also sends its output and waits for the
 acknowledgements (one Python hop fewer than a separate sink stage); with Spark's JVM
 connector the output goes through ``format("kafka")``. Either way the micro-batch only
-commits once every prediction and dead letter is in Kafka (at-least-once). A prediction
-goes to the partition number of its event when both topics have as many partitions
+commits once every prediction and dead letter is in Kafka, so a micro-batch replayed after a
+crash predicts again (at-least-once). Its dead letters are not written again: the driver enters
+each micro-batch through a dead-letter fence (:mod:`pipeline.dlq_fence`), which tells a replay the
+events an earlier attempt dead-lettered, and the workers skip those (exactly once per stage).
+A prediction goes to the partition number of its event when both topics have as many partitions
 (the event's key is its id, so that is where Kafka's default partitioner puts it too).
 """
 
@@ -29,6 +32,7 @@ import orjson
 import pyarrow as pa
 
 from pipeline.dlq import dead_letter
+from pipeline.dlq_fence import DeadLetterFence, Source
 from pipeline.events import Event, FeatureSchema, Rejection, probability_problems, standardisation_problems, validate
 from pipeline.settings import Settings
 
@@ -57,8 +61,10 @@ def _bundle(registry_url: str, model: str, version: int):
 
 def predict_partition(batches: Iterator[pa.RecordBatch], registry_url: str, model: str, version: int,
                       schema: FeatureSchema, predictions_topic: str, dlq_topic: str,
-                      copartitioned: bool, max_raw_bytes: int) -> Iterator[pa.RecordBatch]:
-    """Validate and predict one partition's Arrow batches (runs in a Spark Python worker)."""
+                      copartitioned: bool, max_raw_bytes: int,
+                      dead_lettered: frozenset[Source] = frozenset()) -> Iterator[pa.RecordBatch]:
+    """Validate and predict one partition's Arrow batches (runs in a Spark Python worker); an event
+    in ``dead_lettered`` (an earlier attempt of this micro-batch wrote its dead letter) gets none."""
     bundle = _bundle(registry_url, model, version)
     mean, std = bundle.standardisation()
     for batch in batches:
@@ -85,6 +91,9 @@ def predict_partition(batches: Iterator[pa.RecordBatch], registry_url: str, mode
                         predicted.append((row, event, probs))
                     else:
                         dead.append((row, problem))
+        if dead_lettered:
+            dead = [(row, reason) for row, reason in dead
+                    if (topics[row], partitions[row], offsets[row]) not in dead_lettered]
         now = int(time.time() * 1000)
         out_topics = [dlq_topic] * len(dead) + [predictions_topic] * len(predicted)
         out_keys = [None] * len(dead) + [event.id.encode() for _, event, _ in predicted]
@@ -129,6 +138,7 @@ class InferenceJob:
         topics = describe(bootstrap, settings.kafka_timeout_s)
         self.copartitioned = topics.get(settings.topic_events) == topics.get(settings.topic_predictions)
         self.versions: dict[int, int] = {}
+        self.fence: DeadLetterFence | None = None  # set by start(): it lives in the query's checkpoint
         self.reporter = ProgressReporter(QUERY_NAME, ProgressMetrics("streamfit_predict"), self.versions.get)
         spark.streams.addListener(self.reporter)
 
@@ -141,7 +151,7 @@ class InferenceJob:
         self.versions[batch_id] = version
         s = self.settings
         args = (s.registry_url, s.model, version, self.schema, s.topic_predictions, s.topic_dlq, self.copartitioned,
-                s.dlq_max_raw_bytes)
+                s.dlq_max_raw_bytes, self.fence.enter(batch_id))
         events = frame.select("value", "topic", "partition", "offset")
         if self.format == PYTHON_SOURCE:
             bootstrap = self.bootstrap
@@ -163,6 +173,7 @@ class InferenceJob:
         writer = (reader.load().writeStream.queryName(QUERY_NAME).foreachBatch(self._process)
                   .option("checkpointLocation", checkpoint))
         writer = writer.trigger(**(trigger or {"processingTime": f"{s.trigger_interval_s} seconds"}))
+        self.fence = DeadLetterFence(checkpoint, self.bootstrap, s.topic_dlq, "predict", timeout_s=s.kafka_timeout_s)
         query = writer.start()
         self.reporter.query_id = str(query.id)
         return query

@@ -11,8 +11,10 @@ events, feeds the per-event errors to a river ADWIN drift detector and keeps the
 for the promotion gate, which scores a new ``candidate`` against the ``champion`` on the most
 recent of them. The first labelled micro-batch of a model without standardisation is read once
 more before training, to fit it. Commits are tagged with (query id, batch id, worker id, seq), so a
-micro-batch Spark replays after a crash is skipped by the server. One record per micro-batch goes
-to ``training-metrics``.
+micro-batch Spark replays after a crash is skipped by the server; its dead letters are not written
+again either: the driver enters every micro-batch through a dead-letter fence
+(:mod:`pipeline.dlq_fence`), which tells a replay the events an earlier attempt dead-lettered, and
+drops those (``replayed_dead_letters``). One record per micro-batch goes to ``training-metrics``.
 
 On drift the workers' learning rate is multiplied by ``drift_boost`` until ``drift_boost_events``
 labelled events after the drift point have trained: the old concept's weights must be unlearned, and
@@ -34,6 +36,7 @@ import pyarrow as pa
 
 from pipeline.bundle import has_identity_standardisation
 from pipeline.dlq import MAX_RAW_BYTES, dead_letter
+from pipeline.dlq_fence import DeadLetterFence, source
 from pipeline.events import Event, FeatureSchema, Rejection, standardisation_problems, validate
 from pipeline.ps.algorithms import ALGORITHMS, WorkerReport
 from pipeline.ps.client import ServerError
@@ -296,7 +299,8 @@ class TrainingJob:
         self.gauges = TrainingGauges()
         self._boost_left = 0
         self.warm_up_s = 0.0
-        self._standardised = False
+        self._standardisation_of: tuple[str, Standardisation] | None = None  # (server incarnation, its value)
+        self.fence: DeadLetterFence | None = None  # set by start_query(): it lives in the query's checkpoint
         self._known_versions = set(self.registry.versions(settings.model))
 
     def _process(self, frame, batch_id: int) -> None:
@@ -309,15 +313,14 @@ class TrainingJob:
             now = time.monotonic()
             phases[name], mark[0] = round(now - mark[0], 3), now
 
-        standardised = self._standardise_once(raw, batch_id)
-        if standardised:
-            lap("standardise")
+        dead_lettered = self.fence.enter(batch_id)  # before any dead letter: a replay skips what it wrote
         stats = self.client.stats()
         counter, incarnation = stats["counter"], stats["incarnation"]
+        standardisation, standardised = self._standardisation(raw, batch_id, incarnation)
+        if standardised:
+            lap("standardise")
         boosted = self._boost_left > 0
         plan = self._plan(batch_id, self._query_id(), boosted)
-        center = self.client.pull()[0]
-        standardisation = (center["standardise/mean"], center["standardise/std"])
         table, poison, tries = self._train(raw, plan, batch_id, standardisation)
         lap("spark_job")
         table = table.sort_by(ARRIVAL_ORDER)  # reports (no arrival) last
@@ -325,13 +328,14 @@ class TrainingJob:
                    for kind in ("report", "dead", "unlabelled", "train")}
         reports = [orjson.loads(r) for r in by_kind["report"].column("report").to_pylist()]
         dead = by_kind["dead"].column("dead").to_pylist() + poison
-        futures = [self.producer.send(s.topic_dlq, value=value) for value in dead]
+        fresh = [value for value in dead if source(value) not in dead_lettered] if dead_lettered else dead
+        futures = [self.producer.send(s.topic_dlq, value=value) for value in fresh]
         labelled = by_kind["train"]
         x, y = rows_of(labelled.to_batches(), self.spec.n_features)
         record = {"model": s.model, "batch_id": batch_id, "rows": len(y),
                   "events": table.num_rows - len(reports) + len(poison),  # poison events left the table
                   "invalid": len(dead), "unlabelled": by_kind["unlabelled"].num_rows, "retries": tries - 1,
-                  "poison": len(poison)}
+                  "poison": len(poison), "replayed_dead_letters": len(dead) - len(fresh)}
         if len(y):
             record.update(self.prequential.score(labelled.column("correct").to_numpy(zero_copy_only=False),
                                                  labelled.column("label_probability").to_numpy(zero_copy_only=False)))
@@ -450,29 +454,35 @@ class TrainingJob:
             log.warning("drift detected at labelled event %d (%d trained since): %s", metrics["drift_at_event"],
                         trained_since, reaction)
 
-    def _standardise_once(self, raw, batch_id: int) -> int:
-        """A model no data has been seen by yet (identity standardisation) gets its standardisation
-        from the first labelled micro-batch, as ``streamfit fit`` does from the file: one commit,
-        tagged like a worker's so a replayed batch does not apply it twice. Synchronous rounds only
-        take workers' commits, so ``sync`` keeps what the model has. Returns the updates applied (0 or 1)."""
-        if self._standardised or self.settings.algorithm == "sync":
-            return 0
-        if not has_identity_standardisation(self.client.pull()[0]):
-            self._standardised = True
-            return 0
-        check = functools.partial(check_partition, schema=self.schema)
-        labelled = raw.mapInArrow(check, CHECK_DDL).filter("kind = 'train'").select("features", "label")
-        x, _ = rows_of(labelled.toArrow().to_batches(), self.spec.n_features)
-        if not len(x):
-            return 0
-        self._standardised = True
-        x = _without_outliers(x.astype(np.float64))  # float64: squares of valid float32s near its limit overflow
-        std = x.std(axis=0)
-        delta = {"standardise/mean": x.mean(axis=0).astype(np.float32),
-                 "standardise/std": (np.where(std > 1e-12, std, 1.0) - 1.0).astype(np.float32)}
-        ack = self.client.commit(delta, tag=CommitTag(self._query_id(), batch_id, STANDARDISE_WORKER))
-        log.info("batch %d: standardisation fitted from %d labelled events", batch_id, len(x))
-        return int(ack.status == "applied")
+    def _standardisation(self, raw, batch_id: int, incarnation: str) -> tuple[Standardisation, int]:
+        """The model's standardisation (mean, std) and the updates fitting it applied (0 or 1).
+
+        It changes only at the commit below, so it is pulled once per parameter-server incarnation,
+        not every micro-batch (a pull is the whole model: 4 MB for ``higgs``); a restarted server
+        may have lost that commit, and is asked again. A model no data has been seen by yet
+        (identity standardisation) gets its standardisation from the first labelled micro-batch, as
+        ``streamfit fit`` does from the file: one commit, tagged like a worker's so a replayed batch
+        does not apply it twice. Synchronous rounds only take workers' commits, so ``sync`` keeps
+        what the model has."""
+        if self._standardisation_of is not None and self._standardisation_of[0] == incarnation:
+            return self._standardisation_of[1], 0
+        center, applied = self.client.pull()[0], 0
+        if has_identity_standardisation(center) and self.settings.algorithm != "sync":
+            check = functools.partial(check_partition, schema=self.schema)
+            labelled = raw.mapInArrow(check, CHECK_DDL).filter("kind = 'train'").select("features", "label")
+            x, _ = rows_of(labelled.toArrow().to_batches(), self.spec.n_features)
+            if not len(x):  # nothing to fit it on yet: the next micro-batch looks again
+                return (center["standardise/mean"], center["standardise/std"]), 0
+            x = _without_outliers(x.astype(np.float64))  # float64: squares of valid float32s near its limit overflow
+            std = x.std(axis=0)
+            delta = {"standardise/mean": x.mean(axis=0).astype(np.float32),
+                     "standardise/std": (np.where(std > 1e-12, std, 1.0) - 1.0).astype(np.float32)}
+            applied = int(self.client.commit(delta, tag=CommitTag(self._query_id(), batch_id, STANDARDISE_WORKER))
+                          .status == "applied")
+            log.info("batch %d: standardisation fitted from %d labelled events", batch_id, len(x))
+            center = self.client.pull()[0]  # as the server holds it: the workers standardise with that
+        self._standardisation_of = incarnation, (center["standardise/mean"], center["standardise/std"])
+        return self._standardisation_of[1], applied
 
     def _plan(self, batch_id: int, query_id: str, boosted: bool = False) -> TrainingPlan:
         """What every worker of a micro-batch needs; ``boosted`` after a drift (a larger learning rate)."""
@@ -546,6 +556,7 @@ class TrainingJob:
             reader = reader.option("maxOffsetsPerTrigger", str(s.max_offsets_per_trigger))
         writer = (reader.load().writeStream.queryName(QUERY_NAME).foreachBatch(self._process)
                   .option("checkpointLocation", checkpoint))
+        self.fence = DeadLetterFence(checkpoint, self.bootstrap, s.topic_dlq, "train", timeout_s=s.kafka_timeout_s)
         return writer.trigger(**(trigger or {"processingTime": f"{s.trigger_interval_s} seconds"})).start()
 
     def close(self) -> None:

@@ -63,6 +63,13 @@ def cli_env(tmp_path):
 STREAMFIT = [sys.executable, "-m", "pipeline.cli"]
 
 
+def uncommit(checkpoint: Path, batch_id: int) -> None:
+    """The state a crash leaves after micro-batch ``batch_id`` wrote its output but before Spark
+    committed it: no entry in the commit log, so a query restarted from ``checkpoint`` replays it."""
+    (checkpoint / "commits" / str(batch_id)).unlink()
+    (checkpoint / "commits" / f".{batch_id}.crc").unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def spark():
     """One local Spark session for the whole test run, with the streamfit Kafka source registered."""

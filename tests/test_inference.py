@@ -20,6 +20,7 @@ from pipeline.settings import load_settings
 from pipeline.spec import BUILTIN_SPECS
 from producers.sender import Outgoing, Sender, synthetic_events
 from producers.synthetic import synthetic_rows
+from tests.conftest import uncommit
 from tests.kafka_reader import read_topic
 
 BAD = [  # (value, the reason the DLQ record must give)
@@ -150,6 +151,27 @@ def test_restart_from_checkpoint_loses_nothing_duplicates_at_most_one_batch(spar
     print(f"restart: {before} predictions before the stop, {duplicates} duplicates after the restart")
     assert set(ids) == {f"i-{i}" for i in range(n)}, "an event was lost across the restart"
     assert duplicates <= 1500, f"{duplicates} duplicates: more than the one interrupted micro-batch"
+
+
+def test_a_replayed_micro_batch_predicts_again_but_does_not_dead_letter_again(spark, kafka, topic, tmp_path, setup):
+    """A crash after the last micro-batch sent its output, before Spark committed it: the restarted
+    query predicts that micro-batch again (at-least-once), but the dead-letter fence keeps it from
+    dead-lettering its invalid events again."""
+    settings = setup[0].model_copy(update={"max_offsets_per_trigger": 1500})
+    _produce(kafka, topic, 2940, bad_every=49)  # and 60 invalid ones: 3,000 events, two micro-batches
+    checkpoint = tmp_path / "ck"
+    job = InferenceJob(spark, settings, kafka)
+    _finish(_run(job, checkpoint))
+    assert sorted(job.versions) == [0, 1]
+    uncommit(checkpoint, 1)
+    replay = InferenceJob(spark, settings, kafka)
+    _finish(_run(replay, checkpoint))
+
+    assert sorted(replay.versions) == [1], "micro-batch 1 was not replayed"
+    ids = [p["id"] for p in _predictions(kafka, topic, 2941)]
+    assert set(ids) == {f"i-{i}" for i in range(2940)} and len(ids) > 2940, "the replay did not predict again"
+    dead = [orjson.loads(r.value) for r in read_topic(kafka, topic + ".dlq", expected=60)]
+    assert len(dead) == len({(d["partition"], d["offset"]) for d in dead}) == 60, "an event dead-lettered twice"
 
 
 def test_promotion_mid_stream_switches_versions_between_micro_batches(spark, kafka, topic, tmp_path, setup):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import shutil
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -22,6 +20,7 @@ from pipeline.settings import load_settings
 from pipeline.spec import BUILTIN_SPECS
 from producers.sender import Outgoing, Sender, synthetic_events
 from producers.synthetic import synthetic_rows
+from tests.conftest import uncommit
 from tests.kafka_reader import read_topic
 
 SPEC = BUILTIN_SPECS["small"]
@@ -110,25 +109,26 @@ def test_learns_to_90_percent_prequential_only_from_valid_labelled_events(spark,
     assert registry.meta("small", promoted[-1])["offsets"][topic]  # trained-through offsets recorded
 
 
-def test_a_replayed_micro_batch_is_not_trained_twice(spark, kafka, topic, tmp_path, setup):
+def test_a_replayed_micro_batch_is_not_trained_nor_dead_lettered_twice(spark, kafka, topic, tmp_path, setup):
     settings, registry, server = setup()
-    rows = itertools.islice(synthetic_rows("hyperplane", seed=5), 6000)
-    produce(kafka, topic, synthetic_events(rows, "r"))
+    rows = itertools.islice(synthetic_rows("hyperplane", seed=5), 5940)
+    produce(kafka, topic, itertools.chain.from_iterable(  # 60 invalid among them: 6000 events, 3 micro-batches
+        [event, invalid(n)] if n % 99 == 0 else [event] for n, event in enumerate(synthetic_events(rows, "r"))))
     checkpoint = tmp_path / "ck"
     first = list(run(spark, settings, registry, kafka, checkpoint).history)
     assert [r["batch_id"] for r in first] == [0, 1, 2]
     counter = server.state.counter
     assert counter == sum(r["updates"] for r in first) and all(r["replayed_commits"] == 0 for r in first)
 
-    # a crash after the last batch trained but before Spark committed it: its commit log entry is missing
-    (checkpoint / "commits" / "2").unlink()
-    shutil.rmtree(checkpoint / "commits" / ".2.crc", ignore_errors=True)
-    Path(checkpoint / "commits" / ".2.crc").unlink(missing_ok=True)
+    uncommit(checkpoint, 2)  # a crash after the last batch trained and dead-lettered, before Spark committed it
     replay = list(run(spark, settings, registry, kafka, checkpoint).history)
 
     assert [r["batch_id"] for r in replay] == [2] and replay[0]["rows"] == first[2]["rows"]
     assert replay[0]["updates"] == 0 and replay[0]["replayed_commits"] == first[2]["updates"]
     assert server.state.counter == counter  # the update counter shows the batch applied once
+    assert replay[0]["replayed_dead_letters"] == replay[0]["invalid"] == first[2]["invalid"] > 0
+    dead = [orjson.loads(r.value) for r in read_topic(kafka, settings.topic_dlq, expected=60)]
+    assert len(dead) == len({(d["partition"], d["offset"]) for d in dead}) == 60, "an event dead-lettered twice"
 
 
 def test_an_event_that_breaks_training_is_dead_lettered_and_the_rest_trained(spark, kafka, topic, tmp_path, setup):
