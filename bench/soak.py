@@ -20,7 +20,7 @@ targets with a ``met`` flag each: RSS growth < 10 % per role, descriptors end - 
 lag without an upward trend (mean over the last quarter <= 1.5 x the mean over the second quarter,
 the latter floored at one second of events), 0 request errors.
 
-:class:`bench.e2e.UpRun` runs ``up`` and :func:`bench.e2e.processes_of` finds its processes.
+:class:`bench.e2e.UpRun` runs ``up``; :mod:`bench.processes` finds and measures its processes.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import random
 import sys
 import tempfile
@@ -40,125 +39,16 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.e2e import UpRun, processes_of
+from bench.e2e import UpRun
+from bench.processes import ROLES, EventCount, committed_events, snapshot
 from pipeline.registry import Registry, RegistryError
 
-ROLES = ("up", "broker", "ps", "serve", "spark_jvm", "spark_python_workers", "producer")
 ADMIN_TOKEN = "soak-admin"
 SAMPLE_EVERY_S = 10.0
 PROMOTE_EVERY_S = 20.0
 RSS_GROWTH_TARGET_PCT = 10.0
 FD_SLACK = 10
 LAG_TREND_FACTOR = 1.5
-
-
-# ------------------------------------------------------------------------------------------- processes
-
-def role_of(pid: int, up_pid: int) -> str:
-    """Which part of the run process ``pid`` is, from its command line."""
-    if pid == up_pid:
-        return "up"
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return "gone"
-    words = [a.decode(errors="replace") for a in argv if a]
-    line = " ".join(words)
-    if words and os.path.basename(words[0]) in ("noida-db", "tansu"):
-        return "broker"
-    if words and os.path.basename(words[0]) == "java":
-        return "spark_jvm"
-    if "pyspark" in line:
-        return "spark_python_workers"
-    if "pipeline.cli" in words:
-        command = words[words.index("pipeline.cli") + 1] if words.index("pipeline.cli") + 1 < len(words) else ""
-        return {"ps": "ps", "serve": "serve", "produce": "producer", "broker": "broker"}.get(command, f"cli {command}")
-    return "other: " + (os.path.basename(words[0]) if words else "?")
-
-
-def _rss_bytes(pid: int) -> tuple[int, int] | None:
-    """Resident bytes and the anonymous part of them (the rest is mapped files and shared memory)."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    except OSError:
-        return None
-    kib = [int(fields.get(name, "0 kB").split()[0]) * 1024 for name in ("VmRSS", "RssAnon")]  # a zombie has neither
-    return kib[0], kib[1]
-
-
-def _open_fds(pid: int) -> int | None:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return None
-
-
-def snapshot(run: UpRun) -> dict[str, dict]:
-    """RSS (MB; its anonymous part apart) and open descriptors per role, summed over the role's processes, with their count."""
-    roles: dict[str, dict] = {}
-    for pid in processes_of(run.home) + [run.process.pid]:
-        role = role_of(pid, run.process.pid)
-        rss, fds = _rss_bytes(pid), _open_fds(pid)
-        if role == "gone" or rss is None or fds is None:
-            continue
-        entry = roles.setdefault(role, {"processes": 0, "rss_mb": 0.0, "rss_anon_mb": 0.0, "fds": 0})
-        if pid in entry.setdefault("_pids", set()):
-            continue
-        entry["_pids"].add(pid)
-        entry["processes"] += 1
-        entry["rss_mb"] += rss[0] / 2**20
-        entry["rss_anon_mb"] += rss[1] / 2**20
-        entry["fds"] += fds
-    for entry in roles.values():
-        entry.pop("_pids")
-        entry["rss_mb"], entry["rss_anon_mb"] = round(entry["rss_mb"], 1), round(entry["rss_anon_mb"], 1)
-    return dict(sorted(roles.items(), key=lambda kv: (kv[0] not in ROLES, ROLES.index(kv[0]) if kv[0] in ROLES else 0)))
-
-
-# ------------------------------------------------------------------------------------------------- lag
-
-def committed_events(checkpoint: Path, topic: str = "events") -> int | None:
-    """Events a query has processed: the ``topic`` offsets of its last committed micro-batch."""
-    try:
-        batches = [int(p.name) for p in (checkpoint / "commits").iterdir() if p.name.isdigit()]
-    except OSError:
-        return None
-    if not batches:
-        return 0
-    try:
-        lines = (checkpoint / "offsets" / str(max(batches))).read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines[1:]:
-        try:
-            offsets = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(offsets, dict) and topic in offsets:
-            return sum(int(v) for v in offsets[topic].values())
-    return None
-
-
-class EventCount:
-    """Events produced so far: the sum of the ``events`` topic's end offsets."""
-
-    def __init__(self, home: Path):
-        self.home, self.reader = home, None
-
-    def __call__(self) -> int | None:
-        from pipeline.spark.offsets import KafkaOffsetReader
-
-        try:
-            if self.reader is None:
-                bootstrap = json.loads((self.home / "broker.json").read_text())["bootstrap"]
-                self.reader = KafkaOffsetReader(bootstrap, ["events"], timeout_s=5.0)
-            return sum(sum(parts.values()) for parts in self.reader.latest().values())
-        except Exception:  # noqa: BLE001 - Kafka briefly unavailable, broker.json not written yet: this sample is skipped
-            return None
-
-    def close(self) -> None:
-        if self.reader is not None:
-            self.reader.consumer.close()
 
 
 # ------------------------------------------------------------------------------------------ serving load
@@ -396,12 +286,12 @@ def soak(run: UpRun, args, duration: float, warm_up: float) -> dict:
                         produced - inference if produced is not None and inference is not None else None,
                         produced - training if produced is not None and training is not None else None))
             if len(lag) % 6 == 1:  # memory every minute or so, for the shape of any growth
-                memory.append({"t": round(now), **{r: v["rss_mb"] for r, v in snapshot(run).items()}})
+                memory.append({"t": round(now), **{r: v["rss_mb"] for r, v in snapshot(run.home, run.process.pid).items()}})
             if start is None and now >= warm_up:
-                start = {"t": round(now, 1), "roles": snapshot(run)}
+                start = {"t": round(now, 1), "roles": snapshot(run.home, run.process.pid)}
                 swaps_at_start = served_swaps(run.url, args.model)
             if now >= duration:
-                end = {"t": round(now, 1), "roles": snapshot(run)}
+                end = {"t": round(now, 1), "roles": snapshot(run.home, run.process.pid)}
                 break
             next_sample += SAMPLE_EVERY_S
             time.sleep(max(0.0, min(next_sample, began + duration) - time.monotonic()))

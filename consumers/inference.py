@@ -39,6 +39,9 @@ from pipeline.settings import Settings
 log = logging.getLogger(__name__)
 
 QUERY_NAME = "streamfit-inference"
+TRIGGER_S = 0.5
+"""Default seconds between inference micro-batches: an event waits for the next trigger, so half of this
+is on every prediction's latency on average."""
 OUTPUT_SCHEMA = pa.schema([("topic", pa.string()), ("key", pa.binary()), ("value", pa.binary()),
                            ("partition", pa.int32())])
 OUTPUT_DDL = "topic string, key binary, value binary, partition int"
@@ -161,18 +164,13 @@ class InferenceJob:
              .write.format(self.format).option("kafka.bootstrap.servers", self.bootstrap).mode("append").save())
 
     def start(self, checkpoint: str, trigger: dict | None = None, starting_offsets: str | None = None):
+        from pipeline.spark.session import events_stream, every
+
         s = self.settings
-        min_partitions = s.spark_min_partitions or 2 * self.spark.sparkContext.defaultParallelism
-        reader = (self.spark.readStream.format(self.format).option("kafka.bootstrap.servers", self.bootstrap)
-                  .option("subscribe", s.topic_events)
-                  .option("startingOffsets", starting_offsets or s.starting_offsets)
-                  .option("minPartitions", str(min_partitions))
-                  .option("failOnDataLoss", str(s.fail_on_data_loss).lower()))
-        if s.max_offsets_per_trigger:
-            reader = reader.option("maxOffsetsPerTrigger", str(s.max_offsets_per_trigger))
-        writer = (reader.load().writeStream.queryName(QUERY_NAME).foreachBatch(self._process)
-                  .option("checkpointLocation", checkpoint))
-        writer = writer.trigger(**(trigger or {"processingTime": f"{s.trigger_interval_s} seconds"}))
+        min_partitions = s.spark_min_partitions or self.spark.sparkContext.defaultParallelism
+        writer = (events_stream(self.spark, s, self.bootstrap, starting_offsets, min_partitions).writeStream
+                  .queryName(QUERY_NAME).foreachBatch(self._process).option("checkpointLocation", checkpoint))
+        writer = writer.trigger(**(trigger or every(s, TRIGGER_S)))
         self.fence = DeadLetterFence(checkpoint, self.bootstrap, s.topic_dlq, "predict", timeout_s=s.kafka_timeout_s)
         query = writer.start()
         self.reporter.query_id = str(query.id)

@@ -47,6 +47,9 @@ from pipeline.training import Scores, TrainingPlan, local_model, poisonous_rows,
 log = logging.getLogger(__name__)
 
 QUERY_NAME = "streamfit-training"
+TRIGGER_S = 2.0
+"""Default seconds between training micro-batches: fewer, larger batches cost less Spark overhead per event,
+and training is not waited on the way predictions are."""
 # arrival_us: the Kafka record's timestamp in microseconds, which orders events across partitions
 CHECK_SCHEMA = pa.schema([("kind", pa.string()), ("features", pa.list_(pa.float32())), ("label", pa.int64()),
                           ("partition", pa.int32()), ("offset", pa.int64()), ("arrival_us", pa.int64()),
@@ -279,7 +282,6 @@ class TrainingJob:
         from pipeline.kafka import producer
         from pipeline.ps.client import connect
         from pipeline.registry import Registry
-        from pipeline.spark.session import kafka_format
 
         if settings.algorithm == "ensemble":
             raise TrainingError("ensemble trains independent members offline: use `streamfit fit`, or another "
@@ -288,7 +290,6 @@ class TrainingJob:
         self.registry = registry or Registry(settings.registry_url)
         self.spec = self.registry.spec(settings.model)
         self.schema = FeatureSchema(tuple(self.spec.feature_names), self.spec.n_classes, settings.max_event_bytes)
-        self.format = kafka_format(spark, settings)
         self.client = connect(settings)
         self.bundle = ModelBundle(self.spec)
         self.prequential = Prequential(settings.prequential_window, settings.drift_delta)
@@ -547,17 +548,14 @@ class TrainingJob:
 
     def start_query(self, checkpoint: str, trigger: dict | None = None, starting_offsets: str | None = None):
         """Start (or, after a failure, restart) the streaming query from ``checkpoint``."""
+        from pipeline.spark.session import events_stream, every
+
         s = self.settings
-        reader = (self.spark.readStream.format(self.format).option("kafka.bootstrap.servers", self.bootstrap)
-                  .option("subscribe", s.topic_events)
-                  .option("startingOffsets", starting_offsets or s.starting_offsets)
-                  .option("failOnDataLoss", str(s.fail_on_data_loss).lower()))
-        if s.max_offsets_per_trigger:
-            reader = reader.option("maxOffsetsPerTrigger", str(s.max_offsets_per_trigger))
-        writer = (reader.load().writeStream.queryName(QUERY_NAME).foreachBatch(self._process)
+        writer = (events_stream(self.spark, s, self.bootstrap, starting_offsets).writeStream.queryName(QUERY_NAME)
+                  .foreachBatch(self._process)
                   .option("checkpointLocation", checkpoint))
         self.fence = DeadLetterFence(checkpoint, self.bootstrap, s.topic_dlq, "train", timeout_s=s.kafka_timeout_s)
-        return writer.trigger(**(trigger or {"processingTime": f"{s.trigger_interval_s} seconds"})).start()
+        return writer.trigger(**(trigger or every(s, TRIGGER_S))).start()
 
     def close(self) -> None:
         self.producer.close(timeout=self.settings.kafka_timeout_s)

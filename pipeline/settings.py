@@ -127,12 +127,13 @@ class Settings(BaseSettings):
     spark_master: str = "local[2]"
     kafka_source: Literal["auto", "native", "python"] = "auto"
     max_offsets_per_trigger: int | None = Field(None, ge=1)
-    trigger_interval_s: float = Field(1.0, ge=0)
+    trigger_interval_s: float | None = Field(None, ge=0, description="seconds between micro-batches; default 0.5 for "
+                                             "the inference query, 2 for training")
     starting_offsets: str = "earliest"
     fail_on_data_loss: bool = Field(True, description="Spark's failOnDataLoss: a query fails when offsets it should "
                                     "read are gone (retention, truncation); false: it logs the lost range and goes on")
     spark_min_partitions: int = Field(0, ge=0, description="Spark tasks per micro-batch at least (Kafka ranges are "
-                                                            "split); 0 = twice the cores of spark_master")
+                                                            "split); 0 = the cores of spark_master")
     predict_checkpoint: str | None = Field(None, description="checkpoint of streamfit predict; default <home>/checkpoints/inference")
     predict_metrics_port: int | None = Field(None, ge=0, le=65535, description="serve streamfit predict's Prometheus "
                                                                               "metrics on this port (e.g. 9108); unset: off")

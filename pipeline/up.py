@@ -206,21 +206,25 @@ class Pipeline:
             down.callback(training.close)
             home = s.home / "checkpoints"
             queries = []  # each restarted from its checkpoint when it fails (broker or parameter server down)
-            for start, restart, checkpoint in (
-                    (inference.start, inference.start, s.predict_checkpoint or str(home / "inference")),
-                    (training.start, training.start_query, s.train_checkpoint or str(home / "training"))):
-                queries.append(QuerySupervisor(start(checkpoint), functools.partial(restart, checkpoint)))
+
+            def run_query(pool: str, start: Callable, restart: Callable, checkpoint: str) -> None:
+                queries.append(QuerySupervisor(_in_pool(spark, pool, start, checkpoint),
+                                               functools.partial(_in_pool, spark, pool, restart, checkpoint)))
                 down.callback(lambda supervisor=queries[-1]: stop_between_batches(supervisor.query))
-            self.say(f"Spark {s.spark_master}: inference and training queries on {s.topic_events} "
-                     f"(auto-promote {'on' if s.auto_promote else 'off'})")
+
+            # predictions first: the producer starts as soon as they flow, training joins once its workers are warm
+            run_query("predict", inference.start, inference.start, s.predict_checkpoint or str(home / "inference"))
             producer = ["produce", "--source", t.source, "--rate", str(t.rate), "--limit", "0", "--no-progress",
                         "--label-fraction", str(t.label_fraction), "--invalid-fraction", str(t.invalid_fraction),
                         "--seed", str(s.seed)] + (["--drift-at", str(t.drift_at)] if t.drift_at else [])
-            down.callback(self._stop_child, "produce", signal.SIGINT)
-            down.callback(self.say, "stopping in order: producer, queries, parameter server, serving, broker")
             self._start("produce", producer)
             self.say(f"producing {t.source} at {t.rate:g} events/s ({t.label_fraction:.0%} labelled, "
                      f"{t.invalid_fraction:.0%} broken" + (f", drift after {t.drift_at:,} events)" if t.drift_at else ")"))
+            run_query("train", training.start, training.start_query, s.train_checkpoint or str(home / "training"))
+            self.say(f"Spark {s.spark_master}: inference and training queries on {s.topic_events} "
+                     f"(auto-promote {'on' if s.auto_promote else 'off'})")
+            down.callback(self._stop_child, "produce", signal.SIGINT)
+            down.callback(self.say, "stopping in order: producer, queries, parameter server, serving, broker")
             url = f"http://{s.serve_host}:{s.serve_port}"
             self._wait(serve, lambda: _ready(url), "was not ready", stop, timeout_s=180)
             self.say(f"serving {s.model} on {url} (docs {url}/docs); try:\n  {curl_line(s, t.source)}")
@@ -271,6 +275,14 @@ class Pipeline:
         """Producer first (SIGINT: it waits for its acknowledgements), then the parameter server, then serving."""
         for name, sig in (("produce", signal.SIGINT), ("ps", signal.SIGTERM), ("serve", signal.SIGTERM)):
             self._stop_child(name, sig)
+
+
+def _in_pool(spark, pool: str, start: Callable, *args):
+    """``start(*args)`` with its query's jobs in the scheduler pool ``pool`` (a restart keeps the query's pool)."""
+    from pipeline.spark.session import scheduler_pool
+
+    with scheduler_pool(spark, pool):
+        return start(*args)
 
 
 def _listening(host: str, port: int) -> bool:

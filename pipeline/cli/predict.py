@@ -15,10 +15,10 @@ def register(subparsers) -> None:
     parser.add_argument("--model", dest="model", help="registered model name (default higgs)")
     parser.add_argument("--master", dest="spark_master", help="Spark master (default local[2])")
     parser.add_argument("--max-offsets-per-trigger", dest="max_offsets_per_trigger", type=int)
-    parser.add_argument("--trigger-interval", dest="trigger_interval_s", type=float, help="seconds between micro-batches")
+    parser.add_argument("--trigger-interval", dest="trigger_interval_s", type=float, help="seconds between micro-batches (default 0.5)")
     parser.add_argument("--starting-offsets", dest="starting_offsets", help="earliest | latest | JSON (new queries only)")
     parser.add_argument("--min-partitions", dest="spark_min_partitions", type=int,
-                        help="Spark tasks per micro-batch at least (default twice the cores)")
+                        help="Spark tasks per micro-batch at least (default the cores)")
     parser.add_argument("--checkpoint", dest="predict_checkpoint",
                         help="checkpoint directory (default <home>/checkpoints/inference)")
     parser.add_argument("--metrics-port", dest="predict_metrics_port", type=int,

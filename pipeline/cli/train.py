@@ -23,7 +23,7 @@ def register(subparsers) -> None:
                         help="promote candidates that pass the gate (default: they wait for `models promote`)")
     parser.add_argument("--master", dest="spark_master", help="Spark master (default local[2])")
     parser.add_argument("--max-offsets-per-trigger", dest="max_offsets_per_trigger", type=int)
-    parser.add_argument("--trigger-interval", dest="trigger_interval_s", type=float, help="seconds between micro-batches")
+    parser.add_argument("--trigger-interval", dest="trigger_interval_s", type=float, help="seconds between micro-batches (default 2)")
     parser.add_argument("--starting-offsets", dest="starting_offsets", help="earliest | latest | JSON (new queries only)")
     parser.add_argument("--checkpoint", dest="train_checkpoint", help="checkpoint directory (default <home>/checkpoints/training)")
     parser.add_argument("--metrics-port", dest="train_metrics_port", type=int, help="serve Prometheus metrics on this port")

@@ -2,16 +2,24 @@
 
 Python workers run the venv's interpreter and are reused across tasks (so a model
 loaded once per worker stays loaded); memory and shuffle settings suit a 2-core box.
+
+Jobs are scheduled FAIR between two pools, so queries sharing one driver do not queue behind each
+other: ``predict`` (weight 4, a minimum share of 2 task slots) and ``train`` (weight 1). A query
+joins a pool by being started inside :func:`scheduler_pool`; one started outside runs in Spark's
+default pool.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 from pipeline.settings import Settings
 from pipeline.spark.source import NAME as PYTHON_SOURCE
@@ -38,6 +46,35 @@ def _check_java() -> None:
                               "or point JAVA_HOME at one")
 
 
+POOLS = {"predict": (4, 2), "train": (1, 0)}
+"""Scheduler pools: name -> (weight, minimum share of task slots)."""
+
+
+def _pools_file(home: Path) -> Path:
+    """Spark reads FAIR pools from an XML file: written under ``home`` from :data:`POOLS`."""
+    pools = "".join(f'<pool name="{name}"><schedulingMode>FIFO</schedulingMode><weight>{weight}</weight>'
+                    f'<minShare>{share}</minShare></pool>' for name, (weight, share) in POOLS.items())
+    path = home / "spark" / "fairscheduler.xml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'<?xml version="1.0"?><allocations>{pools}</allocations>\n')
+    return path
+
+
+@contextlib.contextmanager
+def scheduler_pool(spark, pool: str) -> Iterator[None]:
+    """Queries started inside run their micro-batches' jobs in ``pool`` (a query's thread inherits the
+    starting thread's local properties)."""
+    if pool not in POOLS:
+        raise ValueError(f"unknown scheduler pool {pool!r}; known: {sorted(POOLS)}")
+    context = spark.sparkContext
+    before = context.getLocalProperty("spark.scheduler.pool")
+    context.setLocalProperty("spark.scheduler.pool", pool)
+    try:
+        yield
+    finally:
+        context.setLocalProperty("spark.scheduler.pool", before)
+
+
 def spark_session(settings: Settings, app_name: str = "streamfit"):
     """The process's Spark session, with the streamfit Kafka data source registered."""
     _check_java()
@@ -50,6 +87,8 @@ def spark_session(settings: Settings, app_name: str = "streamfit"):
              .config("spark.sql.shuffle.partitions", str(max(2, settings.workers)))
              .config("spark.default.parallelism", str(max(2, settings.workers)))
              .config("spark.driver.memory", "2g")  # the Python workers (TensorFlow) need the rest of a small box
+             .config("spark.scheduler.mode", "FAIR")
+             .config("spark.scheduler.allocation.file", str(_pools_file(settings.home)))
              .config("spark.ui.enabled", "false")
              .config("spark.ui.showConsoleProgress", "false")
              .config("spark.sql.execution.arrow.pyspark.enabled", "true")
@@ -80,6 +119,26 @@ def kafka_format(spark, settings: Settings) -> str:
         raise SparkSetupError("kafka_source=native but Spark's Kafka connector (spark-sql-kafka-0-10) is not on the "
                               "classpath; use kafka_source=auto or python")
     return "kafka" if native else PYTHON_SOURCE
+
+
+def events_stream(spark, settings: Settings, bootstrap: str, starting_offsets: str | None = None,
+                  min_partitions: int | None = None):
+    """The events topic as a streaming DataFrame, read alike by both consumers (Spark's Kafka columns)."""
+    reader = (spark.readStream.format(kafka_format(spark, settings)).option("kafka.bootstrap.servers", bootstrap)
+              .option("subscribe", settings.topic_events)
+              .option("startingOffsets", starting_offsets or settings.starting_offsets)
+              .option("failOnDataLoss", str(settings.fail_on_data_loss).lower()))
+    if min_partitions:
+        reader = reader.option("minPartitions", str(min_partitions))
+    if settings.max_offsets_per_trigger:
+        reader = reader.option("maxOffsetsPerTrigger", str(settings.max_offsets_per_trigger))
+    return reader.load()
+
+
+def every(settings: Settings, default_s: float) -> dict:
+    """The processing-time trigger of a query: ``trigger_interval_s`` when set, else the query's own default."""
+    seconds = default_s if settings.trigger_interval_s is None else settings.trigger_interval_s
+    return {"processingTime": f"{seconds} seconds"}
 
 
 def stop_between_batches(query, timeout_s: float = 60.0) -> None:
