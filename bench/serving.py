@@ -76,7 +76,7 @@ def _naive_server(port: int) -> None:
     from pipeline.registry import Registry
 
     settings = load_settings()
-    bundle = Registry(settings.registry_url).load(MODEL)
+    bundle = Registry(settings.registry_url).load(MODEL, engine="tensorflow")
     bundle.model.predict(np.zeros((1, SPEC.n_features), np.float32), verbose=0)
     app = FastAPI()
 

@@ -237,12 +237,12 @@ class Registry:
                                 f"recorded sha256 (corrupt or tampered): {self.uri(model, version)}")
         return version, weights_from_bytes(data)
 
-    def load(self, model: str, ref: int | str = "champion"):
-        """A :class:`~pipeline.bundle.ModelBundle` of the version ``ref`` names (imports TensorFlow)."""
+    def load(self, model: str, ref: int | str = "champion", engine: str = "auto"):
+        """A :class:`~pipeline.bundle.ModelBundle` of the version ``ref`` names, run by ``engine``."""
         from pipeline.bundle import ModelBundle
 
         version, weights = self.weights(model, ref)
-        bundle = ModelBundle(self.spec(model), version=version)
+        bundle = ModelBundle(self.spec(model), version=version, engine=engine)
         bundle.set_weights(weights)
         return bundle
 

@@ -29,24 +29,23 @@ class _Strict(BaseModel):
 class DenseClassifier(_Strict):
     """Dense relu layers, each optionally followed by dropout, then a softmax over the classes.
 
-    Initial weights are drawn from per-layer seeds derived from the bundle's seed, so a
-    model is reproducible without touching any global random state.
+    numpy runs it (:mod:`pipeline.dense`, which also draws its initial weights for a seed);
+    ``build`` is its Keras model, the TensorFlow engine's.
     """
 
     hidden: list[PositiveInt] = Field(min_length=1)
     dropout: float = Field(0.0, ge=0, lt=1)
 
     def build(self, x, n_classes: int, seed: int):
-        """Add the layers on top of the symbolic tensor ``x``; returns the class probabilities."""
+        """Add the layers on top of the symbolic tensor ``x``; returns the class probabilities. Kernels
+        start at zero: the bundle assigns :func:`pipeline.dense.initial_weights`, the same for both engines."""
         import keras
 
         for i, width in enumerate(self.hidden):
-            x = keras.layers.Dense(width, activation="relu", name=f"hidden_{i}",
-                                   kernel_initializer=keras.initializers.GlorotUniform(seed=seed + i))(x)
+            x = keras.layers.Dense(width, activation="relu", name=f"hidden_{i}", kernel_initializer="zeros")(x)
             if self.dropout:
                 x = keras.layers.Dropout(self.dropout, seed=seed + i, name=f"dropout_{i}")(x)
-        return keras.layers.Dense(n_classes, activation="softmax", name="output",
-                                  kernel_initializer=keras.initializers.GlorotUniform(seed=seed + len(self.hidden)))(x)
+        return keras.layers.Dense(n_classes, activation="softmax", name="output", kernel_initializer="zeros")(x)
 
     def weight_shapes(self, n_inputs: int, n_classes: int) -> dict[str, tuple[int, ...]]:
         """The tensors ``build`` makes, by name, in order (so weights can be checked without TensorFlow)."""

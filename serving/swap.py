@@ -217,7 +217,7 @@ class ModelHost:
         meta = self.registry.meta(model, version)
         bundle = self._spare(model, spec)
         if bundle is None:
-            from pipeline.bundle import ModelBundle  # TensorFlow: imported on the swap thread, not at start-up
+            from pipeline.bundle import ModelBundle
 
             bundle = ModelBundle(spec, version=version)
         bundle.set_weights(weights)

@@ -105,13 +105,18 @@ def test_50k_events_one_prediction_per_valid_one_dead_letter_per_invalid(spark, 
 def test_events_the_model_cannot_compute_are_dead_lettered_not_predicted_with_nulls(spark, kafka, topic, tmp_path,
                                                                                    setup):
     """The champion's f3 has std 1e-20: f3 = 1e20 is a valid float32 that overflows once standardised, and
-    3e38 in the other features stays finite through the standardisation but not through the layers."""
+    +-3e38 in the other features stays finite through the standardisation but not through the layers (signed
+    like a hidden unit's kernel, it overflows that unit in any summation order)."""
     settings, registry, bundle = setup
     weights = bundle.get_weights()
     weights["standardise/std"][3] = 1e-20
     registry.set_alias("small", "champion", registry.register("small", weights))
     _produce(kafka, topic, 300)
-    hostile = {"overflow": [0.5, 0.5, 0.5, 1e20, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5], "nan": [3e38] * 3 + [0.0] + [3e38] * 6}
+    kernel = np.delete(weights["hidden_0/kernel"], 3, axis=0)
+    unit = np.abs(kernel).sum(axis=0).argmax()
+    assert 3e38 * float(np.abs(kernel[:, unit]).sum()) > 1.01 * float(np.finfo(np.float32).max)
+    extreme = (3e38 * np.sign(kernel[:, unit])).tolist()
+    hostile = {"overflow": [0.5, 0.5, 0.5, 1e20, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5], "nan": extreme[:3] + [0.0] + extreme[3:]}
     kafka_producer = producer(kafka)
     sender = Sender(kafka_producer, topic, topic)
     for event_id, features in hostile.items():

@@ -16,9 +16,10 @@ What counts as hostile, decided here:
   inference consumer dead-letters it (non-finite probabilities); the training consumer too, either
   because the model's fitted standardisation takes it past float32, or as a poison event after
   ``batch_attempts`` tries the parameter server refused;
-- ``7e37`` in every feature, labelled: the champion (identity standardisation) predicts it, finite,
-  so it is predicted; training on it (standardised by the fitted mean/std to ~2.4e38) overflows the
-  first layer: the training consumer dead-letters it as a poison event, once.
+- ``9e37`` in every feature, labelled: the champion (identity standardisation) predicts it, finite,
+  so it is predicted; training on it (standardised by the fitted mean/std to ~3.1e38) overflows the
+  first layer: the training consumer dead-letters it as a poison event, once. (Both depend on the
+  weights; ``7e37`` overflowed too little for some seeds.)
 
 The extreme ones come after the first micro-batch, whose labelled events fit the standardisation.
 
@@ -84,7 +85,7 @@ def _hostile() -> list[tuple[bytes | None, tuple[str, ...] | None, tuple[str, ..
             *((_extreme(f"overflow{value:+g}", value, label), (NON_FINITE,), (STANDARDISED, POISONED))
               for value, label in ((3e38, 1), (-3e38, 0))),
             *((_extreme(f"poison{value:+g}", value, label), None, (POISONED,))
-              for value, label in ((7e37, 1), (-7e37, 0)))]
+              for value, label in ((9e37, 1), (-9e37, 0)))]
 
 
 def _edges() -> list[bytes]:

@@ -1,0 +1,105 @@
+"""Dense classifiers in numpy: the Keras model of a :class:`~pipeline.spec.DenseClassifier`, without TensorFlow.
+
+Importing TensorFlow costs a process ~0.5 GB and seconds, and each call into it a fixed overhead;
+the processes that predict (serving, Spark workers, the parameter server's evaluation) run these
+small networks in numpy instead. Float32 throughout and the same operations as Keras, so the two
+engines agree to float32 rounding (tests/test_dense.py). Overflow yields inf/NaN silently, as in
+TensorFlow: callers check outputs (:func:`pipeline.events.probability_problems`).
+
+>>> from pipeline.spec import BUILTIN_SPECS
+>>> engine = DenseEngine(BUILTIN_SPECS["small"])
+>>> engine.set_weights(initial_weights(BUILTIN_SPECS["small"], seed=1))
+>>> engine.predict_proba(np.zeros((1, 10), np.float32)).sum().round(6)
+np.float32(1.0)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from pipeline.spec import DenseClassifier, ModelSpec
+
+
+def supports(spec: ModelSpec) -> bool:
+    """Whether numpy can run ``spec``'s architecture (else only the TensorFlow engine can)."""
+    return isinstance(spec.architecture, DenseClassifier)
+
+
+def initial_weights(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
+    """Keras's default initialisation: Glorot-uniform kernels (layer ``i``'s drawn from a generator
+    seeded with ``(seed, i)``, so no global random state is touched), zero biases; standardisation
+    the identity (the bundle applies the spec's)."""
+    weights, layer = {}, 0
+    for name, shape in spec.weight_shapes.items():
+        if name.endswith("/kernel"):
+            limit = math.sqrt(6.0 / sum(shape))
+            weights[name] = np.random.default_rng([seed, layer]).uniform(-limit, limit, shape).astype(np.float32)
+            layer += 1
+        else:
+            weights[name] = np.full(shape, 1.0 if name == "standardise/std" else 0.0, np.float32)
+    return weights
+
+
+def _views(flat: np.ndarray, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """``flat`` cut into arrays of ``shapes``, in order, sharing its memory."""
+    views, start = {}, 0
+    for name, shape in shapes.items():
+        size = math.prod(shape)
+        views[name], start = flat[start:start + size].reshape(shape), start + size
+    return views
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax as TensorFlow computes it: the row maximum subtracted first (so inf logits give NaN, as there)."""
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+class DenseEngine:
+    """A dense classifier's weights in one flat float32 buffer (reading or replacing them all is one
+    copy each way), its forward pass, and steps of its SGD optimizer (:meth:`train_on_batch`)."""
+
+    def __init__(self, spec: ModelSpec, seed: int = 0):
+        if not supports(spec):
+            raise ValueError(f"numpy cannot run builder {spec.builder!r}; use the tensorflow engine")
+        shapes = spec.weight_shapes
+        self.spec, self._shapes = spec, shapes
+        self._flat = np.zeros(sum(math.prod(s) for s in shapes.values()), np.float32)
+        self._weights = _views(self._flat, shapes)
+        names = [*(f"hidden_{i}" for i in range(len(spec.architecture.hidden))), "output"]
+        self._layers = [(self._weights[f"{n}/kernel"], self._weights[f"{n}/bias"]) for n in names]
+        self._trained = slice(2 * spec.n_features, None)  # all but the standardisation statistics
+        self._velocity: np.ndarray | None = None  # SGD momentum, kept across set_weights like Keras's optimizer
+        self._rng = np.random.default_rng(seed)  # dropout masks
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """Fresh float32 copies (views of one new buffer)."""
+        return _views(self._flat.copy(), self._shapes)
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Copy in ``weights``, already checked against the spec (:func:`pipeline.bundle.check_weights`)."""
+        for name, target in self._weights.items():
+            target[...] = weights[name]
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities of float32 rows ``x`` (inference: no dropout)."""
+        with np.errstate(all="ignore"):
+            return _softmax(self._forward(x)[-1])
+
+    def _forward(self, x: np.ndarray, masks: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        """Each layer's input, the standardised ``x`` first, then the logits; ``masks`` scale the
+        hidden layers' outputs (dropout)."""
+        w = self._weights
+        outputs = [(x - w["standardise/mean"]) / w["standardise/std"]]
+        for i, (kernel, bias) in enumerate(self._layers):
+            h = outputs[-1] @ kernel
+            h += bias
+            if i < len(self._layers) - 1:
+                np.maximum(h, 0, out=h)
+                if masks:
+                    h *= masks[i]
+            outputs.append(h)
+        return outputs
