@@ -47,6 +47,8 @@ OUTPUT_SCHEMA = pa.schema([("topic", pa.string()), ("key", pa.binary()), ("value
 OUTPUT_DDL = "topic string, key binary, value binary, partition int"
 SENT_DDL = "records long"
 _loaded: dict[tuple, object] = {}  # per Python worker: (registry, model, version) -> bundle
+loads = 0
+"""Model versions this Python worker has loaded: one per version while Spark keeps reusing it."""
 
 
 def _bundle(registry_url: str, model: str, version: int):
@@ -54,6 +56,9 @@ def _bundle(registry_url: str, model: str, version: int):
     key = (registry_url, model, version)
     if key not in _loaded:
         from pipeline.registry import Registry
+
+        global loads
+        loads += 1
 
         bundle = Registry(registry_url).load(model, version)
         bundle.warm()

@@ -211,3 +211,32 @@ def test_promotion_mid_stream_switches_versions_between_micro_batches(spark, kaf
     assert later, "the promoted version was never used"
     rows = [int(p["id"][2:]) for p in later]
     assert np.allclose([p["probabilities"] for p in later], new.predict_proba(x[rows]), atol=1e-5)
+
+
+def test_a_warm_worker_is_reused_across_micro_batches_loading_the_model_once(spark, kafka, topic, tmp_path, setup):
+    """Spark reuses Python workers, and a reused worker keeps its model and Kafka clients: after 6
+    micro-batches, the workers still alive each loaded version 1 once and hold a reader and a writer."""
+    settings, _, _ = setup
+
+    def worker_state(_):
+        """In a Spark Python worker: its pid, how many models it loaded, and the Kafka clients it keeps."""
+        import os
+
+        import pyarrow as pa
+
+        from consumers import inference
+        from pipeline.spark import source
+
+        yield pa.RecordBatch.from_pydict({"pid": [os.getpid()], "loads": [inference.loads],
+                                          "clients": [len(source._clients)]})
+
+    _produce(kafka, topic, 3000)
+    job = InferenceJob(spark, settings.model_copy(update={"max_offsets_per_trigger": 500}), kafka)
+    _finish(_run(job, tmp_path / "ck"))
+    assert len(job.versions) == 6, job.versions
+    slots = spark.sparkContext.defaultParallelism
+    states = spark.range(4 * slots, numPartitions=4 * slots).mapInArrow(
+        worker_state, "pid long, loads long, clients long").collect()
+    warm = [s for s in states if s.loads]
+    assert warm, f"no worker kept the model from the micro-batches: {states}"
+    assert all(s.loads == 1 and s.clients == 2 for s in warm), states
