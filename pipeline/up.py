@@ -2,8 +2,9 @@
 
 Up: the broker (embedded unless ``STREAMFIT_KAFKA_BOOTSTRAP`` is set) with its topics; the model
 in the registry (created from the built-in spec of the same name when missing); the parameter
-server and the serving app as child processes (they warm up in parallel); one Spark driver, in
-this process, running the inference and the training queries; last, the producer. Down is the
+server, the serving app and the producer as child processes (they start in parallel, events wait
+in Kafka); one Spark driver, in this process, running the inference query and, once its first
+micro-batch is done, the training query (its start-up would otherwise delay the first predictions). Down is the
 reverse, each part finishing its work: the producer waits for its acknowledgements, the queries
 end their micro-batch and commit their checkpoints, the parameter server writes its checkpoint
 and publishes its last candidate (announced while Kafka is still up), serving drains, and the
@@ -191,6 +192,12 @@ class Pipeline:
         s, t = self.settings, self.traffic
         ps = self._start("ps", ["ps", "--model", s.model, "--algorithm", s.algorithm])
         serve = self._start("serve", ["serve", "--model", s.model])
+        producer = ["produce", "--source", t.source, "--rate", str(t.rate), "--limit", "0", "--no-progress",
+                    "--label-fraction", str(t.label_fraction), "--invalid-fraction", str(t.invalid_fraction),
+                    "--seed", str(s.seed)] + (["--drift-at", str(t.drift_at)] if t.drift_at else [])
+        self._start("produce", producer)  # events wait in Kafka while Spark starts: the first micro-batch predicts them
+        self.say(f"producing {t.source} at {t.rate:g} events/s ({t.label_fraction:.0%} labelled, "
+                 f"{t.invalid_fraction:.0%} broken" + (f", drift after {t.drift_at:,} events)" if t.drift_at else ")"))
         self._wait(ps, lambda: _listening(s.ps_host, s.ps_port), f"did not listen on {s.ps_host}:{s.ps_port}", stop,
                    timeout_s=120)
         self.say(f"parameter server ({s.algorithm}) on {s.ps_host}:{s.ps_port}")
@@ -212,14 +219,9 @@ class Pipeline:
                                                functools.partial(_in_pool, spark, pool, restart, checkpoint)))
                 down.callback(lambda supervisor=queries[-1]: stop_between_batches(supervisor.query))
 
-            # predictions first: the producer starts as soon as they flow, training joins once its workers are warm
+            # predictions first: training (its workers' warm-up, its first micro-batch) joins once they flow
             run_query("predict", inference.start, inference.start, s.predict_checkpoint or str(home / "inference"))
-            producer = ["produce", "--source", t.source, "--rate", str(t.rate), "--limit", "0", "--no-progress",
-                        "--label-fraction", str(t.label_fraction), "--invalid-fraction", str(t.invalid_fraction),
-                        "--seed", str(s.seed)] + (["--drift-at", str(t.drift_at)] if t.drift_at else [])
-            self._start("produce", producer)
-            self.say(f"producing {t.source} at {t.rate:g} events/s ({t.label_fraction:.0%} labelled, "
-                     f"{t.invalid_fraction:.0%} broken" + (f", drift after {t.drift_at:,} events)" if t.drift_at else ")"))
+            _wait_for_first_batch(queries[0].query, stop, timeout_s=60)
             run_query("train", training.start, training.start_query, s.train_checkpoint or str(home / "training"))
             self.say(f"Spark {s.spark_master}: inference and training queries on {s.topic_events} "
                      f"(auto-promote {'on' if s.auto_promote else 'off'})")
@@ -275,6 +277,16 @@ class Pipeline:
         """Producer first (SIGINT: it waits for its acknowledgements), then the parameter server, then serving."""
         for name, sig in (("produce", signal.SIGINT), ("ps", signal.SIGTERM), ("serve", signal.SIGTERM)):
             self._stop_child(name, sig)
+
+
+def _wait_for_first_batch(query, stop: threading.Event, timeout_s: float) -> None:
+    """Until ``query`` completed a micro-batch (or failed, or ``timeout_s`` passed): what starts next
+    then does not compete with its start-up for the two cores."""
+    deadline = time.monotonic() + timeout_s
+    while query.isActive and query.lastProgress is None and time.monotonic() < deadline:
+        if stop.is_set():
+            raise StoppedDuringStart
+        time.sleep(0.1)
 
 
 def _in_pool(spark, pool: str, start: Callable, *args):
