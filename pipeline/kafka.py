@@ -97,13 +97,20 @@ def _wait_for_topics(client: KafkaAdminClient, names: list[str], timeout_s: floa
 
 
 def describe(bootstrap_servers: str, timeout_s: float = 15.0) -> dict[str, int]:
-    """Topic name -> partition count of every topic on the cluster."""
-    client = admin(bootstrap_servers, timeout_s)
-    try:
-        return {t["name"]: len(t["partitions"])
-                for t in client.describe_topics(client.list_topics())}
-    finally:
-        client.close()
+    """Topic name -> partition count of every topic on the cluster, asked again until ``timeout_s`` passes
+    when the broker drops the connection meanwhile (a consumer starting while its broker restarts)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        client = admin(bootstrap_servers, max(1.0, deadline - time.monotonic()))
+        try:
+            return {t["name"]: len(t["partitions"])
+                    for t in client.describe_topics(client.list_topics())}
+        except KafkaError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
+        finally:
+            client.close()
 
 
 def producer(bootstrap_servers: str, timeout_s: float = 15.0, **overrides) -> KafkaProducer:
