@@ -1,7 +1,12 @@
-"""Producer throughput: streamfit's producer next to a bare kafka-python send loop, same payloads, same run.
+"""Producer throughput: streamfit's producer path next to bare kafka-python and bare confluent-kafka
+send loops, same payloads, same broker, rounds alternating.
 
-``python -m bench.produce [--events N] [--impl noida|tansu]`` prints one JSON object;
-``ratio`` = streamfit events/s / bare events/s (target >= 0.8).
+``python -m bench.produce [--events N] [--rounds 5] [--impl noida|tansu] [--client auto|confluent|kafka-python]``
+prints one JSON object with the median events/s and CPU µs per event (this process, client threads
+included; not the broker's) of each side over the rounds; ``ratio`` = streamfit / bare kafka-python (the
+issue's reference, target >= 0.8), ``ratio_vs_confluent`` = streamfit / bare confluent-kafka. The bare
+loops send payloads made beforehand; streamfit's path also generates and encodes its events, so
+``generate_only_events_per_s`` (the same events made and dropped) is its ceiling.
 """
 
 from __future__ import annotations
@@ -9,64 +14,124 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import confluent_kafka
+
 from pipeline.broker import EmbeddedBroker
-from pipeline.kafka import ensure_topics, producer
+from pipeline.kafka import KAFKA_CLIENTS, confluent_config, ensure_topics, fast_producer, producer
 from producers.sender import Sender, synthetic_events
 from producers.synthetic import synthetic_rows
 
 
-def streamfit_run(bootstrap: str, topic: str, n: int) -> tuple[float, list]:
-    """The real producer path: generate, encode, send, account for every acknowledgement."""
-    kafka = producer(bootstrap)
+class Clock:
+    """Wall and CPU time of one side's run: ``events_per_s`` and ``cpu_us`` per event once stopped."""
+
+    def __init__(self, events: int):
+        self.events, self.wall, self.cpu = events, time.perf_counter(), time.process_time()
+
+    def stop(self) -> tuple[float, float]:
+        wall, cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+        return self.events / wall, cpu / self.events * 1e6
+
+
+def _events(n: int):
+    return synthetic_events(itertools.islice(synthetic_rows("higgs", seed=7), n), "bench")
+
+
+def streamfit_run(bootstrap: str, topic: str, n: int, client: str) -> tuple[tuple[float, float], list]:
+    """The real producer path (``streamfit produce``): generate, encode, send, account for every acknowledgement."""
+    kafka = fast_producer(bootstrap, client=client)
     sender = Sender(kafka, topic, topic + ".dlq")
     payloads = []
-    started = time.perf_counter()
-    for message in synthetic_events(itertools.islice(synthetic_rows("higgs", seed=7), n), "bench"):
+    clock = Clock(n)
+    for message in _events(n):
         sender.send(message)
         payloads.append((message.key, message.value))
     summary = sender.close()
-    elapsed = time.perf_counter() - started
+    measured = clock.stop()
     kafka.close()
     assert summary.acknowledged == n and summary.failed == 0, summary.as_dict()
-    return n / elapsed, payloads
+    return measured, payloads
 
 
-def bare_run(bootstrap: str, topic: str, payloads: list) -> float:
-    """A bare kafka-python loop with the same producer configuration: send all, flush, check every future."""
+def generate_run(n: int) -> tuple[float, float]:
+    """The same events generated and encoded, not sent: the streamfit path's ceiling."""
+    clock = Clock(n)
+    for _ in _events(n):
+        pass
+    return clock.stop()
+
+
+def bare_kafka_python_run(bootstrap: str, topic: str, payloads: list) -> tuple[float, float]:
+    """A bare kafka-python loop with streamfit's producer configuration: send all, flush, check every future."""
     kafka = producer(bootstrap)
-    started = time.perf_counter()
+    clock = Clock(len(payloads))
     futures = [kafka.send(topic, key=key, value=value) for key, value in payloads]
     kafka.flush()
     for future in futures:
         future.get()
-    elapsed = time.perf_counter() - started
+    measured = clock.stop()
     kafka.close()
-    return len(payloads) / elapsed
+    return measured
+
+
+def bare_confluent_run(bootstrap: str, topic: str, payloads: list) -> tuple[float, float]:
+    """A bare confluent-kafka loop with the same librdkafka configuration: produce all (serving delivery
+    reports as it goes), flush, count the failures."""
+    kafka = confluent_kafka.Producer(confluent_config(bootstrap))
+    failed = []
+
+    def report(err, msg):
+        if err is not None:
+            failed.append(err)
+
+    clock = Clock(len(payloads))
+    for key, value in payloads:
+        while True:
+            try:
+                kafka.produce(topic, value, key, on_delivery=report)
+                break
+            except BufferError:
+                kafka.poll(0.01)
+        kafka.poll(0)
+    kafka.flush()
+    measured = clock.stop()
+    kafka.close()
+    assert not failed, failed[:3]
+    return measured
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--impl", default="noida", choices=["noida", "tansu"])
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best of each side is reported")
+    parser.add_argument("--client", default="auto", choices=KAFKA_CLIENTS, help="client of streamfit's path")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; the median of each side is reported")
     args = parser.parse_args()
+    sides = ("streamfit", "bare_kafka_python", "bare_confluent", "generate_only")
+    rounds: dict[str, list[tuple[float, float]]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory() as home, EmbeddedBroker(args.impl, data_dir=Path(home)) as broker:
-        ensure_topics(broker.bootstrap, {"bench-streamfit": 3, "bench-bare": 3})
-        streamfit_eps, bare_eps = [], []
+        ensure_topics(broker.bootstrap, {f"bench-{side}": 3 for side in sides[:3]})
         for _ in range(args.rounds):
-            eps, payloads = streamfit_run(broker.bootstrap, "bench-streamfit", args.events)
-            streamfit_eps.append(eps)
-            bare_eps.append(bare_run(broker.bootstrap, "bench-bare", payloads))
-    best_streamfit, best_bare = max(streamfit_eps), max(bare_eps)
+            measured, payloads = streamfit_run(broker.bootstrap, "bench-streamfit", args.events, args.client)
+            rounds["streamfit"].append(measured)
+            rounds["bare_kafka_python"].append(bare_kafka_python_run(broker.bootstrap, "bench-bare_kafka_python",
+                                                                     payloads))
+            rounds["bare_confluent"].append(bare_confluent_run(broker.bootstrap, "bench-bare_confluent", payloads))
+            rounds["generate_only"].append(generate_run(args.events))
+    eps = {side: statistics.median(e for e, _ in values) for side, values in rounds.items()}
     print(json.dumps({
-        "benchmark": "produce", "broker": args.impl, "events": args.events, "payload_bytes": len(payloads[0][1]),
-        "streamfit_events_per_s": round(best_streamfit), "bare_kafka_python_events_per_s": round(best_bare),
-        "ratio": round(best_streamfit / best_bare, 3), "target_ratio": 0.8,
-        "rounds": {"streamfit": [round(x) for x in streamfit_eps], "bare": [round(x) for x in bare_eps]},
+        "benchmark": "produce", "broker": args.impl, "events": args.events, "rounds_run": args.rounds,
+        "payload_bytes": len(payloads[0][1]), "streamfit_client": args.client,
+        **{f"{side}_events_per_s": round(eps[side]) for side in sides},
+        "ratio": round(eps["streamfit"] / eps["bare_kafka_python"], 3), "target_ratio": 0.8,
+        "ratio_vs_confluent": round(eps["streamfit"] / eps["bare_confluent"], 3),
+        "cpu_us_per_event": {side: round(statistics.median(c for _, c in values), 2) for side, values in rounds.items()},
+        "rounds": {side: [round(e) for e, _ in values] for side, values in rounds.items()},
     }))
 
 

@@ -1,8 +1,9 @@
 """Send events to Kafka and account for every one: sent, acknowledged, failed, dead-lettered.
 
-Sends are pipelined (kafka-python batches them); acknowledgements are collected as
+Sends are pipelined (the client batches them); acknowledgements are collected as
 they complete, and ``close`` waits for the last one, so a run only reports success
-once the broker has acknowledged everything.
+once the broker has acknowledged everything. The producer is ``pipeline.kafka.fast_producer``'s
+(librdkafka or kafka-python) or a kafka-python ``KafkaProducer``: both fail a send with a ``KafkaError``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import orjson
-from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from pipeline.dlq import MAX_RAW_BYTES, dead_letter
@@ -105,11 +105,12 @@ class Sender:
     """Pipelined sends with acknowledgement accounting and optional pacing.
 
     A send the producer gave up on (its own retries ran out, or a broker restarted and lost the
-    idempotent producer's sequence numbers: ``OutOfOrderSequenceNumberError``) is sent again, up to
-    ``resends`` times, before it counts as failed: at-least-once, so a resend may duplicate an event.
+    idempotent producer's sequence numbers: ``OutOfOrderSequenceNumberError``, which librdkafka makes
+    fatal: ``fast_producer``'s next send starts a new one) is sent again, up to ``resends`` times,
+    before it counts as failed: at-least-once, so a resend may duplicate an event.
     """
 
-    def __init__(self, producer: KafkaProducer, topic: str, dlq_topic: str, rate: float = 0.0,
+    def __init__(self, producer, topic: str, dlq_topic: str, rate: float = 0.0,
                  max_in_flight: int = 20_000, resends: int = 3):
         self.producer, self.topic, self.dlq_topic = producer, topic, dlq_topic
         self.bucket = TokenBucket(rate)

@@ -1,4 +1,5 @@
-"""The producer and the Kafka plumbing against real Kafka-protocol brokers (noida-db and tansu)."""
+"""The producer and the Kafka plumbing against real Kafka-protocol brokers (noida-db and tansu), with
+both clients of the hot write path (librdkafka and kafka-python)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,19 @@ import itertools
 import time
 
 import orjson
+import pytest
 
-from pipeline.kafka import ensure_topics, producer
+from pipeline.kafka import ensure_topics, fast_producer
 from producers.sender import Sender, synthetic_events
 from producers.synthetic import synthetic_rows
 from tests.kafka_reader import read_topic
 
 
-def _send(bootstrap: str, topic: str, n: int, rate: float = 0.0, prefix: str = "e"):
-    kafka = producer(bootstrap)
+CLIENTS = pytest.mark.parametrize("client", ["confluent", "kafka-python"])
+
+
+def _send(bootstrap: str, topic: str, n: int, client: str, rate: float = 0.0, prefix: str = "e"):
+    kafka = fast_producer(bootstrap, client=client)
     sender = Sender(kafka, topic, topic + ".dlq", rate=rate)
     sent = []
     for message in synthetic_events(itertools.islice(synthetic_rows("higgs", seed=3), n), prefix):
@@ -25,9 +30,10 @@ def _send(bootstrap: str, topic: str, n: int, rate: float = 0.0, prefix: str = "
     return sent, summary
 
 
-def test_100k_events_round_trip_exactly_once(any_kafka, topic):
+@CLIENTS
+def test_100k_events_round_trip_exactly_once(any_kafka, topic, client):
     ensure_topics(any_kafka, {topic: 3})
-    sent, summary = _send(any_kafka, topic, 100_000)
+    sent, summary = _send(any_kafka, topic, 100_000, client)
     assert (summary.sent, summary.acknowledged, summary.failed) == (100_000, 100_000, 0)
     records = read_topic(any_kafka, topic, expected=100_000, timeout_s=120)
     assert len(records) == 100_000
@@ -39,10 +45,11 @@ def test_100k_events_round_trip_exactly_once(any_kafka, topic):
     assert set(first) == {"id", "ts", "features", "label"} and len(first["features"]) == 30
 
 
-def test_rate_holds_within_ten_percent(kafka, topic):
+@CLIENTS
+def test_rate_holds_within_ten_percent(kafka, topic, client):
     ensure_topics(kafka, {topic: 3})
     started = time.monotonic()
-    _, summary = _send(kafka, topic, 10_000, rate=2000)
+    _, summary = _send(kafka, topic, 10_000, client, rate=2000)
     elapsed = time.monotonic() - started
     assert summary.acknowledged == 10_000
     assert abs(10_000 / elapsed - 2000) / 2000 < 0.10, f"{10_000 / elapsed:.0f} events/s"

@@ -110,6 +110,9 @@ def test_bad_options_are_named(spark, kafka, topic):
     with pytest.raises(Exception, match="startingOffsets"):
         spark.read.format(NAME).option("kafka.bootstrap.servers", kafka).option("subscribe", topic) \
             .option("startingOffsets", "{oops").load().count()
+    with pytest.raises(Exception, match="kafkaClient must be one of auto, confluent, kafka-python, got 'rdkafka'"):
+        spark.createDataFrame([("v",)], "value string").write.format(NAME).option("kafka.bootstrap.servers", kafka) \
+            .option("topic", topic).option("kafkaClient", "rdkafka").mode("append").save()
 
 
 def test_stream_writer_acknowledges_every_row(spark, kafka, topic, tmp_path):
@@ -125,14 +128,20 @@ def test_stream_writer_acknowledges_every_row(spark, kafka, topic, tmp_path):
     assert all(r.value.startswith(b'{"ID"') for r in out)
 
 
-def test_writer_honours_a_partition_column(spark, kafka, topic):
+@pytest.mark.parametrize("client", ["confluent", "kafka-python"])
+def test_writer_honours_a_partition_column_and_keys_like_kafka(spark, kafka, topic, client):
+    """An explicit partition wins; a null one leaves a keyed row where Kafka's murmur2 puts it, with both clients."""
+    from kafka.partitioner.default import murmur2
+
     ensure_topics(kafka, {topic: 3})
     rows = [(f"k{i}", f"v{i}", i % 3 if i % 2 else None) for i in range(300)]
     (spark.createDataFrame(rows, "key string, value string, partition int").write.format(NAME)
-     .option("kafka.bootstrap.servers", kafka).option("topic", topic).mode("append").save())
+     .option("kafka.bootstrap.servers", kafka).option("topic", topic).option("kafkaClient", client)
+     .mode("append").save())
     out = {r.key.decode(): r.partition for r in read_topic(kafka, topic, expected=300)}
     assert len(out) == 300
     assert all(out[f"k{i}"] == i % 3 for i in range(1, 300, 2))
+    assert all(out[f"k{i}"] == (murmur2(f"k{i}".encode()) & 0x7FFFFFFF) % 3 for i in range(0, 300, 2))
 
 
 def _delete_records(bootstrap: str, topic: str, before: int) -> None:
@@ -209,23 +218,30 @@ def test_fail_on_data_loss_must_be_a_boolean(spark, kafka, topic):
             .option("failOnDataLoss", "maybe").load().count()
 
 
-def test_a_worker_keeps_its_kafka_clients_across_tasks_and_drops_one_whose_task_failed(kafka, topic):
+@pytest.mark.parametrize("client", ["confluent", "kafka-python"])
+def test_a_worker_keeps_its_kafka_clients_across_tasks_and_drops_one_whose_task_failed(kafka, topic, client):
     """send_rows and the reader reuse the worker's client (no connect per task); a failed send closes it."""
     import pyarrow as pa
 
     from pipeline.spark import source
 
     ensure_topics(kafka, {topic: 1})
+    writer = ("writer", kafka)
     rows = pa.RecordBatch.from_pydict({"value": [b"a", b"b"]})
-    assert source.send_rows(kafka, topic, iter([rows])).records == 2
-    first = source._clients[("writer", kafka)]
-    assert source.send_rows(kafka, topic, iter([rows])).records == 2
-    assert source._clients[("writer", kafka)] is first
+    assert source.send_rows(kafka, topic, iter([rows]), client).records == 2
+    kind, first = source._clients[writer]
+    assert kind == client
+    assert source.send_rows(kafka, topic, iter([rows]), client).records == 2
+    assert source._clients[writer][1] is first
 
     no_partition = pa.RecordBatch.from_pydict({"value": [b"c"], "partition": pa.array([7], pa.int32())})
-    with pytest.raises(Exception):
-        source.send_rows(kafka, topic, iter([no_partition]))
-    assert ("writer", kafka) not in source._clients and first._closed
-    assert source.send_rows(kafka, topic, iter([rows])).records == 2
-    assert source._clients[("writer", kafka)] is not first
+    with pytest.raises(Exception, match="(?i)partition"):
+        source.send_rows(kafka, topic, iter([no_partition]), client)
+    assert writer not in source._clients and first._closed
+    assert source.send_rows(kafka, topic, iter([rows]), client).records == 2
+    second = source._clients[writer][1]
+    assert second is not first
     assert [r.value for r in read_topic(kafka, topic, 6, timeout_s=30)] == [b"a", b"b"] * 3
+    other = "kafka-python" if client == "confluent" else "confluent"  # one writer per worker: another kind replaces it
+    assert source.send_rows(kafka, topic, iter([rows]), other).records == 2
+    assert second._closed and source._clients[writer][0] == other

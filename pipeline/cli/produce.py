@@ -7,7 +7,7 @@ import sys
 import time
 
 from pipeline.events import FeatureSchema
-from pipeline.kafka import KafkaUnavailable, bootstrap, producer
+from pipeline.kafka import KafkaUnavailable, bootstrap, fast_producer
 from producers import synthetic
 from producers.files import Columns, file_rows
 from producers.sender import Sender, file_events, synthetic_events
@@ -77,7 +77,8 @@ def run(args) -> int:
     settings = settings_from(args)
     try:
         messages, total = _messages(args, settings)
-        kafka = producer(bootstrap(settings), settings.kafka_timeout_s, linger_ms=settings.produce_linger_ms)
+        kafka = fast_producer(bootstrap(settings), settings.kafka_timeout_s, settings.kafka_client,
+                              linger_ms=settings.produce_linger_ms)
     except (ValueError, FileNotFoundError) as exc:
         raise CommandError(str(exc)) from None
     sender = Sender(kafka, settings.topic_events, settings.topic_dlq, rate=args.rate)
