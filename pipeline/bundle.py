@@ -4,7 +4,7 @@ Weights travel as ``{name: float32 array}`` -- the safetensors keys and the
 parameter-server tensor names alike -- including the standardisation statistics, which
 are the model's first layer so Spark and serving preprocess identically.
 
-Dense models run in numpy (:mod:`pipeline.dense`): a process that only predicts never imports
+Dense models run and train in numpy (:mod:`pipeline.dense`): no process that uses them imports
 TensorFlow (~0.5 GB and seconds per process). TensorFlow (:mod:`pipeline.keras_engine`) is the
 fallback for architectures numpy cannot run, imported when such a bundle is built.
 
@@ -88,7 +88,6 @@ class ModelBundle:
             from pipeline.keras_engine import KerasEngine
 
             self._engine = KerasEngine(spec, seed)
-        self._trainer = None  # the Keras model a numpy bundle trains with
         weights = dense.initial_weights(spec, seed) if dense.supports(spec) else self._engine.get_weights()
         if spec.standardisation:
             weights |= {"standardise/mean": spec.standardisation.mean, "standardise/std": spec.standardisation.std}
@@ -152,18 +151,9 @@ class ModelBundle:
     def train_on_batch(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
         """One step of the spec's optimizer on ``mean_i(sample_weight_i * loss_i)``; returns that loss.
 
-        The optimizer (and its momentum) is created on the first call and kept for the
-        bundle's life, across ``set_weights``: a training worker's local model.
+        The optimizer's momentum starts at zero and is kept for the bundle's life, across
+        ``set_weights``: a training worker's local model. Dropout is applied (inverted, seeded by the
+        bundle's seed in numpy; Keras's own stream in TensorFlow).
         """
         sample_weight = None if sample_weight is None else np.asarray(sample_weight, np.float32)
-        x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
-        if self.engine == "tensorflow":
-            return self._engine.train_on_batch(x, y, sample_weight)
-        if self._trainer is None:
-            from pipeline.keras_engine import KerasEngine
-
-            self._trainer = KerasEngine(self.spec)
-        self._trainer.set_weights(self._engine.get_weights())
-        loss = self._trainer.train_on_batch(x, y, sample_weight)
-        self._engine.set_weights(self._trainer.get_weights())
-        return loss
+        return self._engine.train_on_batch(np.asarray(x, np.float32), np.asarray(y, np.int32), sample_weight)

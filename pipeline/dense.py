@@ -1,10 +1,11 @@
 """Dense classifiers in numpy: the Keras model of a :class:`~pipeline.spec.DenseClassifier`, without TensorFlow.
 
 Importing TensorFlow costs a process ~0.5 GB and seconds, and each call into it a fixed overhead;
-the processes that predict (serving, Spark workers, the parameter server's evaluation) run these
-small networks in numpy instead. Float32 throughout and the same operations as Keras, so the two
-engines agree to float32 rounding (tests/test_dense.py). Overflow yields inf/NaN silently, as in
-TensorFlow: callers check outputs (:func:`pipeline.events.probability_problems`).
+the processes that predict and train (serving, Spark workers, the parameter server's evaluation) run
+these small networks in numpy instead. Float32 throughout and the same operations as Keras, so the
+two engines agree to float32 rounding (tests/test_dense.py, tests/test_dense_training.py). Overflow
+yields inf/NaN silently, as in TensorFlow: callers check outputs
+(:func:`pipeline.events.probability_problems`) and trained weights (:func:`pipeline.training.poisonous_rows`).
 
 >>> from pipeline.spec import BUILTIN_SPECS
 >>> engine = DenseEngine(BUILTIN_SPECS["small"])
@@ -60,18 +61,21 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 class DenseEngine:
     """A dense classifier's weights in one flat float32 buffer (reading or replacing them all is one
-    copy each way), its forward pass, and steps of its SGD optimizer (:meth:`train_on_batch`)."""
+    copy each way, an optimizer step one vector update), its forward pass, and its training: gradients
+    by backpropagation and the spec's Keras SGD step (:meth:`train_on_batch`)."""
 
-    def __init__(self, spec: ModelSpec, seed: int = 0):
+    def __init__(self, spec: ModelSpec, seed: int = 0, dtype: type = np.float32):
+        """``dtype`` float64 only for gradient checks: the model is float32."""
         if not supports(spec):
             raise ValueError(f"numpy cannot run builder {spec.builder!r}; use the tensorflow engine")
         shapes = spec.weight_shapes
         self.spec, self._shapes = spec, shapes
-        self._flat = np.zeros(sum(math.prod(s) for s in shapes.values()), np.float32)
+        self._flat = np.zeros(sum(math.prod(s) for s in shapes.values()), dtype)
         self._weights = _views(self._flat, shapes)
         names = [*(f"hidden_{i}" for i in range(len(spec.architecture.hidden))), "output"]
         self._layers = [(self._weights[f"{n}/kernel"], self._weights[f"{n}/bias"]) for n in names]
         self._trained = slice(2 * spec.n_features, None)  # all but the standardisation statistics
+        self._trained_shapes = dict(list(shapes.items())[2:])
         self._velocity: np.ndarray | None = None  # SGD momentum, kept across set_weights like Keras's optimizer
         self._rng = np.random.default_rng(seed)  # dropout masks
 
@@ -103,3 +107,64 @@ class DenseEngine:
                     h *= masks[i]
             outputs.append(h)
         return outputs
+
+    def train_on_batch(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+        """One step of the spec's optimizer on ``mean_i(sample_weight_i * crossentropy_i)`` with dropout;
+        returns that loss (before the step), as Keras's ``train_on_batch`` does."""
+        with np.errstate(all="ignore"):
+            loss, gradient = self.gradients(x, y, sample_weight, self._dropout_masks(len(x)))
+            self._step(gradient)
+        return loss
+
+    def gradients(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None,
+                  masks: list[np.ndarray] | None = None) -> tuple[float, np.ndarray]:
+        """The loss and its gradient with respect to the trained weights (flat, in the weights' order).
+
+        Crossentropy from the logits, as Keras computes it in training (it takes the softmax's input,
+        so no probability is clipped): ``logsumexp(z) - z_y``, whose gradient is ``softmax(z) - onehot(y)``.
+        """
+        dtype, n = self._flat.dtype, len(x)
+        outputs = self._forward(x, masks)
+        logits = outputs.pop()
+        rows, weight = np.arange(n), np.ones(n, dtype) if sample_weight is None else np.asarray(sample_weight, dtype)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        exp = np.exp(shifted)
+        total = exp.sum(axis=1, keepdims=True)
+        loss = float(np.sum((np.log(total[:, 0]) - shifted[rows, y]) * weight) / dtype.type(n))
+        delta = exp / total
+        delta[rows, y] -= 1
+        delta *= (weight / dtype.type(n))[:, None]
+        gradient = np.empty_like(self._flat[self._trained])
+        parts = list(_views(gradient, self._trained_shapes).values())  # kernel, bias of each layer in turn
+        for i in reversed(range(len(self._layers))):
+            np.matmul(outputs[i].T, delta, out=parts[2 * i])
+            delta.sum(axis=0, out=parts[2 * i + 1])
+            if i:
+                delta = delta @ self._layers[i][0].T
+                delta *= outputs[i] > 0  # relu's derivative, from its output (as TensorFlow's ReluGrad)
+                if masks:
+                    delta *= masks[i - 1]
+        return loss, gradient
+
+    def _dropout_masks(self, n: int) -> list[np.ndarray] | None:
+        """Inverted dropout: each hidden output kept with probability ``1 - rate`` and scaled by its inverse."""
+        rate = self.spec.architecture.dropout
+        if not rate:
+            return None
+        scale = self._flat.dtype.type(1 / (1 - rate))
+        return [(self._rng.random((n, width), np.float32) >= rate) * scale for width in self.spec.architecture.hidden]
+
+    def _step(self, gradient: np.ndarray) -> None:
+        """Keras's SGD: ``w -= lr * g``; with momentum ``v = m * v - lr * g`` then ``w += v``, or with
+        Nesterov ``w += m * v - lr * g`` -- the same float32 operations in the same order."""
+        opt, dtype, weights = self.spec.optimizer, self._flat.dtype.type, self._flat[self._trained]
+        step = gradient * dtype(opt.learning_rate)
+        if not opt.momentum:
+            weights -= step
+            return
+        if self._velocity is None:
+            self._velocity = np.zeros_like(gradient)
+        velocity, momentum = self._velocity, dtype(opt.momentum)
+        velocity *= momentum
+        velocity -= step
+        weights += velocity * momentum - step if opt.nesterov else velocity

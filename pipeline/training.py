@@ -3,8 +3,8 @@
 The worker does not know how it is run. :func:`train_rows` takes numpy rows; :func:`arrow_trainer`
 wraps it for Spark's ``mapInArrow`` (one partition = one worker, its id the partition index), used
 alike by the offline ``streamfit fit`` job and the streaming training consumer. Each Python worker
-keeps one compiled model per spec and optimizer across tasks and micro-batches, so only the first
-task pays for building it.
+keeps one model per spec and optimizer across tasks and micro-batches (its momentum included); dense
+models train in numpy (:mod:`pipeline.dense`), so a worker never imports TensorFlow.
 
 >>> import numpy as np
 >>> from pipeline.bundle import ModelBundle
@@ -38,7 +38,7 @@ from pipeline.spec import ModelSpec
 REPORT_DDL = ("worker_id long, rows long, steps long, commits long, skipped long, max_staleness long, "
               "total_staleness long, counter long")
 
-_bundles: dict[str, Any] = {}  # per Python worker: one compiled model per (spec, optimizer)
+_bundles: dict[str, Any] = {}  # per Python worker: one model (and its optimizer's momentum) per (spec, optimizer)
 
 
 class TrainingPlan(BaseModel):
@@ -94,7 +94,7 @@ class TrainingPlan(BaseModel):
 
 
 def local_model(spec: ModelSpec):
-    """This Python worker's model for ``spec`` (built and compiled once, then reused)."""
+    """This Python worker's model for ``spec`` (built once, then reused)."""
     from pipeline.bundle import ModelBundle
 
     key = spec.model_dump_json()

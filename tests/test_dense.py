@@ -1,5 +1,6 @@
 """The numpy engine (pipeline/dense.py) against the TensorFlow one: same predictions for every built-in
-and random dense spec, same verdicts on extreme inputs, and processes that predict never import TensorFlow."""
+and random dense spec, same verdicts on extreme inputs, and processes that predict or train never import
+TensorFlow (training's own tests: tests/test_dense_training.py)."""
 
 from __future__ import annotations
 
@@ -141,7 +142,7 @@ def test_numpy_runs_only_dense_architectures_and_engines_are_named():
     assert ModelBundle(BUILTIN_SPECS["small"], engine="tensorflow").engine == "tensorflow"
 
 
-PREDICTING_PROCESS = """
+SERVING_AND_TRAINING_PROCESS = """
 import sys, time, numpy as np, pyarrow as pa, orjson
 from fastapi.testclient import TestClient
 from pipeline.bundle import ModelBundle
@@ -186,15 +187,26 @@ registry.set_alias("small", "candidate", versions[0])
 gate = PromotionGate(registry, "small", window=50, margin=0.0, auto_promote=False)
 gate.remember(x, y)
 assert gate.review(ModelBundle(spec))["events"] == 50
+
+# a training worker's share against a parameter server, and the driver's search for poison events
+from pipeline.ps.server import CenterState, ParameterServer
+from pipeline.training import TrainingPlan, local_model, poisonous_rows, train_rows
+plan = TrainingPlan.create(spec, algorithm="downpour", addresses=[], batch_size=16)
+with ParameterServer(CenterState(ModelBundle(spec).get_weights(), plan.algorithm().rule())) as server:
+    report = train_rows(plan.model_copy(update={"addresses": [server.address]}), x, y, worker_id=0)
+    assert report.steps == 4 and report.commits > 0
+poison = np.concatenate([x[:20], np.full((1, 10), 3e38, np.float32)])
+assert poisonous_rows(local_model(spec), ModelBundle(spec).get_weights(), poison, y[:21], 16) == [20]
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras")))
 """
 
 
-def test_processes_that_predict_never_import_tensorflow(tmp_path):
-    """A fresh process runs serving, an inference worker's partition, held-out evaluation and the gate
-    on a real registry; neither TensorFlow nor Keras is ever imported."""
-    run = subprocess.run([sys.executable, "-c", textwrap.dedent(PREDICTING_PROCESS), str(tmp_path)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+def test_processes_that_predict_and_train_never_import_tensorflow(tmp_path):
+    """A fresh process runs serving, an inference worker's partition, held-out evaluation, the gate and a
+    training worker on a real registry and parameter server; neither TensorFlow nor Keras is imported."""
+    script = textwrap.dedent(SERVING_AND_TRAINING_PROCESS)
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout
 

@@ -199,8 +199,11 @@ def test_no_boost_when_the_detecting_micro_batch_already_trained_past_the_drift(
 def test_a_concept_that_changes_inside_a_micro_batch_is_learned_in_arrival_order(spark, kafka, topic, tmp_path,
                                                                                   setup):
     """Spark's round-robin repartition hands each worker its share in no particular order; a worker
-    must train in arrival order to learn a concept before the stream moves on from it."""
-    settings, registry, _ = setup(max_offsets_per_trigger=6000, prequential_window=6000)
+    must train in arrival order to learn a concept before the stream moves on from it. Synchronous
+    rounds keep the two workers at the same point of the stream; asynchronous ones drift apart when one
+    task starts later than the other by more than its whole share takes to train (milliseconds, a numpy
+    step taking ~0.1 ms), and one worker's commits then score the other's rows with the wrong concept."""
+    settings, registry, _ = setup(max_offsets_per_trigger=6000, prequential_window=6000, algorithm="sync")
     x = np.random.default_rng(8).normal(size=(6000, SPEC.n_features))
     y = (x[:, 0] > 0).astype(int)
     y[3000:] = 1 - y[3000:]  # the concept flips half-way through the one micro-batch

@@ -1,6 +1,6 @@
 """``streamfit models``: create, list and inspect the registry's models; promote and roll back.
 
-Only ``create`` builds a model (and imports TensorFlow); the rest read JSON and move aliases.
+Only ``create`` builds a model; the rest read JSON and move aliases.
 """
 
 from __future__ import annotations

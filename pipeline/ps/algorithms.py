@@ -2,7 +2,7 @@
 server half, an :class:`UpdateRule` (:meth:`Algorithm.rule`) that the parameter server applies to
 commits without knowing which algorithm sent them.
 
-A worker drives any :class:`LocalModel` (the Keras bundle, or the numpy
+A worker drives any :class:`LocalModel` (a model bundle, or the numpy
 :class:`pipeline.ps.softmax.SoftmaxRegression`) against any client with ``pull``/``commit`` (TCP,
 sharded, or in-process). Every commit carries the caller's tag (query id, batch id, worker id) and a sequence number counted from ``tag.seq``, so a
 replayed Spark micro-batch is recognised by the server and not trained twice.
