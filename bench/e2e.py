@@ -221,7 +221,7 @@ def _pct(values, q: float, scale: float = 1.0) -> float | None:
     return round(float(np.percentile(values, q)) * scale, 3) if len(values) else None
 
 
-def summary(run: UpRun, seconds: float, rate_per_s: float, warm_up_s: float) -> dict:
+def summary(run: UpRun, rate_per_s: float, warm_up_s: float) -> dict:
     """The figures of one finished run (see the module docstring)."""
     launched = run.launched_at * 1000
     begin, end = launched + warm_up_s * 1000, (run.stopped_at or time.time()) * 1000 - 5000
@@ -315,7 +315,7 @@ def main() -> None:
                 run.kill()
             if status != 0:
                 sys.exit(f"streamfit up --model {model} failed:\n" + "\n".join(run.output[-30:]))
-            results[model] = summary(run, args.seconds, args.rate, args.warm_up)
+            results[model] = summary(run, args.rate, args.warm_up)
     print(json.dumps({"benchmark": "e2e", "seconds": args.seconds, "rate": args.rate, "warm_up_s": args.warm_up,
                       "models": results, "targets": targets(results["small"]) if "small" in results else None}))
 

@@ -382,7 +382,8 @@ class TrainingJob:
         applied). Then the events that break training are found on the driver
         (:func:`~pipeline.training.poisonous_rows`), dead-lettered, and the rest trained once more, the
         workers dropping the poison rows themselves: every other row keeps its worker and its commit
-        tag, so what the refused tries applied is skipped, not trained twice. If even that is refused, the micro-batch's labelled events are dead-lettered with the refusal.
+        tag, so what the refused tries applied is skipped, not trained twice. If even that is refused,
+        the micro-batch's labelled events are dead-lettered with the refusal.
         A micro-batch never blocks the query for its content."""
         s = self.settings
         for attempt in range(1, s.batch_attempts + 1):
@@ -554,12 +555,16 @@ class TrainingJob:
         writer = (events_stream(self.spark, s, self.bootstrap, starting_offsets).writeStream.queryName(QUERY_NAME)
                   .foreachBatch(self._process)
                   .option("checkpointLocation", checkpoint))
+        if self.fence is not None:  # a restarted query gets a new fence
+            self.fence.close()
         self.fence = DeadLetterFence(checkpoint, self.bootstrap, s.topic_dlq, "train", timeout_s=s.kafka_timeout_s)
         return writer.trigger(**(trigger or every(s, TRIGGER_S))).start()
 
     def close(self) -> None:
         self.producer.close(timeout=self.settings.kafka_timeout_s)
         self.client.close()
+        if self.fence is not None:
+            self.fence.close()
 
 
 def _addresses(settings: Settings) -> list[tuple[str, int]]:

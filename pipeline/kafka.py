@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Literal, get_args
+from typing import get_args
 
 try:
     import confluent_kafka
@@ -24,14 +24,13 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import IllegalStateError, KafkaError, KafkaTimeoutError, TopicAlreadyExistsError, for_code
 
-from pipeline.settings import Settings
+from pipeline.settings import KafkaClient, Settings
 
 log = logging.getLogger(__name__)
 
 BROKER_FILE = "broker.json"
 
 
-KafkaClient = Literal["auto", "confluent", "kafka-python"]
 KAFKA_CLIENTS = get_args(KafkaClient)
 
 

@@ -48,6 +48,10 @@ class _YamlSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
 
+KafkaClient = Literal["auto", "confluent", "kafka-python"]
+"""Client of the hot Kafka write path (:func:`pipeline.kafka.fast_producer`)."""
+
+
 class Settings(BaseSettings):
     """Every knob of streamfit. Field names are the YAML keys; ``STREAMFIT_<NAME>`` the env vars."""
 
@@ -71,7 +75,7 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(64 * 1024, ge=256, description="larger events go to the DLQ")
     dlq_max_raw_bytes: int = Field(16 * 1024, ge=256, le=24 * 1024, description="a dead letter keeps this many bytes of its event (with the full size and sha256), so every DLQ record stays under 64 KiB")
     kafka_timeout_s: float = Field(15.0, gt=0, description="bounded wait for an unreachable cluster or a send")
-    kafka_client: Literal["auto", "confluent", "kafka-python"] = Field("auto", description="client of the hot write path (streamfit produce, the Spark writer); auto: confluent-kafka (librdkafka) if installed, else kafka-python")
+    kafka_client: KafkaClient = Field("auto", description="client of the hot write path (streamfit produce, the Spark writer); auto: confluent-kafka (librdkafka) if installed, else kafka-python")
 
     # producer
     produce_batch: int = Field(2000, ge=1, description="sends between acknowledgement checks")

@@ -4,8 +4,8 @@ Up: the broker (embedded unless ``STREAMFIT_KAFKA_BOOTSTRAP`` is set) with its t
 in the registry (created from the built-in spec of the same name when missing); the parameter
 server, the serving app and the producer as child processes (they start in parallel, events wait
 in Kafka); one Spark driver, in this process, running the inference query and, once its first
-micro-batch is done, the training query (its start-up would otherwise delay the first predictions). Down is the
-reverse, each part finishing its work: the producer waits for its acknowledgements, the queries
+micro-batch is done, the training query (its start-up would otherwise delay the first predictions).
+Down is the reverse, each part finishing its work: the producer waits for its acknowledgements, the queries
 end their micro-batch and commit their checkpoints, the parameter server writes its checkpoint
 and publishes its last candidate (announced while Kafka is still up), serving drains, and the
 broker stops. Everything a run keeps (broker data, checkpoints, registry) lives under

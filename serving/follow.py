@@ -25,12 +25,12 @@ from serving.swap import ModelHost
 log = logging.getLogger(__name__)
 
 RECONNECT_S = 5.0
+"""Wait between attempts to reach Kafka while it is unavailable."""
 POLL_EVERY_S = 0.1
 """How often the follower asks Kafka for new model updates: it polls without waiting and sleeps in
 between, because a broker that answers an empty fetch at once (noida-db ignores ``fetch.max.wait.ms``)
 keeps a waiting poll fetching in a busy loop -- half a core in serving and a third of the broker's
 CPU at 1,000 events/s, for a topic that moves a few times a minute."""
-"""Wait between attempts to reach Kafka while it is unavailable."""
 
 
 class Follower:
