@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install java test demo bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "streamfit needs Python 3.11, found " + sys.version.split()[0]'
@@ -15,11 +15,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Spark needs a Java 17+ runtime, the one thing beyond pip: apt-get installs it when `java` is missing
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+java:
+	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for Spark (openjdk-17-jre-headless)"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq openjdk-17-jre-headless; }
+
+test: $(STAMP) java
 	$(BIN)/python -m pytest
 
 # the whole pipeline on the embedded broker until Ctrl-C; `make demo DURATION=120` stops by itself
-demo: $(STAMP)
+demo: $(STAMP) java
 	$(BIN)/streamfit up $(if $(DURATION),--duration $(DURATION))
 
 bench: $(STAMP)
