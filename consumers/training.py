@@ -38,7 +38,7 @@ from pipeline.bundle import has_identity_standardisation
 from pipeline.dlq import MAX_RAW_BYTES, dead_letter
 from pipeline.dlq_fence import DeadLetterFence, source
 from pipeline.events import Event, FeatureSchema, Rejection, standardisation_problems, validate
-from pipeline.ps.algorithms import ALGORITHMS, WorkerReport
+from pipeline.ps.algorithms import ALGORITHMS, STREAMABLE, WorkerReport, algorithm_class
 from pipeline.ps.client import ServerError
 from pipeline.ps.protocol import CommitTag
 from pipeline.settings import Settings
@@ -119,7 +119,7 @@ def score_and_train(batches: Iterator[pa.RecordBatch], plan: TrainingPlan, schem
     x, y = rows_of(table.filter(is_train).to_batches(), plan.spec.n_features)
     worker_id = TaskContext.get().partitionId()
     plan = plan.model_copy(update={"commit_meta": {"offsets": _offsets_through(table, topic)}})
-    if plan.algorithm_name == "sync":  # synchronous rounds: every worker takes the same number of steps
+    if plan.synchronous:  # barrier rounds: every worker takes the same number of steps
         from pyspark import BarrierTaskContext
 
         fewest = min(int(n) for n in BarrierTaskContext.get().allGather(str(len(y))))
@@ -283,9 +283,10 @@ class TrainingJob:
         from pipeline.ps.client import connect
         from pipeline.registry import Registry
 
-        if settings.algorithm == "ensemble":
-            raise TrainingError("ensemble trains independent members offline: use `streamfit fit`, or another "
-                                "algorithm for streaming training")
+        algorithm = ALGORITHMS.get(settings.algorithm)  # an unknown one is reported when the first plan is made
+        if algorithm is not None and not algorithm.streamable:
+            raise TrainingError(f"{settings.algorithm} trains offline only: use `streamfit fit`, or one of "
+                                f"{', '.join(STREAMABLE)} for streaming training")
         self.spark, self.settings, self.bootstrap = spark, settings, bootstrap
         self.registry = registry or Registry(settings.registry_url)
         self.spec = self.registry.spec(settings.model)
@@ -370,8 +371,7 @@ class TrainingJob:
         step = functools.partial(score_and_train, plan=plan, schema=self.schema, topic=self.settings.topic_events,
                                  standardisation=standardisation, max_raw_bytes=self.settings.dlq_max_raw_bytes,
                                  skip=skip)
-        synchronous = plan.algorithm_name == "sync"
-        return raw.repartition(self.settings.workers).mapInArrow(step, STEP_DDL, barrier=synchronous).toArrow()
+        return raw.repartition(self.settings.workers).mapInArrow(step, STEP_DDL, barrier=plan.synchronous).toArrow()
 
     def _train(self, raw, plan: TrainingPlan, batch_id: int,
                standardisation: Standardisation) -> tuple[pa.Table, list[bytes], int]:
@@ -464,12 +464,12 @@ class TrainingJob:
         may have lost that commit, and is asked again. A model no data has been seen by yet
         (identity standardisation) gets its standardisation from the first labelled micro-batch, as
         ``streamfit fit`` does from the file: one commit, tagged like a worker's so a replayed batch
-        does not apply it twice. Synchronous rounds only take workers' commits, so ``sync`` keeps
-        what the model has."""
+        does not apply it twice. An algorithm whose server takes no ``driver_commits`` (synchronous
+        rounds only take workers' commits) keeps what the model has."""
         if self._standardisation_of is not None and self._standardisation_of[0] == incarnation:
             return self._standardisation_of[1], 0
         center, applied = self.client.pull()[0], 0
-        if has_identity_standardisation(center) and self.settings.algorithm != "sync":
+        if has_identity_standardisation(center) and algorithm_class(self.settings.algorithm).driver_commits:
             check = functools.partial(check_partition, schema=self.schema)
             labelled = raw.mapInArrow(check, CHECK_DDL).filter("kind = 'train'").select("features", "label")
             x, _ = rows_of(labelled.toArrow().to_batches(), self.spec.n_features)
@@ -489,11 +489,12 @@ class TrainingJob:
     def _plan(self, batch_id: int, query_id: str, boosted: bool = False) -> TrainingPlan:
         """What every worker of a micro-batch needs; ``boosted`` after a drift (a larger learning rate)."""
         s = self.settings
+        algorithm = algorithm_class(s.algorithm)
         learning_rate = (s.learning_rate or self.spec.optimizer.learning_rate) * (s.drift_boost if boosted else 1.0)
         if boosted:  # a boost must not push the rate past what the algorithm accepts (EASGD: learning_rate * rho <= 1)
-            learning_rate = min(learning_rate, ALGORITHMS[s.algorithm].largest_learning_rate(s.rho))
+            learning_rate = min(learning_rate, algorithm.largest_learning_rate(s.rho))
         params = {name: getattr(s, name) for name in ("communication_window", "rho", "workers")}
-        if s.algorithm == "sync":
+        if algorithm.synchronous:
             params["global_batch_size"] = s.workers * s.batch_size
         return TrainingPlan.create(
             self.spec, algorithm=s.algorithm, addresses=_addresses(s), learning_rate=learning_rate,

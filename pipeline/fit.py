@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.bundle import has_identity_standardisation
-from pipeline.ps.algorithms import SynchronousAveraging
+from pipeline.ps.algorithms import algorithm_class
 from pipeline.ps.server import CenterState, ParameterServer
 from pipeline.registry import Registry
 from pipeline.settings import Settings
@@ -142,7 +142,7 @@ def fit(spark, settings: Settings, registry: Registry, data: str | Path, *, hold
     with ParameterServer(state, host=settings.ps_host, port=0, secret=secret.encode(),
                          max_frame_bytes=settings.ps_max_frame_bytes) as server:
         plan = plan.model_copy(update={"addresses": [server.address], "secret": secret})
-        job = train.mapInArrow(arrow_trainer(plan), REPORT_DDL, barrier=plan.algorithm_name == "sync")
+        job = train.mapInArrow(arrow_trainer(plan), REPORT_DDL, barrier=plan.synchronous)
         reports = _collect_with_progress(job, state, progress)
     published, updates, _ = state.publication()
     holdout_rows = rows_of(held.toArrow().to_batches(), spec.n_features) if held is not None else None
@@ -160,10 +160,15 @@ def fit(spark, settings: Settings, registry: Registry, data: str | Path, *, hold
 def _plan(settings: Settings, spec: ModelSpec, rows: int, run_id: str) -> TrainingPlan:
     params = {name: getattr(settings, name) for name in ("communication_window", "rho", "workers")}
     steps = None
-    if settings.algorithm == SynchronousAveraging.name:
+    try:
+        synchronous = algorithm_class(settings.algorithm).synchronous
+    except ValueError as exc:
+        raise FitError(str(exc)) from exc
+    if synchronous:
         steps = rows // settings.workers // settings.batch_size  # every worker must take the same rounds
         if steps == 0:
-            raise FitError(f"sync needs at least workers x batch_size = {settings.workers * settings.batch_size} rows")
+            raise FitError(f"{settings.algorithm} needs at least workers x batch_size = "
+                           f"{settings.workers * settings.batch_size} rows")
         params["global_batch_size"] = settings.workers * settings.batch_size
     try:
         return TrainingPlan.create(spec, algorithm=settings.algorithm, addresses=[],

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.ps.algorithms import ALGORITHMS, Algorithm, WorkerReport
+from pipeline.ps.algorithms import ALGORITHMS, Algorithm, WorkerReport, algorithm_class
 from pipeline.ps.client import Client, ShardedClient
 from pipeline.ps.protocol import CommitTag
 from pipeline.spec import ModelSpec
@@ -68,16 +68,16 @@ class TrainingPlan(BaseModel):
         EAMSGD's local steps carry their own Nesterov momentum, so its optimizer gets none; the
         algorithm's ``learning_rate`` (EASGD's alpha = learning_rate * rho) is the optimizer's.
         """
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        algorithm_cls = algorithm_class(algorithm)
         optimizer = spec.optimizer.model_copy(update={
             "learning_rate": learning_rate or spec.optimizer.learning_rate,
-            "momentum": 0.0 if algorithm == "eamsgd" else (spec.optimizer.momentum if momentum is None else momentum)})
+            "momentum": 0.0 if algorithm_cls.owns_momentum else (
+                spec.optimizer.momentum if momentum is None else momentum)})
         params = {name: value for name, value in kwargs.pop("algorithm_params", {}).items() if value is not None}
         params["learning_rate"] = optimizer.learning_rate
         if momentum is not None:
             params["momentum"] = momentum
-        accepted = ALGORITHMS[algorithm].__dataclass_fields__
+        accepted = algorithm_cls.__dataclass_fields__
         plan = cls(spec=spec.model_copy(update={"optimizer": optimizer}), algorithm_name=algorithm,
                    algorithm_params={k: v for k, v in params.items() if k in accepted}, addresses=addresses, **kwargs)
         plan.algorithm()  # parameters are checked here, on the driver, not in a Spark task
@@ -85,6 +85,16 @@ class TrainingPlan(BaseModel):
 
     def algorithm(self) -> Algorithm:
         return ALGORITHMS[self.algorithm_name](**self.algorithm_params)
+
+    @property
+    def synchronous(self) -> bool:
+        """Whether the workers run in barrier rounds (a Spark barrier stage, equal step counts).
+
+        >>> from pipeline.spec import BUILTIN_SPECS
+        >>> TrainingPlan.create(BUILTIN_SPECS["small"], algorithm="sync", addresses=[]).synchronous
+        True
+        """
+        return ALGORITHMS[self.algorithm_name].synchronous
 
     def client(self) -> Client | ShardedClient:
         secret = self.secret.encode() if self.secret else None

@@ -19,6 +19,11 @@ from pipeline.ps.algorithms import (
     Ensemble,
     Sequential,
     SynchronousAveraging,
+    ALGORITHMS,
+    STREAMABLE,
+    ReplicaSlots,
+    SynchronousRound,
+    algorithm_class,
     from_settings,
 )
 from pipeline.ps.client import Client, LocalClient
@@ -214,8 +219,74 @@ def test_every_algorithm_learns_a_separable_stream_with_two_workers(name):
     x, y = labelled(np.random.default_rng(7), 2000)
     evaluator = softmax()
     probabilities = []
-    for worker_id in (0, 1) if name == "ensemble" else (0,):
+    for worker_id in (0, 1) if algorithm.replica_per_worker else (0,):
         evaluator.set_weights(state.pull(worker_id=worker_id)[0])
         probabilities.append(evaluator.predict_proba(x))
     accuracy = float((np.mean(probabilities, axis=0).argmax(axis=1) == y).mean())
     assert accuracy >= 0.9, f"{name}: held-out accuracy {accuracy:.3f}"
+
+
+# ------------------------------------------------------------------------------------------ capabilities
+
+CAPABILITIES = ("synchronous", "streamable", "owns_momentum", "driver_commits", "replica_per_worker")
+EXPECTED_CAPABILITIES = {  # name: the capabilities it has
+    "sequential": {"streamable", "driver_commits"},
+    "sync": {"synchronous", "streamable"},
+    "ensemble": {"replica_per_worker"},
+    "downpour": {"streamable", "driver_commits"},
+    "adag": {"streamable", "driver_commits"},
+    "dynsgd": {"streamable", "driver_commits"},
+    "aeasgd": {"streamable", "driver_commits"},
+    "eamsgd": {"streamable", "driver_commits", "owns_momentum"},
+}
+
+
+def test_every_algorithm_declares_its_capabilities():
+    assert EXPECTED_CAPABILITIES.keys() == ALGORITHMS.keys()
+    for name, cls in ALGORITHMS.items():
+        assert {c for c in CAPABILITIES if getattr(cls, c)} == EXPECTED_CAPABILITIES[name], name
+    assert STREAMABLE == tuple(sorted(set(ALGORITHMS) - {"ensemble"}))
+
+
+def test_algorithm_class_looks_names_up():
+    assert algorithm_class("eamsgd") is EAMSGD and algorithm_class("sync") is SynchronousAveraging
+    with pytest.raises(ValueError, match="unknown algorithm 'hogwild'; choose one of sequential, sync"):
+        algorithm_class("hogwild")
+
+
+@pytest.mark.parametrize("name", TWO_WORKER_CASES)
+def test_capabilities_agree_with_the_server_rule(name):
+    """synchronous: the rule holds commits for a round; replica_per_worker: it keeps per-worker slots;
+    driver_commits: a commit from an id no worker has (the driver's) moves the center at once."""
+    algorithm = TWO_WORKER_CASES[name]
+    rule = algorithm.rule()
+    assert algorithm.synchronous == isinstance(rule, SynchronousRound)
+    assert algorithm.replica_per_worker == isinstance(rule, ReplicaSlots)
+    center = {"w": np.zeros(2, np.float32)}
+    moved = rule.apply(center, {"w": np.ones(2, np.float32)}, worker_id=2**32 - 1, staleness=0)
+    assert algorithm.driver_commits == (moved is not None and bool(moved["w"].any()))
+
+
+def test_the_largest_learning_rate_keeps_the_elastic_step_at_most_one():
+    for cls in (AEASGD, EAMSGD):
+        assert cls.largest_learning_rate(rho=5.0) == pytest.approx(0.2)
+        assert cls(learning_rate=cls.largest_learning_rate(rho=5.0), rho=5.0).alpha == pytest.approx(1.0)
+    assert all(ALGORITHMS[name].largest_learning_rate(rho=5.0) == float("inf")
+               for name in ALGORITHMS if name not in ("aeasgd", "eamsgd"))
+
+
+def test_a_plan_follows_the_capabilities():
+    """An algorithm that owns its momentum gets a worker optimizer without any; only a synchronous one
+    makes a barrier plan."""
+    from pipeline.spec import BUILTIN_SPECS
+    from pipeline.training import TrainingPlan
+
+    spec = BUILTIN_SPECS["small"].model_copy(update={"optimizer": BUILTIN_SPECS["small"].optimizer.model_copy(
+        update={"momentum": 0.5})})
+    for name, cls in ALGORITHMS.items():
+        plan = TrainingPlan.create(spec, algorithm=name, addresses=[], momentum=0.7)
+        assert plan.spec.optimizer.momentum == (0.0 if cls.owns_momentum else 0.7), name
+        assert plan.synchronous == cls.synchronous, name
+    assert TrainingPlan.create(spec, algorithm="adag", addresses=[]).spec.optimizer.momentum == 0.5
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        TrainingPlan.create(spec, algorithm="hogwild", addresses=[])

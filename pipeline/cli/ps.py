@@ -27,7 +27,7 @@ import threading
 from safetensors import SafetensorError, safe_open
 
 from pipeline.model_updates import announcing_registry
-from pipeline.ps.algorithms import ALGORITHMS, Ensemble, from_settings
+from pipeline.ps.algorithms import ALGORITHMS, from_settings
 from pipeline.ps.checkpoint import Checkpoint, CheckpointError
 from pipeline.ps.client import ShardedClient
 from pipeline.ps.server import CenterState, ParameterServer
@@ -70,8 +70,8 @@ def run(args) -> int:
         logging.getLogger(__name__).warning("parameter server on %s without ps_secret: anyone who reaches it can "
                                             "change the model (ps_allow_insecure)", settings.ps_host)
     shards = settings.ps_shards
-    if shards > 1 and settings.algorithm == Ensemble.name:
-        raise CommandError("ensemble keeps one replica per worker on one server: run it with --shards 1")
+    if shards > 1 and ALGORITHMS[settings.algorithm].replica_per_worker:
+        raise CommandError(f"{settings.algorithm} keeps one replica per worker on one server: run it with --shards 1")
     resuming = all(_checkpoint(settings, i).directory.joinpath("state.json").exists() for i in range(shards))
     init_source, sizes = (None, None) if resuming and not args.init_weights else _initial(settings, args.init_weights)
     layout = plan(sizes, shards) if sizes else [None] * shards

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.ps.algorithms import ALGORITHMS
+from pipeline.ps.algorithms import STREAMABLE
 
 
 def register(subparsers) -> None:
@@ -12,7 +12,7 @@ def register(subparsers) -> None:
                     "the parameter server with them over Spark workers; watch for drift and gate promotions. "
                     "Needs a running `streamfit ps` for the same model.")
     parser.add_argument("--model", dest="model", help="registered model name (default higgs)")
-    parser.add_argument("--algorithm", dest="algorithm", choices=sorted(set(ALGORITHMS) - {"ensemble"}),
+    parser.add_argument("--algorithm", dest="algorithm", choices=STREAMABLE,
                         help="worker algorithm; must match the one `streamfit ps` runs (default adag)")
     parser.add_argument("--workers", dest="workers", type=int, help="Spark partitions training per micro-batch")
     parser.add_argument("--learning-rate", dest="learning_rate", type=float, help="default: the model spec's")

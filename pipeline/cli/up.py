@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from pipeline.ps.algorithms import ALGORITHMS
+from pipeline.ps.algorithms import STREAMABLE
 
 STATUS_EVERY_S = 5.0
 """Seconds between status lines when the output is not a terminal (a terminal gets a live table)."""
@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     parser.add_argument("--label-fraction", type=float, default=0.5, help="share of labelled events (default 0.5)")
     parser.add_argument("--invalid-fraction", type=float, default=0.01, help="share of broken events (default 0.01)")
     parser.add_argument("--drift-at", type=int, default=60_000, help="abrupt concept drift after N events (0: none)")
-    parser.add_argument("--algorithm", dest="algorithm", choices=sorted(set(ALGORITHMS) - {"ensemble"}))
+    parser.add_argument("--algorithm", dest="algorithm", choices=STREAMABLE)
     parser.add_argument("--workers", dest="workers", type=int, help="Spark partitions training per micro-batch")
     parser.add_argument("--manual-promote", dest="auto_promote", action="store_false", default=None,
                         help="candidates wait for `streamfit models promote` (default: the gate promotes them)")

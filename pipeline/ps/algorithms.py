@@ -238,9 +238,22 @@ class Algorithm(ABC):
 
     Parameters are dataclass fields named like the settings (``communication_window``,
     ``learning_rate``, ``rho``, ``momentum``, ``workers``) so :func:`from_settings` can fill them.
+
+    Class-level capabilities tell the rest of the pipeline how to run an algorithm, so no caller
+    compares algorithm names: ``synchronous`` (barrier rounds: every worker of a Spark job must run
+    at once and take the same number of steps), ``streamable`` (the streaming training consumer can
+    run it), ``owns_momentum`` (its worker loop keeps its own momentum, so the worker optimizer
+    gets none), ``driver_commits`` (the server applies a commit from outside the workers, such as the
+    standardisation the streaming driver fits), ``replica_per_worker`` (the server keeps a replica per
+    worker id, so the model cannot be split over shards) and :meth:`largest_learning_rate`.
     """
 
     name: ClassVar[str]
+    synchronous: ClassVar[bool] = False
+    streamable: ClassVar[bool] = True
+    owns_momentum: ClassVar[bool] = False
+    driver_commits: ClassVar[bool] = True
+    replica_per_worker: ClassVar[bool] = False
 
     @classmethod
     def largest_learning_rate(cls, rho: float) -> float:
@@ -308,6 +321,9 @@ class Ensemble(Sequential):
     """
 
     name = "ensemble"
+    streamable = False  # members train independently, offline (``streamfit fit``)
+    replica_per_worker = True
+    driver_commits = False  # a commit moves only the committer's replica, never the center
 
     def rule(self) -> UpdateRule:
         return ReplicaSlots()
@@ -482,6 +498,7 @@ class EAMSGD(AEASGD):
 
     momentum: float = 0.9
     name = "eamsgd"
+    owns_momentum = True
 
     def _stepper(self, session):
         velocity: dict[str, np.ndarray] = {}
@@ -526,6 +543,8 @@ class SynchronousAveraging(Algorithm):
     global_batch_size: int | None = None
     wait_s: float = 300.0
     name = "sync"
+    synchronous = True
+    driver_commits = False  # a round only completes with one commit from each worker
 
     def rule(self) -> UpdateRule:
         return SynchronousRound(self.workers)
@@ -546,11 +565,24 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     cls.name: cls for cls in (Sequential, SynchronousAveraging, Ensemble, Downpour, ADAG, DynSGD, AEASGD, EAMSGD)}
 
 
+STREAMABLE: tuple[str, ...] = tuple(sorted(name for name, cls in ALGORITHMS.items() if cls.streamable))
+"""The algorithms the streaming training consumer runs (``streamfit train`` and ``up`` offer these)."""
+
+
+def algorithm_class(name: str) -> type[Algorithm]:
+    """The algorithm called ``name``; a ValueError listing the known ones otherwise.
+
+    >>> algorithm_class("sync").synchronous, algorithm_class("ensemble").streamable
+    (True, False)
+    """
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}") from None
+
+
 def from_settings(settings, **overrides: Any) -> Algorithm:
     """The algorithm named by ``settings.algorithm``, its parameters taken from same-named settings."""
-    try:
-        cls = ALGORITHMS[settings.algorithm]
-    except KeyError:
-        raise ValueError(f"unknown algorithm {settings.algorithm!r}; choose one of {', '.join(ALGORITHMS)}") from None
+    cls = algorithm_class(settings.algorithm)
     params = {f.name: getattr(settings, f.name) for f in fields(cls) if getattr(settings, f.name, None) is not None}
     return cls(**{**params, **overrides})
