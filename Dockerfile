@@ -41,91 +41,10 @@ RUN set -eux; \
     rm /tmp/requirements.txt
 
 # ... then Spark's Kafka connector into pyspark's jars directory (on the classpath of every
-# Spark JVM pyspark starts), checked against Maven Central's SHA-1 files.
-RUN python - <<'PY'
-import hashlib, os, sys, urllib.request
-import xml.etree.ElementTree as ET
-
-import pyspark
-
-env = os.environ
-spark, scala = env["SPARK_VERSION"], env["SCALA_BINARY_VERSION"]
-repository = env["MAVEN_REPOSITORY"].rstrip("/")
-jars = os.path.join(os.path.dirname(pyspark.__file__), "jars")
-if pyspark.__version__ != spark:
-    sys.exit(f"pyspark {pyspark.__version__} is installed but SPARK_VERSION={spark}: set the build arg to the "
-             "version pyproject.toml pins")
-if not os.path.exists(os.path.join(jars, f"spark-core_{scala}-{spark}.jar")):
-    sys.exit(f"pyspark's jars are not built for Scala {scala}: fix SCALA_BINARY_VERSION")
-
-NS = {"m": "http://maven.apache.org/POM/4.0.0"}
-
-
-def url(group, artifact, version, ext):
-    return f"{repository}/{group.replace('.', '/')}/{artifact}/{version}/{artifact}-{version}.{ext}"
-
-
-def fetch(address):
-    with urllib.request.urlopen(address, timeout=120) as answer:
-        return answer.read()
-
-
-def pom(group, artifact, version):
-    return ET.fromstring(fetch(url(group, artifact, version, "pom")))
-
-
-def coordinates(element):
-    return tuple(element.findtext(f"m:{key}", namespaces=NS) for key in ("groupId", "artifactId", "version"))
-
-
-def properties(root):
-    """The POM's properties over its parents' (a dependency's version may read ${kafka.version})."""
-    parent = root.find("m:parent", NS)
-    found = properties(pom(*coordinates(parent))) if parent is not None else {}
-    found["project.version"] = root.findtext("m:version", namespaces=NS) or found.get("project.version")
-    for prop in root.findall("m:properties/*", NS):
-        found[prop.tag.split("}")[-1]] = (prop.text or "").strip()
-    return found
-
-
-def dependency_version(root, group, artifact):
-    """The version of a dependency the POM declares: its own, or managed by a parent; ${properties} resolved."""
-    declared = [dep for dep in root.findall("m:dependencies/m:dependency", NS) if coordinates(dep)[:2] == (group, artifact)]
-    if not declared:
-        sys.exit(f"{group}:{artifact} is no longer a dependency in the connector's POM: update this Dockerfile")
-    version, node = coordinates(declared[0])[2], root
-    while not version and node is not None:
-        managed = node.findall("m:dependencyManagement/m:dependencies/m:dependency", NS)
-        version = next((coordinates(dep)[2] for dep in managed if coordinates(dep)[:2] == (group, artifact)), None)
-        parent = node.find("m:parent", NS)
-        node = pom(*coordinates(parent)) if parent is not None and not version else None
-    version = (version or "").strip()
-    if version.startswith("${"):
-        version = properties(root).get(version[2:-1], version)
-    return version
-
-
-connector = pom("org.apache.spark", f"spark-sql-kafka-0-10_{scala}", spark)
-for group, artifact, pinned in (("org.apache.kafka", "kafka-clients", env["KAFKA_CLIENTS_VERSION"]),
-                                ("org.apache.commons", "commons-pool2", env["COMMONS_POOL2_VERSION"])):
-    wanted = dependency_version(connector, group, artifact)
-    if wanted != pinned:
-        sys.exit(f"spark-sql-kafka-0-10_{scala} {spark} depends on {artifact} {wanted}, but the Dockerfile pins "
-                 f"{pinned}: set the build arg to {wanted}")
-
-for group, artifact, version in (
-        ("org.apache.spark", f"spark-sql-kafka-0-10_{scala}", spark),
-        ("org.apache.spark", f"spark-token-provider-kafka-0-10_{scala}", spark),
-        ("org.apache.kafka", "kafka-clients", env["KAFKA_CLIENTS_VERSION"]),
-        ("org.apache.commons", "commons-pool2", env["COMMONS_POOL2_VERSION"])):
-    data = fetch(url(group, artifact, version, "jar"))
-    expected = fetch(url(group, artifact, version, "jar.sha1")).decode().split()[0]
-    if hashlib.sha1(data).hexdigest() != expected:
-        sys.exit(f"{artifact}-{version}.jar does not match its SHA-1 on {repository}")
-    with open(os.path.join(jars, f"{artifact}-{version}.jar"), "wb") as out:
-        out.write(data)
-    print(f"added {artifact}-{version}.jar to {jars}")
-PY
+# Spark JVM pyspark starts), checked against Maven Central's SHA-1 files; the script reads the
+# build args above from the environment and is removed once it has run.
+COPY deploy/fetch_kafka_connector.py /tmp/fetch_kafka_connector.py
+RUN python /tmp/fetch_kafka_connector.py && rm /tmp/fetch_kafka_connector.py
 
 # ... then streamfit itself (no dependency changes: they are installed above).
 COPY pipeline ./pipeline
