@@ -114,11 +114,13 @@ def predict_partition(batches: Iterator[pa.RecordBatch], registry_url: str, mode
                                          schema=OUTPUT_SCHEMA)
 
 
-def predict_and_send(batches: Iterator[pa.RecordBatch], bootstrap: str, *args) -> Iterator[pa.RecordBatch]:
-    """``predict_partition`` whose output is sent (and acknowledged) from the same worker; yields the count."""
+def predict_and_send(batches: Iterator[pa.RecordBatch], bootstrap: str, client: str,
+                     *args) -> Iterator[pa.RecordBatch]:
+    """``predict_partition`` whose output is sent (and acknowledged) from the same worker with Kafka
+    client ``client`` (setting ``kafka_client``); yields the count."""
     from pipeline.spark.source import send_rows
 
-    sent = send_rows(bootstrap, None, predict_partition(batches, *args))
+    sent = send_rows(bootstrap, None, predict_partition(batches, *args), client)
     yield pa.RecordBatch.from_pydict({"records": [sent.records]}, schema=pa.schema([("records", pa.int64())]))
 
 
@@ -162,8 +164,8 @@ class InferenceJob:
                 s.dlq_max_raw_bytes, self.fence.enter(batch_id))
         events = frame.select("value", "topic", "partition", "offset")
         if self.format == PYTHON_SOURCE:
-            bootstrap = self.bootstrap
-            events.mapInArrow(lambda batches: predict_and_send(batches, bootstrap, *args), SENT_DDL).collect()
+            bootstrap, client = self.bootstrap, self.settings.kafka_client
+            events.mapInArrow(lambda batches: predict_and_send(batches, bootstrap, client, *args), SENT_DDL).collect()
         else:
             (events.mapInArrow(lambda batches: predict_partition(batches, *args), OUTPUT_DDL)
              .write.format(self.format).option("kafka.bootstrap.servers", self.bootstrap).mode("append").save())
@@ -176,6 +178,8 @@ class InferenceJob:
         writer = (events_stream(self.spark, s, self.bootstrap, starting_offsets, min_partitions).writeStream
                   .queryName(QUERY_NAME).foreachBatch(self._process).option("checkpointLocation", checkpoint))
         writer = writer.trigger(**(trigger or every(s, TRIGGER_S)))
+        if self.fence is not None:  # a restarted query gets a new fence
+            self.fence.close()
         self.fence = DeadLetterFence(checkpoint, self.bootstrap, s.topic_dlq, "predict", timeout_s=s.kafka_timeout_s)
         query = writer.start()
         self.reporter.query_id = str(query.id)

@@ -216,7 +216,8 @@ def test_promotion_mid_stream_switches_versions_between_micro_batches(spark, kaf
 def test_a_warm_worker_is_reused_across_micro_batches_loading_the_model_once(spark, kafka, topic, tmp_path, setup):
     """Spark reuses Python workers, and a reused worker keeps its model and Kafka clients: after 6
     micro-batches, live workers still hold the model and their Kafka clients (loads counts every
-    test's models: workers outlive tests in one Spark session)."""
+    test's models: workers outlive tests in one Spark session). The predictions' writer is the
+    client that setting ``kafka_client`` names (kafka-python here; auto would be librdkafka)."""
     settings, _, _ = setup
 
     def worker_state(_):
@@ -228,16 +229,19 @@ def test_a_warm_worker_is_reused_across_micro_batches_loading_the_model_once(spa
         from consumers import inference
         from pipeline.spark import source
 
+        writers = [kind for (role, _), (kind, _) in source._clients.items() if role == "writer"]
         yield pa.RecordBatch.from_pydict({"pid": [os.getpid()], "loads": [inference.loads],
-                                          "clients": [len(source._clients)]})
+                                          "clients": [len(source._clients)], "writer": [",".join(writers)]})
 
     _produce(kafka, topic, 3000)
-    job = InferenceJob(spark, settings.model_copy(update={"max_offsets_per_trigger": 500}), kafka)
+    job = InferenceJob(spark, settings.model_copy(update={"max_offsets_per_trigger": 500,
+                                                          "kafka_client": "kafka-python"}), kafka)
     _finish(_run(job, tmp_path / "ck"))
     assert len(job.versions) == 6, job.versions
     slots = spark.sparkContext.defaultParallelism
     states = spark.range(4 * slots, numPartitions=4 * slots).mapInArrow(
-        worker_state, "pid long, loads long, clients long").collect()
+        worker_state, "pid long, loads long, clients long, writer string").collect()
     warm = [s for s in states if s.loads]
     assert warm, f"no worker kept the model from the micro-batches: {states}"
     assert all(s.clients >= 1 for s in warm), states  # a reused worker keeps its Kafka client(s) too
+    assert "kafka-python" in {s.writer for s in warm}, states
