@@ -9,7 +9,10 @@ it, the way river's online learners are scored one event at a time. Unlabelled a
 pass through a worker untouched. The driver collects the result: it dead-letters the invalid
 events, feeds the per-event errors to a river ADWIN drift detector and keeps the labelled events
 for the promotion gate, which scores a new ``candidate`` against the ``champion`` on the most
-recent of them. The first labelled micro-batch of a model without standardisation is read once
+recent of them. The policies themselves live in :mod:`pipeline.policies`, free of Spark: prequential
+scoring and drift (:mod:`~pipeline.policies.prequential`), the drift boost
+(:mod:`~pipeline.policies.drift_boost`) and the promotion gate (:mod:`~pipeline.policies.promotion`).
+The first labelled micro-batch of a model without standardisation is read once
 more before training, to fit it. Commits are tagged with (query id, batch id, worker id, seq), so a
 micro-batch Spark replays after a crash is skipped by the server; its dead letters are not written
 again either: the driver enters every micro-batch through a dead-letter fence
@@ -17,13 +20,12 @@ again either: the driver enters every micro-batch through a dead-letter fence
 drops those (``replayed_dead_letters``). One record per micro-batch goes to ``training-metrics``.
 
 On drift the workers' learning rate is multiplied by ``drift_boost`` until ``drift_boost_events``
-labelled events after the drift point have trained: the old concept's weights must be unlearned, and
-a larger step does that faster. The events the detecting micro-batch already trained count, so with
-micro-batches larger than that the workers have recovered inside it and nothing is boosted.
+labelled events after the drift point have trained (:class:`~pipeline.policies.drift_boost.DriftBoost`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -38,6 +40,9 @@ from pipeline.bundle import has_identity_standardisation
 from pipeline.dlq import MAX_RAW_BYTES, dead_letter
 from pipeline.dlq_fence import DeadLetterFence, source
 from pipeline.events import Event, FeatureSchema, Rejection, standardisation_problems, validate
+from pipeline.policies.drift_boost import DriftBoost
+from pipeline.policies.prequential import BatchScore, Prequential
+from pipeline.policies.promotion import PromotionGate
 from pipeline.ps.algorithms import ALGORITHMS, STREAMABLE, WorkerReport, algorithm_class
 from pipeline.ps.client import ServerError
 from pipeline.ps.protocol import CommitTag
@@ -156,81 +161,6 @@ def warm_worker(batches: Iterator[pa.RecordBatch], spec) -> Iterator[pa.RecordBa
     yield from batches
 
 
-class Prequential:
-    """Test-then-train bookkeeping: per-batch and sliding-window accuracy, and ADWIN on the errors."""
-
-    def __init__(self, window: int, drift_delta: float):
-        from river.drift import ADWIN
-
-        self.errors: deque[int] = deque(maxlen=window)
-        self.detector = ADWIN(delta=drift_delta)
-        self.events = 0  # labelled events scored so far
-
-    def score(self, correct: np.ndarray, label_probability: np.ndarray) -> dict:
-        """Metrics of one batch from each labelled event's correctness and its label's probability;
-        ``drift_at`` is the labelled-event index where ADWIN found the error rate had risen. ADWIN
-        flags any change, and the error falls in steps as micro-batches train the model: those
-        changes are improvements, not drift, and are not flagged."""
-        wrong = (~correct).astype(int)
-        drift_at = None
-        for i, error in enumerate(wrong.tolist()):
-            before = self.detector.estimation
-            self.detector.update(error)
-            if self.detector.drift_detected and self.detector.estimation > before and drift_at is None:
-                drift_at = self.events + i
-        self.errors.extend(wrong.tolist())
-        self.events += len(wrong)
-        picked = np.clip(label_probability, 1e-7, 1.0)
-        return {"accuracy": float(1 - wrong.mean()), "log_loss": float(-np.mean(np.log(picked))),
-                "window_accuracy": float(1 - np.mean(self.errors)), "drift": drift_at is not None,
-                "drift_at_event": drift_at}
-
-
-class PromotionGate:
-    """Promotes a new ``candidate`` only when its accuracy on the most recent labelled events is no
-    worse than the champion's by more than ``margin`` (and only with ``auto_promote``)."""
-
-    def __init__(self, registry, model: str, *, window: int, margin: float, auto_promote: bool):
-        self.registry, self.model, self.margin, self.auto_promote = registry, model, margin, auto_promote
-        self.window = window
-        self._x: deque[np.ndarray] = deque()
-        self._y: deque[np.ndarray] = deque()
-        self.reviewed: int | None = None
-
-    def remember(self, x: np.ndarray, y: np.ndarray) -> None:
-        self._x.append(x)
-        self._y.append(y)
-        while sum(len(part) for part in self._y) - len(self._y[0]) >= self.window:
-            self._x.popleft()
-            self._y.popleft()
-
-    def review(self, bundle) -> dict | None:
-        """Score a candidate not reviewed yet against the champion; promote it if it passes."""
-        aliases = self.registry.aliases(self.model)
-        candidate, champion = aliases.get("candidate"), aliases.get("champion")
-        if candidate is None or candidate == self.reviewed or candidate == champion or not self._y:
-            return None
-        self.reviewed = candidate
-        x, y = np.concatenate(self._x)[-self.window:], np.concatenate(self._y)[-self.window:]
-        scores = {}
-        for name, version in (("candidate", candidate), ("champion", champion)):
-            if version is None:
-                scores[name] = 0.0
-                continue
-            bundle.set_weights(self.registry.weights(self.model, version)[1])
-            scores[name] = float(np.mean(bundle.predict_proba(x).argmax(axis=1) == y))
-        passed = scores["candidate"] >= scores["champion"] - self.margin
-        promoted = passed and self.auto_promote
-        if promoted:
-            self.registry.promote(self.model, candidate)
-        log.info("gate: candidate v%s %.4f vs champion v%s %.4f on %d events: %s", candidate, scores["candidate"],
-                 champion, scores["champion"], len(y),
-                 "promoted" if promoted else "passes, waits for `models promote`" if passed else "held back")
-        return {"candidate": candidate, "champion": champion, "candidate_accuracy": scores["candidate"],
-                "champion_accuracy": scores["champion"], "events": int(len(y)), "passed": passed,
-                "promoted": promoted}
-
-
 class TrainingGauges:
     """Each ``training-metrics`` record as Prometheus series (``streamfit_train_*``), in their own registry."""
 
@@ -299,7 +229,7 @@ class TrainingJob:
         self.producer = producer(bootstrap, settings.kafka_timeout_s, client_id="streamfit-train")
         self.history: deque[dict] = deque(maxlen=1000)
         self.gauges = TrainingGauges()
-        self._boost_left = 0
+        self.boost = DriftBoost(settings.drift_boost, settings.drift_boost_events)
         self.warm_up_s = 0.0
         self._standardisation_of: tuple[str, Standardisation] | None = None  # (server incarnation, its value)
         self.fence: DeadLetterFence | None = None  # set by start_query(): it lives in the query's checkpoint
@@ -321,7 +251,7 @@ class TrainingJob:
         standardisation, standardised = self._standardisation(raw, batch_id, incarnation)
         if standardised:
             lap("standardise")
-        boosted = self._boost_left > 0
+        boosted = self.boost.active
         plan = self._plan(batch_id, self._query_id(), boosted)
         table, poison, tries = self._train(raw, plan, batch_id, standardisation)
         lap("spark_job")
@@ -339,12 +269,13 @@ class TrainingJob:
                   "invalid": len(dead), "unlabelled": by_kind["unlabelled"].num_rows, "retries": tries - 1,
                   "poison": len(poison), "replayed_dead_letters": len(dead) - len(fresh)}
         if len(y):
-            record.update(self.prequential.score(labelled.column("correct").to_numpy(zero_copy_only=False),
-                                                 labelled.column("label_probability").to_numpy(zero_copy_only=False)))
+            score = self.prequential.score(labelled.column("correct").to_numpy(zero_copy_only=False),
+                                           labelled.column("label_probability").to_numpy(zero_copy_only=False))
+            record.update(dataclasses.asdict(score))
             record.update(counter_before=counter, **self._training_figures(reports, plan))
             record["updates"] += standardised
-            self._boost_left -= len(y) if boosted else 0
-            self._react_to_drift(record)
+            self.boost.trained(len(y))
+            self._react_to_drift(score)
             self.gate.remember(x, y)
         for future in futures:
             future.get(timeout=s.kafka_timeout_s)  # dead letters acknowledged before the batch commits
@@ -445,15 +376,14 @@ class TrainingJob:
         if now != incarnation:
             raise TrainingError(f"the parameter server restarted during micro-batch {batch_id}; it is replayed")
 
-    def _react_to_drift(self, metrics: dict) -> None:
+    def _react_to_drift(self, score: BatchScore) -> None:
         """On drift, the next micro-batches train with a boosted learning rate until ``drift_boost_events``
         labelled events since the drift point have trained (those of this micro-batch included)."""
-        if metrics["drift"]:
-            trained_since = self.prequential.events - metrics["drift_at_event"]
-            self._boost_left = self.settings.drift_boost_events - trained_since
-            reaction = (f"learning rate x{self.settings.drift_boost:g} for the next {self._boost_left} labelled events"
-                        if self._boost_left > 0 else "no boost, the workers have trained through it")
-            log.warning("drift detected at labelled event %d (%d trained since): %s", metrics["drift_at_event"],
+        if score.drift:
+            trained_since = self.boost.drifted(score.drift_at_event, self.prequential.events)
+            reaction = (f"learning rate x{self.boost.factor:g} for the next {self.boost.left} labelled events"
+                        if self.boost.active else "no boost, the workers have trained through it")
+            log.warning("drift detected at labelled event %d (%d trained since): %s", score.drift_at_event,
                         trained_since, reaction)
 
     def _standardisation(self, raw, batch_id: int, incarnation: str) -> tuple[Standardisation, int]:
@@ -488,20 +418,7 @@ class TrainingJob:
 
     def _plan(self, batch_id: int, query_id: str, boosted: bool = False) -> TrainingPlan:
         """What every worker of a micro-batch needs; ``boosted`` after a drift (a larger learning rate)."""
-        s = self.settings
-        algorithm = algorithm_class(s.algorithm)
-        learning_rate = (s.learning_rate or self.spec.optimizer.learning_rate) * (s.drift_boost if boosted else 1.0)
-        if boosted:  # a boost must not push the rate past what the algorithm accepts (EASGD: learning_rate * rho <= 1)
-            learning_rate = min(learning_rate, algorithm.largest_learning_rate(s.rho))
-        params = {name: getattr(s, name) for name in ("communication_window", "rho", "workers")}
-        if algorithm.synchronous:
-            params["global_batch_size"] = s.workers * s.batch_size
-        return TrainingPlan.create(
-            self.spec, algorithm=s.algorithm, addresses=_addresses(s), learning_rate=learning_rate,
-            momentum=s.momentum, algorithm_params=params, batch_size=s.batch_size, epochs=s.epochs,
-            seed=s.seed + batch_id, io_timeout_s=s.ps_io_timeout_s,
-            secret=s.ps_secret.get_secret_value() if s.ps_secret else None, query_id=query_id,
-            batch_id=batch_id)
+        return micro_batch_plan(self.settings, self.spec, batch_id, query_id, self.boost if boosted else None)
 
     @staticmethod
     def _training_figures(reports: list[dict], plan: TrainingPlan) -> dict:
@@ -566,6 +483,26 @@ class TrainingJob:
         self.client.close()
         if self.fence is not None:
             self.fence.close()
+
+
+def micro_batch_plan(settings: Settings, spec, batch_id: int, query_id: str,
+                     boost: DriftBoost | None = None) -> TrainingPlan:
+    """What every worker of micro-batch ``batch_id`` needs; with a ``boost`` (after a drift), the
+    learning rate it makes of the configured one."""
+    s = settings
+    algorithm = algorithm_class(s.algorithm)
+    learning_rate = s.learning_rate or spec.optimizer.learning_rate
+    if boost is not None:
+        learning_rate = boost.learning_rate(learning_rate, largest=algorithm.largest_learning_rate(s.rho))
+    params = {name: getattr(s, name) for name in ("communication_window", "rho", "workers")}
+    if algorithm.synchronous:
+        params["global_batch_size"] = s.workers * s.batch_size
+    return TrainingPlan.create(
+        spec, algorithm=s.algorithm, addresses=_addresses(s), learning_rate=learning_rate,
+        momentum=s.momentum, algorithm_params=params, batch_size=s.batch_size, epochs=s.epochs,
+        seed=s.seed + batch_id, io_timeout_s=s.ps_io_timeout_s,
+        secret=s.ps_secret.get_secret_value() if s.ps_secret else None, query_id=query_id,
+        batch_id=batch_id)
 
 
 def _addresses(settings: Settings) -> list[tuple[str, int]]:

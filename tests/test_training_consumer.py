@@ -1,4 +1,7 @@
-"""The streaming training consumer on real local Spark, the real broker and a real parameter server."""
+"""The streaming training consumer on real local Spark, the real broker and a real parameter server.
+
+Its policies' arithmetic (prequential scoring, drift boost, promotion gate) is tested without Spark in
+test_policies.py."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import numpy as np
 import orjson
 import pytest
 
-from consumers.training import PromotionGate, TrainingError, TrainingJob
+from consumers.training import TrainingError, TrainingJob
 from pipeline.bundle import ModelBundle
 from pipeline.kafka import ensure_topics, producer
 from pipeline.ps.algorithms import from_settings
@@ -182,20 +185,6 @@ def test_abrupt_drift_is_flagged_and_accuracy_recovers(spark, kafka, topic, tmp_
     assert max(boosted) <= (max(flagged) + settings.drift_boost_events) // 1000 < history[-1]["batch_id"], boosted
 
 
-def test_no_boost_when_the_detecting_micro_batch_already_trained_past_the_drift(spark, kafka, setup):
-    """A micro-batch as long as the boost: the workers recovered inside it, a boost afterwards only adds noise."""
-    settings, registry, _ = setup(drift_boost_events=5000)
-    job = TrainingJob(spark, settings, kafka, registry)
-    try:
-        job.prequential.events = 20_000
-        job._react_to_drift({"drift": True, "drift_at_event": 14_000})  # 6,000 trained since the drift
-        assert job._boost_left <= 0  # nothing left to boost
-        job._react_to_drift({"drift": True, "drift_at_event": 18_500})
-        assert job._boost_left == 3500
-    finally:
-        job.close()
-
-
 def test_a_concept_that_changes_inside_a_micro_batch_is_learned_in_arrival_order(spark, kafka, topic, tmp_path,
                                                                                   setup):
     """Spark's round-robin repartition hands each worker its share in no particular order; a worker
@@ -215,30 +204,6 @@ def test_a_concept_that_changes_inside_a_micro_batch_is_learned_in_arrival_order
     accuracy = 1 - np.array(job.prequential.errors)  # every labelled event's outcome, in arrival order
     # learned before the flip, wrong right after it (scores of shuffled shares stay near 0.5 throughout)
     assert accuracy[2000:3000].mean() >= 0.75 and accuracy[3000:3500].mean() <= 0.35, accuracy.reshape(12, 500).mean(1)
-
-
-def test_gate_holds_back_a_worse_candidate_and_promotes_a_good_one(tmp_path):
-    registry = Registry(tmp_path / "registry")
-    registry.create_model(SPEC)
-    x = np.random.default_rng(0).normal(size=(3000, SPEC.n_features)).astype(np.float32)
-    y = (x[:, 0] > 0).astype(np.int64)
-    good = ModelBundle(SPEC, seed=2)
-    for _ in range(300):
-        good.train_on_batch(x[:256], y[:256])
-    registry.set_alias("small", "champion", registry.register("small", good.get_weights()))
-    gate = PromotionGate(registry, "small", window=2000, margin=0.01, auto_promote=True)
-    gate.remember(x[:1000], y[:1000])
-    gate.remember(x[1000:], y[1000:])
-    bundle = ModelBundle(SPEC)
-
-    registry.set_alias("small", "candidate", registry.register("small", ModelBundle(SPEC, seed=9).get_weights()))
-    verdict = gate.review(bundle)
-    assert verdict["events"] == 2000 and verdict["candidate_accuracy"] < verdict["champion_accuracy"] - 0.01
-    assert not verdict["promoted"] and registry.resolve("small", "champion") == 1
-    assert gate.review(bundle) is None  # a candidate is reviewed once
-
-    registry.set_alias("small", "candidate", registry.register("small", good.get_weights()))
-    assert gate.review(bundle)["promoted"] and registry.resolve("small", "champion") == 3
 
 
 def test_ensemble_and_an_absent_parameter_server_are_clear_errors(spark, kafka, tmp_path):
@@ -280,15 +245,3 @@ def test_each_minibatch_is_scored_just_before_the_worker_trains_on_it():
     np.testing.assert_allclose(scores.label_probability, expected[np.arange(len(y)), y], atol=1e-5)
     assert np.array_equal(scores.correct, expected.argmax(axis=1) == y)
     assert scores.correct[-100:].mean() > scores.correct[:32].mean()  # it learned while it was scored
-
-
-@pytest.mark.parametrize("algorithm", ["aeasgd", "eamsgd"])
-def test_a_drift_boost_keeps_the_elastic_step_valid(spark, kafka, setup, algorithm):
-    """EASGD's elastic step is learning_rate * rho <= 1: a boosted learning rate is capped, not a crash."""
-    settings, registry, _ = setup(algorithm=algorithm, drift_boost=3.0, rho=5.0)
-    job = TrainingJob(spark, settings, kafka, registry)
-    try:
-        boosted = job._plan(1, "q", boosted=True).algorithm()
-        assert boosted.alpha == pytest.approx(1.0) and job._plan(1, "q").algorithm().alpha == pytest.approx(0.5)
-    finally:
-        job.close()

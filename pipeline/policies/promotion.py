@@ -1,0 +1,105 @@
+"""The promotion gate: when a new ``candidate`` version becomes ``champion``.
+
+The parameter server publishes candidates as it trains; serving follows the champion. A candidate
+replaces it only when its accuracy on the most recent labelled events is no worse than the
+champion's by more than ``margin``: recent events, because under drift only they show the concept
+served now; a margin, because two good models differ by noise. With ``auto_promote`` off a passing
+candidate waits for ``streamfit models promote``. Each candidate is reviewed once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def passes(candidate_accuracy: float, champion_accuracy: float, margin: float) -> bool:
+    """Whether a candidate may replace the champion: it trails it by ``margin`` at most.
+
+    >>> passes(0.90, 0.91, margin=0.01), passes(0.89, 0.91, margin=0.01)
+    (True, False)
+    """
+    return candidate_accuracy >= champion_accuracy - margin
+
+
+@dataclass
+class RecentLabelled:
+    """The last labelled micro-batches, as many as it takes to hold ``window`` events.
+
+    >>> recent = RecentLabelled(window=3)
+    >>> for part in ([1, 2], [3, 4], [5]):
+    ...     recent.remember(np.array(part)[:, None], np.array(part))
+    >>> recent.latest()[1].tolist()
+    [3, 4, 5]
+    """
+
+    window: int
+    parts: deque[tuple[np.ndarray, np.ndarray]] = field(default_factory=deque)  # (x, y) of a micro-batch
+
+    def __len__(self) -> int:
+        return sum(len(y) for _, y in self.parts)
+
+    def remember(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.parts.append((x, y))
+        while len(self) - len(self.parts[0][1]) >= self.window:  # the oldest part is not needed
+            self.parts.popleft()
+
+    def latest(self) -> tuple[np.ndarray, np.ndarray]:
+        """The most recent ``window`` events (fewer when not that many arrived yet)."""
+        x, y = (np.concatenate(column) for column in zip(*self.parts))
+        return x[-self.window:], y[-self.window:]
+
+
+@dataclass
+class PromotionGate:
+    """Reviews a new ``candidate`` of ``model`` in ``registry`` against the champion on the most
+    recent ``window`` labelled events, and promotes it when it :func:`passes` (with ``auto_promote``)."""
+
+    registry: Any  # a pipeline.registry.Registry
+    model: str
+    _: KW_ONLY
+    window: int
+    margin: float
+    auto_promote: bool
+    recent: RecentLabelled = field(init=False)
+    reviewed: int | None = None  # the last candidate version reviewed
+
+    def __post_init__(self) -> None:
+        self.recent = RecentLabelled(self.window)
+
+    def remember(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Keep a micro-batch's labelled events to score candidates on."""
+        self.recent.remember(x, y)
+
+    def review(self, bundle) -> dict | None:
+        """Score a candidate not reviewed yet against the champion (with ``bundle``, a model of the
+        spec); promote it if it passes. ``None`` when there is nothing to review."""
+        aliases = self.registry.aliases(self.model)
+        candidate, champion = aliases.get("candidate"), aliases.get("champion")
+        if candidate is None or candidate == self.reviewed or candidate == champion or not self.recent.parts:
+            return None
+        self.reviewed = candidate
+        x, y = self.recent.latest()
+        scores = {}
+        for name, version in (("candidate", candidate), ("champion", champion)):
+            if version is None:
+                scores[name] = 0.0
+                continue
+            bundle.set_weights(self.registry.weights(self.model, version)[1])
+            scores[name] = float(np.mean(bundle.predict_proba(x).argmax(axis=1) == y))
+        passed = passes(scores["candidate"], scores["champion"], self.margin)
+        promoted = passed and self.auto_promote
+        if promoted:
+            self.registry.promote(self.model, candidate)
+        log.info("gate: candidate v%s %.4f vs champion v%s %.4f on %d events: %s", candidate, scores["candidate"],
+                 champion, scores["champion"], len(y),
+                 "promoted" if promoted else "passes, waits for `models promote`" if passed else "held back")
+        return {"candidate": candidate, "champion": champion, "candidate_accuracy": scores["candidate"],
+                "champion_accuracy": scores["champion"], "events": int(len(y)), "passed": passed,
+                "promoted": promoted}
