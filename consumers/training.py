@@ -12,8 +12,8 @@ for the promotion gate, which scores a new ``candidate`` against the ``champion`
 recent of them. The policies themselves live in :mod:`pipeline.policies`, free of Spark: prequential
 scoring and drift (:mod:`~pipeline.policies.prequential`), the drift boost
 (:mod:`~pipeline.policies.drift_boost`) and the promotion gate (:mod:`~pipeline.policies.promotion`).
-The first labelled micro-batch of a model without standardisation is read once
-more before training, to fit it. Commits are tagged with (query id, batch id, worker id, seq), so a
+The first labelled micro-batch of a model without standardisation is read once more before
+training, to fit it. Commits are tagged with (query id, batch id, worker id, seq), so a
 micro-batch Spark replays after a crash is skipped by the server; its dead letters are not written
 again either: the driver enters every micro-batch through a dead-letter fence
 (:mod:`pipeline.dlq_fence`), which tells a replay the events an earlier attempt dead-lettered, and
