@@ -42,19 +42,43 @@ def main(argv: list[str] | None = None) -> int:
         for seed in map(int, args.seeds.split(",")):
             rows = swapped_rows(seed, args.events, drift_at)
             for boost in (1.0, settings.drift_boost):
-                run = training.run_streamfit(spark, bootstrap, home / f"{seed}-{boost}", "hyperplane", rows, "adag",
-                                             args.micro_batch, "small", drift_boost=boost)
+                run = training.run_streamfit(
+                    spark,
+                    bootstrap,
+                    home / f"{seed}-{boost}",
+                    "hyperplane",
+                    rows,
+                    "adag",
+                    args.micro_batch,
+                    "small",
+                    drift_boost=boost,
+                )
                 correct = run["outcomes"]
                 results.setdefault(f"seed_{seed}", {})[f"boost_{boost:g}"] = {
                     "after_drift_accuracy": round(float(correct[after].mean()), 4),
-                    "later_accuracy": round(float(correct[after.stop:].mean()), 4) if len(correct) > after.stop
+                    "later_accuracy": round(float(correct[after.stop :].mean()), 4)
+                    if len(correct) > after.stop
                     else None,
-                    "mean_accuracy": run["mean_accuracy"], "drift_flagged_at": run["drift_flagged_at"]}
-    gains = [r[f"boost_{settings.drift_boost:g}"]["after_drift_accuracy"] - r["boost_1"]["after_drift_accuracy"]
-             for r in results.values()]
-    print(json.dumps({"events": args.events, "drift_at": drift_at, "micro_batch": args.micro_batch,
-                      "drift_boost": settings.drift_boost, "drift_boost_events": settings.drift_boost_events,
-                      "mean_after_drift_gain": round(float(np.mean(gains)), 4), "results": results}))
+                    "mean_accuracy": run["mean_accuracy"],
+                    "drift_flagged_at": run["drift_flagged_at"],
+                }
+    gains = [
+        r[f"boost_{settings.drift_boost:g}"]["after_drift_accuracy"] - r["boost_1"]["after_drift_accuracy"]
+        for r in results.values()
+    ]
+    print(
+        json.dumps(
+            {
+                "events": args.events,
+                "drift_at": drift_at,
+                "micro_batch": args.micro_batch,
+                "drift_boost": settings.drift_boost,
+                "drift_boost_events": settings.drift_boost_events,
+                "mean_after_drift_gain": round(float(np.mean(gains)), 4),
+                "results": results,
+            }
+        )
+    )
     return 0
 
 

@@ -53,8 +53,17 @@ TOPICS = ("events", "events.dlq", "predictions", "training-metrics", "model-upda
 class UpRun:
     """``streamfit up`` in a subprocess, plus watchers: champion vs served version, topics, memory."""
 
-    def __init__(self, home: Path, duration_s: float, *, rate: float = 400, model: str = "small",
-                 env: dict[str, str] | None = None, args: tuple[str, ...] = (), topics: tuple[str, ...] = TOPICS):
+    def __init__(
+        self,
+        home: Path,
+        duration_s: float,
+        *,
+        rate: float = 400,
+        model: str = "small",
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+        topics: tuple[str, ...] = TOPICS,
+    ):
         """``topics``: the topics whose every record is kept in :attr:`records` (none for a long run: they
         would fill this process's memory)."""
         self.home, self.model, self.topics = home, model, topics
@@ -63,11 +72,27 @@ class UpRun:
         self.url = f"http://127.0.0.1:{self.serve_port}"
         environment = {k: v for k, v in os.environ.items() if not k.startswith("STREAMFIT_")}
         environment.update({"STREAMFIT_HOME": str(home), **(env or {})})
-        command = [sys.executable, "-m", "pipeline.cli", "up", "--duration", str(duration_s), "--rate", str(rate),
-                   "--model", model, "--port", str(self.serve_port), "--ps-port", str(self.ps_port), *args]
+        command = [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "up",
+            "--duration",
+            str(duration_s),
+            "--rate",
+            str(rate),
+            "--model",
+            model,
+            "--port",
+            str(self.serve_port),
+            "--ps-port",
+            str(self.ps_port),
+            *args,
+        ]
         self.started, self.launched_at = time.monotonic(), time.time()
-        self.process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True)
+        self.process = subprocess.Popen(
+            command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         self.output: list[str] = []
         self.stopped_at: float | None = None  # when up began to stop (wall clock)
         self.ready, self.stopping = threading.Event(), threading.Event()
@@ -77,9 +102,10 @@ class UpRun:
         self.samples: list[dict] = []  # every 2 s: t (s since launch), roles (bench.processes.snapshot), lag
         self.request_errors: list[str] = []
         self._stopped = threading.Event()
-        self._threads = [threading.Thread(target=target, daemon=True)
-                         for target in (self._read_output, self._watch_versions, self._read_topics,
-                                       self._watch_processes)]
+        self._threads = [
+            threading.Thread(target=target, daemon=True)
+            for target in (self._read_output, self._watch_versions, self._read_topics, self._watch_processes)
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -160,8 +186,9 @@ class UpRun:
         except (OSError, ValueError, KeyError):
             return None
         reader = consumer(bootstrap, fetch_max_bytes=16 * 1024 * 1024)
-        reader.assign([TopicPartition(topic, p) for topic in self.topics
-                       for p in (reader.partitions_for_topic(topic) or ())])
+        reader.assign(
+            [TopicPartition(topic, p) for topic in self.topics for p in (reader.partitions_for_topic(topic) or ())]
+        )
         reader.seek_to_beginning()
         return reader
 
@@ -171,11 +198,21 @@ class UpRun:
         try:
             while not self._stopped.wait(2.0) and self.process.poll() is None:
                 events = produced()
-                lag = {query: events - done if events is not None and done is not None else None
-                       for query, done in (("predict", committed_events(checkpoints / "inference")),
-                                           ("train", committed_events(checkpoints / "training")))}
-                self.samples.append({"t": time.time() - self.launched_at, "produced": events, "lag": lag,
-                                     "roles": snapshot(self.home, self.process.pid)})
+                lag = {
+                    query: events - done if events is not None and done is not None else None
+                    for query, done in (
+                        ("predict", committed_events(checkpoints / "inference")),
+                        ("train", committed_events(checkpoints / "training")),
+                    )
+                }
+                self.samples.append(
+                    {
+                        "t": time.time() - self.launched_at,
+                        "produced": events,
+                        "lag": lag,
+                        "roles": snapshot(self.home, self.process.pid),
+                    }
+                )
         finally:
             produced.close()
 
@@ -226,11 +263,15 @@ def summary(run: UpRun, rate_per_s: float, warm_up_s: float) -> dict:
     launched = run.launched_at * 1000
     begin, end = launched + warm_up_s * 1000, (run.stopped_at or time.time()) * 1000 - 5000
     predictions, metrics = run.values("predictions"), run.values("training-metrics")
-    answered = {p["id"] for p in predictions} | {(d["partition"], d["offset"]) for d in run.values("events.dlq")
-                                                 if d.get("stage") == "predict"}
+    answered = {p["id"] for p in predictions} | {
+        (d["partition"], d["offset"]) for d in run.values("events.dlq") if d.get("stage") == "predict"
+    }
     window_events = [r for r in run.records["events"] if begin <= r.timestamp < end]
-    unanswered = sum(1 for r in window_events if (r.key or b"").decode(errors="replace") not in answered
-                     and (r.partition, r.offset) not in answered)
+    unanswered = sum(
+        1
+        for r in window_events
+        if (r.key or b"").decode(errors="replace") not in answered and (r.partition, r.offset) not in answered
+    )
     latency = np.array([p["predicted_at"] - p["event_ts"] for p in predictions if begin <= p["event_ts"] < end], float)
     trained = [m for m in metrics if m.get("rows")]
     fresh = np.array(run.freshness())
@@ -240,15 +281,22 @@ def summary(run: UpRun, rate_per_s: float, warm_up_s: float) -> dict:
         "model": run.model,
         "cold_start_s": {
             "first_prediction": round(min(p["predicted_at"] for p in predictions) / 1000 - run.launched_at, 1)
-            if predictions else None,
-            "first_trained_batch": round(min(m["ts"] for m in trained) / 1000 - run.launched_at, 1) if trained else None},
+            if predictions
+            else None,
+            "first_trained_batch": round(min(m["ts"] for m in trained) / 1000 - run.launched_at, 1)
+            if trained
+            else None,
+        },
         "steady": {
             "window_s": [warm_up_s, round(end / 1000 - run.launched_at, 1)],
             "event_to_prediction_s": {f"p{q}": _pct(latency, q, 1e-3) for q in (50, 95, 99)},
-            "events": len(window_events), "unanswered_events": unanswered,
+            "events": len(window_events),
+            "unanswered_events": unanswered,
             "events_in_per_s": rate(window_events),
             "predictions_out_per_s": rate([r for r in run.records["predictions"] if begin <= r.timestamp < end]),
-            "lag": {query: _lag([sample["lag"][query] for sample in window], rate_per_s) for query in ("predict", "train")},
+            "lag": {
+                query: _lag([sample["lag"][query] for sample in window], rate_per_s) for query in ("predict", "train")
+            },
         },
         "trained_events": sum(m.get("trained_rows", 0) for m in metrics),
         "publish_to_serve_s": {"p50": _pct(fresh, 50), "p99": _pct(fresh, 99), "swaps": len(fresh)},
@@ -264,8 +312,12 @@ def _lag(series: list[int | None], rate_per_s: float) -> dict:
     known = [v for v in series if v is not None]
     if not known:
         return {}
-    return {"mean_events": round(sum(known) / len(known)), "max_events": max(known), "end_events": known[-1],
-            "end_s": round(known[-1] / rate_per_s, 2)}
+    return {
+        "mean_events": round(sum(known) / len(known)),
+        "max_events": max(known),
+        "end_events": known[-1],
+        "end_s": round(known[-1] / rate_per_s, 2),
+    }
 
 
 def _processes(window: list[dict]) -> dict:
@@ -277,8 +329,11 @@ def _processes(window: list[dict]) -> dict:
     for role in window[-1]["roles"]:
         rss = [sample["roles"][role]["rss_mb"] for sample in window if role in sample["roles"]]
         cpu = window[-1]["roles"][role]["cpu_s"] - window[0]["roles"].get(role, {"cpu_s": 0.0})["cpu_s"]
-        roles[role] = {"peak_rss_mb": max(rss), "steady_rss_mb": round(sum(rss) / len(rss)),
-                       "cpu_s_per_1000_events": round(1000 * cpu / events, 3)}
+        roles[role] = {
+            "peak_rss_mb": max(rss),
+            "steady_rss_mb": round(sum(rss) / len(rss)),
+            "cpu_s_per_1000_events": round(1000 * cpu / events, 3),
+        }
     return roles
 
 
@@ -299,16 +354,27 @@ def targets(small: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=240.0, help="length of each up run after start-up (default 240)")
+    parser.add_argument(
+        "--seconds", type=float, default=240.0, help="length of each up run after start-up (default 240)"
+    )
     parser.add_argument("--rate", type=float, default=1000.0, help="events/s the producer sends (default 1000)")
-    parser.add_argument("--models", default="small,higgs", help="comma-separated models, one run each (default small,higgs)")
-    parser.add_argument("--warm-up", type=float, default=60.0, help="seconds after launch before the steady window (default 60)")
+    parser.add_argument(
+        "--models", default="small,higgs", help="comma-separated models, one run each (default small,higgs)"
+    )
+    parser.add_argument(
+        "--warm-up", type=float, default=60.0, help="seconds after launch before the steady window (default 60)"
+    )
     args = parser.parse_args()
     results = {}
     for model in args.models.split(","):
         with tempfile.TemporaryDirectory(prefix="streamfit-e2e-") as tmp:
-            run = UpRun(Path(tmp) / "home", args.seconds, rate=args.rate, model=model,
-                        env={"STREAMFIT_PS_PUBLISH_EVERY_S": "10"})
+            run = UpRun(
+                Path(tmp) / "home",
+                args.seconds,
+                rate=args.rate,
+                model=model,
+                env={"STREAMFIT_PS_PUBLISH_EVERY_S": "10"},
+            )
             try:
                 status = run.wait(args.seconds + 600)
             finally:
@@ -316,8 +382,18 @@ def main() -> None:
             if status != 0:
                 sys.exit(f"streamfit up --model {model} failed:\n" + "\n".join(run.output[-30:]))
             results[model] = summary(run, args.rate, args.warm_up)
-    print(json.dumps({"benchmark": "e2e", "seconds": args.seconds, "rate": args.rate, "warm_up_s": args.warm_up,
-                      "models": results, "targets": targets(results["small"]) if "small" in results else None}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "e2e",
+                "seconds": args.seconds,
+                "rate": args.rate,
+                "warm_up_s": args.warm_up,
+                "models": results,
+                "targets": targets(results["small"]) if "small" in results else None,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

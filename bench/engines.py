@@ -35,10 +35,15 @@ print(rss / 1024, peak / 1024, seconds, "tensorflow" in sys.modules)
 
 
 def process_rss(registry_url: str, engine: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", LOAD_AND_PREDICT, registry_url, engine], check=True,
-                         capture_output=True, text=True).stdout.split()
-    return {"rss_mb": round(float(out[0])), "peak_mb": round(float(out[1])), "seconds_to_first_prediction":
-            round(float(out[2]), 2), "imports_tensorflow": out[3] == "True"}
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_PREDICT, registry_url, engine], check=True, capture_output=True, text=True
+    ).stdout.split()
+    return {
+        "rss_mb": round(float(out[0])),
+        "peak_mb": round(float(out[1])),
+        "seconds_to_first_prediction": round(float(out[2]), 2),
+        "imports_tensorflow": out[3] == "True",
+    }
 
 
 def median_ms(call, repeats: int) -> float:

@@ -53,8 +53,12 @@ def train(spark, registry, settings, data: Path, held: tuple[np.ndarray, np.ndar
         seconds += result.seconds
         updates += result.updates
         curve.append((round(seconds, 2), evaluate(registry.load(model, "champion"), *held)["accuracy"]))
-    return {"accuracy": curve[-1][1], "seconds": round(seconds, 2), "updates": updates,
-            "curve": [[t, round(a, 4)] for t, a in curve]}
+    return {
+        "accuracy": curve[-1][1],
+        "seconds": round(seconds, 2),
+        "updates": updates,
+        "curve": [[t, round(a, 4)] for t, a in curve],
+    }
 
 
 def _fresh_registry(root: Path, spec, initial: dict):
@@ -75,7 +79,9 @@ def plot(results: dict, path: Path) -> None:
     figure, axes = plt.subplots(figsize=(8, 5))
     for name, result in results.items():
         times, accuracies = zip(*result["curve"])
-        axes.plot(times, accuracies, marker="o", label=f"{name} ({result['workers']} worker{'s' * (result['workers'] > 1)})")
+        axes.plot(
+            times, accuracies, marker="o", label=f"{name} ({result['workers']} worker{'s' * (result['workers'] > 1)})"
+        )
     axes.set(xlabel="training wall time (s)", ylabel="held-out accuracy", title="streamfit fit: higgs-like rows")
     axes.grid(alpha=0.3)
     axes.legend()
@@ -105,8 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             warm_data = tmp / "warm.parquet"
             pq.write_table(pq.read_table(data).slice(0, 2000), warm_data)
-            train(spark, _fresh_registry(tmp / "warm", spec, initial),
-                  load_settings(home=tmp, model=spec.name, algorithm="downpour", workers=2), warm_data, held, 1)
+            train(
+                spark,
+                _fresh_registry(tmp / "warm", spec, initial),
+                load_settings(home=tmp, model=spec.name, algorithm="downpour", workers=2),
+                warm_data,
+                held,
+                1,
+            )
             for algorithm, workers in RUNS:
                 print(f"bench.fit: {algorithm} x{workers}", file=sys.stderr, flush=True)
                 registry = _fresh_registry(tmp / algorithm, spec, initial)
@@ -121,10 +133,23 @@ def main(argv: list[str] | None = None) -> int:
     args.png.parent.mkdir(parents=True, exist_ok=True)
     plot(results, args.png)
     best = max((name for name in results if name != "sequential"), key=lambda name: results[name]["accuracy"])
-    print(json.dumps({"model": spec.name, "parameters": ModelBundle(spec).n_parameters, "rows": args.rows,
-                      "train_rows": args.rows - len(held[1]), "holdout_rows": len(held[1]), "epochs": args.epochs,
-                      "batch_size": settings.batch_size, "communication_window": settings.communication_window,
-                      "results": results, "best_parallel": best, "png": str(args.png)}))
+    print(
+        json.dumps(
+            {
+                "model": spec.name,
+                "parameters": ModelBundle(spec).n_parameters,
+                "rows": args.rows,
+                "train_rows": args.rows - len(held[1]),
+                "holdout_rows": len(held[1]),
+                "epochs": args.epochs,
+                "batch_size": settings.batch_size,
+                "communication_window": settings.communication_window,
+                "results": results,
+                "best_parallel": best,
+                "png": str(args.png),
+            }
+        )
+    )
     return 0
 
 

@@ -85,10 +85,21 @@ def _rowwise_partition(rows, registry_url: str, model: str, version: int, out_to
     for row in rows:
         event = orjson.loads(row.value)
         probabilities = keras_model.predict(np.asarray([event["features"]], np.float32), verbose=0)[0].tolist()
-        yield (out_topic, row.key, orjson.dumps({"id": event["id"], "model": model, "model_version": version,
-                                                  "label": int(np.argmax(probabilities)),
-                                                  "probabilities": probabilities, "event_ts": event["ts"],
-                                                  "predicted_at": int(time.time() * 1000)}))
+        yield (
+            out_topic,
+            row.key,
+            orjson.dumps(
+                {
+                    "id": event["id"],
+                    "model": model,
+                    "model_version": version,
+                    "label": int(np.argmax(probabilities)),
+                    "probabilities": probabilities,
+                    "event_ts": event["ts"],
+                    "predicted_at": int(time.time() * 1000),
+                }
+            ),
+        )
 
 
 def rowwise(spark, settings, bootstrap: str, topic: str, per_partition: int, out_topic: str) -> float:
@@ -99,10 +110,19 @@ def rowwise(spark, settings, bootstrap: str, topic: str, per_partition: int, out
     ending = json.dumps({topic: {str(p): per_partition for p in range(settings.events_partitions)}})
     args = (settings.registry_url, settings.model, 1, out_topic)
     started = time.perf_counter()
-    (spark.read.format(NAME).option("kafka.bootstrap.servers", bootstrap).option("subscribe", topic)
-     .option("endingOffsets", ending).load()
-     .rdd.mapPartitions(lambda rows: _rowwise_partition(rows, *args)).toDF("topic string, key binary, value binary")
-     .write.format(NAME).option("kafka.bootstrap.servers", bootstrap).mode("append").save())
+    (
+        spark.read.format(NAME)
+        .option("kafka.bootstrap.servers", bootstrap)
+        .option("subscribe", topic)
+        .option("endingOffsets", ending)
+        .load()
+        .rdd.mapPartitions(lambda rows: _rowwise_partition(rows, *args))
+        .toDF("topic string, key binary, value binary")
+        .write.format(NAME)
+        .option("kafka.bootstrap.servers", bootstrap)
+        .mode("append")
+        .save()
+    )
     return per_partition * settings.events_partitions / (time.perf_counter() - started)
 
 
@@ -115,7 +135,7 @@ def compute_limit(registry_url: str, model: str, features: list[list[float]]) ->
     bundle.predict_proba(x[:BATCH])
     started = time.perf_counter()
     for start in range(0, len(x), BATCH):
-        bundle.predict_proba(x[start:start + BATCH])
+        bundle.predict_proba(x[start : start + BATCH])
     return len(x) / (time.perf_counter() - started)
 
 
@@ -161,14 +181,26 @@ def main() -> None:
         limit = compute_limit(settings.registry_url, "higgs", features)
 
     eps = args.events / elapsed
-    print(json.dumps({
-        "benchmark": "inference", "broker": args.impl, "spark_master": settings.spark_master,
-        "model_parameters": n_parameters, "events": args.events, "elapsed_s": round(elapsed, 2),
-        "events_per_s": round(eps), "rowwise_events_per_s": round(rowwise_eps, 1),
-        "rowwise_sample": args.rowwise_sample, "compute_limit_events_per_s": round(limit),
-        "speedup_vs_rowwise": round(eps / rowwise_eps, 1), "target_speedup": 100,
-        "efficiency": round(eps / limit, 3), "target_efficiency": 0.3,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "inference",
+                "broker": args.impl,
+                "spark_master": settings.spark_master,
+                "model_parameters": n_parameters,
+                "events": args.events,
+                "elapsed_s": round(elapsed, 2),
+                "events_per_s": round(eps),
+                "rowwise_events_per_s": round(rowwise_eps, 1),
+                "rowwise_sample": args.rowwise_sample,
+                "compute_limit_events_per_s": round(limit),
+                "speedup_vs_rowwise": round(eps / rowwise_eps, 1),
+                "target_speedup": 100,
+                "efficiency": round(eps / limit, 3),
+                "target_efficiency": 0.3,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,9 @@ def role_of(pid: int, up_pid: int) -> str:
 def _rss_bytes(pid: int) -> tuple[int, int] | None:
     """Resident bytes and the anonymous part of them (the rest is mapped files and shared memory)."""
     try:
-        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+        fields = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+        )
     except OSError:
         return None
     kib = [int(fields.get(name, "0 kB").split()[0]) * 1024 for name in ("VmRSS", "RssAnon")]  # a zombie has neither

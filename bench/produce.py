@@ -119,20 +119,32 @@ def main() -> None:
         for _ in range(args.rounds):
             measured, payloads = streamfit_run(broker.bootstrap, "bench-streamfit", args.events, args.client)
             rounds["streamfit"].append(measured)
-            rounds["bare_kafka_python"].append(bare_kafka_python_run(broker.bootstrap, "bench-bare_kafka_python",
-                                                                     payloads))
+            rounds["bare_kafka_python"].append(
+                bare_kafka_python_run(broker.bootstrap, "bench-bare_kafka_python", payloads)
+            )
             rounds["bare_confluent"].append(bare_confluent_run(broker.bootstrap, "bench-bare_confluent", payloads))
             rounds["generate_only"].append(generate_run(args.events))
     eps = {side: statistics.median(e for e, _ in values) for side, values in rounds.items()}
-    print(json.dumps({
-        "benchmark": "produce", "broker": args.impl, "events": args.events, "rounds_run": args.rounds,
-        "payload_bytes": len(payloads[0][1]), "streamfit_client": args.client,
-        **{f"{side}_events_per_s": round(eps[side]) for side in sides},
-        "ratio": round(eps["streamfit"] / eps["bare_kafka_python"], 3), "target_ratio": 0.8,
-        "ratio_vs_confluent": round(eps["streamfit"] / eps["bare_confluent"], 3),
-        "cpu_us_per_event": {side: round(statistics.median(c for _, c in values), 2) for side, values in rounds.items()},
-        "rounds": {side: [round(e) for e, _ in values] for side, values in rounds.items()},
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "produce",
+                "broker": args.impl,
+                "events": args.events,
+                "rounds_run": args.rounds,
+                "payload_bytes": len(payloads[0][1]),
+                "streamfit_client": args.client,
+                **{f"{side}_events_per_s": round(eps[side]) for side in sides},
+                "ratio": round(eps["streamfit"] / eps["bare_kafka_python"], 3),
+                "target_ratio": 0.8,
+                "ratio_vs_confluent": round(eps["streamfit"] / eps["bare_confluent"], 3),
+                "cpu_us_per_event": {
+                    side: round(statistics.median(c for _, c in values), 2) for side, values in rounds.items()
+                },
+                "rounds": {side: [round(e) for e, _ in values] for side, values in rounds.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -103,11 +103,15 @@ def run_workers(port: int, workers: int, seconds: float, tensor_bytes: int) -> d
     commits = np.array([t for _, c in outcome for t in c])
     ms = lambda values, q: round(float(np.percentile(values, q)) * 1000, 2)
     return {
-        "workers": workers, "pulls_per_s": round(len(pulls) / seconds, 1), "commits_per_s": round(len(commits) / seconds, 1),
+        "workers": workers,
+        "pulls_per_s": round(len(pulls) / seconds, 1),
+        "commits_per_s": round(len(commits) / seconds, 1),
         "pull_mb_per_s": round(len(pulls) * tensor_bytes / seconds / 1e6, 1),
         "commit_mb_per_s": round(len(commits) * tensor_bytes / seconds / 1e6, 1),
-        "pull_p50_ms": ms(pulls, 50), "pull_p99_ms": ms(pulls, 99),
-        "commit_p50_ms": ms(commits, 50), "commit_p99_ms": ms(commits, 99),
+        "pull_p50_ms": ms(pulls, 50),
+        "pull_p99_ms": ms(pulls, 99),
+        "commit_p50_ms": ms(commits, 50),
+        "commit_p99_ms": ms(commits, 99),
         "bytes_per_s": (len(pulls) + len(commits)) * tensor_bytes / seconds,
     }
 
@@ -123,9 +127,25 @@ def main() -> None:
         save_file(initial, str(init))
         port = free_port("127.0.0.1")
         env = {**os.environ, "STREAMFIT_HOME": home}
-        server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ps", "--init-weights", str(init),
-                                   "--port", str(port), "--algorithm", "downpour", "--model", "bench"],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.cli",
+                "ps",
+                "--init-weights",
+                str(init),
+                "--port",
+                str(port),
+                "--algorithm",
+                "downpour",
+                "--model",
+                "bench",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
             deadline = time.monotonic() + 60
             while True:
@@ -141,12 +161,19 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(60)
-    print(json.dumps({
-        "benchmark": "ps", "parameters": tensor_bytes // 4, "tensor_mb": round(tensor_bytes / 1e6, 2),
-        "raw_tcp_mb_per_s": round(raw / 1e6, 1),
-        "efficiency": round(runs[0]["bytes_per_s"] / raw, 3), "target_efficiency": 0.5,
-        "runs": [{k: v for k, v in r.items() if k != "bytes_per_s"} for r in runs],
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "ps",
+                "parameters": tensor_bytes // 4,
+                "tensor_mb": round(tensor_bytes / 1e6, 2),
+                "raw_tcp_mb_per_s": round(raw / 1e6, 1),
+                "efficiency": round(runs[0]["bytes_per_s"] / raw, 3),
+                "target_efficiency": 0.5,
+                "runs": [{k: v for k, v in r.items() if k != "bytes_per_s"} for r in runs],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ async def _client(port: int, request: bytes, stop_at: float, measure_from: float
             head = await reader.readuntil(b"\r\n\r\n")
             lower = head.lower()
             start = lower.index(b"content-length:") + 15
-            body = await reader.readexactly(int(lower[start:lower.index(b"\r\n", start)]))
+            body = await reader.readexactly(int(lower[start : lower.index(b"\r\n", start)]))
             ok = head[9:12] == b"200"
             if ok:
                 tally["versions"].add(orjson.loads(body)["model_version"])
@@ -130,22 +130,39 @@ def _load(port: int, path: str, concurrency: int, seconds: float, warmup: float,
     """Process entry: ``concurrency`` clients for ``warmup + seconds``; measures the last ``seconds``."""
     rng = np.random.default_rng(concurrency)
     bodies = [orjson.dumps({"instances": [rng.normal(size=SPEC.n_features).round(4).tolist()]}) for _ in range(64)]
-    requests = [(f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(b)}\r\n\r\n").encode() + b for b in bodies]
+    requests = [
+        (
+            f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(b)}\r\n\r\n"
+        ).encode()
+        + b
+        for b in bodies
+    ]
     latencies: list[float] = []
     tally = {"errors": 0, "versions": set(), "samples": []}
 
     async def main() -> None:
         start = time.perf_counter()
-        await asyncio.gather(*(_client(port, requests[i % len(requests)], start + warmup + seconds, start + warmup,
-                                       latencies, tally) for i in range(concurrency)))
+        await asyncio.gather(
+            *(
+                _client(port, requests[i % len(requests)], start + warmup + seconds, start + warmup, latencies, tally)
+                for i in range(concurrency)
+            )
+        )
 
     asyncio.run(main())
     ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
-    results.put({"rps": round(len(latencies) / seconds, 1), "p50_ms": round(float(np.percentile(ms, 50)), 2),
-                 "p99_ms": round(float(np.percentile(ms, 99)), 2), "requests": len(latencies),
-                 "errors": tally["errors"], "versions_seen": sorted(tally["versions"]),
-                 "error_samples": tally["samples"][:3]})
+    results.put(
+        {
+            "rps": round(len(latencies) / seconds, 1),
+            "p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "requests": len(latencies),
+            "errors": tally["errors"],
+            "versions_seen": sorted(tally["versions"]),
+            "error_samples": tally["samples"][:3],
+        }
+    )
 
 
 def measure(port: int, path: str, concurrency: int, seconds: float, warmup: float) -> dict:
@@ -192,10 +209,13 @@ class Promoter(threading.Thread):
         while not self.stopped.is_set():
             if not self.active.wait(0.1):
                 continue
-            changed = {k: v + self.rng.normal(scale=1e-3, size=v.shape).astype(np.float32) if k.endswith("/kernel")
-                       else v for k, v in self.weights.items()}
-            version = self.registry.register(MODEL, changed, parent=self.registry.resolve(MODEL, "champion"),
-                                             algorithm="bench")
+            changed = {
+                k: v + self.rng.normal(scale=1e-3, size=v.shape).astype(np.float32) if k.endswith("/kernel") else v
+                for k, v in self.weights.items()
+            }
+            version = self.registry.register(
+                MODEL, changed, parent=self.registry.resolve(MODEL, "champion"), algorithm="bench"
+            )
             self.registry.promote(MODEL, version)
             self.stopped.wait(self.interval)
 
@@ -218,21 +238,28 @@ def _wait_ready(port: int, path: str, process: subprocess.Popen, timeout: float 
             return
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"server on port {port} did not become ready: {process.stderr.read().decode()[-2000:]}")
+                raise SystemExit(
+                    f"server on port {port} did not become ready: {process.stderr.read().decode()[-2000:]}"
+                )
             time.sleep(0.25)
 
 
 def _scrape(port: int, name: str) -> float:
     """The sum of a metric's samples on the streamfit server's /metrics."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in _get(port, "/metrics").decode().splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in _get(port, "/metrics").decode().splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each run")
-    parser.add_argument("--swap-every", type=float, default=0.4, help="seconds between promotions during streamfit runs")
+    parser.add_argument(
+        "--swap-every", type=float, default=0.4, help="seconds between promotions during streamfit runs"
+    )
     parser.add_argument("--role", choices=["streamfit", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -241,18 +268,28 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory() as home, EmbeddedBroker("noida", data_dir=Path(home) / "broker") as broker:
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("STREAMFIT_")},
-               "STREAMFIT_HOME": home, "STREAMFIT_KAFKA_BOOTSTRAP": broker.bootstrap}
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("STREAMFIT_")},
+            "STREAMFIT_HOME": home,
+            "STREAMFIT_KAFKA_BOOTSTRAP": broker.bootstrap,
+        }
         settings = load_settings(home=home, kafka_bootstrap=broker.bootstrap)
         ensure_topics(broker.bootstrap, topic_specs(settings))
         promoter = Promoter(settings, args.swap_every)
         promoter.registry.create_model(SPEC)
-        promoter.registry.set_alias(MODEL, "champion", promoter.registry.register(MODEL, promoter.weights,
-                                                                                  algorithm="init"))
+        promoter.registry.set_alias(
+            MODEL, "champion", promoter.registry.register(MODEL, promoter.weights, algorithm="init")
+        )
         ports = {"streamfit": free_port(HOST), "naive": free_port(HOST)}
-        servers = {role: subprocess.Popen([sys.executable, "-m", "bench.serving", "--role", role, "--port", str(port)],
-                                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                   for role, port in ports.items()}
+        servers = {
+            role: subprocess.Popen(
+                [sys.executable, "-m", "bench.serving", "--role", role, "--port", str(port)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for role, port in ports.items()
+        }
         try:
             _wait_ready(ports["streamfit"], "/readyz", servers["streamfit"])
             _wait_ready(ports["naive"], "/docs", servers["naive"])
@@ -269,8 +306,9 @@ def main() -> None:
                 time.sleep(2 * args.swap_every)  # the last promotion lands before counting
                 run["streamfit"]["swaps"] = int(_scrape(sf, "streamfit_model_swaps_total") - swaps)
                 run["echo"] = measure(sf, ECHO, concurrency, args.seconds, args.warmup)
-                run["naive"] = measure(ports["naive"], f"/v1/models/{MODEL}:predict", concurrency, args.seconds,
-                                       args.warmup)
+                run["naive"] = measure(
+                    ports["naive"], f"/v1/models/{MODEL}:predict", concurrency, args.seconds, args.warmup
+                )
                 run["speedup_vs_naive"] = round(run["streamfit"]["rps"] / max(run["naive"]["rps"], 1e-9), 1)
                 run["efficiency_vs_echo"] = round(run["streamfit"]["rps"] / max(run["echo"]["rps"], 1e-9), 3)
                 runs.append(run)
@@ -283,19 +321,33 @@ def main() -> None:
             for process in servers.values():
                 process.wait(60)
     last = runs[-1]
-    print(json.dumps({
-        "benchmark": "serving", "model": MODEL, "parameters": int(sum(np.prod(s) for s in SPEC.weight_shapes.values())),
-        "seconds_per_run": args.seconds, "request_rows": 1, "max_batch_size": settings.max_batch_size,
-        "max_batch_wait_ms": settings.max_batch_wait_ms, "swap_every_s": args.swap_every,
-        "at_concurrency_32": {"speedup_vs_naive": last["speedup_vs_naive"], "target_speedup": 20,
-                              "efficiency_vs_echo": last["efficiency_vs_echo"], "target_efficiency": 0.5,
-                              "swaps": last["streamfit"]["swaps"], "target_swaps": 10},
-        "errors": sum(r[k]["errors"] for r in runs for k in ("streamfit", "echo", "naive")),
-        "swaps": sum(r["streamfit"]["swaps"] for r in runs),
-        "mean_rows_per_forward_pass": round(batch_rows, 2),
-        "server_rss_mb": {"before": round(rss_before / 2**20, 1), "after": round(rss_after / 2**20, 1)},
-        "runs": runs,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "serving",
+                "model": MODEL,
+                "parameters": int(sum(np.prod(s) for s in SPEC.weight_shapes.values())),
+                "seconds_per_run": args.seconds,
+                "request_rows": 1,
+                "max_batch_size": settings.max_batch_size,
+                "max_batch_wait_ms": settings.max_batch_wait_ms,
+                "swap_every_s": args.swap_every,
+                "at_concurrency_32": {
+                    "speedup_vs_naive": last["speedup_vs_naive"],
+                    "target_speedup": 20,
+                    "efficiency_vs_echo": last["efficiency_vs_echo"],
+                    "target_efficiency": 0.5,
+                    "swaps": last["streamfit"]["swaps"],
+                    "target_swaps": 10,
+                },
+                "errors": sum(r[k]["errors"] for r in runs for k in ("streamfit", "echo", "naive")),
+                "swaps": sum(r["streamfit"]["swaps"] for r in runs),
+                "mean_rows_per_forward_pass": round(batch_rows, 2),
+                "server_rss_mb": {"before": round(rss_before / 2**20, 1), "after": round(rss_after / 2**20, 1)},
+                "runs": runs,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

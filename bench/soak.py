@@ -120,11 +120,20 @@ def serving_load(url: str, model: str, n_features: int, rate: float, stop, resul
         return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000, 1) if latencies else None
 
     seconds = time.monotonic() - started
-    results.send({"requests": sum(statuses.values()), "seconds": round(seconds, 1), "clients": LOAD_CLIENTS,
-                  "requests_per_s": round(sum(statuses.values()) / max(seconds, 1e-9), 1),
-                  "status_codes": dict(statuses), "errors": sum(errors.values()), "error_kinds": dict(errors),
-                  "version_changes_seen": max(changes, default=0), "versions_answered": len(versions),
-                  "latency_ms": {"p50": pct(0.50), "p99": pct(0.99), "max": pct(1.0)}})
+    results.send(
+        {
+            "requests": sum(statuses.values()),
+            "seconds": round(seconds, 1),
+            "clients": LOAD_CLIENTS,
+            "requests_per_s": round(sum(statuses.values()) / max(seconds, 1e-9), 1),
+            "status_codes": dict(statuses),
+            "errors": sum(errors.values()),
+            "error_kinds": dict(errors),
+            "version_changes_seen": max(changes, default=0),
+            "versions_answered": len(versions),
+            "latency_ms": {"p50": pct(0.50), "p99": pct(0.99), "max": pct(1.0)},
+        }
+    )
     results.close()
 
 
@@ -135,8 +144,12 @@ class Load:
         context = multiprocessing.get_context("spawn")
         self.stop_event = context.Event()
         self.receive, send = context.Pipe(duplex=False)
-        self.process = context.Process(target=serving_load, args=(url, model, n_features, rate, self.stop_event, send),
-                                       name="soak-serving-load", daemon=True)
+        self.process = context.Process(
+            target=serving_load,
+            args=(url, model, n_features, rate, self.stop_event, send),
+            name="soak-serving-load",
+            daemon=True,
+        )
         self.process.start()
         send.close()
 
@@ -146,7 +159,10 @@ class Load:
             result = self.receive.recv() if self.receive.poll(timeout_s) else None
         except EOFError:  # the load process died
             result = None
-        result = result or {"errors": None, "note": f"the load process sent nothing (exit code {self.process.exitcode})"}
+        result = result or {
+            "errors": None,
+            "note": f"the load process sent nothing (exit code {self.process.exitcode})",
+        }
         self.process.join(timeout=10)
         if self.process.is_alive():
             self.process.kill()
@@ -154,6 +170,7 @@ class Load:
 
 
 # ---------------------------------------------------------------------------------------- promotions
+
 
 class Promoter(threading.Thread):
     """Every ``every_s``, through serving's admin API: promote the newest version, or the one before the champion
@@ -211,6 +228,7 @@ def served_swaps(url: str, model: str) -> int | None:
 
 # -------------------------------------------------------------------------------------------- figures
 
+
 def _mean(values: list[float]) -> float | None:
     return round(sum(values) / len(values), 1) if values else None
 
@@ -221,9 +239,13 @@ def lag_trend(series: list[tuple], index: int, duration_s: float, floor: float) 
     last = [s[index] for s in series if s[index] is not None and s[0] >= 3 * duration_s / 4]
     q2, q4 = _mean(second), _mean(last)
     met = q2 is not None and q4 is not None and q4 <= LAG_TREND_FACTOR * max(q2, floor)
-    return {"second_quarter_mean": q2, "last_quarter_mean": q4, "max": max((s[index] for s in series if s[index] is not None),
-                                                                             default=None),
-            "ratio": round(q4 / max(q2, floor), 2) if q2 is not None and q4 is not None else None, "met": met}
+    return {
+        "second_quarter_mean": q2,
+        "last_quarter_mean": q4,
+        "max": max((s[index] for s in series if s[index] is not None), default=None),
+        "ratio": round(q4 / max(q2, floor), 2) if q2 is not None and q4 is not None else None,
+        "met": met,
+    }
 
 
 def figures(start: dict, end: dict) -> dict:
@@ -240,7 +262,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30.0, help="length of the run after start-up (default 30)")
     parser.add_argument("--rate", type=float, default=1000.0, help="events/s the producer sends (default 1000)")
-    parser.add_argument("--load-rate", type=float, default=50.0, help="serving requests/s from the load process (default 50)")
+    parser.add_argument(
+        "--load-rate", type=float, default=50.0, help="serving requests/s from the load process (default 50)"
+    )
     parser.add_argument("--model", default="small", help="model to train and serve (default small)")
     args = parser.parse_args()
     duration = args.minutes * 60
@@ -281,12 +305,22 @@ def soak(run: UpRun, args, duration: float, warm_up: float) -> dict:
                 failed = f"streamfit up exited with status {run.process.returncode} after {now:.0f} s"
                 break
             produced = counter()
-            inference, training = committed_events(checkpoints / "inference"), committed_events(checkpoints / "training")
-            lag.append((round(now, 1), produced,
-                        produced - inference if produced is not None and inference is not None else None,
-                        produced - training if produced is not None and training is not None else None))
+            inference, training = (
+                committed_events(checkpoints / "inference"),
+                committed_events(checkpoints / "training"),
+            )
+            lag.append(
+                (
+                    round(now, 1),
+                    produced,
+                    produced - inference if produced is not None and inference is not None else None,
+                    produced - training if produced is not None and training is not None else None,
+                )
+            )
             if len(lag) % 6 == 1:  # memory every minute or so, for the shape of any growth
-                memory.append({"t": round(now), **{r: v["rss_mb"] for r, v in snapshot(run.home, run.process.pid).items()}})
+                memory.append(
+                    {"t": round(now), **{r: v["rss_mb"] for r, v in snapshot(run.home, run.process.pid).items()}}
+                )
             if start is None and now >= warm_up:
                 start = {"t": round(now, 1), "roles": snapshot(run.home, run.process.pid)}
                 swaps_at_start = served_swaps(run.url, args.model)
@@ -307,34 +341,57 @@ def soak(run: UpRun, args, duration: float, warm_up: float) -> dict:
     per_role = figures(start["roles"], end["roles"])
     floor = args.rate  # one second of events: a lag below it is noise, not a trend
     trends = {"predict": lag_trend(lag, 2, duration, floor), "train": lag_trend(lag, 3, duration, floor)}
-    rss_met = {r: v["rss_growth_pct"] is not None and v["rss_growth_pct"] < RSS_GROWTH_TARGET_PCT
-               for r, v in per_role.items()}
+    rss_met = {
+        r: v["rss_growth_pct"] is not None and v["rss_growth_pct"] < RSS_GROWTH_TARGET_PCT for r, v in per_role.items()
+    }
     fd_met = {r: v["fd_delta"] is not None and v["fd_delta"] <= FD_SLACK for r, v in per_role.items()}
     return {
-        "benchmark": "soak", "minutes": args.minutes, "model": args.model, "events_per_s": args.rate,
-        "warm_up_s": round(warm_up), "failed": failed, "up_exit_status": status,
+        "benchmark": "soak",
+        "minutes": args.minutes,
+        "model": args.model,
+        "events_per_s": args.rate,
+        "warm_up_s": round(warm_up),
+        "failed": failed,
+        "up_exit_status": status,
         "up_output_tail": run.output[-8:] if status != 0 else None,
         "processes": per_role,
         "rss_mb_over_time": memory,
-        "lag": {"definition": "events produced (end offsets of 'events') minus events the query processed (the "
-                              "'events' offsets of its last committed micro-batch); sampled every "
-                              f"{SAMPLE_EVERY_S:g} s; t in s since serving was ready",
-                "predict": trends["predict"], "train": trends["train"],
-                "series_t_produced_predict_train": lag},
+        "lag": {
+            "definition": "events produced (end offsets of 'events') minus events the query processed (the "
+            "'events' offsets of its last committed micro-batch); sampled every "
+            f"{SAMPLE_EVERY_S:g} s; t in s since serving was ready",
+            "predict": trends["predict"],
+            "train": trends["train"],
+            "series_t_produced_predict_train": lag,
+        },
         "serving_load": requests,
         "probe_errors": len(run.request_errors),
         "promotions": {"every_s": PROMOTE_EVERY_S, "moves": dict(promoter.moves), "failures": dict(promoter.failures)},
-        "swaps": {"seen_by_load": requests.get("version_changes_seen"), "serving_counter_total": swaps,
-                  "serving_counter_after_warm_up": swaps - swaps_at_start if swaps is not None and swaps_at_start is not None
-                  else None},
+        "swaps": {
+            "seen_by_load": requests.get("version_changes_seen"),
+            "serving_counter_total": swaps,
+            "serving_counter_after_warm_up": swaps - swaps_at_start
+            if swaps is not None and swaps_at_start is not None
+            else None,
+        },
         "targets": {
-            "rss_growth_pct_after_warm_up": {"target": f"< {RSS_GROWTH_TARGET_PCT:g} per role", "per_role": rss_met,
-                                             "met": all(rss_met.values())},
-            "open_fds": {"target": f"end - start <= {FD_SLACK} per role", "per_role": fd_met, "met": all(fd_met.values())},
-            "lag_bounded": {"target": f"last-quarter mean lag <= {LAG_TREND_FACTOR:g} x second-quarter mean lag (floored "
-                                      f"at {floor:g} events), each query",
-                            "predict": trends["predict"]["met"], "train": trends["train"]["met"],
-                            "met": trends["predict"]["met"] and trends["train"]["met"]},
+            "rss_growth_pct_after_warm_up": {
+                "target": f"< {RSS_GROWTH_TARGET_PCT:g} per role",
+                "per_role": rss_met,
+                "met": all(rss_met.values()),
+            },
+            "open_fds": {
+                "target": f"end - start <= {FD_SLACK} per role",
+                "per_role": fd_met,
+                "met": all(fd_met.values()),
+            },
+            "lag_bounded": {
+                "target": f"last-quarter mean lag <= {LAG_TREND_FACTOR:g} x second-quarter mean lag (floored "
+                f"at {floor:g} events), each query",
+                "predict": trends["predict"]["met"],
+                "train": trends["train"]["met"],
+                "met": trends["predict"]["met"] and trends["train"]["met"],
+            },
             "request_errors": {"target": 0, "value": requests.get("errors"), "met": requests.get("errors") == 0},
         },
     }

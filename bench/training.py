@@ -37,10 +37,13 @@ WINDOW = 2000  # events in the sliding accuracy drawn and called final
 def river_models() -> dict:
     from river import compose, forest, linear_model, preprocessing, tree
 
-    return {"river_logistic_regression": compose.Pipeline(preprocessing.StandardScaler(),
-                                                          linear_model.LogisticRegression()),
-            "river_hoeffding_adaptive_tree": tree.HoeffdingAdaptiveTreeClassifier(seed=0),
-            "river_arf": forest.ARFClassifier(seed=0)}
+    return {
+        "river_logistic_regression": compose.Pipeline(
+            preprocessing.StandardScaler(), linear_model.LogisticRegression()
+        ),
+        "river_hoeffding_adaptive_tree": tree.HoeffdingAdaptiveTreeClassifier(seed=0),
+        "river_arf": forest.ARFClassifier(seed=0),
+    }
 
 
 def run_river(model, rows: list) -> dict:
@@ -76,8 +79,17 @@ def spark_and_broker(name: str):
             broker.stop()
 
 
-def run_streamfit(spark, bootstrap: str, home: Path, stream: str, rows: list, algorithm: str, batch: int,
-                  model: str = "small", **overrides: object) -> dict:
+def run_streamfit(
+    spark,
+    bootstrap: str,
+    home: Path,
+    stream: str,
+    rows: list,
+    algorithm: str,
+    batch: int,
+    model: str = "small",
+    **overrides: object,
+) -> dict:
     """Produce the rows as events, then train from Kafka (``overrides``: job settings); every labelled
     event's prequential outcome counts (``outcomes``: each one's correctness, in arrival order)."""
     from consumers.training import TrainingJob
@@ -103,16 +115,27 @@ def run_streamfit(spark, bootstrap: str, home: Path, stream: str, rows: list, al
     registry = Registry(home / topic / "registry")
     registry.create_model(spec)
     registry.set_alias(spec.name, "champion", registry.register(spec.name, ModelBundle(spec).get_weights()))
-    settings = load_settings(home=home / topic, model=spec.name, algorithm=algorithm, workers=2,
-                             topic_events=topic, topic_dlq=topic + ".dlq", topic_training_metrics=topic + ".metrics",
-                             kafka_source="python", max_offsets_per_trigger=batch, **overrides)
+    settings = load_settings(
+        home=home / topic,
+        model=spec.name,
+        algorithm=algorithm,
+        workers=2,
+        topic_events=topic,
+        topic_dlq=topic + ".dlq",
+        topic_training_metrics=topic + ".metrics",
+        kafka_source="python",
+        max_offsets_per_trigger=batch,
+        **overrides,
+    )
     state = CenterState(registry.weights(spec.name)[1], from_settings(settings).rule())
     with ParameterServer(state, port=0) as server:
         settings = settings.model_copy(update={"ps_port": server.address[1]})
         job = TrainingJob(spark, settings, bootstrap, registry)
         outcomes, score = [], job.prequential.score  # every event's outcome, for the curve (records keep batch figures)
-        job.prequential.score = lambda correct, label_probability: (outcomes.append(correct),
-                                                                    score(correct, label_probability))[1]
+        job.prequential.score = lambda correct, label_probability: (
+            outcomes.append(correct),
+            score(correct, label_probability),
+        )[1]
         query = job.start(str(home / topic / "checkpoint"), trigger={"availableNow": True}, starting_offsets="earliest")
         query.awaitTermination()
         job.close()
@@ -123,15 +146,26 @@ def run_streamfit(spark, bootstrap: str, home: Path, stream: str, rows: list, al
     correct = np.concatenate(outcomes)
     phases = {name: round(sum(r["phases"].get(name, 0) for r in history), 2) for name in history[0]["phases"]}
     drift = [r["drift_at_event"] for r in history if r.get("drift")]
-    return {**_summary(correct, len(rows) / seconds), "seconds": round(seconds, 2), "warm_up_s": round(job.warm_up_s, 2),
-            "micro_batches": len(history), "phase_seconds": phases, "drift_flagged_at": drift, "outcomes": correct}
+    return {
+        **_summary(correct, len(rows) / seconds),
+        "seconds": round(seconds, 2),
+        "warm_up_s": round(job.warm_up_s, 2),
+        "micro_batches": len(history),
+        "phase_seconds": phases,
+        "drift_flagged_at": drift,
+        "outcomes": correct,
+    }
 
 
 def _summary(correct: np.ndarray, events_per_s: float) -> dict:
-    return {"final_accuracy": round(float(correct[-WINDOW:].mean()), 4),
-            "mean_accuracy": round(float(correct.mean()), 4), "events_per_s": round(events_per_s, 1),
-            "curve": [round(float(correct[max(0, i - WINDOW):i].mean()), 4)
-                      for i in range(WINDOW, len(correct) + 1, WINDOW)]}
+    return {
+        "final_accuracy": round(float(correct[-WINDOW:].mean()), 4),
+        "mean_accuracy": round(float(correct.mean()), 4),
+        "events_per_s": round(events_per_s, 1),
+        "curve": [
+            round(float(correct[max(0, i - WINDOW) : i].mean()), 4) for i in range(WINDOW, len(correct) + 1, WINDOW)
+        ],
+    }
 
 
 def plot(results: dict, path: Path) -> None:
@@ -154,8 +188,11 @@ def plot(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.training", description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--algorithms", default="adag,eamsgd", help="streamfit algorithms to run (comma-separated); the best "
-                        "is compared")
+    parser.add_argument(
+        "--algorithms",
+        default="adag,eamsgd",
+        help="streamfit algorithms to run (comma-separated); the best is compared",
+    )
     parser.add_argument("--model", default="wide", help="built-in spec streamfit trains")
     parser.add_argument("--micro-batch", type=int, default=20_000, help="maxOffsetsPerTrigger of the training query")
     parser.add_argument("--png", type=Path, default=Path("bench/training.png"))
@@ -168,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             learners = results[stream] = {}
             for algorithm in args.algorithms.split(","):
                 print(f"bench.training: {stream} streamfit {algorithm}", file=sys.stderr, flush=True)
-                learners[f"streamfit_{algorithm}"] = run_streamfit(spark, bootstrap, home, stream, rows, algorithm,
-                                                                   args.micro_batch, args.model)
+                learners[f"streamfit_{algorithm}"] = run_streamfit(
+                    spark, bootstrap, home, stream, rows, algorithm, args.micro_batch, args.model
+                )
             for name, model in river_models().items():
                 print(f"bench.training: {stream} {name}", file=sys.stderr, flush=True)
                 learners[name] = run_river(model, rows)
@@ -177,19 +215,32 @@ def main(argv: list[str] | None = None) -> int:
     for stream, learners in results.items():
         best = max((n for n in learners if n.startswith("streamfit_")), key=lambda n: learners[n]["mean_accuracy"])
         arf = learners["river_arf"]
-        summary[stream] = {"best_streamfit": best,
-                           "mean_accuracy_minus_arf": round(learners[best]["mean_accuracy"] - arf["mean_accuracy"], 4),
-                           "events_per_s_vs_arf": round(learners[best]["events_per_s"] / arf["events_per_s"], 2)}
+        summary[stream] = {
+            "best_streamfit": best,
+            "mean_accuracy_minus_arf": round(learners[best]["mean_accuracy"] - arf["mean_accuracy"], 4),
+            "events_per_s_vs_arf": round(learners[best]["events_per_s"] / arf["events_per_s"], 2),
+        }
     args.png.parent.mkdir(parents=True, exist_ok=True)
     plot(results, args.png)
     for learners in results.values():
         for result in learners.values():
             result.pop("curve")
             result.pop("outcomes", None)
-    print(json.dumps({"events_per_stream": args.events, "drift_at": args.events // 2, "workers": 2,
-                      "model": args.model, "micro_batch": args.micro_batch, "targets": {"mean_accuracy_minus_arf": ">= 0",
-                                                                   "events_per_s_vs_arf": ">= 10"},
-                      "summary": summary, "results": results, "png": str(args.png)}))
+    print(
+        json.dumps(
+            {
+                "events_per_stream": args.events,
+                "drift_at": args.events // 2,
+                "workers": 2,
+                "model": args.model,
+                "micro_batch": args.micro_batch,
+                "targets": {"mean_accuracy_minus_arf": ">= 0", "events_per_s_vs_arf": ">= 10"},
+                "summary": summary,
+                "results": results,
+                "png": str(args.png),
+            }
+        )
+    )
     return 0
 
 

@@ -42,8 +42,9 @@ QUERY_NAME = "streamfit-inference"
 TRIGGER_S = 0.5
 """Default seconds between inference micro-batches: an event waits for the next trigger, so half of this
 is on every prediction's latency on average."""
-OUTPUT_SCHEMA = pa.schema([("topic", pa.string()), ("key", pa.binary()), ("value", pa.binary()),
-                           ("partition", pa.int32())])
+OUTPUT_SCHEMA = pa.schema(
+    [("topic", pa.string()), ("key", pa.binary()), ("value", pa.binary()), ("partition", pa.int32())]
+)
 OUTPUT_DDL = "topic string, key binary, value binary, partition int"
 SENT_DDL = "records long"
 _loaded: dict[tuple, object] = {}  # per Python worker: (registry, model, version) -> bundle
@@ -67,10 +68,18 @@ def _bundle(registry_url: str, model: str, version: int):
     return _loaded[key]
 
 
-def predict_partition(batches: Iterator[pa.RecordBatch], registry_url: str, model: str, version: int,
-                      schema: FeatureSchema, predictions_topic: str, dlq_topic: str,
-                      copartitioned: bool, max_raw_bytes: int,
-                      dead_lettered: frozenset[Source] = frozenset()) -> Iterator[pa.RecordBatch]:
+def predict_partition(
+    batches: Iterator[pa.RecordBatch],
+    registry_url: str,
+    model: str,
+    version: int,
+    schema: FeatureSchema,
+    predictions_topic: str,
+    dlq_topic: str,
+    copartitioned: bool,
+    max_raw_bytes: int,
+    dead_lettered: frozenset[Source] = frozenset(),
+) -> Iterator[pa.RecordBatch]:
     """Validate and predict one partition's Arrow batches (runs in a Spark Python worker); an event
     in ``dead_lettered`` (an earlier attempt of this micro-batch wrote its dead letter) gets none."""
     bundle = _bundle(registry_url, model, version)
@@ -100,22 +109,31 @@ def predict_partition(batches: Iterator[pa.RecordBatch], registry_url: str, mode
                     else:
                         dead.append((row, problem))
         if dead_lettered:
-            dead = [(row, reason) for row, reason in dead
-                    if (topics[row], partitions[row], offsets[row]) not in dead_lettered]
+            dead = [
+                (row, reason)
+                for row, reason in dead
+                if (topics[row], partitions[row], offsets[row]) not in dead_lettered
+            ]
         now = int(time.time() * 1000)
         out_topics = [dlq_topic] * len(dead) + [predictions_topic] * len(predicted)
         out_keys = [None] * len(dead) + [event.id.encode() for _, event, _ in predicted]
-        out_values = ([dead_letter("predict", reason, values[row], topics[row], partitions[row], offsets[row],
-                                   max_raw_bytes) for row, reason in dead]
-                      + [_prediction(event, model, version, probs, now) for _, event, probs in predicted])
+        out_values = [
+            dead_letter("predict", reason, values[row], topics[row], partitions[row], offsets[row], max_raw_bytes)
+            for row, reason in dead
+        ] + [_prediction(event, model, version, probs, now) for _, event, probs in predicted]
         out_partitions = [None] * len(dead) + [partitions[row] if copartitioned else None for row, _, _ in predicted]
-        yield pa.RecordBatch.from_arrays([pa.array(out_topics, pa.string()), pa.array(out_keys, pa.binary()),
-                                          pa.array(out_values, pa.binary()), pa.array(out_partitions, pa.int32())],
-                                         schema=OUTPUT_SCHEMA)
+        yield pa.RecordBatch.from_arrays(
+            [
+                pa.array(out_topics, pa.string()),
+                pa.array(out_keys, pa.binary()),
+                pa.array(out_values, pa.binary()),
+                pa.array(out_partitions, pa.int32()),
+            ],
+            schema=OUTPUT_SCHEMA,
+        )
 
 
-def predict_and_send(batches: Iterator[pa.RecordBatch], bootstrap: str, client: str,
-                     *args) -> Iterator[pa.RecordBatch]:
+def predict_and_send(batches: Iterator[pa.RecordBatch], bootstrap: str, client: str, *args) -> Iterator[pa.RecordBatch]:
     """``predict_partition`` whose output is sent (and acknowledged) from the same worker with Kafka
     client ``client`` (setting ``kafka_client``); yields the count."""
     from pipeline.spark.source import send_rows
@@ -125,9 +143,17 @@ def predict_and_send(batches: Iterator[pa.RecordBatch], bootstrap: str, client: 
 
 
 def _prediction(event: Event, model: str, version: int, probabilities: list[float], now_ms: int) -> bytes:
-    return orjson.dumps({"id": event.id, "model": model, "model_version": version,
-                         "label": int(np.argmax(probabilities)), "probabilities": probabilities,
-                         "event_ts": event.ts, "predicted_at": now_ms})
+    return orjson.dumps(
+        {
+            "id": event.id,
+            "model": model,
+            "model_version": version,
+            "label": int(np.argmax(probabilities)),
+            "probabilities": probabilities,
+            "event_ts": event.ts,
+            "predicted_at": now_ms,
+        }
+    )
 
 
 class InferenceJob:
@@ -160,23 +186,41 @@ class InferenceJob:
             log.info("micro-batch %d: predicting with %s version %d", batch_id, self.settings.model, version)
         self.versions[batch_id] = version
         s = self.settings
-        args = (s.registry_url, s.model, version, self.schema, s.topic_predictions, s.topic_dlq, self.copartitioned,
-                s.dlq_max_raw_bytes, self.fence.enter(batch_id))
+        args = (
+            s.registry_url,
+            s.model,
+            version,
+            self.schema,
+            s.topic_predictions,
+            s.topic_dlq,
+            self.copartitioned,
+            s.dlq_max_raw_bytes,
+            self.fence.enter(batch_id),
+        )
         events = frame.select("value", "topic", "partition", "offset")
         if self.format == PYTHON_SOURCE:
             bootstrap, client = self.bootstrap, self.settings.kafka_client
             events.mapInArrow(lambda batches: predict_and_send(batches, bootstrap, client, *args), SENT_DDL).collect()
         else:
-            (events.mapInArrow(lambda batches: predict_partition(batches, *args), OUTPUT_DDL)
-             .write.format(self.format).option("kafka.bootstrap.servers", self.bootstrap).mode("append").save())
+            (
+                events.mapInArrow(lambda batches: predict_partition(batches, *args), OUTPUT_DDL)
+                .write.format(self.format)
+                .option("kafka.bootstrap.servers", self.bootstrap)
+                .mode("append")
+                .save()
+            )
 
     def start(self, checkpoint: str, trigger: dict | None = None, starting_offsets: str | None = None):
         from pipeline.spark.session import events_stream, every
 
         s = self.settings
         min_partitions = s.spark_min_partitions or self.spark.sparkContext.defaultParallelism
-        writer = (events_stream(self.spark, s, self.bootstrap, starting_offsets, min_partitions).writeStream
-                  .queryName(QUERY_NAME).foreachBatch(self._process).option("checkpointLocation", checkpoint))
+        writer = (
+            events_stream(self.spark, s, self.bootstrap, starting_offsets, min_partitions)
+            .writeStream.queryName(QUERY_NAME)
+            .foreachBatch(self._process)
+            .option("checkpointLocation", checkpoint)
+        )
         writer = writer.trigger(**(trigger or every(s, TRIGGER_S)))
         if self.fence is not None:  # a restarted query gets a new fence
             self.fence.close()

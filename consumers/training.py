@@ -56,14 +56,23 @@ TRIGGER_S = 2.0
 """Default seconds between training micro-batches: fewer, larger batches cost less Spark overhead per event,
 and training is not waited on the way predictions are."""
 # arrival_us: the Kafka record's timestamp in microseconds, which orders events across partitions
-CHECK_SCHEMA = pa.schema([("kind", pa.string()), ("features", pa.list_(pa.float32())), ("label", pa.int64()),
-                          ("partition", pa.int32()), ("offset", pa.int64()), ("arrival_us", pa.int64()),
-                          ("dead", pa.binary())])
+CHECK_SCHEMA = pa.schema(
+    [
+        ("kind", pa.string()),
+        ("features", pa.list_(pa.float32())),
+        ("label", pa.int64()),
+        ("partition", pa.int32()),
+        ("offset", pa.int64()),
+        ("arrival_us", pa.int64()),
+        ("dead", pa.binary()),
+    ]
+)
 CHECK_DDL = "kind string, features array<float>, label long, partition int, offset long, arrival_us long, dead binary"
 ARRIVAL_ORDER = [("arrival_us", "ascending"), ("partition", "ascending"), ("offset", "ascending")]
 # a worker's output: its events (scored if labelled) and one row of kind "report" (its WorkerReport as JSON)
-STEP_SCHEMA = pa.schema([*CHECK_SCHEMA, ("correct", pa.bool_()), ("label_probability", pa.float32()),
-                         ("report", pa.string())])
+STEP_SCHEMA = pa.schema(
+    [*CHECK_SCHEMA, ("correct", pa.bool_()), ("label_probability", pa.float32()), ("report", pa.string())]
+)
 STEP_DDL = CHECK_DDL + ", correct boolean, label_probability float, report string"
 Standardisation = tuple[np.ndarray, np.ndarray]  # the model's (mean, std), as its first layer applies them
 STANDARDISE_WORKER = 2**32 - 1  # the worker id of the driver's one standardisation commit (workers are partitions)
@@ -73,9 +82,12 @@ class TrainingError(RuntimeError):
     """The training consumer cannot run as configured; the message says why."""
 
 
-def check_partition(batches: Iterator[pa.RecordBatch], schema: FeatureSchema,
-                    standardisation: Standardisation | None = None,
-                    max_raw_bytes: int = MAX_RAW_BYTES) -> Iterator[pa.RecordBatch]:
+def check_partition(
+    batches: Iterator[pa.RecordBatch],
+    schema: FeatureSchema,
+    standardisation: Standardisation | None = None,
+    max_raw_bytes: int = MAX_RAW_BYTES,
+) -> Iterator[pa.RecordBatch]:
     """Validate Kafka rows (in a Spark Python worker): each row becomes ``train``
     (features and label), ``unlabelled`` (nothing else kept) or ``dead`` (its DLQ record). With the
     model's ``standardisation`` (mean, std), a labelled event it makes non-finite is dead too: the
@@ -97,16 +109,23 @@ def check_partition(batches: Iterator[pa.RecordBatch], schema: FeatureSchema,
                 dead = dead_letter("train", verdict.reason, raw, topic, partition, offset, max_raw_bytes)
             else:
                 kind = "unlabelled" if verdict.label is None else "train"
-                features, label, dead = (verdict.features, verdict.label, None) if kind == "train" else (None, None, None)
+                features, label, dead = (
+                    (verdict.features, verdict.label, None) if kind == "train" else (None, None, None)
+                )
             for name, value in zip(rows, (kind, features, label, partition, offset, arrival, dead)):
                 rows[name].append(value)
         yield pa.RecordBatch.from_pydict(rows, schema=CHECK_SCHEMA)
 
 
-def score_and_train(batches: Iterator[pa.RecordBatch], plan: TrainingPlan, schema: FeatureSchema,
-                    topic: str, standardisation: Standardisation | None = None,
-                    max_raw_bytes: int = MAX_RAW_BYTES,
-                    skip: frozenset[tuple[int, int]] = frozenset()) -> Iterator[pa.RecordBatch]:
+def score_and_train(
+    batches: Iterator[pa.RecordBatch],
+    plan: TrainingPlan,
+    schema: FeatureSchema,
+    topic: str,
+    standardisation: Standardisation | None = None,
+    max_raw_bytes: int = MAX_RAW_BYTES,
+    skip: frozenset[tuple[int, int]] = frozenset(),
+) -> Iterator[pa.RecordBatch]:
     """One worker's share of a micro-batch of Kafka rows (runs in a Spark Python worker): validate
     them, then test-then-train on the labelled events in arrival order (each scored by the worker's
     model just before it trains on it); every event is passed on (labelled ones with their score),
@@ -143,9 +162,15 @@ def score_and_train(batches: Iterator[pa.RecordBatch], plan: TrainingPlan, schem
         scores.record(model.predict_proba(x), y)
     correct, label_probability = np.zeros(len(is_train), bool), np.zeros(len(is_train), np.float32)
     correct[is_train], label_probability[is_train] = scores.correct, scores.label_probability
-    scored = pa.Table.from_arrays([*table.columns, pa.array(correct, mask=~is_train),
-                                   pa.array(label_probability, mask=~is_train),
-                                   pa.nulls(len(is_train), pa.string())], schema=STEP_SCHEMA)
+    scored = pa.Table.from_arrays(
+        [
+            *table.columns,
+            pa.array(correct, mask=~is_train),
+            pa.array(label_probability, mask=~is_train),
+            pa.nulls(len(is_train), pa.string()),
+        ],
+        schema=STEP_SCHEMA,
+    )
     yield from scored.to_batches()
     fields = {**report_fields(worker_id, len(y) if report.steps else 0, report), "rejected": rejected}
     yield pa.RecordBatch.from_pylist([{"kind": "report", "report": orjson.dumps(fields).decode()}], schema=STEP_SCHEMA)
@@ -164,30 +189,44 @@ def warm_worker(batches: Iterator[pa.RecordBatch], spec) -> Iterator[pa.RecordBa
 class TrainingGauges:
     """Each ``training-metrics`` record as Prometheus series (``streamfit_train_*``), in their own registry."""
 
-    GAUGES = {"batch_id": "id of the last trained micro-batch", "rows": "labelled events in the last micro-batch",
-              "accuracy": "prequential accuracy of the last micro-batch (before training on it)",
-              "log_loss": "prequential log loss of the last micro-batch",
-              "window_accuracy": "prequential accuracy over the sliding window",
-              "updates": "updates the last micro-batch applied", "staleness_mean": "mean staleness of its commits",
-              "staleness_max": "largest staleness of its commits", "learning_rate": "workers' learning rate",
-              "seconds": "wall time of the last micro-batch"}
-    COUNTERS = {"events": ("events", "events consumed"), "trained_rows": ("rows", "labelled events trained on"),
-                "invalid_events": ("invalid", "events dead-lettered"),
-                "unlabelled_events": ("unlabelled", "unlabelled events skipped"),
-                "applied_updates": ("updates", "updates applied"), "drifts": ("drift", "drifts flagged"),
-                "promotions": ("promoted", "candidates promoted by the gate"),
-                "batch_retries": ("retries", "micro-batch tries repeated after the parameter server refused a commit"),
-                "poison_events": ("poison", "events dead-lettered because training on them broke the model")}
+    GAUGES = {
+        "batch_id": "id of the last trained micro-batch",
+        "rows": "labelled events in the last micro-batch",
+        "accuracy": "prequential accuracy of the last micro-batch (before training on it)",
+        "log_loss": "prequential log loss of the last micro-batch",
+        "window_accuracy": "prequential accuracy over the sliding window",
+        "updates": "updates the last micro-batch applied",
+        "staleness_mean": "mean staleness of its commits",
+        "staleness_max": "largest staleness of its commits",
+        "learning_rate": "workers' learning rate",
+        "seconds": "wall time of the last micro-batch",
+    }
+    COUNTERS = {
+        "events": ("events", "events consumed"),
+        "trained_rows": ("rows", "labelled events trained on"),
+        "invalid_events": ("invalid", "events dead-lettered"),
+        "unlabelled_events": ("unlabelled", "unlabelled events skipped"),
+        "applied_updates": ("updates", "updates applied"),
+        "drifts": ("drift", "drifts flagged"),
+        "promotions": ("promoted", "candidates promoted by the gate"),
+        "batch_retries": ("retries", "micro-batch tries repeated after the parameter server refused a commit"),
+        "poison_events": ("poison", "events dead-lettered because training on them broke the model"),
+    }
 
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Gauge
 
         self.registry = CollectorRegistry()
         self.gauges = {k: Gauge(f"streamfit_train_{k}", doc, registry=self.registry) for k, doc in self.GAUGES.items()}
-        self.counters = {field: Counter(f"streamfit_train_{name}", doc, registry=self.registry)
-                         for name, (field, doc) in self.COUNTERS.items()}
-        self.restarts = Counter("streamfit_train_query_restarts", "restarts of the training query after a failure "
-                                "(broker or parameter server unreachable)", registry=self.registry)
+        self.counters = {
+            field: Counter(f"streamfit_train_{name}", doc, registry=self.registry)
+            for name, (field, doc) in self.COUNTERS.items()
+        }
+        self.restarts = Counter(
+            "streamfit_train_query_restarts",
+            "restarts of the training query after a failure (broker or parameter server unreachable)",
+            registry=self.registry,
+        )
 
     def update(self, record: dict) -> None:
         for name, gauge in self.gauges.items():
@@ -215,8 +254,10 @@ class TrainingJob:
 
         algorithm = ALGORITHMS.get(settings.algorithm)  # an unknown one is reported when the first plan is made
         if algorithm is not None and not algorithm.streamable:
-            raise TrainingError(f"{settings.algorithm} trains offline only: use `streamfit fit`, or one of "
-                                f"{', '.join(STREAMABLE)} for streaming training")
+            raise TrainingError(
+                f"{settings.algorithm} trains offline only: use `streamfit fit`, or one of "
+                f"{', '.join(STREAMABLE)} for streaming training"
+            )
         self.spark, self.settings, self.bootstrap = spark, settings, bootstrap
         self.registry = registry or Registry(settings.registry_url)
         self.spec = self.registry.spec(settings.model)
@@ -224,8 +265,13 @@ class TrainingJob:
         self.client = connect(settings)
         self.bundle = ModelBundle(self.spec)
         self.prequential = Prequential(settings.prequential_window, settings.drift_delta)
-        self.gate = PromotionGate(self.registry, settings.model, window=settings.gate_window,
-                                  margin=settings.promotion_margin, auto_promote=settings.auto_promote)
+        self.gate = PromotionGate(
+            self.registry,
+            settings.model,
+            window=settings.gate_window,
+            margin=settings.promotion_margin,
+            auto_promote=settings.auto_promote,
+        )
         self.producer = producer(bootstrap, settings.kafka_timeout_s, client_id="streamfit-train")
         self.history: deque[dict] = deque(maxlen=1000)
         self.gauges = TrainingGauges()
@@ -256,21 +302,32 @@ class TrainingJob:
         table, poison, tries = self._train(raw, plan, batch_id, standardisation)
         lap("spark_job")
         table = table.sort_by(ARRIVAL_ORDER)  # reports (no arrival) last
-        by_kind = {kind: table.filter(pa.compute.equal(table.column("kind"), kind))
-                   for kind in ("report", "dead", "unlabelled", "train")}
+        by_kind = {
+            kind: table.filter(pa.compute.equal(table.column("kind"), kind))
+            for kind in ("report", "dead", "unlabelled", "train")
+        }
         reports = [orjson.loads(r) for r in by_kind["report"].column("report").to_pylist()]
         dead = by_kind["dead"].column("dead").to_pylist() + poison
         fresh = [value for value in dead if source(value) not in dead_lettered] if dead_lettered else dead
         futures = [self.producer.send(s.topic_dlq, value=value) for value in fresh]
         labelled = by_kind["train"]
         x, y = rows_of(labelled.to_batches(), self.spec.n_features)
-        record = {"model": s.model, "batch_id": batch_id, "rows": len(y),
-                  "events": table.num_rows - len(reports) + len(poison),  # poison events left the table
-                  "invalid": len(dead), "unlabelled": by_kind["unlabelled"].num_rows, "retries": tries - 1,
-                  "poison": len(poison), "replayed_dead_letters": len(dead) - len(fresh)}
+        record = {
+            "model": s.model,
+            "batch_id": batch_id,
+            "rows": len(y),
+            "events": table.num_rows - len(reports) + len(poison),  # poison events left the table
+            "invalid": len(dead),
+            "unlabelled": by_kind["unlabelled"].num_rows,
+            "retries": tries - 1,
+            "poison": len(poison),
+            "replayed_dead_letters": len(dead) - len(fresh),
+        }
         if len(y):
-            score = self.prequential.score(labelled.column("correct").to_numpy(zero_copy_only=False),
-                                           labelled.column("label_probability").to_numpy(zero_copy_only=False))
+            score = self.prequential.score(
+                labelled.column("correct").to_numpy(zero_copy_only=False),
+                labelled.column("label_probability").to_numpy(zero_copy_only=False),
+            )
             record.update(dataclasses.asdict(score))
             record.update(counter_before=counter, **self._training_figures(reports, plan))
             record["updates"] += standardised
@@ -288,24 +345,40 @@ class TrainingJob:
         lap("gate")
         record.update(seconds=round(time.monotonic() - started, 3), phases=phases, ts=int(time.time() * 1000))
         self.producer.send(s.topic_training_metrics, key=s.model.encode(), value=orjson.dumps(record)).get(
-            timeout=s.kafka_timeout_s)
+            timeout=s.kafka_timeout_s
+        )
         self.history.append(record)
         self.gauges.update(record)
-        log.info("batch %d: %d labelled (%d unlabelled, %d invalid), prequential %.3f (window %.3f), "
-                 "%d updates, drift=%s", batch_id, record["rows"], record["unlabelled"], record["invalid"],
-                 record.get("accuracy", float("nan")), record.get("window_accuracy", float("nan")),
-                 record.get("updates", 0), record.get("drift", False))
+        log.info(
+            "batch %d: %d labelled (%d unlabelled, %d invalid), prequential %.3f (window %.3f), %d updates, drift=%s",
+            batch_id,
+            record["rows"],
+            record["unlabelled"],
+            record["invalid"],
+            record.get("accuracy", float("nan")),
+            record.get("window_accuracy", float("nan")),
+            record.get("updates", 0),
+            record.get("drift", False),
+        )
 
-    def _run_workers(self, raw, plan: TrainingPlan, standardisation: Standardisation,
-                     skip: frozenset[tuple[int, int]] = frozenset()) -> pa.Table:
+    def _run_workers(
+        self, raw, plan: TrainingPlan, standardisation: Standardisation, skip: frozenset[tuple[int, int]] = frozenset()
+    ) -> pa.Table:
         # no `self` in what Spark ships to the workers
-        step = functools.partial(score_and_train, plan=plan, schema=self.schema, topic=self.settings.topic_events,
-                                 standardisation=standardisation, max_raw_bytes=self.settings.dlq_max_raw_bytes,
-                                 skip=skip)
+        step = functools.partial(
+            score_and_train,
+            plan=plan,
+            schema=self.schema,
+            topic=self.settings.topic_events,
+            standardisation=standardisation,
+            max_raw_bytes=self.settings.dlq_max_raw_bytes,
+            skip=skip,
+        )
         return raw.repartition(self.settings.workers).mapInArrow(step, STEP_DDL, barrier=plan.synchronous).toArrow()
 
-    def _train(self, raw, plan: TrainingPlan, batch_id: int,
-               standardisation: Standardisation) -> tuple[pa.Table, list[bytes], int]:
+    def _train(
+        self, raw, plan: TrainingPlan, batch_id: int, standardisation: Standardisation
+    ) -> tuple[pa.Table, list[bytes], int]:
         """The workers' output table, the dead letters of poison events, and the tries it took.
 
         When the server refuses a commit (its content: non-finite weights, say), the micro-batch is
@@ -322,30 +395,48 @@ class TrainingJob:
             refusal = _refusal(table)
             if refusal is None:
                 return table, [], attempt
-            log.warning("batch %d: the parameter server refused a commit (%s); try %d of %d", batch_id, refusal,
-                        attempt, s.batch_attempts)
+            log.warning(
+                "batch %d: the parameter server refused a commit (%s); try %d of %d",
+                batch_id,
+                refusal,
+                attempt,
+                s.batch_attempts,
+            )
         rows = raw.toArrow()
         poison = self._poison_events(rows, standardisation)
-        log.error("batch %d: refused %d times; %d poison event(s) dead-lettered, the rest trained again", batch_id,
-                  s.batch_attempts, len(poison))
+        log.error(
+            "batch %d: refused %d times; %d poison event(s) dead-lettered, the rest trained again",
+            batch_id,
+            s.batch_attempts,
+            len(poison),
+        )
         table = self._run_workers(raw, plan, standardisation, frozenset(poison))
         refusal = _refusal(table)
         limit = s.dlq_max_raw_bytes
-        dead = [dead_letter("train", reason, value, topic, partition, offset, limit)
-                for (partition, offset), (reason, value, topic) in poison.items()]
+        dead = [
+            dead_letter("train", reason, value, topic, partition, offset, limit)
+            for (partition, offset), (reason, value, topic) in poison.items()
+        ]
         if refusal is not None:
-            log.error("batch %d: still refused (%s); its labelled events go to the dead-letter topic", batch_id, refusal)
+            log.error(
+                "batch %d: still refused (%s); its labelled events go to the dead-letter topic", batch_id, refusal
+            )
             train = table.filter(pa.compute.equal(table.column("kind"), "train"))
-            reason = (f"training micro-batch {batch_id} was refused by the parameter server {s.batch_attempts + 1} "
-                      f"times ({refusal}); this event may be partly trained")
+            reason = (
+                f"training micro-batch {batch_id} was refused by the parameter server {s.batch_attempts + 1} "
+                f"times ({refusal}); this event may be partly trained"
+            )
             values = _values_by_key(rows)
-            dead += [dead_letter("train", reason, values[key][0], values[key][1], *key, limit)
-                     for key in zip(train.column("partition").to_pylist(), train.column("offset").to_pylist())]
+            dead += [
+                dead_letter("train", reason, values[key][0], values[key][1], *key, limit)
+                for key in zip(train.column("partition").to_pylist(), train.column("offset").to_pylist())
+            ]
             table = table.filter(pa.compute.not_equal(table.column("kind"), "train"))
         return table, dead, s.batch_attempts + 1
 
-    def _poison_events(self, rows: pa.Table,
-                       standardisation: Standardisation) -> dict[tuple[int, int], tuple[str, bytes, str]]:
+    def _poison_events(
+        self, rows: pa.Table, standardisation: Standardisation
+    ) -> dict[tuple[int, int], tuple[str, bytes, str]]:
         """``(partition, offset) -> (reason, raw value, topic)`` of the labelled events one SGD step on
         which, from the current center, leaves non-finite weights."""
         from pipeline.bundle import ModelBundle
@@ -381,10 +472,17 @@ class TrainingJob:
         labelled events since the drift point have trained (those of this micro-batch included)."""
         if score.drift:
             trained_since = self.boost.drifted(score.drift_at_event, self.prequential.events)
-            reaction = (f"learning rate x{self.boost.factor:g} for the next {self.boost.left} labelled events"
-                        if self.boost.active else "no boost, the workers have trained through it")
-            log.warning("drift detected at labelled event %d (%d trained since): %s", score.drift_at_event,
-                        trained_since, reaction)
+            reaction = (
+                f"learning rate x{self.boost.factor:g} for the next {self.boost.left} labelled events"
+                if self.boost.active
+                else "no boost, the workers have trained through it"
+            )
+            log.warning(
+                "drift detected at labelled event %d (%d trained since): %s",
+                score.drift_at_event,
+                trained_since,
+                reaction,
+            )
 
     def _standardisation(self, raw, batch_id: int, incarnation: str) -> tuple[Standardisation, int]:
         """The model's standardisation (mean, std) and the updates fitting it applied (0 or 1).
@@ -407,10 +505,14 @@ class TrainingJob:
                 return (center["standardise/mean"], center["standardise/std"]), 0
             x = _without_outliers(x.astype(np.float64))  # float64: squares of valid float32s near its limit overflow
             std = x.std(axis=0)
-            delta = {"standardise/mean": x.mean(axis=0).astype(np.float32),
-                     "standardise/std": (np.where(std > 1e-12, std, 1.0) - 1.0).astype(np.float32)}
-            applied = int(self.client.commit(delta, tag=CommitTag(self._query_id(), batch_id, STANDARDISE_WORKER))
-                          .status == "applied")
+            delta = {
+                "standardise/mean": x.mean(axis=0).astype(np.float32),
+                "standardise/std": (np.where(std > 1e-12, std, 1.0) - 1.0).astype(np.float32),
+            }
+            applied = int(
+                self.client.commit(delta, tag=CommitTag(self._query_id(), batch_id, STANDARDISE_WORKER)).status
+                == "applied"
+            )
             log.info("batch %d: standardisation fitted from %d labelled events", batch_id, len(x))
             center = self.client.pull()[0]  # as the server holds it: the workers standardise with that
         self._standardisation_of = incarnation, (center["standardise/mean"], center["standardise/std"])
@@ -424,11 +526,15 @@ class TrainingJob:
     def _training_figures(reports: list[dict], plan: TrainingPlan) -> dict:
         commits = sum(r["commits"] for r in reports)
         skipped = sum(r["skipped"] for r in reports)
-        return {"updates": commits - skipped, "replayed_commits": skipped, "trained_rows": sum(r["rows"] for r in reports),
-                "staleness_mean": sum(r["total_staleness"] for r in reports) / commits if commits else 0.0,
-                "staleness_max": max((r["max_staleness"] for r in reports), default=0),
-                "counter_after": max((r["counter"] for r in reports), default=0),
-                "learning_rate": plan.spec.optimizer.learning_rate}
+        return {
+            "updates": commits - skipped,
+            "replayed_commits": skipped,
+            "trained_rows": sum(r["rows"] for r in reports),
+            "staleness_mean": sum(r["total_staleness"] for r in reports) / commits if commits else 0.0,
+            "staleness_max": max((r["max_staleness"] for r in reports), default=0),
+            "counter_after": max((r["counter"] for r in reports), default=0),
+            "learning_rate": plan.spec.optimizer.learning_rate,
+        }
 
     def _query_id(self) -> str:
         """The streaming query's id: it survives restarts from the same checkpoint, so replayed
@@ -444,8 +550,10 @@ class TrainingJob:
             return self.client.stats()["counter"]
         except OSError as exc:
             s = self.settings
-            raise TrainingError(f"parameter server at {s.ps_host}:{s.ps_port} ({s.ps_shards} shard(s)) is not "
-                                f"reachable ({exc}): start it with `streamfit ps --model {s.model}`") from exc
+            raise TrainingError(
+                f"parameter server at {s.ps_host}:{s.ps_port} ({s.ps_shards} shard(s)) is not "
+                f"reachable ({exc}): start it with `streamfit ps --model {s.model}`"
+            ) from exc
 
     def warm_workers(self) -> float:
         """Start Spark's Python workers and build the model in each, before the first micro-batch:
@@ -470,9 +578,12 @@ class TrainingJob:
         from pipeline.spark.session import events_stream, every
 
         s = self.settings
-        writer = (events_stream(self.spark, s, self.bootstrap, starting_offsets).writeStream.queryName(QUERY_NAME)
-                  .foreachBatch(self._process)
-                  .option("checkpointLocation", checkpoint))
+        writer = (
+            events_stream(self.spark, s, self.bootstrap, starting_offsets)
+            .writeStream.queryName(QUERY_NAME)
+            .foreachBatch(self._process)
+            .option("checkpointLocation", checkpoint)
+        )
         if self.fence is not None:  # a restarted query gets a new fence
             self.fence.close()
         self.fence = DeadLetterFence(checkpoint, self.bootstrap, s.topic_dlq, "train", timeout_s=s.kafka_timeout_s)
@@ -485,8 +596,9 @@ class TrainingJob:
             self.fence.close()
 
 
-def micro_batch_plan(settings: Settings, spec, batch_id: int, query_id: str,
-                     boost: DriftBoost | None = None) -> TrainingPlan:
+def micro_batch_plan(
+    settings: Settings, spec, batch_id: int, query_id: str, boost: DriftBoost | None = None
+) -> TrainingPlan:
     """What every worker of micro-batch ``batch_id`` needs; with a ``boost`` (after a drift), the
     learning rate it makes of the configured one."""
     s = settings
@@ -498,11 +610,20 @@ def micro_batch_plan(settings: Settings, spec, batch_id: int, query_id: str,
     if algorithm.synchronous:
         params["global_batch_size"] = s.workers * s.batch_size
     return TrainingPlan.create(
-        spec, algorithm=s.algorithm, addresses=_addresses(s), learning_rate=learning_rate,
-        momentum=s.momentum, algorithm_params=params, batch_size=s.batch_size, epochs=s.epochs,
-        seed=s.seed + batch_id, io_timeout_s=s.ps_io_timeout_s,
-        secret=s.ps_secret.get_secret_value() if s.ps_secret else None, query_id=query_id,
-        batch_id=batch_id)
+        spec,
+        algorithm=s.algorithm,
+        addresses=_addresses(s),
+        learning_rate=learning_rate,
+        momentum=s.momentum,
+        algorithm_params=params,
+        batch_size=s.batch_size,
+        epochs=s.epochs,
+        seed=s.seed + batch_id,
+        io_timeout_s=s.ps_io_timeout_s,
+        secret=s.ps_secret.get_secret_value() if s.ps_secret else None,
+        query_id=query_id,
+        batch_id=batch_id,
+    )
 
 
 def _addresses(settings: Settings) -> list[tuple[str, int]]:

@@ -228,8 +228,15 @@ def by_command(invs: list[Invocation], name: str) -> list[Invocation]:
 
 def exported_names(registry) -> set[str]:
     """The series names a prometheus-client registry exposes (counters get ``_total``, ...)."""
-    suffixes = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count", "_created"),
-                "summary": ("", "_sum", "_count", "_created"), "info": ("_info",), "stateset": ("",), "enum": ("",)}
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "gauge": ("",),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "summary": ("", "_sum", "_count", "_created"),
+        "info": ("_info",),
+        "stateset": ("",),
+        "enum": ("",),
+    }
     return {metric.name + suffix for metric in registry.collect() for suffix in suffixes.get(metric.type, ("",))}
 
 
@@ -241,14 +248,29 @@ def component_metrics() -> dict[str, tuple[str, set[str]]]:
     from serving.metrics import Metrics
 
     prefix = re.search(r'ProgressMetrics\("([\w:]+)"\)', (ROOT / "consumers" / "inference.py").read_text())
-    assert prefix, "consumers/inference.py no longer builds ProgressMetrics(\"<prefix>\"): update component_metrics"
-    return {"serve": ("serve_port", exported_names(Metrics().registry)),
-            "predict": ("predict_metrics_port", exported_names(ProgressMetrics(prefix.group(1)).registry)),
-            "train": ("train_metrics_port", exported_names(TrainingGauges().registry))}
+    assert prefix, 'consumers/inference.py no longer builds ProgressMetrics("<prefix>"): update component_metrics'
+    return {
+        "serve": ("serve_port", exported_names(Metrics().registry)),
+        "predict": ("predict_metrics_port", exported_names(ProgressMetrics(prefix.group(1)).registry)),
+        "train": ("train_metrics_port", exported_names(TrainingGauges().registry)),
+    }
 
 
-PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool", "and", "or",
-                "unless", "inf", "nan"}
+PROMQL_WORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "offset",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "inf",
+    "nan",
+}
 
 
 def promql_metrics(expr: str) -> set[str]:
@@ -260,7 +282,7 @@ def promql_metrics(expr: str) -> set[str]:
     names = set()
     for match in re.finditer(r"[A-Za-z_:][\w:]*", text):
         before = text[match.start() - 1] if match.start() else " "
-        if before.isdigit() or before == "." or text[match.end():].lstrip().startswith("("):
+        if before.isdigit() or before == "." or text[match.end() :].lstrip().startswith("("):
             continue
         if match.group(0).lower() not in PROMQL_WORDS:
             names.add(match.group(0))
@@ -293,8 +315,10 @@ def check_commands(compose: dict) -> list[str]:
             if model not in specs:
                 problems.append(f"{inv}: model {model!r} is not created by any `streamfit models create`")
             elif synthetic.n_features(generator) != BUILTIN_SPECS[specs[model]].n_features:
-                problems.append(f"{inv}: {source} makes {synthetic.n_features(generator)} features but model {model!r} "
-                                f"(spec {specs[model]}) takes {BUILTIN_SPECS[specs[model]].n_features}")
+                problems.append(
+                    f"{inv}: {source} makes {synthetic.n_features(generator)} features but model {model!r} "
+                    f"(spec {specs[model]}) takes {BUILTIN_SPECS[specs[model]].n_features}"
+                )
     return problems
 
 
@@ -305,7 +329,7 @@ def check_environment(compose: dict) -> list[str]:
     for name, service in (compose.get("services") or {}).items():
         for variable in environment(service):
             if variable.upper().startswith(ENV_PREFIX) and variable not in known:
-                field = variable[len(ENV_PREFIX):].lower()
+                field = variable[len(ENV_PREFIX) :].lower()
                 hint = f" (write it {ENV_PREFIX}{field.upper()})" if field in Settings.model_fields else ""
                 problems.append(f"service {name!r}: {variable} is not a streamfit setting{hint}")
     invs = invocations(compose)
@@ -318,8 +342,10 @@ def check_environment(compose: dict) -> list[str]:
         if not inv.settings.kafka_bootstrap and inv.name not in {"models list", "models show"}:
             problems.append(f"{inv}: STREAMFIT_KAFKA_BOOTSTRAP is not set, so it looks for an embedded broker")
         if inv.name in {"train", "predict"} and inv.settings.kafka_source != "native":
-            problems.append(f"{inv}: kafka_source is {inv.settings.kafka_source!r}; the image has Spark's Kafka "
-                            f"connector, set STREAMFIT_KAFKA_SOURCE=native")
+            problems.append(
+                f"{inv}: kafka_source is {inv.settings.kafka_source!r}; the image has Spark's Kafka "
+                f"connector, set STREAMFIT_KAFKA_SOURCE=native"
+            )
     return problems
 
 
@@ -329,11 +355,13 @@ def check_kafka(compose: dict) -> list[str]:
     brokers = {n: s for n, s in services.items() if str(s.get("image", "")).split(":")[0] == "apache/kafka"}
     if len(brokers) != 1:
         return [f"expected one service on the official apache/kafka image, found {sorted(brokers) or 'none'}"]
-    (name, kafka), = brokers.items()
+    ((name, kafka),) = brokers.items()
     env = environment(kafka)
     roles = set((env.get("KAFKA_PROCESS_ROLES") or "").split(","))
     if not {"broker", "controller"} <= roles or any(k.startswith("KAFKA_ZOOKEEPER") for k in env):
-        problems.append(f"service {name!r}: not a KRaft broker+controller (KAFKA_PROCESS_ROLES={env.get('KAFKA_PROCESS_ROLES')})")
+        problems.append(
+            f"service {name!r}: not a KRaft broker+controller (KAFKA_PROCESS_ROLES={env.get('KAFKA_PROCESS_ROLES')})"
+        )
     advertised = {}
     for listener in (env.get("KAFKA_ADVERTISED_LISTENERS") or "").split(","):
         match = re.fullmatch(r"(\w+)://([^:]+):(\d+)", listener.strip())
@@ -353,8 +381,9 @@ def check_kafka(compose: dict) -> list[str]:
             continue
         for server in inv.settings.kafka_bootstrap.split(","):
             if server.strip() not in advertised:
-                problems.append(f"{inv}: kafka_bootstrap {server} is not an advertised listener of {name!r} "
-                                f"({sorted(advertised)})")
+                problems.append(
+                    f"{inv}: kafka_bootstrap {server} is not an advertised listener of {name!r} ({sorted(advertised)})"
+                )
     return problems
 
 
@@ -370,8 +399,9 @@ def check_images(compose: dict, root: Path = ROOT) -> list[str]:
         if not tag or tag == "latest" or not re.search(r"\d", tag):
             problems.append(f"service {name!r}: image {image!r} is not pinned to a version tag")
         if "build" in service and tag != version:
-            problems.append(f"service {name!r}: the built image {image!r} should be tagged with the project "
-                            f"version {version}")
+            problems.append(
+                f"service {name!r}: the built image {image!r} should be tagged with the project version {version}"
+            )
     return problems
 
 
@@ -389,12 +419,16 @@ def check_ports(compose: dict) -> list[str]:
         if inv.name == "serve":
             ports.add(s.serve_port)
             if s.serve_host != "0.0.0.0":
-                problems.append(f"{inv}: serves on {s.serve_host}, unreachable from outside the container (--host 0.0.0.0)")
+                problems.append(
+                    f"{inv}: serves on {s.serve_host}, unreachable from outside the container (--host 0.0.0.0)"
+                )
         elif inv.name == "ps":
             ports.update(range(s.ps_port, s.ps_port + s.ps_shards))
             if s.ps_host != "0.0.0.0":
-                problems.append(f"{inv}: the parameter server binds {s.ps_host}, training workers in other "
-                                f"containers cannot reach it (--host 0.0.0.0)")
+                problems.append(
+                    f"{inv}: the parameter server binds {s.ps_host}, training workers in other "
+                    f"containers cannot reach it (--host 0.0.0.0)"
+                )
         if inv.name in ("predict", "train"):
             setting = metrics[inv.name][0]
             if getattr(s, setting) is None:
@@ -406,8 +440,10 @@ def check_ports(compose: dict) -> list[str]:
         s = inv.settings
         match = [ps for ps in servers if ps.service == s.ps_host]
         if not match:
-            problems.append(f"{inv}: ps_host {s.ps_host!r} is not a service running `streamfit ps` "
-                            f"({sorted(ps.service for ps in servers)}); set STREAMFIT_PS_HOST")
+            problems.append(
+                f"{inv}: ps_host {s.ps_host!r} is not a service running `streamfit ps` "
+                f"({sorted(ps.service for ps in servers)}); set STREAMFIT_PS_HOST"
+            )
             continue
         ps = match[0].settings
         for field in ("ps_port", "ps_shards", "model", "algorithm"):
@@ -417,8 +453,10 @@ def check_ports(compose: dict) -> list[str]:
     for name, service in services.items():
         for host, container in published(service):
             if name in listening and container not in listening[name]:
-                problems.append(f"service {name!r} publishes container port {container}, but nothing listens there "
-                                f"(its ports: {sorted(listening[name])})")
+                problems.append(
+                    f"service {name!r} publishes container port {container}, but nothing listens there "
+                    f"(its ports: {sorted(listening[name])})"
+                )
             if host is not None and host in hosts:
                 problems.append(f"services {hosts[host]!r} and {name!r} both publish host port {host}")
             hosts.setdefault(host, name)
@@ -456,13 +494,17 @@ def check_volumes(compose: dict, root: Path = ROOT) -> list[str]:
                 problems.append(f"{inv}: the registry {s.registry_url} is not on a named volume shared by the services")
             else:
                 registry_volumes[inv.service] = held[0]
-        state = {"ps": str(s.home / "ps"),
-                 "train": s.train_checkpoint or str(s.home / "checkpoints" / "training"),
-                 "predict": s.predict_checkpoint or str(s.home / "checkpoints" / "inference")}.get(inv.name)
+        state = {
+            "ps": str(s.home / "ps"),
+            "train": s.train_checkpoint or str(s.home / "checkpoints" / "training"),
+            "predict": s.predict_checkpoint or str(s.home / "checkpoints" / "inference"),
+        }.get(inv.name)
         if state:
             held = volume_for(service, state)
             if not held or not is_named_volume(held[0]):
-                problems.append(f"{inv}: its checkpoints ({state}) are not on a named volume and die with the container")
+                problems.append(
+                    f"{inv}: its checkpoints ({state}) are not on a named volume and die with the container"
+                )
     if len(set(registry_volumes.values())) > 1:
         problems.append(f"the services use different registry volumes: {registry_volumes}")
     return problems
@@ -478,8 +520,10 @@ def check_dependencies(compose: dict) -> list[str]:
             elif condition == "service_healthy" and not services[target].get("healthcheck"):
                 problems.append(f"service {name!r} waits for {target!r} to be healthy, but it has no healthcheck")
             elif condition == "service_completed_successfully" and str(services[target].get("restart", "no")) != "no":
-                problems.append(f"service {name!r} waits for {target!r} to complete, but it restarts "
-                                f"({services[target]['restart']})")
+                problems.append(
+                    f"service {name!r} waits for {target!r} to complete, but it restarts "
+                    f"({services[target]['restart']})"
+                )
 
     def reached(name: str) -> set[tuple[str, str]]:
         seen, todo = set(), [name]
@@ -497,13 +541,16 @@ def check_dependencies(compose: dict) -> list[str]:
     ps = {inv.service for inv in invs if inv.name == "ps"}
     for inv in invs:
         before = reached(inv.service)
-        for needed, condition, who in ([(k, "service_healthy", "Kafka") for k in kafka]
-                                       + [(t, "service_completed_successfully", "the topics") for t in topics
-                                          if inv.name != "topics"]
-                                       + [(m, "service_completed_successfully", "the model") for m in models
-                                          if inv.name in {"ps", "train", "predict", "serve"}]
-                                       + [(p, "service_healthy", "the parameter server") for p in ps
-                                          if inv.name == "train"]):
+        for needed, condition, who in (
+            [(k, "service_healthy", "Kafka") for k in kafka]
+            + [(t, "service_completed_successfully", "the topics") for t in topics if inv.name != "topics"]
+            + [
+                (m, "service_completed_successfully", "the model")
+                for m in models
+                if inv.name in {"ps", "train", "predict", "serve"}
+            ]
+            + [(p, "service_healthy", "the parameter server") for p in ps if inv.name == "train"]
+        ):
             if (needed, condition) not in before:
                 problems.append(f"{inv}: does not wait for {who} ({needed!r}: {condition})")
     return problems
@@ -514,8 +561,10 @@ def check_prometheus(compose: dict, prometheus: dict, root: Path = ROOT) -> list
     metrics = component_metrics()
     unknown = {f for f in Settings.model_fields if f.endswith("metrics_port")} - {m[0] for m in metrics.values()}
     if unknown:
-        problems.append(f"settings {sorted(unknown)} serve metrics deploy/check.py does not know of: scrape them and "
-                        f"add them to component_metrics")
+        problems.append(
+            f"settings {sorted(unknown)} serve metrics deploy/check.py does not know of: scrape them and "
+            f"add them to component_metrics"
+        )
     expected = {}
     for inv in invocations(compose):
         if inv.settings is not None and inv.args.command in metrics:
@@ -530,12 +579,16 @@ def check_prometheus(compose: dict, prometheus: dict, root: Path = ROOT) -> list
     for target in sorted(set(expected) - set(scraped)):
         problems.append(f"deploy/prometheus.yml does not scrape {target}, which serves /metrics")
     for target in sorted(set(scraped) - set(expected)):
-        problems.append(f"deploy/prometheus.yml scrapes {target}, but no service serves metrics there "
-                        f"(metrics are at {sorted(expected)})")
+        problems.append(
+            f"deploy/prometheus.yml scrapes {target}, but no service serves metrics there "
+            f"(metrics are at {sorted(expected)})"
+        )
     for target in sorted(set(scraped) & set(expected)):
         if scraped[target] != expected[target]:
             problems.append(f"deploy/prometheus.yml scrapes {target}{scraped[target]}, the path is {expected[target]}")
-    servers = [n for n, s in (compose.get("services") or {}).items() if str(s.get("image", "")).startswith("prom/prometheus:")]
+    servers = [
+        n for n, s in (compose.get("services") or {}).items() if str(s.get("image", "")).startswith("prom/prometheus:")
+    ]
     if not servers:
         problems.append("no prom/prometheus service")
     for name in servers:
@@ -569,7 +622,11 @@ def check_grafana(compose: dict, datasources: dict, providers: dict, dashboard: 
     metrics = component_metrics()
     scraped: set[str] = {"up"}
     for inv in invocations(compose):
-        if inv.settings is not None and inv.args.command in metrics and getattr(inv.settings, metrics[inv.args.command][0]):
+        if (
+            inv.settings is not None
+            and inv.args.command in metrics
+            and getattr(inv.settings, metrics[inv.args.command][0])
+        ):
             scraped |= metrics[inv.args.command][1]
     panels = dashboard.get("panels") or []
     if not panels:
@@ -583,15 +640,18 @@ def check_grafana(compose: dict, datasources: dict, providers: dict, dashboard: 
         for target in panel.get("targets") or []:
             target_uid = (target.get("datasource") or {}).get("uid", uid)
             if target_uid != source.get("uid"):
-                problems.append(f"panel {panel.get('title')!r}: datasource uid {target_uid!r} is not the provisioned "
-                                f"{source.get('uid')!r}")
+                problems.append(
+                    f"panel {panel.get('title')!r}: datasource uid {target_uid!r} is not the provisioned "
+                    f"{source.get('uid')!r}"
+                )
             expr = target.get("expr", "")
             names = promql_metrics(expr)
             if not names:
                 problems.append(f"panel {panel.get('title')!r}: {expr!r} selects no metric")
             for metric in sorted(names - scraped):
-                problems.append(f"panel {panel.get('title')!r}: {metric} is not exported by any scraped component "
-                                f"(query {expr!r})")
+                problems.append(
+                    f"panel {panel.get('title')!r}: {metric} is not exported by any scraped component (query {expr!r})"
+                )
     return problems
 
 
@@ -652,15 +712,19 @@ def check_dockerfile(text: str, pyproject: dict, root: Path = ROOT) -> list[str]
     if not re.search(r"openjdk-(17|21)-jre-headless", text):
         problems.append("no Debian JRE (openjdk-17/21-jre-headless) for Spark")
     if args.get("SPARK_VERSION") != pins.get("pyspark"):
-        problems.append(f"Dockerfile SPARK_VERSION={args.get('SPARK_VERSION')} but pyproject.toml pins "
-                        f"pyspark=={pins.get('pyspark')}: the Kafka connector jars must match")
+        problems.append(
+            f"Dockerfile SPARK_VERSION={args.get('SPARK_VERSION')} but pyproject.toml pins "
+            f"pyspark=={pins.get('pyspark')}: the Kafka connector jars must match"
+        )
     import pyspark
 
     jars = Path(pyspark.__file__).parent / "jars"
     scala = args.get("SCALA_BINARY_VERSION")
     if not (jars / f"spark-core_{scala}-{args.get('SPARK_VERSION')}.jar").exists():
-        problems.append(f"pyspark {pyspark.__version__}'s jars are not spark-core_{scala}-{args.get('SPARK_VERSION')}: "
-                        f"SCALA_BINARY_VERSION={scala} or SPARK_VERSION is wrong")
+        problems.append(
+            f"pyspark {pyspark.__version__}'s jars are not spark-core_{scala}-{args.get('SPARK_VERSION')}: "
+            f"SCALA_BINARY_VERSION={scala} or SPARK_VERSION is wrong"
+        )
     for arg in ("KAFKA_CLIENTS_VERSION", "COMMONS_POOL2_VERSION"):
         if not re.fullmatch(r"\d+\.\d+\.\d+", args.get(arg, "")):
             problems.append(f"{arg} is not pinned to an exact version ({args.get(arg)})")
@@ -675,16 +739,22 @@ def check_dockerfile(text: str, pyproject: dict, root: Path = ROOT) -> list[str]
                 problems.append(f"COPY {source}: .dockerignore keeps {source} out of the build context")
     scripts = [s for s in run_scripts(text) if s == CONNECTOR_SCRIPT]
     if not scripts:
-        problems.append(f"no step COPYing {CONNECTOR_SCRIPT} into the image and running it with python "
-                        f"to add the Kafka connector jars")
+        problems.append(
+            f"no step COPYing {CONNECTOR_SCRIPT} into the image and running it with python "
+            f"to add the Kafka connector jars"
+        )
     elif (root / CONNECTOR_SCRIPT).exists():
         script = (root / CONNECTOR_SCRIPT).read_text()
         try:
             compile(script, CONNECTOR_SCRIPT, "exec")
         except SyntaxError as exc:
             problems.append(f"the jar-adding script {CONNECTOR_SCRIPT} does not compile: {exc}")
-        for artifact in ("spark-sql-kafka-0-10_{scala}", "spark-token-provider-kafka-0-10_{scala}",
-                         '"kafka-clients"', '"commons-pool2"'):
+        for artifact in (
+            "spark-sql-kafka-0-10_{scala}",
+            "spark-token-provider-kafka-0-10_{scala}",
+            '"kafka-clients"',
+            '"commons-pool2"',
+        ):
             if artifact not in script:
                 problems.append(f"the jar-adding script {CONNECTOR_SCRIPT} does not fetch {artifact}")
     if not re.search(r"^COPY pyproject\.toml", text, re.M) or not re.search(r"pip install[^\n]*(\s\.|-r)", text):
@@ -694,9 +764,10 @@ def check_dockerfile(text: str, pyproject: dict, root: Path = ROOT) -> list[str]
         problems.append(f"the image runs as root (USER {users[-1] if users else 'unset'})")
     exposed = {int(p) for line in re.findall(r"^EXPOSE\s+(.+)$", text, re.M) for p in re.findall(r"\d+", line)}
     if Settings.model_fields["serve_port"].default not in exposed:
-        problems.append(f"EXPOSE {sorted(exposed)} lacks the serving port {Settings.model_fields['serve_port'].default}")
+        problems.append(
+            f"EXPOSE {sorted(exposed)} lacks the serving port {Settings.model_fields['serve_port'].default}"
+        )
     return problems
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -722,14 +793,26 @@ def run_checks(root: Path = ROOT) -> dict[str, list[str]]:
         run(check.__name__, check, compose)
     for check in (check_images, check_volumes):
         run(check.__name__, check, compose, root=root)
-    run("check_prometheus", lambda: check_prometheus(
-        compose, yaml.safe_load((root / PROMETHEUS_FILE).read_text()), root=root))
-    run("check_grafana", lambda: check_grafana(
-        compose, yaml.safe_load((root / GRAFANA_DATASOURCES_FILE).read_text()),
-        yaml.safe_load((root / GRAFANA_PROVIDERS_FILE).read_text()),
-        json.loads((root / DASHBOARD_FILE).read_text()), root=root))
-    run("check_dockerfile", lambda: check_dockerfile(
-        (root / DOCKER_FILE).read_text(), tomllib.loads((root / PYPROJECT_FILE).read_text()), root=root))
+    run(
+        "check_prometheus",
+        lambda: check_prometheus(compose, yaml.safe_load((root / PROMETHEUS_FILE).read_text()), root=root),
+    )
+    run(
+        "check_grafana",
+        lambda: check_grafana(
+            compose,
+            yaml.safe_load((root / GRAFANA_DATASOURCES_FILE).read_text()),
+            yaml.safe_load((root / GRAFANA_PROVIDERS_FILE).read_text()),
+            json.loads((root / DASHBOARD_FILE).read_text()),
+            root=root,
+        ),
+    )
+    run(
+        "check_dockerfile",
+        lambda: check_dockerfile(
+            (root / DOCKER_FILE).read_text(), tomllib.loads((root / PYPROJECT_FILE).read_text()), root=root
+        ),
+    )
     return results
 
 
@@ -737,10 +820,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m deploy.check",
         description="Check docker-compose.yml, the Dockerfile, Prometheus's and Grafana's configuration "
-                    "against the streamfit code, without Docker.")
-    parser.add_argument("--root", type=Path, default=ROOT,
-                        help="the directory holding docker-compose.yml, Dockerfile, pyproject.toml and deploy/ "
-                             "(default: this repository)")
+        "against the streamfit code, without Docker.",
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=ROOT,
+        help="the directory holding docker-compose.yml, Dockerfile, pyproject.toml and deploy/ "
+        "(default: this repository)",
+    )
     root = parser.parse_args(argv).root.resolve()
     results = run_checks(root)
     problems = [(name, problem) for name, found in results.items() for problem in found]
@@ -748,12 +836,15 @@ def main(argv: list[str] | None = None) -> int:
         for name, problem in problems:
             print(f"{name}: {problem}", file=sys.stderr)
         failed = sum(1 for found in results.values() if found)
-        print(f"deploy.check: {len(problems)} problem(s) in {failed} of {len(results)} checks of {root}",
-              file=sys.stderr)
+        print(
+            f"deploy.check: {len(problems)} problem(s) in {failed} of {len(results)} checks of {root}", file=sys.stderr
+        )
         return 1
     services = len(load_compose(root / COMPOSE_FILE).get("services") or {})
-    print(f"deploy.check: all {len(results)} checks pass ({services} services in {COMPOSE_FILE}, {DOCKER_FILE}, "
-          f"Prometheus and Grafana configuration under {root})")
+    print(
+        f"deploy.check: all {len(results)} checks pass ({services} services in {COMPOSE_FILE}, {DOCKER_FILE}, "
+        f"Prometheus and Grafana configuration under {root})"
+    )
     return 0
 
 

@@ -52,10 +52,14 @@ def properties(repository: str, root: ET.Element) -> dict[str, str]:
 
 def dependency_version(repository: str, root: ET.Element, group: str, artifact: str) -> str:
     """The version of a dependency the POM declares: its own, or managed by a parent; ${properties} resolved."""
-    declared = [dep for dep in root.findall("m:dependencies/m:dependency", NS) if coordinates(dep)[:2] == (group, artifact)]
+    declared = [
+        dep for dep in root.findall("m:dependencies/m:dependency", NS) if coordinates(dep)[:2] == (group, artifact)
+    ]
     if not declared:
-        sys.exit(f"{group}:{artifact} is no longer a dependency in the connector's POM: update "
-                 "deploy/fetch_kafka_connector.py")
+        sys.exit(
+            f"{group}:{artifact} is no longer a dependency in the connector's POM: update "
+            "deploy/fetch_kafka_connector.py"
+        )
     version, node = coordinates(declared[0])[2], root
     while not version and node is not None:
         managed = node.findall("m:dependencyManagement/m:dependencies/m:dependency", NS)
@@ -75,24 +79,31 @@ def main(env: Mapping[str, str] = os.environ) -> None:
     repository = env["MAVEN_REPOSITORY"].rstrip("/")
     jars = os.path.join(os.path.dirname(pyspark.__file__), "jars")
     if pyspark.__version__ != spark:
-        sys.exit(f"pyspark {pyspark.__version__} is installed but SPARK_VERSION={spark}: set the build arg to the "
-                 "version pyproject.toml pins")
+        sys.exit(
+            f"pyspark {pyspark.__version__} is installed but SPARK_VERSION={spark}: set the build arg to the "
+            "version pyproject.toml pins"
+        )
     if not os.path.exists(os.path.join(jars, f"spark-core_{scala}-{spark}.jar")):
         sys.exit(f"pyspark's jars are not built for Scala {scala}: fix SCALA_BINARY_VERSION")
 
     connector = pom(repository, "org.apache.spark", f"spark-sql-kafka-0-10_{scala}", spark)
-    for group, artifact, pinned in (("org.apache.kafka", "kafka-clients", env["KAFKA_CLIENTS_VERSION"]),
-                                    ("org.apache.commons", "commons-pool2", env["COMMONS_POOL2_VERSION"])):
+    for group, artifact, pinned in (
+        ("org.apache.kafka", "kafka-clients", env["KAFKA_CLIENTS_VERSION"]),
+        ("org.apache.commons", "commons-pool2", env["COMMONS_POOL2_VERSION"]),
+    ):
         wanted = dependency_version(repository, connector, group, artifact)
         if wanted != pinned:
-            sys.exit(f"spark-sql-kafka-0-10_{scala} {spark} depends on {artifact} {wanted}, but the Dockerfile pins "
-                     f"{pinned}: set the build arg to {wanted}")
+            sys.exit(
+                f"spark-sql-kafka-0-10_{scala} {spark} depends on {artifact} {wanted}, but the Dockerfile pins "
+                f"{pinned}: set the build arg to {wanted}"
+            )
 
     for group, artifact, version in (
-            ("org.apache.spark", f"spark-sql-kafka-0-10_{scala}", spark),
-            ("org.apache.spark", f"spark-token-provider-kafka-0-10_{scala}", spark),
-            ("org.apache.kafka", "kafka-clients", env["KAFKA_CLIENTS_VERSION"]),
-            ("org.apache.commons", "commons-pool2", env["COMMONS_POOL2_VERSION"])):
+        ("org.apache.spark", f"spark-sql-kafka-0-10_{scala}", spark),
+        ("org.apache.spark", f"spark-token-provider-kafka-0-10_{scala}", spark),
+        ("org.apache.kafka", "kafka-clients", env["KAFKA_CLIENTS_VERSION"]),
+        ("org.apache.commons", "commons-pool2", env["COMMONS_POOL2_VERSION"]),
+    ):
         data = fetch(url(repository, group, artifact, version, "jar"))
         expected = fetch(url(repository, group, artifact, version, "jar.sha1")).decode().split()[0]
         if hashlib.sha1(data).hexdigest() != expected:

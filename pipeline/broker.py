@@ -57,12 +57,30 @@ def _tansu_binary() -> str:
 def broker_command(impl: str, host: str, port: int, data_dir: Path) -> list[str]:
     """The command line that starts ``impl`` with only its Kafka listener on host:port."""
     if impl == "noida":
-        return [_noida_binary(), "start", "--only", "kafka", "--host", host,
-                "--kafka-port", str(port), "--data-dir", str(data_dir)]
+        return [
+            _noida_binary(),
+            "start",
+            "--only",
+            "kafka",
+            "--host",
+            host,
+            "--kafka-port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+        ]
     if impl == "tansu":
         url = f"tcp://{host}:{port}"
-        return [_tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                "--storage-engine", "memory://tansu/"]
+        return [
+            _tansu_binary(),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
     raise BrokerError(f"unknown broker implementation {impl!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
 
 
@@ -91,8 +109,14 @@ class EmbeddedBroker:
     127.0.0.1:40123
     """
 
-    def __init__(self, impl: str = "noida", host: str = "127.0.0.1", port: int = 0,
-                 data_dir: Path = Path(".streamfit/broker"), start_timeout_s: float = 30.0):
+    def __init__(
+        self,
+        impl: str = "noida",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        data_dir: Path = Path(".streamfit/broker"),
+        start_timeout_s: float = 30.0,
+    ):
         if impl not in IMPLEMENTATIONS:
             raise BrokerError(f"unknown broker implementation {impl!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
         self.impl, self.host, self.port = impl, host, port
@@ -118,8 +142,9 @@ class EmbeddedBroker:
         command = broker_command(self.impl, self.host, self.port, self.data_dir.resolve())
         log.info("starting %s broker on %s", self.impl, self.bootstrap)
         with open(self.log_path, "ab") as sink:
-            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink,
-                                            preexec_fn=die_with_parent())
+            self.process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink, preexec_fn=die_with_parent()
+            )
         try:
             self._wait_ready()
         except BaseException:
@@ -133,8 +158,9 @@ class EmbeddedBroker:
             if self.process.poll() is not None:
                 raise BrokerError(f"{self.impl} broker exited with code {self.process.returncode}:\n{self._log_tail()}")
             try:
-                client = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=2000,
-                                          client_id="streamfit-probe")
+                client = KafkaAdminClient(
+                    bootstrap_servers=self.bootstrap, request_timeout_ms=2000, client_id="streamfit-probe"
+                )
                 try:
                     client.list_topics()
                     return
@@ -142,8 +168,10 @@ class EmbeddedBroker:
                     client.close()
             except KafkaError:
                 time.sleep(0.1)
-        raise BrokerError(f"{self.impl} broker did not answer on {self.bootstrap} within "
-                          f"{self.start_timeout_s:.0f}s:\n{self._log_tail()}")
+        raise BrokerError(
+            f"{self.impl} broker did not answer on {self.bootstrap} within "
+            f"{self.start_timeout_s:.0f}s:\n{self._log_tail()}"
+        )
 
     def _log_tail(self, lines: int = 20) -> str:
         try:
@@ -198,16 +226,32 @@ def kafka_cluster(settings: Settings) -> Iterator[str]:
         return
     other = running_broker(settings)
     if other:
-        raise BrokerError(f"an embedded broker is already running at {other['bootstrap']} (pid {other['pid']}); "
-                          "stop it first or use another STREAMFIT_HOME")
-    broker = EmbeddedBroker(settings.broker_impl, settings.broker_host, settings.broker_port,
-                            settings.home / "broker", settings.broker_start_timeout_s)
+        raise BrokerError(
+            f"an embedded broker is already running at {other['bootstrap']} (pid {other['pid']}); "
+            "stop it first or use another STREAMFIT_HOME"
+        )
+    broker = EmbeddedBroker(
+        settings.broker_impl,
+        settings.broker_host,
+        settings.broker_port,
+        settings.home / "broker",
+        settings.broker_start_timeout_s,
+    )
     record = broker_file(settings)
     with broker:
         ensure_topics(broker.bootstrap, topics, settings.kafka_timeout_s)
         record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"bootstrap": broker.bootstrap, "impl": broker.impl, "pid": os.getpid(),
-                                      "broker_pid": broker.process.pid, "started_at": time.time()}))
+        record.write_text(
+            json.dumps(
+                {
+                    "bootstrap": broker.bootstrap,
+                    "impl": broker.impl,
+                    "pid": os.getpid(),
+                    "broker_pid": broker.process.pid,
+                    "started_at": time.time(),
+                }
+            )
+        )
         try:
             yield broker.bootstrap
         finally:

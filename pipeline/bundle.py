@@ -50,7 +50,9 @@ def check_weights(spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> dict[st
     expected = spec.weight_shapes
     missing, unknown = expected.keys() - weights.keys(), weights.keys() - expected.keys()
     if missing or unknown:
-        raise WeightsError(f"weights do not match model {spec.name!r}: missing {sorted(missing)}, unknown {sorted(unknown)}")
+        raise WeightsError(
+            f"weights do not match model {spec.name!r}: missing {sorted(missing)}, unknown {sorted(unknown)}"
+        )
     checked = {name: np.asarray(weights[name], dtype=np.float32) for name in expected}
     for name, value in checked.items():
         if value.shape != expected[name]:
@@ -127,8 +129,10 @@ class ModelBundle:
         """Class probabilities, shape ``(n, n_classes)``, for rows ``x`` of shape ``(n, n_features)``."""
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.spec.n_features:
-            raise ValueError(f"model {self.spec.name!r} expects rows of {self.spec.n_features} features, "
-                             f"got an array of shape {x.shape}")
+            raise ValueError(
+                f"model {self.spec.name!r} expects rows of {self.spec.n_features} features, "
+                f"got an array of shape {x.shape}"
+            )
         return self._engine.predict_proba(x)
 
     def standardisation(self) -> tuple[np.ndarray, np.ndarray]:
@@ -145,8 +149,10 @@ class ModelBundle:
         """Set the standardisation layer from data; a constant feature keeps std 1 (it is only centred)."""
         x = np.asarray(x, dtype=np.float64)
         std = x.std(axis=0)
-        self.set_weights(self.get_weights() | {"standardise/mean": x.mean(axis=0),
-                                               "standardise/std": np.where(std > 1e-12, std, 1.0)})
+        self.set_weights(
+            self.get_weights()
+            | {"standardise/mean": x.mean(axis=0), "standardise/std": np.where(std > 1e-12, std, 1.0)}
+        )
 
     def train_on_batch(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
         """One step of the spec's optimizer on ``mean_i(sample_weight_i * loss_i)``; returns that loss.

@@ -49,7 +49,7 @@ def _views(flat: np.ndarray, shapes: Mapping[str, tuple[int, ...]]) -> dict[str,
     views, start = {}, 0
     for name, shape in shapes.items():
         size = math.prod(shape)
-        views[name], start = flat[start:start + size].reshape(shape), start + size
+        views[name], start = flat[start : start + size].reshape(shape), start + size
     return views
 
 
@@ -116,8 +116,13 @@ class DenseEngine:
             self._step(gradient)
         return loss
 
-    def gradients(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None,
-                  masks: list[np.ndarray] | None = None) -> tuple[float, np.ndarray]:
+    def gradients(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        sample_weight: np.ndarray | None = None,
+        masks: list[np.ndarray] | None = None,
+    ) -> tuple[float, np.ndarray]:
         """The loss and its gradient with respect to the trained weights (flat, in the weights' order).
 
         Crossentropy from the logits, as Keras computes it in training (it takes the softmax's input,

@@ -37,8 +37,15 @@ RECORD_LIMIT = 64 * 1024
 """Every record's encoded size is below this: raw <= 2 * 24 KiB, error and topic <= 3 KiB each, the rest < 1 KiB."""
 
 
-def dead_letter(stage: str, error: str, raw: bytes | None, topic: str | None = None, partition: int | None = None,
-                offset: int | None = None, max_raw_bytes: int = MAX_RAW_BYTES) -> bytes:
+def dead_letter(
+    stage: str,
+    error: str,
+    raw: bytes | None,
+    topic: str | None = None,
+    partition: int | None = None,
+    offset: int | None = None,
+    max_raw_bytes: int = MAX_RAW_BYTES,
+) -> bytes:
     """The JSON value of one DLQ record (under :data:`RECORD_LIMIT` bytes)."""
     if not 0 <= max_raw_bytes <= MAX_RAW_BYTES_LIMIT:
         raise ValueError(f"max_raw_bytes must be in [0, {MAX_RAW_BYTES_LIMIT}], got {max_raw_bytes}")
@@ -49,12 +56,21 @@ def dead_letter(stage: str, error: str, raw: bytes | None, topic: str | None = N
         shown, encoding = text, "utf8"
     else:
         shown, encoding = base64.b64encode(kept).decode("ascii"), "base64"
-    return orjson.dumps({
-        "stage": stage, "error": _bounded(error), "topic": None if topic is None else _bounded(topic),
-        "partition": partition, "offset": offset, "raw": shown, "raw_encoding": encoding,
-        "raw_size": len(raw), "raw_sha256": hashlib.sha256(raw).hexdigest(), "raw_truncated": len(kept) < len(raw),
-        "failed_at": int(time.time() * 1000),
-    })
+    return orjson.dumps(
+        {
+            "stage": stage,
+            "error": _bounded(error),
+            "topic": None if topic is None else _bounded(topic),
+            "partition": partition,
+            "offset": offset,
+            "raw": shown,
+            "raw_encoding": encoding,
+            "raw_size": len(raw),
+            "raw_sha256": hashlib.sha256(raw).hexdigest(),
+            "raw_truncated": len(kept) < len(raw),
+            "failed_at": int(time.time() * 1000),
+        }
+    )
 
 
 def original_bytes(record: dict) -> bytes:
@@ -69,7 +85,7 @@ def _utf8_prefix(kept: bytes, truncated: bool) -> str | None:
     """``kept`` as text, if it is UTF-8; a cut prefix may lose the last character's first 1-3 bytes."""
     for cut in range(4 if truncated and kept else 1):
         try:
-            return kept[:len(kept) - cut].decode("utf-8")
+            return kept[: len(kept) - cut].decode("utf-8")
         except UnicodeDecodeError:
             continue
     return None
@@ -79,5 +95,5 @@ def _bounded(text: str) -> str:
     """At most :data:`MAX_TEXT_CHARS` characters, lone surrogates (undecodable file bytes) spelled out."""
     text = str(text)
     if len(text) > MAX_TEXT_CHARS:
-        text = text[:MAX_TEXT_CHARS - 30] + f"... ({len(text)} characters in all)"
+        text = text[: MAX_TEXT_CHARS - 30] + f"... ({len(text)} characters in all)"
     return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -59,8 +59,9 @@ class DeadLetterFence:
     """The fence of one streaming query (its ``checkpoint``, a local directory) writing dead
     letters of ``stage`` to ``topic``."""
 
-    def __init__(self, checkpoint: str, bootstrap: str, topic: str, stage: str, *, keep: int = KEEP,
-                 timeout_s: float = 15.0):
+    def __init__(
+        self, checkpoint: str, bootstrap: str, topic: str, stage: str, *, keep: int = KEEP, timeout_s: float = 15.0
+    ):
         self.directory = _local_path(checkpoint) / "dlq-fence"
         self.bootstrap, self.topic, self.stage, self.keep, self.timeout_s = bootstrap, topic, stage, keep, timeout_s
         self._offsets: KafkaOffsetReader | None = None  # kept across micro-batches: a new client costs ~8 ms
@@ -77,8 +78,13 @@ class DeadLetterFence:
         path = self.directory / f"{batch_id}.json"
         if path.exists():
             written = self._written_since(orjson.loads(path.read_bytes())["offsets"])
-            log.info("micro-batch %d is a replay: %d event(s) it already dead-lettered (stage %s) are not "
-                     "dead-lettered again", batch_id, len(written), self.stage)
+            log.info(
+                "micro-batch %d is a replay: %d event(s) it already dead-lettered (stage %s) are not "
+                "dead-lettered again",
+                batch_id,
+                len(written),
+                self.stage,
+            )
             return written
         if not self.directory.exists():
             self.directory.mkdir(parents=True, exist_ok=True)

@@ -100,8 +100,9 @@ def feature_value_problem(x: object) -> str | None:
     return None
 
 
-def standardisation_problems(x: np.ndarray, mean: Sequence[float] | np.ndarray, std: Sequence[float] | np.ndarray,
-                             names: Sequence[str]) -> list[str | None]:
+def standardisation_problems(
+    x: np.ndarray, mean: Sequence[float] | np.ndarray, std: Sequence[float] | np.ndarray, names: Sequence[str]
+) -> list[str | None]:
     """Per row of ``x`` (rows of valid feature values), why the model's standardisation layer
     ``(x - mean) / std`` makes it non-finite in float32, naming the first such feature; ``None`` for
     rows it keeps finite. Computed in float32 exactly as the layer does, so a row that passes here
@@ -115,8 +116,10 @@ def standardisation_problems(x: np.ndarray, mean: Sequence[float] | np.ndarray, 
     problems: list[str | None] = [None] * len(x)
     for i in np.flatnonzero(bad.any(axis=1)):
         j = int(np.argmax(bad[i]))
-        problems[i] = (f"feature {names[j]} = {float(x[i, j]):g} is {float(standardised[i, j]):g} after the model's "
-                       f"standardisation (x - {float(mean[j]):g}) / {float(std[j]):g}, outside the float32 range")
+        problems[i] = (
+            f"feature {names[j]} = {float(x[i, j]):g} is {float(standardised[i, j]):g} after the model's "
+            f"standardisation (x - {float(mean[j]):g}) / {float(std[j]):g}, outside the float32 range"
+        )
     return problems
 
 
@@ -127,8 +130,12 @@ def probability_problems(probabilities: np.ndarray) -> list[str | None]:
     (``3e38`` times a weight); such a row has no prediction to give.
     """
     finite = np.isfinite(probabilities).all(axis=1)
-    return [None if ok else f"the model's probabilities are not finite ({_row(p)}): the features are too extreme "
-            f"for this model" for ok, p in zip(finite.tolist(), probabilities)]
+    return [
+        None
+        if ok
+        else f"the model's probabilities are not finite ({_row(p)}): the features are too extreme for this model"
+        for ok, p in zip(finite.tolist(), probabilities)
+    ]
 
 
 def validate(raw: bytes | None, schema: FeatureSchema) -> Event | Rejection:
@@ -222,8 +229,11 @@ def shown(value: object, limit: int = 60) -> str:
     if isinstance(value, int):
         if value.bit_length() <= 64:
             return repr(value)
-        return f"a {len(str(abs(value)))}-digit integer" if value.bit_length() < 14_000 else \
-            f"an integer of {value.bit_length()} bits"
+        return (
+            f"a {len(str(abs(value)))}-digit integer"
+            if value.bit_length() < 14_000
+            else f"an integer of {value.bit_length()} bits"
+        )
     if isinstance(value, str):
         text = repr(value[:limit])
         return text if len(value) <= limit else text[:-1] + f"...' ({len(value)} characters)"
@@ -237,7 +247,9 @@ def _kind(value: object) -> str:
 
 
 def _names(names: list[str], limit: int = 5) -> str:
-    return ", ".join(n if len(n) <= 40 else n[:40] + "..." for n in names[:limit]) + (" ..." if len(names) > limit else "")
+    return ", ".join(n if len(n) <= 40 else n[:40] + "..." for n in names[:limit]) + (
+        " ..." if len(names) > limit else ""
+    )
 
 
 def _row(values: np.ndarray) -> str:

@@ -72,11 +72,17 @@ def training_frame(spark, path: str | Path, spec: ModelSpec, label_column: str =
     features = _features_column(raw, spec, label_column, path)
     n = spec.n_features
     finite = F.forall(features, lambda v: v.isNotNull() & ~F.isnan(v) & (F.abs(v) != float("inf")))
-    valid = ((F.size(features) == n) & finite & F.col(label_column).isNotNull()
-             & (F.col(label_column) >= 0) & (F.col(label_column) < spec.n_classes)
-             & (F.col(label_column) == F.col(label_column).cast("int")))
-    checked = raw.select(features.alias("features"), F.col(label_column).alias("label"),
-                         F.coalesce(valid, F.lit(False)).alias("valid")).cache()
+    valid = (
+        (F.size(features) == n)
+        & finite
+        & F.col(label_column).isNotNull()
+        & (F.col(label_column) >= 0)
+        & (F.col(label_column) < spec.n_classes)
+        & (F.col(label_column) == F.col(label_column).cast("int"))
+    )
+    checked = raw.select(
+        features.alias("features"), F.col(label_column).alias("label"), F.coalesce(valid, F.lit(False)).alias("valid")
+    ).cache()
     invalid = checked.filter(~F.col("valid")).count()
     return checked.filter("valid").select("features", F.col("label").cast("int").alias("label")), invalid
 
@@ -96,12 +102,17 @@ def _features_column(raw, spec: ModelSpec, label_column: str, path: Path):
             return F.col("features").cast("array<float>")
         raise FitError(f"{path}: column 'features' is {kind.simpleString()}, expected a list or an object")
     named = [name for name in spec.feature_names if name in raw.columns]
-    columns = named if len(named) == spec.n_features else [
-        c for c in raw.columns if c != label_column and c not in NON_FEATURES]
+    columns = (
+        named
+        if len(named) == spec.n_features
+        else [c for c in raw.columns if c != label_column and c not in NON_FEATURES]
+    )
     if len(columns) != spec.n_features:
-        raise FitError(f"{path}: model {spec.name!r} needs {spec.n_features} feature columns "
-                       f"(named {spec.feature_names[0]}..{spec.feature_names[-1]}, or all columns but "
-                       f"{label_column!r}, id, ts); found {len(columns)}")
+        raise FitError(
+            f"{path}: model {spec.name!r} needs {spec.n_features} feature columns "
+            f"(named {spec.feature_names[0]}..{spec.feature_names[-1]}, or all columns but "
+            f"{label_column!r}, id, ts); found {len(columns)}"
+        )
     return F.array(*(F.col(f"`{c}`").cast("float") for c in columns))
 
 
@@ -116,9 +127,18 @@ def standardisation_of(frame, n_features: int) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.where(std > 1e-12, std, 1.0)
 
 
-def fit(spark, settings: Settings, registry: Registry, data: str | Path, *, holdout: float = 0.1,
-        label_column: str = "label", promote: bool = False,
-        progress: Callable[[dict], None] | None = None, run_id: str | None = None) -> FitResult:
+def fit(
+    spark,
+    settings: Settings,
+    registry: Registry,
+    data: str | Path,
+    *,
+    holdout: float = 0.1,
+    label_column: str = "label",
+    promote: bool = False,
+    progress: Callable[[dict], None] | None = None,
+    run_id: str | None = None,
+) -> FitResult:
     """Train ``settings.model`` on ``data`` with ``settings.algorithm`` over ``settings.workers``
     Spark partitions; register the result (see the module docstring). ``progress`` gets the server's
     stats about once a second. ``run_id`` (default: a fresh ``fit-<hex>``) tags the commits."""
@@ -135,26 +155,37 @@ def fit(spark, settings: Settings, registry: Registry, data: str | Path, *, hold
         raise FitError(f"{data}: no valid labelled rows to train on ({invalid} invalid)")
     if has_identity_standardisation(weights):
         weights["standardise/mean"], weights["standardise/std"] = (
-            v.astype(np.float32) for v in standardisation_of(train, spec.n_features))
+            v.astype(np.float32) for v in standardisation_of(train, spec.n_features)
+        )
     plan = _plan(settings, spec, rows, run_id)
     state = CenterState(weights, plan.algorithm().rule())
     secret = secrets.token_hex(16)
-    with ParameterServer(state, host=settings.ps_host, port=0, secret=secret.encode(),
-                         max_frame_bytes=settings.ps_max_frame_bytes) as server:
+    with ParameterServer(
+        state, host=settings.ps_host, port=0, secret=secret.encode(), max_frame_bytes=settings.ps_max_frame_bytes
+    ) as server:
         plan = plan.model_copy(update={"addresses": [server.address], "secret": secret})
         job = train.mapInArrow(arrow_trainer(plan), REPORT_DDL, barrier=plan.synchronous)
         reports = _collect_with_progress(job, state, progress)
     published, updates, _ = state.publication()
     holdout_rows = rows_of(held.toArrow().to_batches(), spec.n_features) if held is not None else None
-    versions, metrics = register_trained(registry, model, published, parent=parent, algorithm=plan.algorithm_name,
-                                         updates=updates, holdout=holdout_rows)
+    versions, metrics = register_trained(
+        registry, model, published, parent=parent, algorithm=plan.algorithm_name, updates=updates, holdout=holdout_rows
+    )
     registry.set_alias(model, "candidate", versions[0])
     if promote:
         registry.promote(model, versions[0])
     registry.retain(model, settings.registry_keep)
     train.unpersist()
-    return FitResult(run_id=run_id, versions=versions, holdout=metrics, rows=rows, invalid_rows=invalid, updates=updates,
-                     seconds=time.monotonic() - started, workers=sorted(reports, key=lambda r: r["worker_id"]))
+    return FitResult(
+        run_id=run_id,
+        versions=versions,
+        holdout=metrics,
+        rows=rows,
+        invalid_rows=invalid,
+        updates=updates,
+        seconds=time.monotonic() - started,
+        workers=sorted(reports, key=lambda r: r["worker_id"]),
+    )
 
 
 def _plan(settings: Settings, spec: ModelSpec, rows: int, run_id: str) -> TrainingPlan:
@@ -167,15 +198,27 @@ def _plan(settings: Settings, spec: ModelSpec, rows: int, run_id: str) -> Traini
     if synchronous:
         steps = rows // settings.workers // settings.batch_size  # every worker must take the same rounds
         if steps == 0:
-            raise FitError(f"{settings.algorithm} needs at least workers x batch_size = "
-                           f"{settings.workers * settings.batch_size} rows")
+            raise FitError(
+                f"{settings.algorithm} needs at least workers x batch_size = "
+                f"{settings.workers * settings.batch_size} rows"
+            )
         params["global_batch_size"] = settings.workers * settings.batch_size
     try:
-        return TrainingPlan.create(spec, algorithm=settings.algorithm, addresses=[],
-                                   learning_rate=settings.learning_rate, momentum=settings.momentum,
-                                   algorithm_params=params, batch_size=settings.batch_size, epochs=settings.epochs,
-                                   steps_per_epoch=steps, seed=settings.seed, io_timeout_s=settings.ps_io_timeout_s,
-                                   query_id=run_id, batch_id=0)
+        return TrainingPlan.create(
+            spec,
+            algorithm=settings.algorithm,
+            addresses=[],
+            learning_rate=settings.learning_rate,
+            momentum=settings.momentum,
+            algorithm_params=params,
+            batch_size=settings.batch_size,
+            epochs=settings.epochs,
+            steps_per_epoch=steps,
+            seed=settings.seed,
+            io_timeout_s=settings.ps_io_timeout_s,
+            query_id=run_id,
+            batch_id=0,
+        )
     except ValueError as exc:
         raise FitError(str(exc)) from exc
 
@@ -183,9 +226,11 @@ def _plan(settings: Settings, spec: ModelSpec, rows: int, run_id: str) -> Traini
 def _collect_with_progress(job, state: CenterState, progress: Callable[[dict], None] | None) -> list[dict]:
     done = threading.Event()
     if progress is not None:
+
         def report():
             while not done.wait(1.0):
                 progress(state.stats())
+
         threading.Thread(target=report, name="fit-progress", daemon=True).start()
     try:
         return [row.asDict() for row in job.collect()]

@@ -76,8 +76,12 @@ def topic_specs(settings: Settings) -> dict[str, int]:
 
 def admin(bootstrap_servers: str, timeout_s: float) -> KafkaAdminClient:
     try:
-        return KafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=int(timeout_s * 1000),
-                                bootstrap_timeout_ms=int(timeout_s * 1000), client_id="streamfit-admin")
+        return KafkaAdminClient(
+            bootstrap_servers=bootstrap_servers,
+            request_timeout_ms=int(timeout_s * 1000),
+            bootstrap_timeout_ms=int(timeout_s * 1000),
+            client_id="streamfit-admin",
+        )
     except KafkaError:
         raise KafkaUnavailable(f"no Kafka broker answers at {bootstrap_servers}") from None
 
@@ -104,8 +108,10 @@ def _wait_for_topics(client: KafkaAdminClient, names: list[str], timeout_s: floa
     deadline = time.monotonic() + timeout_s
     while True:
         described = client.describe_topics(names)
-        ready = all(t["error_code"] == 0 and t["partitions"] and all(p["leader_id"] >= 0 for p in t["partitions"])
-                    for t in described)
+        ready = all(
+            t["error_code"] == 0 and t["partitions"] and all(p["leader_id"] >= 0 for p in t["partitions"])
+            for t in described
+        )
         if ready:
             return
         if time.monotonic() > deadline:
@@ -120,8 +126,7 @@ def describe(bootstrap_servers: str, timeout_s: float = 15.0) -> dict[str, int]:
     while True:
         client = admin(bootstrap_servers, max(1.0, deadline - time.monotonic()))
         try:
-            return {t["name"]: len(t["partitions"])
-                    for t in client.describe_topics(client.list_topics())}
+            return {t["name"]: len(t["partitions"]) for t in client.describe_topics(client.list_topics())}
         except KafkaError:
             if time.monotonic() >= deadline:
                 raise
@@ -143,7 +148,8 @@ def producer(bootstrap_servers: str, timeout_s: float = 15.0, **overrides) -> Ka
         linger_ms=5,
         batch_size=BATCH_BYTES,
         max_request_size=MAX_REQUEST_BYTES,
-        retries=2**31 - 1,  # as Apache Kafka's own client: retry until delivery_timeout_ms, so a broker restart loses nothing
+        retries=2**31
+        - 1,  # as Apache Kafka's own client: retry until delivery_timeout_ms, so a broker restart loses nothing
         request_timeout_ms=int(timeout_s * 1000),
         max_block_ms=int(timeout_s * 1000),
         bootstrap_timeout_ms=int(timeout_s * 1000),
@@ -159,8 +165,13 @@ def producer(bootstrap_servers: str, timeout_s: float = 15.0, **overrides) -> Ka
         raise KafkaUnavailable(f"cannot connect to Kafka at {bootstrap_servers}: {exc}") from None
 
 
-def fast_producer(bootstrap_servers: str, timeout_s: float = 15.0, client: KafkaClient = "auto",
-                  linger_ms: int = 5, client_id: str = "streamfit-producer"):
+def fast_producer(
+    bootstrap_servers: str,
+    timeout_s: float = 15.0,
+    client: KafkaClient = "auto",
+    linger_ms: int = 5,
+    client_id: str = "streamfit-producer",
+):
     """The hot write path's producer: ``send(topic, key=, value=, partition=)`` returning a future
     (``is_done``, ``get(timeout)``), ``flush(timeout)``, ``close(timeout)``, with :func:`producer`'s
     guarantees. ``auto``: librdkafka if confluent-kafka is installed, else kafka-python."""
@@ -169,20 +180,31 @@ def fast_producer(bootstrap_servers: str, timeout_s: float = 15.0, client: Kafka
     if client == "kafka-python" or (client == "auto" and confluent_kafka is None):
         return producer(bootstrap_servers, timeout_s, linger_ms=linger_ms, client_id=client_id)
     if confluent_kafka is None:
-        raise KafkaUnavailable("kafka_client=confluent, but confluent-kafka is not installed "
-                               "(pip install confluent-kafka, or set kafka_client=kafka-python)")
+        raise KafkaUnavailable(
+            "kafka_client=confluent, but confluent-kafka is not installed "
+            "(pip install confluent-kafka, or set kafka_client=kafka-python)"
+        )
     return ConfluentProducer(confluent_config(bootstrap_servers, timeout_s, linger_ms, client_id), timeout_s)
 
 
-def confluent_config(bootstrap_servers: str, timeout_s: float = 15.0, linger_ms: int = 5,
-                     client_id: str = "streamfit-producer") -> dict:
+def confluent_config(
+    bootstrap_servers: str, timeout_s: float = 15.0, linger_ms: int = 5, client_id: str = "streamfit-producer"
+) -> dict:
     """librdkafka's settings for :func:`producer`'s guarantees (idempotence retries until the delivery
     timeout); Kafka's murmur2 partitioner, so a key lands where kafka-python and Java put it."""
-    return {"bootstrap.servers": bootstrap_servers, "client.id": client_id, "acks": "all",
-            "enable.idempotence": True, "linger.ms": linger_ms, "batch.size": BATCH_BYTES,
-            "message.max.bytes": MAX_REQUEST_BYTES, "request.timeout.ms": int(timeout_s * 1000),
-            "message.timeout.ms": int(timeout_s * 1000) + 5000, "partitioner": "murmur2_random",
-            "logger": logging.getLogger("librdkafka")}
+    return {
+        "bootstrap.servers": bootstrap_servers,
+        "client.id": client_id,
+        "acks": "all",
+        "enable.idempotence": True,
+        "linger.ms": linger_ms,
+        "batch.size": BATCH_BYTES,
+        "message.max.bytes": MAX_REQUEST_BYTES,
+        "request.timeout.ms": int(timeout_s * 1000),
+        "message.timeout.ms": int(timeout_s * 1000) + 5000,
+        "partitioner": "murmur2_random",
+        "logger": logging.getLogger("librdkafka"),
+    }
 
 
 def _delivery_error(err, where: str) -> KafkaError:
@@ -200,8 +222,11 @@ def _fatal_error(exc: BaseException | None):
     """The fatal librdkafka error behind ``exc``, or None. confluent-kafka raises a fatal error from
     ``poll``/``flush``, as a SystemError chained to it when delivery callbacks ran in the same call."""
     while exc is not None:
-        if isinstance(exc, confluent_kafka.KafkaException) and exc.args and (
-                exc.args[0].fatal() or exc.args[0].code() == confluent_kafka.KafkaError._FATAL):
+        if (
+            isinstance(exc, confluent_kafka.KafkaException)
+            and exc.args
+            and (exc.args[0].fatal() or exc.args[0].code() == confluent_kafka.KafkaError._FATAL)
+        ):
             return exc.args[0]
         exc = exc.__cause__ or exc.__context__
     return None
@@ -290,15 +315,18 @@ class ConfluentProducer:
         if fatal is None:
             raise exc
         if handle.fatal is None:
-            log.warning("librdkafka producer failed: %s; its records in flight fail, the next send starts "
-                        "a new producer", fatal.str())
+            log.warning(
+                "librdkafka producer failed: %s; its records in flight fail, the next send starts a new producer",
+                fatal.str(),
+            )
             handle.fatal = fatal
 
     def poll(self, timeout: float = 0) -> None:
         self._serve(self._handle, confluent_kafka.Producer.poll, timeout)
 
-    def send(self, topic: str, value: bytes | None = None, key: bytes | None = None,
-             partition: int | None = None) -> Delivery:
+    def send(
+        self, topic: str, value: bytes | None = None, key: bytes | None = None, partition: int | None = None
+    ) -> Delivery:
         if self._closed:
             raise IllegalStateError("producer closed")
         blocked_until = None
@@ -347,8 +375,13 @@ class ConfluentProducer:
 
 def consumer(bootstrap_servers: str, timeout_s: float = 15.0, **overrides) -> KafkaConsumer:
     """A consumer with manual offset control; callers assign partitions themselves."""
-    config = dict(bootstrap_servers=bootstrap_servers, enable_auto_commit=False, auto_offset_reset="earliest",
-                  bootstrap_timeout_ms=int(timeout_s * 1000), client_id="streamfit-consumer")
+    config = dict(
+        bootstrap_servers=bootstrap_servers,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        bootstrap_timeout_ms=int(timeout_s * 1000),
+        client_id="streamfit-consumer",
+    )
     config.update(overrides)
     try:
         return KafkaConsumer(**config)

@@ -69,8 +69,10 @@ class KerasEngine:
         made = [(path, tuple(v.shape)) for path, v in self._variables.items()]
         if made != list(spec.weight_shapes.items()):
             raise RuntimeError(f"builder {spec.builder!r} made {made}, not the weight_shapes it declares")
-        self._infer = tf.function(lambda x: self.model(x, training=False),
-                                  input_signature=[tf.TensorSpec([None, spec.n_features], tf.float32)])
+        self._infer = tf.function(
+            lambda x: self.model(x, training=False),
+            input_signature=[tf.TensorSpec([None, spec.n_features], tf.float32)],
+        )
         self._read_all, self._assign_all, self._splits = _bulk_access(list(self._variables.values()))
         self._compiled = False
 
@@ -87,7 +89,9 @@ class KerasEngine:
     def train_on_batch(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None) -> float:
         if not self._compiled:  # the optimizer (and its momentum) lives as long as the engine
             opt = self.spec.optimizer
-            self.model.compile(loss=self.spec.loss, optimizer=keras.optimizers.SGD(
-                opt.learning_rate, momentum=opt.momentum, nesterov=opt.nesterov))
+            self.model.compile(
+                loss=self.spec.loss,
+                optimizer=keras.optimizers.SGD(opt.learning_rate, momentum=opt.momentum, nesterov=opt.nesterov),
+            )
             self._compiled = True
         return float(self.model.train_on_batch(x, y, sample_weight=sample_weight))

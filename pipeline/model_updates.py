@@ -38,18 +38,28 @@ class Announcer:
         self._failed_at: float | None = None
 
     def __call__(self, event: dict) -> None:
-        if not self.required and self._failed_at is not None \
-                and time.monotonic() - self._failed_at < self.settings.kafka_timeout_s:
-            log.warning("alias %s of %s moved to v%s; not announced on %s (Kafka failed %.0f s ago)", event["alias"],
-                        event["model"], event["version"], self.settings.topic_model_updates,
-                        time.monotonic() - self._failed_at)
+        if (
+            not self.required
+            and self._failed_at is not None
+            and time.monotonic() - self._failed_at < self.settings.kafka_timeout_s
+        ):
+            log.warning(
+                "alias %s of %s moved to v%s; not announced on %s (Kafka failed %.0f s ago)",
+                event["alias"],
+                event["model"],
+                event["version"],
+                self.settings.topic_model_updates,
+                time.monotonic() - self._failed_at,
+            )
             return
         try:
             if self._producer is None:
-                self._producer = producer(bootstrap(self.settings), self.settings.kafka_timeout_s,
-                                          client_id="streamfit-model-updates")
-            future = self._producer.send(self.settings.topic_model_updates, key=event["model"].encode(),
-                                         value=orjson.dumps(event))
+                self._producer = producer(
+                    bootstrap(self.settings), self.settings.kafka_timeout_s, client_id="streamfit-model-updates"
+                )
+            future = self._producer.send(
+                self.settings.topic_model_updates, key=event["model"].encode(), value=orjson.dumps(event)
+            )
             # the producer gives up on a record after kafka_timeout_s + 5 s: wait for that verdict, so a
             # failed announcement leaves nothing for close() to flush
             future.get(timeout=self.settings.kafka_timeout_s + 10)
@@ -57,11 +67,19 @@ class Announcer:
         except (KafkaError, KafkaUnavailable) as exc:
             self._failed_at = time.monotonic()
             if self.required:
-                raise KafkaUnavailable(f"could not announce {event['model']} {event['alias']} -> "
-                                       f"v{event['version']} on {self.settings.topic_model_updates}: {exc}") from exc
-            log.warning("alias %s of %s moved to v%s but was not announced on %s (%s); "
-                        "servers will see it by polling the registry", event["alias"], event["model"],
-                        event["version"], self.settings.topic_model_updates, exc)
+                raise KafkaUnavailable(
+                    f"could not announce {event['model']} {event['alias']} -> "
+                    f"v{event['version']} on {self.settings.topic_model_updates}: {exc}"
+                ) from exc
+            log.warning(
+                "alias %s of %s moved to v%s but was not announced on %s (%s); "
+                "servers will see it by polling the registry",
+                event["alias"],
+                event["model"],
+                event["version"],
+                self.settings.topic_model_updates,
+                exc,
+            )
 
     def close(self) -> None:
         if self._producer is not None:

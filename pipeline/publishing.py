@@ -31,9 +31,17 @@ def members_of(published: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.nd
     return members
 
 
-def register_trained(registry: Registry, model: str, published: Mapping[str, np.ndarray], *, parent: int | None,
-                     algorithm: str, updates: int, offsets: Mapping | None = None,
-                     holdout: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[list[int], dict]:
+def register_trained(
+    registry: Registry,
+    model: str,
+    published: Mapping[str, np.ndarray],
+    *,
+    parent: int | None,
+    algorithm: str,
+    updates: int,
+    offsets: Mapping | None = None,
+    holdout: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[list[int], dict]:
     """Register ``published`` (scored on ``holdout`` when given); returns the versions, best first,
     and the best one's metrics (an ensemble's also carry ``ensemble_accuracy``)."""
     from pipeline.bundle import ModelBundle
@@ -53,9 +61,18 @@ def register_trained(registry: Registry, model: str, published: Mapping[str, np.
         for entry in scored:
             entry[3] = {**entry[3], "ensemble_accuracy": accuracy}
     scored.sort(key=lambda entry: -entry[0])
-    versions = [registry.register(model, weights, parent=parent, algorithm=algorithm, updates=updates,
-                                  offsets=offsets, metrics={**metrics, **({"member": member} if member else {})})
-                for _, member, weights, metrics in scored]
+    versions = [
+        registry.register(
+            model,
+            weights,
+            parent=parent,
+            algorithm=algorithm,
+            updates=updates,
+            offsets=offsets,
+            metrics={**metrics, **({"member": member} if member else {})},
+        )
+        for _, member, weights, metrics in scored
+    ]
     return versions, scored[0][3]
 
 
@@ -80,8 +97,15 @@ class CandidatePublisher:
 
     def __call__(self, weights: Mapping[str, np.ndarray], counter: int, meta: Mapping) -> int:
         parent = self.registry.aliases(self.model).get("champion")
-        versions, _ = register_trained(self.registry, self.model, weights, parent=parent, algorithm=self.algorithm,
-                                       updates=counter, offsets=trained_offsets(meta.get("commits", {})))
+        versions, _ = register_trained(
+            self.registry,
+            self.model,
+            weights,
+            parent=parent,
+            algorithm=self.algorithm,
+            updates=counter,
+            offsets=trained_offsets(meta.get("commits", {})),
+        )
         self.registry.set_alias(self.model, "candidate", versions[0])
         self.registry.retain(self.model, self.keep)
         log.info("published %s version %d as candidate at update %d", self.model, versions[0], counter)
@@ -95,8 +119,16 @@ class ShardedPublishing:
     them to ``publish``. ``counter`` is where the shards started (already in the registry). A failure
     (registry down) is logged and retried at the next round."""
 
-    def __init__(self, client, publish: CandidatePublisher, counter: int, *, every_updates: int, every_s: float,
-                 poll_s: float = 0.5):
+    def __init__(
+        self,
+        client,
+        publish: CandidatePublisher,
+        counter: int,
+        *,
+        every_updates: int,
+        every_s: float,
+        poll_s: float = 0.5,
+    ):
         self._client, self._publish = client, publish
         self._every_updates, self._every_s, self._poll_s = every_updates, every_s, poll_s
         self._stop = threading.Event()

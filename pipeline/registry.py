@@ -112,8 +112,10 @@ class _FsspecStore:
         try:
             import fsspec
         except ImportError as exc:
-            raise RegistryError(f"registry {url!r} is a URL, which needs fsspec (pip install fsspec "
-                                f"and the filesystem's package, e.g. s3fs)") from exc
+            raise RegistryError(
+                f"registry {url!r} is a URL, which needs fsspec (pip install fsspec "
+                f"and the filesystem's package, e.g. s3fs)"
+            ) from exc
         self.fs, self.root = fsspec.core.url_to_fs(url)
         self.root = self.root.rstrip("/")
         self.url = url.rstrip("/")
@@ -157,8 +159,10 @@ class _FsspecStore:
                 break
             except FileExistsError:
                 if time.monotonic() > deadline:
-                    raise RegistryError(f"registry lock {self.uri(f'{directory}/{LOCK}')} held for more than "
-                                        f"{self.LOCK_TIMEOUT_S:g} s; delete it if its writer died") from None
+                    raise RegistryError(
+                        f"registry lock {self.uri(f'{directory}/{LOCK}')} held for more than "
+                        f"{self.LOCK_TIMEOUT_S:g} s; delete it if its writer died"
+                    ) from None
                 time.sleep(0.05)
         try:
             yield
@@ -197,8 +201,11 @@ class Registry:
     def versions(self, model: str) -> list[int]:
         """Complete versions, oldest first."""
         directory = f"{self._model(model)}/versions"
-        return sorted(int(name) for name in self._store.list(directory)
-                      if name.isdigit() and self._store.exists(f"{directory}/{name}/{META}"))
+        return sorted(
+            int(name)
+            for name in self._store.list(directory)
+            if name.isdigit() and self._store.exists(f"{directory}/{name}/{META}")
+        )
 
     def meta(self, model: str, version: int) -> dict:
         """``version, parent, algorithm, updates, offsets, metrics, sha256, created_at`` (epoch ms)."""
@@ -233,8 +240,10 @@ class Registry:
         except FileNotFoundError:
             raise RegistryError(f"model {model!r} version {version} has no weights file") from None
         if hashlib.sha256(data).hexdigest() != expected:
-            raise RegistryError(f"model {model!r} version {version}: weights file does not match its "
-                                f"recorded sha256 (corrupt or tampered): {self.uri(model, version)}")
+            raise RegistryError(
+                f"model {model!r} version {version}: weights file does not match its "
+                f"recorded sha256 (corrupt or tampered): {self.uri(model, version)}"
+            )
         return version, weights_from_bytes(data)
 
     def load(self, model: str, ref: int | str = "champion", engine: str = "auto"):
@@ -254,9 +263,17 @@ class Registry:
                 raise RegistryError(f"model {spec.name!r} already exists in registry {self.root}")
             self._store.write(f"{spec.name}/{SPEC}", spec.model_dump_json(indent=2).encode())
 
-    def register(self, model: str, weights: Mapping[str, np.ndarray], *, parent: int | None = None,
-                 algorithm: str | None = None, updates: int = 0, offsets: Mapping | None = None,
-                 metrics: Mapping | None = None) -> int:
+    def register(
+        self,
+        model: str,
+        weights: Mapping[str, np.ndarray],
+        *,
+        parent: int | None = None,
+        algorithm: str | None = None,
+        updates: int = 0,
+        offsets: Mapping | None = None,
+        metrics: Mapping | None = None,
+    ) -> int:
         """Store a new version and return its number; weights must fit the model's spec exactly.
 
         ``offsets`` are the Kafka offsets the weights were trained through
@@ -265,11 +282,19 @@ class Registry:
         data = weights_to_bytes(check_weights(self.spec(model), weights))
         with self._store.lock(self._model(model)):
             version = max(self.versions(model), default=0) + 1
-            meta = {"version": version, "parent": parent, "algorithm": algorithm, "updates": updates,
-                    "offsets": dict(offsets or {}), "metrics": dict(metrics or {}),
-                    "sha256": hashlib.sha256(data).hexdigest(), "created_at": int(time.time() * 1000)}
-            self._store.write_dir(f"{model}/versions/{version}",
-                                  {WEIGHTS: data, META: json.dumps(meta, indent=2).encode()})
+            meta = {
+                "version": version,
+                "parent": parent,
+                "algorithm": algorithm,
+                "updates": updates,
+                "offsets": dict(offsets or {}),
+                "metrics": dict(metrics or {}),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "created_at": int(time.time() * 1000),
+            }
+            self._store.write_dir(
+                f"{model}/versions/{version}", {WEIGHTS: data, META: json.dumps(meta, indent=2).encode()}
+            )
         return version
 
     def set_alias(self, model: str, alias: str, version: int) -> dict:
@@ -317,7 +342,9 @@ class Registry:
     def _model(self, model: str) -> str:
         """``model`` checked to be a safe name of an existing model."""
         if not re.fullmatch(NAME_PATTERN, model) or not self._store.exists(f"{model}/{SPEC}"):
-            raise RegistryError(f"no model {model!r} in registry {self.root} (create it with `streamfit models create`)")
+            raise RegistryError(
+                f"no model {model!r} in registry {self.root} (create it with `streamfit models create`)"
+            )
         return model
 
     def _version_path(self, model: str, version: int, name: str) -> str:
@@ -332,8 +359,14 @@ class Registry:
     def _announce(self, model: str, alias: str, version: int) -> dict:
         """The ``model-updates`` message for an alias move, also handed to ``on_alias_change``."""
         meta = self.meta(model, version)
-        event = {"model": model, "version": version, "alias": alias, "uri": self.uri(model, version),
-                 "created_at": meta["created_at"], "metrics": meta["metrics"]}
+        event = {
+            "model": model,
+            "version": version,
+            "alias": alias,
+            "uri": self.uri(model, version),
+            "created_at": meta["created_at"],
+            "metrics": meta["metrics"],
+        }
         if self.on_alias_change:
             self.on_alias_change(event)
         return event

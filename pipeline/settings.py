@@ -61,7 +61,9 @@ class Settings(BaseSettings):
     home: Path = Path(".streamfit")
 
     # Kafka
-    kafka_bootstrap: str | None = Field(None, description="host:port[,host:port]; set means: use this Kafka, start no embedded broker")
+    kafka_bootstrap: str | None = Field(
+        None, description="host:port[,host:port]; set means: use this Kafka, start no embedded broker"
+    )
     broker_impl: Literal["noida", "tansu"] = "noida"
     broker_host: str = "127.0.0.1"
     broker_port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
@@ -73,9 +75,17 @@ class Settings(BaseSettings):
     topic_training_metrics: str = "training-metrics"
     events_partitions: int = Field(3, ge=1)
     max_event_bytes: int = Field(64 * 1024, ge=256, description="larger events go to the DLQ")
-    dlq_max_raw_bytes: int = Field(16 * 1024, ge=256, le=24 * 1024, description="a dead letter keeps this many bytes of its event (with the full size and sha256), so every DLQ record stays under 64 KiB")
+    dlq_max_raw_bytes: int = Field(
+        16 * 1024,
+        ge=256,
+        le=24 * 1024,
+        description="a dead letter keeps this many bytes of its event (with the full size and sha256), so every DLQ record stays under 64 KiB",
+    )
     kafka_timeout_s: float = Field(15.0, gt=0, description="bounded wait for an unreachable cluster or a send")
-    kafka_client: KafkaClient = Field("auto", description="client of the hot write path (streamfit produce, the Spark writer); auto: confluent-kafka (librdkafka) if installed, else kafka-python")
+    kafka_client: KafkaClient = Field(
+        "auto",
+        description="client of the hot write path (streamfit produce, the Spark writer); auto: confluent-kafka (librdkafka) if installed, else kafka-python",
+    )
 
     # producer
     produce_batch: int = Field(2000, ge=1, description="sends between acknowledgement checks")
@@ -90,13 +100,20 @@ class Settings(BaseSettings):
     ps_host: str = "127.0.0.1"
     ps_port: int = Field(5700, ge=0, le=65535)
     ps_shards: int = Field(1, ge=1)
-    ps_secret: SecretStr | None = Field(None, description="shared HMAC secret; unset means frames are not "
-                                        "authenticated (an empty value is an error, not 'off')")
-    ps_allow_insecure: bool = Field(False, description="let `streamfit ps` bind a non-loopback address without ps_secret")
+    ps_secret: SecretStr | None = Field(
+        None,
+        description="shared HMAC secret; unset means frames are not "
+        "authenticated (an empty value is an error, not 'off')",
+    )
+    ps_allow_insecure: bool = Field(
+        False, description="let `streamfit ps` bind a non-loopback address without ps_secret"
+    )
     ps_max_connections: int = Field(64, ge=1, description="concurrent connections per shard; more get a 'busy' error")
     ps_max_frame_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     ps_io_timeout_s: float = Field(60.0, gt=0, description="a frame (or reply) must arrive completely within this")
-    ps_idle_timeout_s: float = Field(600.0, gt=0, description="connections idle this long are closed; also the longest pull wait")
+    ps_idle_timeout_s: float = Field(
+        600.0, gt=0, description="connections idle this long are closed; also the longest pull wait"
+    )
     ps_checkpoint_every_updates: int = Field(200, ge=1)
     ps_checkpoint_every_s: float = Field(30.0, gt=0)
     ps_publish_every_updates: int = Field(100, ge=1)
@@ -109,7 +126,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(64, ge=1)
     communication_window: int = Field(5, ge=1)
     rho: float = Field(5.0, gt=0)
-    momentum: float | None = Field(None, ge=0, lt=1, description="worker (EAMSGD: Nesterov) momentum; default: the spec's")
+    momentum: float | None = Field(
+        None, ge=0, lt=1, description="worker (EAMSGD: Nesterov) momentum; default: the spec's"
+    )
     epochs: int = Field(1, ge=1)
     seed: int = Field(0, description="seed of shuffles and train/hold-out splits")
 
@@ -117,31 +136,62 @@ class Settings(BaseSettings):
     prequential_window: int = Field(2000, ge=10, description="labelled events in the sliding prequential accuracy")
     drift_delta: float = Field(0.002, gt=0, lt=1, description="ADWIN confidence on the prequential error stream")
     drift_boost: float = Field(3.0, ge=1, description="learning-rate multiplier after a drift (1 = no reaction)")
-    drift_boost_events: int = Field(5000, ge=0, description="labelled events after a drift point that train with the "
-                                    "boosted learning rate (those already trained when it is flagged count)")
-    auto_promote: bool = Field(False, description="the gate promotes good candidates; off: they wait for `models promote`")
-    promotion_margin: float = Field(0.01, ge=0, le=1, description="a candidate may trail the champion by this much accuracy")
+    drift_boost_events: int = Field(
+        5000,
+        ge=0,
+        description="labelled events after a drift point that train with the "
+        "boosted learning rate (those already trained when it is flagged count)",
+    )
+    auto_promote: bool = Field(
+        False, description="the gate promotes good candidates; off: they wait for `models promote`"
+    )
+    promotion_margin: float = Field(
+        0.01, ge=0, le=1, description="a candidate may trail the champion by this much accuracy"
+    )
     gate_window: int = Field(5000, ge=10, description="most recent labelled events the promotion gate scores on")
-    batch_attempts: int = Field(3, ge=1, description="tries of a micro-batch whose commits the parameter server refuses "
-                                "before its poison events are found, dead-lettered, and the rest trained")
-    train_checkpoint: str | None = Field(None, description="checkpoint of streamfit train; default <home>/checkpoints/training")
-    train_metrics_port: int | None = Field(None, ge=0, le=65535, description="serve streamfit train's Prometheus "
-                                                                            "metrics on this port (e.g. 9109); unset: off")
+    batch_attempts: int = Field(
+        3,
+        ge=1,
+        description="tries of a micro-batch whose commits the parameter server refuses "
+        "before its poison events are found, dead-lettered, and the rest trained",
+    )
+    train_checkpoint: str | None = Field(
+        None, description="checkpoint of streamfit train; default <home>/checkpoints/training"
+    )
+    train_metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="serve streamfit train's Prometheus metrics on this port (e.g. 9109); unset: off",
+    )
 
     # Spark
     spark_master: str = "local[2]"
     kafka_source: Literal["auto", "native", "python"] = "auto"
     max_offsets_per_trigger: int | None = Field(None, ge=1)
-    trigger_interval_s: float | None = Field(None, ge=0, description="seconds between micro-batches; default 0.5 for "
-                                             "the inference query, 2 for training")
+    trigger_interval_s: float | None = Field(
+        None, ge=0, description="seconds between micro-batches; default 0.5 for the inference query, 2 for training"
+    )
     starting_offsets: str = "earliest"
-    fail_on_data_loss: bool = Field(True, description="Spark's failOnDataLoss: a query fails when offsets it should "
-                                    "read are gone (retention, truncation); false: it logs the lost range and goes on")
-    spark_min_partitions: int = Field(0, ge=0, description="Spark tasks per micro-batch at least (Kafka ranges are "
-                                                            "split); 0 = the cores of spark_master")
-    predict_checkpoint: str | None = Field(None, description="checkpoint of streamfit predict; default <home>/checkpoints/inference")
-    predict_metrics_port: int | None = Field(None, ge=0, le=65535, description="serve streamfit predict's Prometheus "
-                                                                              "metrics on this port (e.g. 9108); unset: off")
+    fail_on_data_loss: bool = Field(
+        True,
+        description="Spark's failOnDataLoss: a query fails when offsets it should "
+        "read are gone (retention, truncation); false: it logs the lost range and goes on",
+    )
+    spark_min_partitions: int = Field(
+        0,
+        ge=0,
+        description="Spark tasks per micro-batch at least (Kafka ranges are split); 0 = the cores of spark_master",
+    )
+    predict_checkpoint: str | None = Field(
+        None, description="checkpoint of streamfit predict; default <home>/checkpoints/inference"
+    )
+    predict_metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="serve streamfit predict's Prometheus metrics on this port (e.g. 9108); unset: off",
+    )
 
     # serving
     serve_host: str = "127.0.0.1"
@@ -150,10 +200,18 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1)
     max_batch_wait_ms: float = Field(2.0, ge=0)
     max_request_bytes: int = Field(1024 * 1024, ge=1024)
-    max_queued_rows: int = Field(4096, ge=1, description="rows waiting for a forward pass at most; a request beyond "
-                                 "gets 503 with Retry-After instead of growing memory and latency")
-    registry_poll_s: float = Field(2.0, gt=0, description="serving re-reads the champion this often: the fallback "
-                                                          "when model-updates is unreachable or a message was missed")
+    max_queued_rows: int = Field(
+        4096,
+        ge=1,
+        description="rows waiting for a forward pass at most; a request beyond "
+        "gets 503 with Retry-After instead of growing memory and latency",
+    )
+    registry_poll_s: float = Field(
+        2.0,
+        gt=0,
+        description="serving re-reads the champion this often: the fallback "
+        "when model-updates is unreachable or a message was missed",
+    )
 
     @field_validator("kafka_bootstrap")
     @classmethod
@@ -178,7 +236,9 @@ class Settings(BaseSettings):
         return self.registry or str(self.home / "registry")
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
         return init_settings, env_settings, _YamlSource(settings_cls)
 
 

@@ -108,8 +108,9 @@ class ModelSpec(_Strict):
             raise ValueError(f"unknown builder {self.builder!r}; known: {sorted(BUILDERS)}")
         self._architecture = BUILDERS[self.builder].model_validate(self.builder_args)
         if self.standardisation and len(self.standardisation.mean) != self.n_features:
-            raise ValueError(f"standardisation has {len(self.standardisation.mean)} entries "
-                             f"for {self.n_features} features")
+            raise ValueError(
+                f"standardisation has {len(self.standardisation.mean)} entries for {self.n_features} features"
+            )
         return self
 
     @property
@@ -139,13 +140,25 @@ def _features(n: int) -> list[str]:
 
 BUILTIN_SPECS: dict[str, ModelSpec] = {
     # the dist-keras Kafka notebook's classifier: 30 -> 500 -> 1000 -> 500 -> 2, dropout 0.4 (~1.02 M parameters)
-    "higgs": ModelSpec(name="higgs", builder_args={"hidden": [500, 1000, 500], "dropout": 0.4},
-                       feature_names=_features(30), optimizer=OptimizerSpec(learning_rate=0.01, momentum=0.9)),
+    "higgs": ModelSpec(
+        name="higgs",
+        builder_args={"hidden": [500, 1000, 500], "dropout": 0.4},
+        feature_names=_features(30),
+        optimizer=OptimizerSpec(learning_rate=0.01, momentum=0.9),
+    ),
     # small and fast, for tests and 10-feature synthetic streams (hyperplane, random RBF)
-    "small": ModelSpec(name="small", builder_args={"hidden": [32]}, feature_names=_features(10),
-                       optimizer=OptimizerSpec(learning_rate=0.1)),
+    "small": ModelSpec(
+        name="small",
+        builder_args={"hidden": [32]},
+        feature_names=_features(10),
+        optimizer=OptimizerSpec(learning_rate=0.1),
+    ),
     # two wider layers with momentum, for 10-feature streams whose concept moves all the time (random RBF
     # with drifting centroids): tracks them where ``small`` cannot (``python -m bench.training``)
-    "wide": ModelSpec(name="wide", builder_args={"hidden": [128, 128]}, feature_names=_features(10),
-                      optimizer=OptimizerSpec(learning_rate=0.1, momentum=0.9)),
+    "wide": ModelSpec(
+        name="wide",
+        builder_args={"hidden": [128, 128]},
+        feature_names=_features(10),
+        optimizer=OptimizerSpec(learning_rate=0.1, momentum=0.9),
+    ),
 }

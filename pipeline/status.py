@@ -49,8 +49,9 @@ class Figures:
 class StatusBoard:
     """Samples :class:`Figures`; ``training_history`` returns the training consumer's recent records."""
 
-    def __init__(self, settings: Settings, bootstrap: str, serve_url: str,
-                 training_history: Callable[[], Sequence[dict]] = tuple):
+    def __init__(
+        self, settings: Settings, bootstrap: str, serve_url: str, training_history: Callable[[], Sequence[dict]] = tuple
+    ):
         self.settings, self.serve_url, self.training_history = settings, serve_url, training_history
         self.topics = [settings.topic_events, settings.topic_predictions, settings.topic_dlq]
         self.offsets = KafkaOffsetReader(bootstrap, self.topics, settings.kafka_timeout_s)
@@ -68,8 +69,11 @@ class StatusBoard:
         self._serving(figures)
         if self.previous is not None:
             elapsed = figures.at - self.previous.at
-            for total, rate in (("events", "events_per_s"), ("predictions", "predictions_per_s"),
-                                ("serve_requests", "serve_requests_per_s")):
+            for total, rate in (
+                ("events", "events_per_s"),
+                ("predictions", "predictions_per_s"),
+                ("serve_requests", "serve_requests_per_s"),
+            ):
                 now, before = getattr(figures, total), getattr(self.previous, total)
                 if now is not None and before is not None and elapsed > 0:
                     setattr(figures, rate, max(0.0, (now - before) / elapsed))
@@ -145,8 +149,10 @@ def render(figures: Figures, title: str):
     table.add_row("drift flags", str(figures.drifts))
     table.add_row("champion / candidate", f"v{_show(figures.champion)} / v{_show(figures.candidate)}")
     table.add_row("served version", "v" + _show(figures.served))
-    table.add_row("serving requests", f"{_show(figures.serve_requests, '{:,.0f}')} "
-                                      f"({_show(figures.serve_requests_per_s, '{:,.1f}')}/s)")
+    table.add_row(
+        "serving requests",
+        f"{_show(figures.serve_requests, '{:,.0f}')} ({_show(figures.serve_requests_per_s, '{:,.1f}')}/s)",
+    )
     for note in figures.notes:
         table.add_row("[yellow]note", f"[yellow]{note}")
     return table
@@ -154,11 +160,13 @@ def render(figures: Figures, title: str):
 
 def one_line(figures: Figures) -> str:
     """The same figures as one log line (when stdout is not a terminal)."""
-    return (f"events={_show(figures.events, '{}')} events/s={_show(figures.events_per_s, '{:.0f}')} "
-            f"predictions={_show(figures.predictions, '{}')} "
-            f"predictions/s={_show(figures.predictions_per_s, '{:.0f}')} "
-            f"dlq={_show(figures.dead_letters, '{}')} trained={figures.trained_events} "
-            f"accuracy={_show(figures.window_accuracy, '{:.3f}')} drifts={figures.drifts} "
-            f"champion={_show(figures.champion, '{}')} candidate={_show(figures.candidate, '{}')} "
-            f"served={_show(figures.served, '{}')} "
-            f"serve_requests/s={_show(figures.serve_requests_per_s, '{:.1f}')}")
+    return (
+        f"events={_show(figures.events, '{}')} events/s={_show(figures.events_per_s, '{:.0f}')} "
+        f"predictions={_show(figures.predictions, '{}')} "
+        f"predictions/s={_show(figures.predictions_per_s, '{:.0f}')} "
+        f"dlq={_show(figures.dead_letters, '{}')} trained={figures.trained_events} "
+        f"accuracy={_show(figures.window_accuracy, '{:.3f}')} drifts={figures.drifts} "
+        f"champion={_show(figures.champion, '{}')} candidate={_show(figures.candidate, '{}')} "
+        f"served={_show(figures.served, '{}')} "
+        f"serve_requests/s={_show(figures.serve_requests_per_s, '{:.1f}')}"
+    )

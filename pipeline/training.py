@@ -35,8 +35,10 @@ from pipeline.ps.protocol import CommitTag
 from pipeline.spec import ModelSpec
 
 # what a worker reports per partition (a DDL string: mapInArrow wants one)
-REPORT_DDL = ("worker_id long, rows long, steps long, commits long, skipped long, max_staleness long, "
-              "total_staleness long, counter long")
+REPORT_DDL = (
+    "worker_id long, rows long, steps long, commits long, skipped long, max_staleness long, "
+    "total_staleness long, counter long"
+)
 
 _bundles: dict[str, Any] = {}  # per Python worker: one model (and its optimizer's momentum) per (spec, optimizer)
 
@@ -61,25 +63,42 @@ class TrainingPlan(BaseModel):
     commit_meta: dict[str, Any] = {}  # sent with every commit, e.g. the Kafka offsets trained through
 
     @classmethod
-    def create(cls, spec: ModelSpec, *, algorithm: str, addresses: list[tuple[str, int]],
-               learning_rate: float | None = None, momentum: float | None = None, **kwargs: Any) -> TrainingPlan:
+    def create(
+        cls,
+        spec: ModelSpec,
+        *,
+        algorithm: str,
+        addresses: list[tuple[str, int]],
+        learning_rate: float | None = None,
+        momentum: float | None = None,
+        **kwargs: Any,
+    ) -> TrainingPlan:
         """A plan whose worker optimizer is the spec's, with ``learning_rate``/``momentum`` overriding it.
 
         EAMSGD's local steps carry their own Nesterov momentum, so its optimizer gets none; the
         algorithm's ``learning_rate`` (EASGD's alpha = learning_rate * rho) is the optimizer's.
         """
         algorithm_cls = algorithm_class(algorithm)
-        optimizer = spec.optimizer.model_copy(update={
-            "learning_rate": learning_rate or spec.optimizer.learning_rate,
-            "momentum": 0.0 if algorithm_cls.owns_momentum else (
-                spec.optimizer.momentum if momentum is None else momentum)})
+        optimizer = spec.optimizer.model_copy(
+            update={
+                "learning_rate": learning_rate or spec.optimizer.learning_rate,
+                "momentum": 0.0
+                if algorithm_cls.owns_momentum
+                else (spec.optimizer.momentum if momentum is None else momentum),
+            }
+        )
         params = {name: value for name, value in kwargs.pop("algorithm_params", {}).items() if value is not None}
         params["learning_rate"] = optimizer.learning_rate
         if momentum is not None:
             params["momentum"] = momentum
         accepted = algorithm_cls.__dataclass_fields__
-        plan = cls(spec=spec.model_copy(update={"optimizer": optimizer}), algorithm_name=algorithm,
-                   algorithm_params={k: v for k, v in params.items() if k in accepted}, addresses=addresses, **kwargs)
+        plan = cls(
+            spec=spec.model_copy(update={"optimizer": optimizer}),
+            algorithm_name=algorithm,
+            algorithm_params={k: v for k, v in params.items() if k in accepted},
+            addresses=addresses,
+            **kwargs,
+        )
         plan.algorithm()  # parameters are checked here, on the driver, not in a Spark task
         return plan
 
@@ -113,8 +132,9 @@ def local_model(spec: ModelSpec):
     return _bundles[key]
 
 
-def minibatches(x: np.ndarray, y: np.ndarray, *, batch_size: int, epochs: int = 1, seed: int = 0,
-                steps_per_epoch: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def minibatches(
+    x: np.ndarray, y: np.ndarray, *, batch_size: int, epochs: int = 1, seed: int = 0, steps_per_epoch: int | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``epochs`` shuffled passes over the rows in ``batch_size`` slices (the last one may be short);
     ``steps_per_epoch`` caps each pass (synchronous rounds need every worker to take the same number).
 
@@ -126,7 +146,7 @@ def minibatches(x: np.ndarray, y: np.ndarray, *, batch_size: int, epochs: int = 
         order = rng.permutation(len(x))
         starts = range(0, len(x), batch_size)
         for start in list(starts)[:steps_per_epoch]:
-            index = order[start:start + batch_size]
+            index = order[start : start + batch_size]
             yield x[index], y[index]
 
 
@@ -141,25 +161,35 @@ class Scores:
 
     def record(self, probabilities: np.ndarray, y: np.ndarray) -> None:
         end = self.done + len(y)
-        self.correct[self.done:end] = probabilities.argmax(axis=1) == y
-        self.label_probability[self.done:end] = probabilities[np.arange(len(y)), y]
+        self.correct[self.done : end] = probabilities.argmax(axis=1) == y
+        self.label_probability[self.done : end] = probabilities[np.arange(len(y)), y]
         self.done = end
 
 
-def test_then_train(model, x: np.ndarray, y: np.ndarray, scores: Scores, *, batch_size: int, epochs: int = 1,
-                    seed: int = 0, steps_per_epoch: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def test_then_train(
+    model,
+    x: np.ndarray,
+    y: np.ndarray,
+    scores: Scores,
+    *,
+    batch_size: int,
+    epochs: int = 1,
+    seed: int = 0,
+    steps_per_epoch: int | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """A streaming worker's minibatches: the first pass in stream order, each slice scored by the
     model just before it trains on it (what river's ``predict_one`` then ``learn_one`` does, a
     minibatch at a time), then ``epochs - 1`` shuffled passes like :func:`minibatches`."""
     for start in list(range(0, len(x), batch_size))[:steps_per_epoch]:
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
         scores.record(model.predict_proba(xb), yb)
         yield xb, yb
     yield from minibatches(x, y, batch_size=batch_size, epochs=epochs - 1, seed=seed, steps_per_epoch=steps_per_epoch)
 
 
-def train_rows(plan: TrainingPlan, x: np.ndarray, y: np.ndarray, worker_id: int,
-               scores: Scores | None = None) -> WorkerReport:
+def train_rows(
+    plan: TrainingPlan, x: np.ndarray, y: np.ndarray, worker_id: int, scores: Scores | None = None
+) -> WorkerReport:
     """Train this worker's share ``(x, y)`` with the plan's algorithm against the parameter server;
     with ``scores``, test-then-train (:func:`test_then_train`; rows a capped pass never reaches
     are scored by the final model: they were not trained on either).
@@ -168,14 +198,18 @@ def train_rows(plan: TrainingPlan, x: np.ndarray, y: np.ndarray, worker_id: int,
     same tags and the server skips what it already applied.
     """
     model = local_model(plan.spec)
-    passes = {"batch_size": plan.batch_size, "epochs": plan.epochs, "seed": plan.seed + worker_id,
-              "steps_per_epoch": plan.steps_per_epoch}
+    passes = {
+        "batch_size": plan.batch_size,
+        "epochs": plan.epochs,
+        "seed": plan.seed + worker_id,
+        "steps_per_epoch": plan.steps_per_epoch,
+    }
     batches = minibatches(x, y, **passes) if scores is None else test_then_train(model, x, y, scores, **passes)
     tag = CommitTag(query_id=plan.query_id, batch_id=plan.batch_id, worker_id=worker_id)
     with plan.client() as client:
         report = plan.algorithm().run(model, client, batches, tag=tag, meta=plan.commit_meta or None)
     if scores is not None and scores.done < len(y):
-        scores.record(model.predict_proba(x[scores.done:]), y[scores.done:])
+        scores.record(model.predict_proba(x[scores.done :]), y[scores.done :])
     return report
 
 
@@ -223,6 +257,7 @@ def poisonous_rows(model, center: Mapping[str, np.ndarray], x: np.ndarray, y: np
     >>> poisonous_rows(model, model.get_weights(), x, np.array([0, 1, 0]), batch_size=2)
     [1]
     """
+
     def breaks(index: np.ndarray) -> bool:
         model.set_weights(center)
         with np.errstate(all="ignore"):
@@ -237,7 +272,7 @@ def poisonous_rows(model, center: Mapping[str, np.ndarray], x: np.ndarray, y: np
         if len(index) == 1:
             poison.append(int(index[0]))
         else:
-            pending += [index[:len(index) // 2], index[len(index) // 2:]]
+            pending += [index[: len(index) // 2], index[len(index) // 2 :]]
     model.set_weights(center)
     return sorted(poison)
 
@@ -246,7 +281,10 @@ def evaluate(model, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """Accuracy and log loss of ``model.predict_proba`` on labelled rows."""
     if not len(x):
         return {"accuracy": float("nan"), "log_loss": float("nan"), "rows": 0}
-    probabilities = np.concatenate([model.predict_proba(x[i:i + 8192]) for i in range(0, len(x), 8192)])
+    probabilities = np.concatenate([model.predict_proba(x[i : i + 8192]) for i in range(0, len(x), 8192)])
     picked = np.clip(probabilities[np.arange(len(y)), y], 1e-7, 1.0)
-    return {"accuracy": float(np.mean(probabilities.argmax(axis=1) == y)),
-            "log_loss": float(-np.mean(np.log(picked))), "rows": int(len(y))}
+    return {
+        "accuracy": float(np.mean(probabilities.argmax(axis=1) == y)),
+        "log_loss": float(-np.mean(np.log(picked))),
+        "rows": int(len(y)),
+    }

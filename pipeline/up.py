@@ -72,8 +72,14 @@ class Child:
     def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path):
         self.name, self.log = name, logs / f"{name}.log"
         with self.log.open("ab") as sink:
-            self.process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], env=env, stdin=subprocess.DEVNULL,
-                                            stdout=sink, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", *args],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent(),
+            )
 
     @property
     def alive(self) -> bool:
@@ -125,13 +131,17 @@ def ensure_model(settings: Settings, source: str) -> str:
             made = ""
         except RegistryError:
             if settings.model not in BUILTIN_SPECS:
-                raise UpError(f"model {settings.model!r} is not in {settings.registry_url} and is no built-in spec "
-                              f"({', '.join(sorted(BUILTIN_SPECS))}): create it with `streamfit models create`") from None
+                raise UpError(
+                    f"model {settings.model!r} is not in {settings.registry_url} and is no built-in spec "
+                    f"({', '.join(sorted(BUILTIN_SPECS))}): create it with `streamfit models create`"
+                ) from None
             from pipeline.bundle import ModelBundle
 
             spec = BUILTIN_SPECS[settings.model]
             registry.create_model(spec)
-            version = registry.register(spec.name, ModelBundle(spec, seed=settings.seed).get_weights(), algorithm="init")
+            version = registry.register(
+                spec.name, ModelBundle(spec, seed=settings.seed).get_weights(), algorithm="init"
+            )
             registry.set_alias(spec.name, "champion", version)
             made = f" (created: version {version} is champion)"
     finally:
@@ -139,8 +149,10 @@ def ensure_model(settings: Settings, source: str) -> str:
     if source.startswith("synth:"):
         width = len(next(synthetic_rows(source.removeprefix("synth:")))[0])
         if width != spec.n_features:
-            raise UpError(f"{source} has {width} features but model {settings.model!r} takes {spec.n_features}: "
-                          f"pick a source that fits (synth:higgs for higgs, synth:hyperplane for small)")
+            raise UpError(
+                f"{source} has {width} features but model {settings.model!r} takes {spec.n_features}: "
+                f"pick a source that fits (synth:higgs for higgs, synth:hyperplane for small)"
+            )
     return f"model {settings.model} ({spec.n_features} features){made}"
 
 
@@ -150,8 +162,10 @@ def curl_line(settings: Settings, source: str) -> str:
     if features is None:
         features = [0.0] * BUILTIN_SPECS.get(settings.model, BUILTIN_SPECS["higgs"]).n_features
     body = json.dumps({"instances": [[round(float(v), 4) for v in features]]})
-    return (f"curl -s -H 'Content-Type: application/json' "
-            f"http://{settings.serve_host}:{settings.serve_port}/v1/models/{settings.model}:predict -d '{body}'")
+    return (
+        f"curl -s -H 'Content-Type: application/json' "
+        f"http://{settings.serve_host}:{settings.serve_port}/v1/models/{settings.model}:predict -d '{body}'"
+    )
 
 
 class Pipeline:
@@ -168,7 +182,9 @@ class Pipeline:
         s = self.settings
         for what, host, port in (("parameter server", s.ps_host, s.ps_port), ("serving", s.serve_host, s.serve_port)):
             if not port_is_free(host, port):
-                raise UpError(f"{what} port {host}:{port} is in use (another `streamfit up`?): stop it or pass another port")
+                raise UpError(
+                    f"{what} port {host}:{port} is in use (another `streamfit up`?): stop it or pass another port"
+                )
         self.logs.mkdir(parents=True, exist_ok=True)
         with kafka_cluster(s) as bootstrap:
             self.say(f"Kafka at {bootstrap}; logs in {self.logs}")
@@ -192,14 +208,34 @@ class Pipeline:
         s, t = self.settings, self.traffic
         ps = self._start("ps", ["ps", "--model", s.model, "--algorithm", s.algorithm])
         serve = self._start("serve", ["serve", "--model", s.model])
-        producer = ["produce", "--source", t.source, "--rate", str(t.rate), "--limit", "0", "--no-progress",
-                    "--label-fraction", str(t.label_fraction), "--invalid-fraction", str(t.invalid_fraction),
-                    "--seed", str(s.seed)] + (["--drift-at", str(t.drift_at)] if t.drift_at else [])
+        producer = [
+            "produce",
+            "--source",
+            t.source,
+            "--rate",
+            str(t.rate),
+            "--limit",
+            "0",
+            "--no-progress",
+            "--label-fraction",
+            str(t.label_fraction),
+            "--invalid-fraction",
+            str(t.invalid_fraction),
+            "--seed",
+            str(s.seed),
+        ] + (["--drift-at", str(t.drift_at)] if t.drift_at else [])
         self._start("produce", producer)  # events wait in Kafka while Spark starts: the first micro-batch predicts them
-        self.say(f"producing {t.source} at {t.rate:g} events/s ({t.label_fraction:.0%} labelled, "
-                 f"{t.invalid_fraction:.0%} broken" + (f", drift after {t.drift_at:,} events)" if t.drift_at else ")"))
-        self._wait(ps, lambda: _listening(s.ps_host, s.ps_port), f"did not listen on {s.ps_host}:{s.ps_port}", stop,
-                   timeout_s=120)
+        self.say(
+            f"producing {t.source} at {t.rate:g} events/s ({t.label_fraction:.0%} labelled, "
+            f"{t.invalid_fraction:.0%} broken" + (f", drift after {t.drift_at:,} events)" if t.drift_at else ")")
+        )
+        self._wait(
+            ps,
+            lambda: _listening(s.ps_host, s.ps_port),
+            f"did not listen on {s.ps_host}:{s.ps_port}",
+            stop,
+            timeout_s=120,
+        )
         self.say(f"parameter server ({s.algorithm}) on {s.ps_host}:{s.ps_port}")
         with contextlib.ExitStack() as down:  # unwound in reverse order, every step even if an earlier one fails
             registry, announcer = announcing_registry(s)
@@ -215,16 +251,22 @@ class Pipeline:
             queries = []  # each restarted from its checkpoint when it fails (broker or parameter server down)
 
             def run_query(pool: str, start: Callable, restart: Callable, checkpoint: str) -> None:
-                queries.append(QuerySupervisor(_in_pool(spark, pool, start, checkpoint),
-                                               functools.partial(_in_pool, spark, pool, restart, checkpoint)))
+                queries.append(
+                    QuerySupervisor(
+                        _in_pool(spark, pool, start, checkpoint),
+                        functools.partial(_in_pool, spark, pool, restart, checkpoint),
+                    )
+                )
                 down.callback(lambda supervisor=queries[-1]: stop_between_batches(supervisor.query))
 
             # predictions first: training (its workers' warm-up, its first micro-batch) joins once they flow
             run_query("predict", inference.start, inference.start, s.predict_checkpoint or str(home / "inference"))
             _wait_for_first_batch(queries[0].query, stop, timeout_s=60)
             run_query("train", training.start, training.start_query, s.train_checkpoint or str(home / "training"))
-            self.say(f"Spark {s.spark_master}: inference and training queries on {s.topic_events} "
-                     f"(auto-promote {'on' if s.auto_promote else 'off'})")
+            self.say(
+                f"Spark {s.spark_master}: inference and training queries on {s.topic_events} "
+                f"(auto-promote {'on' if s.auto_promote else 'off'})"
+            )
             down.callback(self._stop_child, "produce", signal.SIGINT)
             down.callback(self.say, "stopping in order: producer, queries, parameter server, serving, broker")
             url = f"http://{s.serve_host}:{s.serve_port}"

@@ -44,6 +44,7 @@ class Columns:
 @dataclass(frozen=True)
 class FileRow:
     """One row: the event document to validate, its original bytes, and its 1-based row number."""
+
     document: dict | None
     raw: bytes
     row: int
@@ -128,9 +129,13 @@ def _parquet_rows(path: Path) -> Iterator[tuple[dict | None, bytes, str | None]]
             yield record, orjson.dumps(record, default=str), None
 
 
-READERS = {".csv": lambda p, c: _csv_rows(p, c), ".jsonl": lambda p, c: _jsonl_rows(p),
-           ".json": lambda p, c: _jsonl_rows(p), ".ndjson": lambda p, c: _jsonl_rows(p),
-           ".parquet": lambda p, c: _parquet_rows(p)}
+READERS = {
+    ".csv": lambda p, c: _csv_rows(p, c),
+    ".jsonl": lambda p, c: _jsonl_rows(p),
+    ".json": lambda p, c: _jsonl_rows(p),
+    ".ndjson": lambda p, c: _jsonl_rows(p),
+    ".parquet": lambda p, c: _parquet_rows(p),
+}
 
 
 def file_rows(path: str | Path, columns: Columns = Columns()) -> Iterator[FileRow]:
@@ -151,4 +156,6 @@ def file_rows(path: str | Path, columns: Columns = Columns()) -> Iterator[FileRo
             continue
         if features is None:
             features = columns.features_of(list(record))
-        yield FileRow(_document(record, features, columns, f"{path.stem}-{number}", int(time.time() * 1000)), raw, number)
+        yield FileRow(
+            _document(record, features, columns, f"{path.stem}-{number}", int(time.time() * 1000)), raw, number
+        )

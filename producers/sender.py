@@ -27,6 +27,7 @@ from producers.synthetic import Row
 @dataclass(frozen=True)
 class Outgoing:
     """One message to send: an event (``dead=False``) or a dead-letter record."""
+
     key: bytes | None
     value: bytes
     dead: bool = False
@@ -57,8 +58,9 @@ BROKEN = (  # what an event is replaced with when it is sent broken on purpose: 
 )
 
 
-def synthetic_events(rows: Iterable[Row], id_prefix: str, label_fraction: float = 1.0, seed: int = 0,
-                     invalid_fraction: float = 0.0) -> Iterator[Outgoing]:
+def synthetic_events(
+    rows: Iterable[Row], id_prefix: str, label_fraction: float = 1.0, seed: int = 0, invalid_fraction: float = 0.0
+) -> Iterator[Outgoing]:
     """Turn generated (features, label) rows into event messages keyed by id (hot path: no per-event objects).
 
     ``invalid_fraction`` of them are sent broken (not JSON, a feature short, non-numbers), so a demo or
@@ -68,14 +70,24 @@ def synthetic_events(rows: Iterable[Row], id_prefix: str, label_fraction: float 
     dumps, now_ns = orjson.dumps, time.time_ns
     for number, (features, label) in enumerate(rows):
         event_id = f"{id_prefix}-{number}"
-        event = {"id": event_id, "ts": now_ns() // 1_000_000, "features": features,
-                 "label": label if keep() < label_fraction else None}
+        event = {
+            "id": event_id,
+            "ts": now_ns() // 1_000_000,
+            "features": features,
+            "label": label if keep() < label_fraction else None,
+        }
         broken = invalid_fraction and breaks() < invalid_fraction
         yield Outgoing(event_id.encode(), BROKEN[number % len(BROKEN)](event) if broken else dumps(event))
 
 
-def file_events(rows: Iterable[FileRow], schema_for, source: str, label_fraction: float = 1.0,
-                seed: int = 0, max_raw_bytes: int = MAX_RAW_BYTES) -> Iterator[Outgoing]:
+def file_events(
+    rows: Iterable[FileRow],
+    schema_for,
+    source: str,
+    label_fraction: float = 1.0,
+    seed: int = 0,
+    max_raw_bytes: int = MAX_RAW_BYTES,
+) -> Iterator[Outgoing]:
     """Validate file rows: valid ones become events, the rest dead-letter records naming row and reason.
 
     ``schema_for(document)`` gives the feature schema, so it can be derived from the first row.
@@ -97,8 +109,9 @@ def file_events(rows: Iterable[FileRow], schema_for, source: str, label_fraction
                 yield Outgoing(verdict.id.encode(), value)
                 continue
             verdict = Rejection(f"event is {len(value)} bytes, over the {schema.max_bytes}-byte limit")
-        yield Outgoing(None, dead_letter("produce", verdict.reason, row.raw, source, None, row.row, max_raw_bytes),
-                       dead=True)
+        yield Outgoing(
+            None, dead_letter("produce", verdict.reason, row.raw, source, None, row.row, max_raw_bytes), dead=True
+        )
 
 
 class Sender:
@@ -110,8 +123,9 @@ class Sender:
     before it counts as failed: at-least-once, so a resend may duplicate an event.
     """
 
-    def __init__(self, producer, topic: str, dlq_topic: str, rate: float = 0.0,
-                 max_in_flight: int = 20_000, resends: int = 3):
+    def __init__(
+        self, producer, topic: str, dlq_topic: str, rate: float = 0.0, max_in_flight: int = 20_000, resends: int = 3
+    ):
         self.producer, self.topic, self.dlq_topic = producer, topic, dlq_topic
         self.bucket = TokenBucket(rate)
         self.max_in_flight = max_in_flight

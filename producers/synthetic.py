@@ -23,9 +23,11 @@ Row = tuple[list[float], int]
 
 def _river(make: Callable[[int, int], object]) -> Callable[[int, int], Iterator[Row]]:
     """Adapt a river generator factory (seed, concept) into a stream of (feature list, label)."""
+
     def rows(seed: int, concept: int) -> Iterator[Row]:
         for x, y in make(seed, concept):
             yield [float(v) for v in x.values()], int(y)
+
     return rows
 
 
@@ -41,7 +43,11 @@ def _higgs(seed: int, concept: int, block: int = 4096) -> Iterator[Row]:
         low = rng.normal(size=(block, 21))
         low[:, ::3] = np.abs(low[:, ::3])  # transverse-momentum-like features are positive
         pairs = low[:, :18].reshape(block, 9, 2)
-        high = np.sqrt(pairs[:, :, 0] ** 2 + pairs[:, :, 1] ** 2) - np.sqrt(2) + 0.3 * np.tanh(low[:, 18:19] * pairs[:, :, 0])
+        high = (
+            np.sqrt(pairs[:, :, 0] ** 2 + pairs[:, :, 1] ** 2)
+            - np.sqrt(2)
+            + 0.3 * np.tanh(low[:, 18:19] * pairs[:, :, 0])
+        )
         score = high @ weights + 0.3 * rng.normal(size=block)
         labels = (score > 0).astype(np.int64).tolist()
         features = np.concatenate([low, high], axis=1).round(6).tolist()
@@ -50,12 +56,22 @@ def _higgs(seed: int, concept: int, block: int = 4096) -> Iterator[Row]:
 
 GENERATORS: dict[str, tuple[Callable[[int, int], Iterator[Row]], int]] = {
     # name: (factory(seed, concept), number of features)
-    "hyperplane": (_river(lambda seed, c: synth.Hyperplane(seed=seed + 7919 * c, n_features=10, mag_change=0.0,
-                                                           noise_percentage=0.05)), 10),
+    "hyperplane": (
+        _river(
+            lambda seed, c: synth.Hyperplane(seed=seed + 7919 * c, n_features=10, mag_change=0.0, noise_percentage=0.05)
+        ),
+        10,
+    ),
     "sea": (_river(lambda seed, c: synth.SEA(variant=(0, 2, 1, 3)[c % 4], seed=seed)), 3),
     "agrawal": (_river(lambda seed, c: synth.Agrawal(classification_function=(0, 2, 4, 6)[c % 4], seed=seed)), 9),
-    "rbf": (_river(lambda seed, c: synth.RandomRBFDrift(seed_model=seed + 7919 * c, seed_sample=seed, n_features=10,
-                                                        n_centroids=50, change_speed=0.0001)), 10),
+    "rbf": (
+        _river(
+            lambda seed, c: synth.RandomRBFDrift(
+                seed_model=seed + 7919 * c, seed_sample=seed, n_features=10, n_centroids=50, change_speed=0.0001
+            )
+        ),
+        10,
+    ),
     "higgs": (_higgs, 30),
 }
 

@@ -8,7 +8,6 @@ the endpoints are disabled (403).
 
 # No `from __future__ import annotations`: FastAPI evaluates the route signatures, whose types are local names.
 
-
 import asyncio
 import secrets
 from typing import Annotated
@@ -24,11 +23,15 @@ from serving.swap import ModelHost, UnknownModel
 
 _bearer = HTTPBearer(auto_error=False, description="the server's admin_token (STREAMFIT_ADMIN_TOKEN)")
 
-ERRORS = {401: {"model": Error, "description": "missing or wrong bearer token"},
-          403: {"model": Error, "description": "admin disabled: no admin_token configured"},
-          404: {"model": Error, "description": "unknown model or version"},
-          409: {"model": Error, "description": "the move is impossible now (no candidate, no previous champion, "
-                                              "a version that fails to load)"}}
+ERRORS = {
+    401: {"model": Error, "description": "missing or wrong bearer token"},
+    403: {"model": Error, "description": "admin disabled: no admin_token configured"},
+    404: {"model": Error, "description": "unknown model or version"},
+    409: {
+        "model": Error,
+        "description": "the move is impossible now (no candidate, no previous champion, a version that fails to load)",
+    },
+}
 
 
 def admin_router(host: ModelHost, registry: Registry, token: SecretStr | None) -> APIRouter:
@@ -37,13 +40,18 @@ def admin_router(host: ModelHost, registry: Registry, token: SecretStr | None) -
     async def authorised(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
         if token is None:
             raise HTTPException(403, "admin endpoints are disabled: start the server with STREAMFIT_ADMIN_TOKEN set")
-        if credentials is None or not secrets.compare_digest(credentials.credentials.encode(),
-                                                             token.get_secret_value().encode()):
-            raise HTTPException(401, "admin endpoints need 'Authorization: Bearer <admin token>'",
-                                headers={"WWW-Authenticate": "Bearer"})
+        if credentials is None or not secrets.compare_digest(
+            credentials.credentials.encode(), token.get_secret_value().encode()
+        ):
+            raise HTTPException(
+                401,
+                "admin endpoints need 'Authorization: Bearer <admin token>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
-    router = APIRouter(prefix="/admin/models/{model}", tags=["admin"], dependencies=[Depends(authorised)],
-                       responses=ERRORS)
+    router = APIRouter(
+        prefix="/admin/models/{model}", tags=["admin"], dependencies=[Depends(authorised)], responses=ERRORS
+    )
     Model = Annotated[str, Path(description="a model this server serves")]
 
     async def result(model: str, swap) -> AdminResult:

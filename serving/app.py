@@ -8,7 +8,6 @@ route functions only delegate. ``run`` serves it with uvicorn, as ``streamfit se
 
 # No `from __future__ import annotations`: FastAPI evaluates the route signatures, whose types are local names.
 
-
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -29,8 +28,20 @@ from serving.follow import Follower
 from serving.inputs import BadInput, check_answers, to_matrix
 from serving.limits import BodyLimit
 from serving.metrics import Metrics, RequestMetrics
-from serving.schemas import (Error, Health, ModelMetadata, ModelReadiness, ModelSpecRef, ModelStatus, PredictRequest,
-                             PredictResponse, Readiness, Signature, Status, VersionStatus)
+from serving.schemas import (
+    Error,
+    Health,
+    ModelMetadata,
+    ModelReadiness,
+    ModelSpecRef,
+    ModelStatus,
+    PredictRequest,
+    PredictResponse,
+    Readiness,
+    Signature,
+    Status,
+    VersionStatus,
+)
 from serving.swap import ModelHost, NotReady, Served, UnknownModel
 
 DESCRIPTION = """\
@@ -46,17 +57,26 @@ a model has no version loaded yet or while `max_queued_rows` rows already wait f
 (overload: retry later rather than queue without end). Admin routes need `Authorization: Bearer <admin token>`.
 """
 
-TAGS = [{"name": "predict", "description": "predictions (TF Serving `:predict`)"},
-        {"name": "models", "description": "what is served: version status and metadata"},
-        {"name": "admin", "description": "move the champion, pin a version, reload (bearer token)"},
-        {"name": "health", "description": "liveness, readiness, Prometheus metrics"}]
+TAGS = [
+    {"name": "predict", "description": "predictions (TF Serving `:predict`)"},
+    {"name": "models", "description": "what is served: version status and metadata"},
+    {"name": "admin", "description": "move the champion, pin a version, reload (bearer token)"},
+    {"name": "health", "description": "liveness, readiness, Prometheus metrics"},
+]
 
-BAD_REQUEST = {400: {"model": Error, "description": "the request does not fit the API or the model"},
-               413: {"model": Error, "description": "body over max_request_bytes"}}
+BAD_REQUEST = {
+    400: {"model": Error, "description": "the request does not fit the API or the model"},
+    413: {"model": Error, "description": "body over max_request_bytes"},
+}
 UNKNOWN = {404: {"model": Error, "description": "this server does not serve the model"}}
 NOT_READY = {503: {"model": Error, "description": "the model has no version loaded yet; retry"}}
-OVERLOADED = {503: {"model": Error, "description": "the model has no version loaded yet, or max_queued_rows rows "
-                                                   "already wait for it; retry after Retry-After seconds"}}
+OVERLOADED = {
+    503: {
+        "model": Error,
+        "description": "the model has no version loaded yet, or max_queued_rows rows "
+        "already wait for it; retry after Retry-After seconds",
+    }
+}
 RETRY_AFTER_S = 1
 """What a 503 tells clients to wait: about the time a full queue takes to drain at small-model speed."""
 
@@ -67,8 +87,9 @@ def create_app(settings: Settings, models: Sequence[str] | None = None) -> FastA
     metrics = Metrics()
     registry, announcer = announcing_registry(settings)
     host = ModelHost(registry, models, metrics, warm_rows=settings.max_batch_size)
-    batcher = Batcher(settings.max_batch_size, settings.max_batch_wait_ms / 1000, settings.max_queued_rows,
-                      metrics.observe_batch)
+    batcher = Batcher(
+        settings.max_batch_size, settings.max_batch_wait_ms / 1000, settings.max_queued_rows, metrics.observe_batch
+    )
     metrics.queued_rows.set_function(lambda: batcher.queued_rows)
     follower = Follower(settings, host, metrics)
 
@@ -84,8 +105,7 @@ def create_app(settings: Settings, models: Sequence[str] | None = None) -> FastA
             host.close()
             announcer.close()
 
-    app = FastAPI(title="streamfit serving", description=DESCRIPTION, version="1", openapi_tags=TAGS,
-                  lifespan=lifespan)
+    app = FastAPI(title="streamfit serving", description=DESCRIPTION, version="1", openapi_tags=TAGS, lifespan=lifespan)
     app.state.host = host
     errors.install(app)
     app.add_middleware(JsonBodies)
@@ -94,10 +114,15 @@ def create_app(settings: Settings, models: Sequence[str] | None = None) -> FastA
     app.include_router(admin_router(host, registry, settings.admin_token))
     Model = Annotated[str, Path(description="the model's name in the registry", examples=models)]
 
-    @app.post("/v1/models/{model}:predict", tags=["predict"], responses=BAD_REQUEST | UNKNOWN | OVERLOADED,
-              summary="Class probabilities for rows of features")
-    async def predict(model: Model, body: Annotated[PredictRequest, Body(openapi_examples=_examples(registry, models[0]))]
-                      ) -> PredictResponse:
+    @app.post(
+        "/v1/models/{model}:predict",
+        tags=["predict"],
+        responses=BAD_REQUEST | UNKNOWN | OVERLOADED,
+        summary="Class probabilities for rows of features",
+    )
+    async def predict(
+        model: Model, body: Annotated[PredictRequest, Body(openapi_examples=_examples(registry, models[0]))]
+    ) -> PredictResponse:
         served = _lease(host, model)
         try:
             x = to_matrix(body, served.spec, served.bundle.standardisation())
@@ -108,8 +133,9 @@ def create_app(settings: Settings, models: Sequence[str] | None = None) -> FastA
             y = await batcher.predict(served, x)  # releases the lease once computed, or at once when refused
         except Overloaded as exc:
             metrics.overloaded.labels(model).inc()
-            raise HTTPException(503, f"overloaded: {exc}; retry after {RETRY_AFTER_S} s",
-                                headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            raise HTTPException(
+                503, f"overloaded: {exc}; retry after {RETRY_AFTER_S} s", headers={"Retry-After": str(RETRY_AFTER_S)}
+            ) from None
         try:
             check_answers(body, y)
         except BadInput as exc:
@@ -125,43 +151,78 @@ def create_app(settings: Settings, models: Sequence[str] | None = None) -> FastA
         if served is not None:
             versions.append(VersionStatus(version=str(served.version), state="AVAILABLE"))
         if failed is not None:
-            versions.append(VersionStatus(version=str(failed[0] or ""), state="END",
-                                          status=Status(error_code="UNKNOWN", error_message=failed[1])))
+            versions.append(
+                VersionStatus(
+                    version=str(failed[0] or ""),
+                    state="END",
+                    status=Status(error_code="UNKNOWN", error_message=failed[1]),
+                )
+            )
         champion = await run_in_threadpool(champion_of, registry, model)
         return ModelStatus(model_version_status=versions, champion=champion, pinned=pinned)
 
-    @app.get("/v1/models/{model}/metadata", tags=["models"], responses=UNKNOWN | NOT_READY,
-             summary="Feature schema, classes, version and size of the served version")
+    @app.get(
+        "/v1/models/{model}/metadata",
+        tags=["models"],
+        responses=UNKNOWN | NOT_READY,
+        summary="Feature schema, classes, version and size of the served version",
+    )
     async def metadata(model: Model) -> ModelMetadata:
         served = _state(host, model)[0]
         if served is None:
-            raise HTTPException(503, f"model {model!r} has no version loaded yet",
-                                headers={"Retry-After": str(RETRY_AFTER_S)})
+            raise HTTPException(
+                503, f"model {model!r} has no version loaded yet", headers={"Retry-After": str(RETRY_AFTER_S)}
+            )
         spec, meta = served.spec, served.meta
         return ModelMetadata(
             model_spec=ModelSpecRef(name=model, version=str(served.version)),
-            metadata=Signature(features=spec.feature_names, classes=spec.classes, n_features=spec.n_features,
-                               n_classes=spec.n_classes, parameters=served.bundle.n_parameters, builder=spec.builder,
-                               builder_args=spec.builder_args, created_at=meta["created_at"], parent=meta["parent"],
-                               algorithm=meta["algorithm"], updates=meta["updates"], metrics=meta["metrics"]))
+            metadata=Signature(
+                features=spec.feature_names,
+                classes=spec.classes,
+                n_features=spec.n_features,
+                n_classes=spec.n_classes,
+                parameters=served.bundle.n_parameters,
+                builder=spec.builder,
+                builder_args=spec.builder_args,
+                created_at=meta["created_at"],
+                parent=meta["parent"],
+                algorithm=meta["algorithm"],
+                updates=meta["updates"],
+                metrics=meta["metrics"],
+            ),
+        )
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
     async def healthz() -> Health:
         return Health()
 
-    @app.get("/readyz", tags=["health"], responses={503: {"model": Readiness, "description": "not ready"}},
-             summary="Readiness: every served model has a loaded, warmed version")
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        responses={503: {"model": Readiness, "description": "not ready"}},
+        summary="Readiness: every served model has a loaded, warmed version",
+    )
     async def readyz(response: Response) -> Readiness:
         states = {m: host.state(m) for m in host.models}
         ready = all(state[0] is not None for state in states.values())
         response.status_code = 200 if ready else 503
-        return Readiness(ready=ready, models={
-            m: ModelReadiness(version=served.version if served else None, loading=loading,
-                              error=failed[1] if failed else None)
-            for m, (served, loading, failed, _) in states.items()})
+        return Readiness(
+            ready=ready,
+            models={
+                m: ModelReadiness(
+                    version=served.version if served else None, loading=loading, error=failed[1] if failed else None
+                )
+                for m, (served, loading, failed, _) in states.items()
+            },
+        )
 
-    @app.get("/metrics", tags=["health"], response_class=Response, summary="Prometheus metrics",
-             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        response_class=Response,
+        summary="Prometheus metrics",
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+    )
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
@@ -171,8 +232,14 @@ def create_app(settings: Settings, models: Sequence[str] | None = None) -> FastA
 
 def run(app: FastAPI, settings: Settings, *, access_log: bool = False) -> None:
     """Serve ``app`` on ``settings.serve_host:serve_port`` until SIGINT/SIGTERM."""
-    uvicorn.run(app, host=settings.serve_host, port=settings.serve_port, access_log=access_log,
-                log_level="info", timeout_graceful_shutdown=10)
+    uvicorn.run(
+        app,
+        host=settings.serve_host,
+        port=settings.serve_port,
+        access_log=access_log,
+        log_level="info",
+        timeout_graceful_shutdown=10,
+    )
 
 
 def _lease(host: ModelHost, model: str) -> Served:
@@ -201,8 +268,10 @@ def _examples(registry: Registry, model: str) -> dict:
     return {
         "rows": {"summary": "rows as lists, in feature order", "value": {"instances": [row]}},
         "objects": {"summary": "rows as {feature: value} objects", "value": {"instances": [dict(zip(names, row))]}},
-        "columns": {"summary": "columns: {feature: [a value per row]}",
-                    "value": {"inputs": {name: [value, -value] for name, value in zip(names, row)}}},
+        "columns": {
+            "summary": "columns: {feature: [a value per row]}",
+            "value": {"inputs": {name: [value, -value] for name, value in zip(names, row)}},
+        },
     }
 
 
@@ -217,9 +286,13 @@ def _document_400_not_422(app: FastAPI) -> None:
                 for operation in path.values():
                     responses = operation.get("responses", {})
                     if responses.pop("422", None) is not None:
-                        responses.setdefault("400", {"description": "the request does not fit the API",
-                                                     "content": {"application/json": {
-                                                         "schema": {"$ref": "#/components/schemas/Error"}}}})
+                        responses.setdefault(
+                            "400",
+                            {
+                                "description": "the request does not fit the API",
+                                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                            },
+                        )
             for name in ("HTTPValidationError", "ValidationError"):
                 schema.get("components", {}).get("schemas", {}).pop(name, None)
         return app.openapi_schema

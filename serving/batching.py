@@ -68,8 +68,9 @@ class Batcher:
     with more rows than ``max_rows`` runs alone. At most ``max_queued_rows`` rows wait.
     """
 
-    def __init__(self, max_rows: int, max_wait_s: float, max_queued_rows: int,
-                 on_batch: Callable[[int, int, float], None]):
+    def __init__(
+        self, max_rows: int, max_wait_s: float, max_queued_rows: int, on_batch: Callable[[int, int, float], None]
+    ):
         self.max_rows, self.max_wait_s, self.on_batch = max_rows, max_wait_s, on_batch
         self.max_queued_rows = max_queued_rows
         self._queue: deque[_Request] = deque()
@@ -101,8 +102,10 @@ class Batcher:
         Raises :class:`Overloaded` when ``x`` does not fit in the queue."""
         if self._queue and self._rows + len(x) > self.max_queued_rows:
             model.release()
-            raise Overloaded(f"{self._rows} rows are already waiting for the model and this request's {len(x)} "
-                             f"would pass the {self.max_queued_rows}-row bound (setting max_queued_rows)")
+            raise Overloaded(
+                f"{self._rows} rows are already waiting for the model and this request's {len(x)} "
+                f"would pass the {self.max_queued_rows}-row bound (setting max_queued_rows)"
+            )
         loop = asyncio.get_running_loop()
         request = _Request(model, x, loop.create_future(), loop.time())
         self._queue.append(request)

@@ -71,14 +71,16 @@ def _one(err: dict[str, Any]) -> str:
     if loc == ("body",) and kind in ("model_attributes_type", "dict_type"):
         shown = err.get("input")
         if isinstance(shown, (bytes, bytearray)):
-            return ('the body must be a JSON object with "instances" or "inputs", sent as '
-                    "Content-Type: application/json")
+            return 'the body must be a JSON object with "instances" or "inputs", sent as Content-Type: application/json'
         return f'the body must be a JSON object with "instances" or "inputs", got {_short(shown)}'
     where = _path(loc[1:] if loc and loc[0] == "body" else loc)
     message = err["msg"].removeprefix("Value error, ")
     if kind == "list_type" and len(loc) > 1 and loc[-1] == "list":  # the union branch picked for a non-object
-        message = ("expected rows (a list) or columns (a {feature: [values]} object)" if loc[-2] == "inputs"
-                   else "expected a row: a list of numbers or a {feature: number} object")
+        message = (
+            "expected rows (a list) or columns (a {feature: [values]} object)"
+            if loc[-2] == "inputs"
+            else "expected a row: a list of numbers or a {feature: number} object"
+        )
     if kind not in ("value_error", "missing", "extra_forbidden") and "input" in err:
         message += f", got {_short(err['input'])}"
     return f"{where}: {message}" if where else message
@@ -99,4 +101,4 @@ def _path(loc: Sequence[str | int]) -> str:
 
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."

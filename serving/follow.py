@@ -39,8 +39,10 @@ class Follower:
     def __init__(self, settings: Settings, host: ModelHost, metrics: Metrics):
         self.settings, self.host, self.metrics = settings, host, metrics
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._follow_kafka, name="streamfit-model-updates", daemon=True),
-                         threading.Thread(target=self._poll_registry, name="streamfit-registry-poll", daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._follow_kafka, name="streamfit-model-updates", daemon=True),
+            threading.Thread(target=self._poll_registry, name="streamfit-registry-poll", daemon=True),
+        ]
 
     def start(self) -> None:
         for thread in self._threads:
@@ -66,16 +68,25 @@ class Follower:
                 self.metrics.updates_connected.set(0)
                 if str(exc) != outage:
                     outage = str(exc)
-                    log.warning("not following %s (%s); polling the registry every %g s and retrying Kafka "
-                                "every %g s", self.settings.topic_model_updates, exc, self.settings.registry_poll_s,
-                                RECONNECT_S)
+                    log.warning(
+                        "not following %s (%s); polling the registry every %g s and retrying Kafka every %g s",
+                        self.settings.topic_model_updates,
+                        exc,
+                        self.settings.registry_poll_s,
+                        RECONNECT_S,
+                    )
             self._stop.wait(RECONNECT_S)
 
     def _consume(self) -> None:
         """Follow the topic from its end until stopped; raises if Kafka cannot be reached."""
         topic, servers = self.settings.topic_model_updates, bootstrap(self.settings)
-        reader = consumer(servers, self.settings.kafka_timeout_s, client_id="streamfit-serve", fetch_max_wait_ms=100,
-                          request_timeout_ms=int(self.settings.kafka_timeout_s * 1000) + 1000)
+        reader = consumer(
+            servers,
+            self.settings.kafka_timeout_s,
+            client_id="streamfit-serve",
+            fetch_max_wait_ms=100,
+            request_timeout_ms=int(self.settings.kafka_timeout_s * 1000) + 1000,
+        )
         try:
             partitions = reader.partitions_for_topic(topic)
             if not partitions:

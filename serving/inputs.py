@@ -32,8 +32,9 @@ class BadInput(ValueError):
     """The request does not fit the model; the message names the row and feature."""
 
 
-def to_matrix(request: PredictRequest, spec: ModelSpec,
-              standardisation: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+def to_matrix(
+    request: PredictRequest, spec: ModelSpec, standardisation: tuple[np.ndarray, np.ndarray] | None = None
+) -> np.ndarray:
     """The request's rows as a ``(rows, n_features)`` float32 array in the spec's feature order;
     with the model's ``(mean, std)``, only if every row stays finite after its standardisation."""
     if request.instances is not None:
@@ -72,7 +73,9 @@ def _rows(rows: Sequence, spec: ModelSpec, field: str) -> np.ndarray:
     if (at := _overflow(matrix)) is not None:
         i, j = at
         row, name = rows[i], spec.feature_names[j]
-        where, value = (f"{field}[{i}].{name}", row[name]) if isinstance(row, Mapping) else (f"{field}[{i}][{j}]", row[j])
+        where, value = (
+            (f"{field}[{i}].{name}", row[name]) if isinstance(row, Mapping) else (f"{field}[{i}][{j}]", row[j])
+        )
         raise BadInput(f"{where} {feature_value_problem(value)}")
     return matrix
 
@@ -98,8 +101,10 @@ def _check_names(row: Mapping[str, float], spec: ModelSpec, where: str) -> None:
     known = set(spec.feature_names)
     unknown = [name for name in row if name not in known]
     if missing or unknown:
-        problems = [f"missing feature(s) {_list(missing)}" if missing else "",
-                    f"unknown feature(s) {_list(unknown)}" if unknown else ""]
+        problems = [
+            f"missing feature(s) {_list(missing)}" if missing else "",
+            f"unknown feature(s) {_list(unknown)}" if unknown else "",
+        ]
         raise BadInput(f"{where}: {'; '.join(p for p in problems if p)} (model {spec.name!r} has {_names(spec)})")
 
 

@@ -45,15 +45,25 @@ class BodyLimit:
 
     def _too_large(self, size: int | None) -> str:
         what = f"of {size} bytes" if size is not None else "(chunked)"
-        return (f"request body {what} is over the {self.limit}-byte limit (setting max_request_bytes); "
-                f"split the rows over several requests")
+        return (
+            f"request body {what} is over the {self.limit}-byte limit (setting max_request_bytes); "
+            f"split the rows over several requests"
+        )
 
     @staticmethod
     async def _refuse(send: Send, status: int, message: str) -> None:
         body = orjson.dumps({"error": message})
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 

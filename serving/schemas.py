@@ -46,21 +46,26 @@ class PredictRequest(_Strict):
     """``instances`` (row form) or ``inputs`` (rows, or columns by feature name): exactly one."""
 
     signature_name: Literal["serving_default"] = Field("serving_default", description="the only signature")
-    instances: list[Row] | None = Field(None, min_length=1, description="rows: lists of numbers in feature order, "
-                                                                          "or {feature: number} objects")
-    inputs: RowsOrColumns | None = Field(None, description="rows like `instances`, or columns: "
-                                                           "{feature: [a number per row]}")
+    instances: list[Row] | None = Field(
+        None, min_length=1, description="rows: lists of numbers in feature order, or {feature: number} objects"
+    )
+    inputs: RowsOrColumns | None = Field(
+        None, description="rows like `instances`, or columns: {feature: [a number per row]}"
+    )
 
     @model_validator(mode="after")
     def _one_form(self) -> PredictRequest:
         if (self.instances is None) == (self.inputs is None):
-            raise ValueError("give exactly one of 'instances' (rows) or 'inputs' (rows, or {feature: [values]} columns)")
+            raise ValueError(
+                "give exactly one of 'instances' (rows) or 'inputs' (rows, or {feature: [values]} columns)"
+            )
         return self
 
 
 class PredictResponse(BaseModel):
-    predictions: list[list[float]] = Field(description="per row, the probability of each class, in the order of "
-                                                       "the metadata's classes")
+    predictions: list[list[float]] = Field(
+        description="per row, the probability of each class, in the order of the metadata's classes"
+    )
     model_version: int = Field(description="the version that computed every prediction of this answer")
 
 

@@ -98,8 +98,10 @@ class ModelHost:
             raise UnknownModel(f"model {model!r} is not served here; served: {', '.join(self.models)}")
         loading = self._loading.get(model)
         failed = self._failed.get(model)
-        raise NotReady(f"model {model!r} has no version loaded yet" + (
-            f" (loading version {loading})" if loading else f" ({failed[1]})" if failed else ""))
+        raise NotReady(
+            f"model {model!r} has no version loaded yet"
+            + (f" (loading version {loading})" if loading else f" ({failed[1]})" if failed else "")
+        )
 
     def current(self, model: str) -> Served | None:
         if model not in self.models:
@@ -197,8 +199,13 @@ class ModelHost:
         self.metrics.swap_duration.labels(model).observe(seconds)
         self.metrics.version.labels(model).set(version)
         self.metrics.bundles.labels(model).set(bundles)
-        log.info("%s: now serving v%d (was %s; loaded and warmed in %.0f ms)", model, version,
-                 f"v{previous.version}" if previous else "none", seconds * 1000)
+        log.info(
+            "%s: now serving v%d (was %s; loaded and warmed in %.0f ms)",
+            model,
+            version,
+            f"v{previous.version}" if previous else "none",
+            seconds * 1000,
+        )
         if previous is None:  # build the spare now, so even the first swap is a weights copy, not a model build
             self._swapper.submit(self._build_spare, served)
 
@@ -245,5 +252,5 @@ class ModelHost:
         retired = self._retired[model]
         retired.append(served)
         idle = [s for s in retired if s.leases == 0]
-        for old in idle[:max(0, len(idle) - SPARES)]:
+        for old in idle[: max(0, len(idle) - SPARES)]:
             retired.remove(old)

@@ -78,9 +78,17 @@ def test_docstring_examples_run():
     assert doctest.testmod(softmax_module).failed == 0
 
 
-@pytest.mark.parametrize("algorithm", [Downpour(communication_window=1), Downpour(communication_window=3),
-                                       ADAG(communication_window=1), DynSGD(communication_window=1), Sequential()],
-                         ids=lambda a: f"{a.name}-{getattr(a, 'communication_window', '')}")
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        Downpour(communication_window=1),
+        Downpour(communication_window=3),
+        ADAG(communication_window=1),
+        DynSGD(communication_window=1),
+        Sequential(),
+    ],
+    ids=lambda a: f"{a.name}-{getattr(a, 'communication_window', '')}",
+)
 def test_one_worker_equals_sequential_sgd(algorithm):
     batches = stream(0, 20, 16)
     reference = softmax()
@@ -117,14 +125,23 @@ def test_synchronous_averaging_equals_the_full_batch_gradient_step(workers):
 
 
 def test_synchronous_averaging_without_a_global_batch_size_averages_equal_shares():
-    (x, y), = stream(2, 1, 8)
+    ((x, y),) = stream(2, 1, 8)
     reference = softmax()
     reference.train_on_batch(x, y)
     algorithm = SynchronousAveraging(workers=2, wait_s=10)
     state = CenterState(softmax().get_weights(), algorithm.rule())
     with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda i: algorithm.run(softmax(), LocalClient(state), [(x[4 * i:4 * i + 4], y[4 * i:4 * i + 4])],
-                                              tag=CommitTag(worker_id=i)), range(2)))
+        list(
+            pool.map(
+                lambda i: algorithm.run(
+                    softmax(),
+                    LocalClient(state),
+                    [(x[4 * i : 4 * i + 4], y[4 * i : 4 * i + 4])],
+                    tag=CommitTag(worker_id=i),
+                ),
+                range(2),
+            )
+        )
     for name, value in reference.get_weights().items():
         np.testing.assert_allclose(state.pull()[0][name], value, rtol=1e-5, atol=1e-6)
 
@@ -182,8 +199,9 @@ def test_a_replayed_run_is_not_applied_twice():
 
 
 def test_from_settings_fills_parameters_by_name():
-    algorithm = from_settings(Settings(algorithm="eamsgd", learning_rate=0.02, rho=4.0, communication_window=7,
-                                       momentum=0.5))
+    algorithm = from_settings(
+        Settings(algorithm="eamsgd", learning_rate=0.02, rho=4.0, communication_window=7, momentum=0.5)
+    )
     assert algorithm == EAMSGD(learning_rate=0.02, rho=4.0, communication_window=7, momentum=0.5)
     assert from_settings(Settings(algorithm="sync", workers=3)).rule().workers == 3
     with pytest.raises(ValueError, match="unknown algorithm"):
@@ -209,6 +227,7 @@ def test_every_algorithm_learns_a_separable_stream_with_two_workers(name):
     algorithm = TWO_WORKER_CASES[name]
     state = CenterState(softmax().get_weights(), algorithm.rule())
     with ParameterServer(state) as server:
+
         def worker(index):
             with Client(*server.address) as client:
                 return algorithm.run(softmax(), client, stream(100 + index, 40, 32), tag=CommitTag("q", 0, index))
@@ -271,8 +290,11 @@ def test_the_largest_learning_rate_keeps_the_elastic_step_at_most_one():
     for cls in (AEASGD, EAMSGD):
         assert cls.largest_learning_rate(rho=5.0) == pytest.approx(0.2)
         assert cls(learning_rate=cls.largest_learning_rate(rho=5.0), rho=5.0).alpha == pytest.approx(1.0)
-    assert all(ALGORITHMS[name].largest_learning_rate(rho=5.0) == float("inf")
-               for name in ALGORITHMS if name not in ("aeasgd", "eamsgd"))
+    assert all(
+        ALGORITHMS[name].largest_learning_rate(rho=5.0) == float("inf")
+        for name in ALGORITHMS
+        if name not in ("aeasgd", "eamsgd")
+    )
 
 
 def test_a_plan_follows_the_capabilities():
@@ -281,8 +303,9 @@ def test_a_plan_follows_the_capabilities():
     from pipeline.spec import BUILTIN_SPECS
     from pipeline.training import TrainingPlan
 
-    spec = BUILTIN_SPECS["small"].model_copy(update={"optimizer": BUILTIN_SPECS["small"].optimizer.model_copy(
-        update={"momentum": 0.5})})
+    spec = BUILTIN_SPECS["small"].model_copy(
+        update={"optimizer": BUILTIN_SPECS["small"].optimizer.model_copy(update={"momentum": 0.5})}
+    )
     for name, cls in ALGORITHMS.items():
         plan = TrainingPlan.create(spec, algorithm=name, addresses=[], momentum=0.7)
         assert plan.spec.optimizer.momentum == (0.0 if cls.owns_momentum else 0.7), name

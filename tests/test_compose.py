@@ -58,8 +58,11 @@ def compose() -> dict:
     return load_compose()
 
 
-@pytest.mark.parametrize("check", [check_commands, check_environment, check_kafka, check_images, check_ports,
-                                   check_volumes, check_dependencies], ids=lambda check: check.__name__)
+@pytest.mark.parametrize(
+    "check",
+    [check_commands, check_environment, check_kafka, check_images, check_ports, check_volumes, check_dependencies],
+    ids=lambda check: check.__name__,
+)
 def test_the_compose_file_passes(compose, check):
     """Commands parse and fit the model; variables are real settings that validate; Kafka is KRaft,
     health-checked and advertised; images pinned; ports, hosts and volumes agree; start order holds."""
@@ -73,8 +76,12 @@ def test_prometheus_scrapes_exactly_the_metrics_endpoints(compose):
 
 
 def test_grafana_dashboard_queries_real_series(compose):
-    problems = check_grafana(compose, yaml.safe_load(GRAFANA_DATASOURCES.read_text()),
-                             yaml.safe_load(GRAFANA_PROVIDERS.read_text()), json.loads(DASHBOARD.read_text()))
+    problems = check_grafana(
+        compose,
+        yaml.safe_load(GRAFANA_DATASOURCES.read_text()),
+        yaml.safe_load(GRAFANA_PROVIDERS.read_text()),
+        json.loads(DASHBOARD.read_text()),
+    )
     assert not problems, "\n".join(problems)
 
 
@@ -91,8 +98,9 @@ def test_readme_example_request_fits_the_model(compose):
     rows = json.loads(body.group(1))["instances"]
     assert "-H 'Content-Type: application/json'" in section[1], "the README's curl lacks the JSON content type"
     spec = next(inv.args.spec for inv in invocations(compose) if inv.name == "models create")
-    assert all(len(row) == BUILTIN_SPECS[spec].n_features for row in rows), \
+    assert all(len(row) == BUILTIN_SPECS[spec].n_features for row in rows), (
         f"the README's example rows do not have the {BUILTIN_SPECS[spec].n_features} features of spec {spec}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -100,8 +108,9 @@ def test_readme_example_request_fits_the_model(compose):
 # for Maven Central
 
 
-def _fake_maven(tmp_path: Path, args: dict[str, str], *, kafka_in_pom: str | None = None,
-                corrupt: str | None = None) -> tuple[Path, Path]:
+def _fake_maven(
+    tmp_path: Path, args: dict[str, str], *, kafka_in_pom: str | None = None, corrupt: str | None = None
+) -> tuple[Path, Path]:
     """A file:// Maven repository with the connector's POMs (kafka-clients through a ${property} of
     the parent, commons-pool2 managed by the parent, as Maven allows) and the four jars; and a
     stand-in ``pyspark`` package whose jars directory the step fills."""
@@ -114,23 +123,37 @@ def _fake_maven(tmp_path: Path, args: dict[str, str], *, kafka_in_pom: str | Non
         path.write_bytes(data)
 
     ns = 'xmlns="http://maven.apache.org/POM/4.0.0"'
-    put("org.apache.spark", f"spark-parent_{scala}", spark, "pom", f"""<project {ns}><groupId>org.apache.spark</groupId>
+    put(
+        "org.apache.spark",
+        f"spark-parent_{scala}",
+        spark,
+        "pom",
+        f"""<project {ns}><groupId>org.apache.spark</groupId>
         <artifactId>spark-parent_{scala}</artifactId><version>{spark}</version>
-        <properties><kafka.version>{kafka_in_pom or args['KAFKA_CLIENTS_VERSION']}</kafka.version>
-        <commons-pool2.version>{args['COMMONS_POOL2_VERSION']}</commons-pool2.version></properties>
+        <properties><kafka.version>{kafka_in_pom or args["KAFKA_CLIENTS_VERSION"]}</kafka.version>
+        <commons-pool2.version>{args["COMMONS_POOL2_VERSION"]}</commons-pool2.version></properties>
         <dependencyManagement><dependencies><dependency><groupId>org.apache.commons</groupId>
         <artifactId>commons-pool2</artifactId><version>${{commons-pool2.version}}</version></dependency>
-        </dependencies></dependencyManagement></project>""".encode())
-    put("org.apache.spark", f"spark-sql-kafka-0-10_{scala}", spark, "pom", f"""<project {ns}>
+        </dependencies></dependencyManagement></project>""".encode(),
+    )
+    put(
+        "org.apache.spark",
+        f"spark-sql-kafka-0-10_{scala}",
+        spark,
+        "pom",
+        f"""<project {ns}>
         <parent><groupId>org.apache.spark</groupId><artifactId>spark-parent_{scala}</artifactId>
         <version>{spark}</version></parent><artifactId>spark-sql-kafka-0-10_{scala}</artifactId>
         <dependencies><dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-clients</artifactId>
         <version>${{kafka.version}}</version></dependency><dependency><groupId>org.apache.commons</groupId>
-        <artifactId>commons-pool2</artifactId></dependency></dependencies></project>""".encode())
-    for group, artifact, version in (("org.apache.spark", f"spark-sql-kafka-0-10_{scala}", spark),
-                                     ("org.apache.spark", f"spark-token-provider-kafka-0-10_{scala}", spark),
-                                     ("org.apache.kafka", "kafka-clients", args["KAFKA_CLIENTS_VERSION"]),
-                                     ("org.apache.commons", "commons-pool2", args["COMMONS_POOL2_VERSION"])):
+        <artifactId>commons-pool2</artifactId></dependency></dependencies></project>""".encode(),
+    )
+    for group, artifact, version in (
+        ("org.apache.spark", f"spark-sql-kafka-0-10_{scala}", spark),
+        ("org.apache.spark", f"spark-token-provider-kafka-0-10_{scala}", spark),
+        ("org.apache.kafka", "kafka-clients", args["KAFKA_CLIENTS_VERSION"]),
+        ("org.apache.commons", "commons-pool2", args["COMMONS_POOL2_VERSION"]),
+    ):
         data = f"jar of {artifact}".encode()
         put(group, artifact, version, "jar", data)
         digest = hashlib.sha1(b"tampered" if artifact == corrupt else data).hexdigest()
@@ -146,10 +169,15 @@ def _run_jar_step(tmp_path: Path, **fake) -> tuple[subprocess.CompletedProcess, 
     text = DOCKERFILE.read_text()
     args = dockerfile_args(text)
     repo, jars = _fake_maven(tmp_path, args, **fake)
-    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(jars.parents[1]),
-           **args, "MAVEN_REPOSITORY": repo.as_uri()}
-    result = subprocess.run([sys.executable, str(ROOT / CONNECTOR_SCRIPT)], env=env,
-                            capture_output=True, text=True, timeout=60)
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": str(jars.parents[1]),
+        **args,
+        "MAVEN_REPOSITORY": repo.as_uri(),
+    }
+    result = subprocess.run(
+        [sys.executable, str(ROOT / CONNECTOR_SCRIPT)], env=env, capture_output=True, text=True, timeout=60
+    )
     return result, jars
 
 
@@ -158,8 +186,12 @@ def test_dockerfile_jar_step_adds_the_connector(tmp_path):
     assert result.returncode == 0, f"the Dockerfile's jar step failed: {result.stderr}"
     args = dockerfile_args(DOCKERFILE.read_text())
     spark, scala = args["SPARK_VERSION"], args["SCALA_BINARY_VERSION"]
-    expected = {f"spark-sql-kafka-0-10_{scala}-{spark}.jar", f"spark-token-provider-kafka-0-10_{scala}-{spark}.jar",
-                f"kafka-clients-{args['KAFKA_CLIENTS_VERSION']}.jar", f"commons-pool2-{args['COMMONS_POOL2_VERSION']}.jar"}
+    expected = {
+        f"spark-sql-kafka-0-10_{scala}-{spark}.jar",
+        f"spark-token-provider-kafka-0-10_{scala}-{spark}.jar",
+        f"kafka-clients-{args['KAFKA_CLIENTS_VERSION']}.jar",
+        f"commons-pool2-{args['COMMONS_POOL2_VERSION']}.jar",
+    }
     assert expected <= {p.name for p in jars.iterdir()}, f"pyspark's jars directory lacks {expected}"
 
 
@@ -203,7 +235,7 @@ def _invalid_value(c):
 
 def _ps_on_loopback(c):
     cmd = _service(c, "ps")["command"]
-    del cmd[cmd.index("--host"):cmd.index("--host") + 2]
+    del cmd[cmd.index("--host") : cmd.index("--host") + 2]
 
 
 def _wrong_published_port(c):
@@ -227,18 +259,22 @@ def _no_wait_for_ps(c):
     _service(c, "train")["depends_on"] = {"kafka": {"condition": "service_healthy"}}
 
 
-@pytest.mark.parametrize("mutate, check, expected", [
-    (_bogus_flag, check_commands, "unrecognized arguments: --no-such-flag"),
-    (_bogus_subcommand, check_commands, "invalid choice: 'make'"),
-    (_wrong_source, check_commands, "makes 10 features but model 'higgs'"),
-    (_unknown_setting, check_environment, "STREAMFIT_NO_SUCH_SETTING is not a streamfit setting"),
-    (_invalid_value, check_environment, "ps_port"),
-    (_ps_on_loopback, check_ports, "training workers in other containers cannot reach it"),
-    (_wrong_published_port, check_ports, "publishes container port 8080"),
-    (_undeclared_volume, check_volumes, "volume 'registry'"),
-    (_latest_kafka, check_images, "'apache/kafka:latest' is not pinned"),
-    (_no_wait_for_ps, check_dependencies, "does not wait for the parameter server"),
-], ids=lambda v: v.__name__ if callable(v) else None)
+@pytest.mark.parametrize(
+    "mutate, check, expected",
+    [
+        (_bogus_flag, check_commands, "unrecognized arguments: --no-such-flag"),
+        (_bogus_subcommand, check_commands, "invalid choice: 'make'"),
+        (_wrong_source, check_commands, "makes 10 features but model 'higgs'"),
+        (_unknown_setting, check_environment, "STREAMFIT_NO_SUCH_SETTING is not a streamfit setting"),
+        (_invalid_value, check_environment, "ps_port"),
+        (_ps_on_loopback, check_ports, "training workers in other containers cannot reach it"),
+        (_wrong_published_port, check_ports, "publishes container port 8080"),
+        (_undeclared_volume, check_volumes, "volume 'registry'"),
+        (_latest_kafka, check_images, "'apache/kafka:latest' is not pinned"),
+        (_no_wait_for_ps, check_dependencies, "does not wait for the parameter server"),
+    ],
+    ids=lambda v: v.__name__ if callable(v) else None,
+)
 def test_checks_refuse_a_broken_compose_file(tmp_path, mutate, check, expected):
     broken = yaml.safe_load(COMPOSE.read_text())  # not interpolated: the copy is read back with load_compose
     mutate(broken)
@@ -259,8 +295,12 @@ def test_prometheus_check_refuses_a_wrong_target(compose):
 def test_grafana_check_refuses_a_metric_the_code_does_not_export(compose):
     dashboard = json.loads(DASHBOARD.read_text())
     dashboard["panels"][0]["targets"][0]["expr"] = "rate(streamfit_made_up_total[1m])"
-    problems = check_grafana(compose, yaml.safe_load(GRAFANA_DATASOURCES.read_text()),
-                             yaml.safe_load(GRAFANA_PROVIDERS.read_text()), dashboard)
+    problems = check_grafana(
+        compose,
+        yaml.safe_load(GRAFANA_DATASOURCES.read_text()),
+        yaml.safe_load(GRAFANA_PROVIDERS.read_text()),
+        dashboard,
+    )
     assert any("streamfit_made_up_total is not exported" in p for p in problems), problems
 
 
@@ -271,8 +311,10 @@ def test_dockerfile_check_refuses_another_spark_version():
 
 
 def test_promql_metric_names():
-    expr = ('histogram_quantile(0.99, sum by (le) (rate(streamfit_http_request_duration_seconds_bucket'
-            '{route="/v1/models/{model}:predict"}[5m] offset 1m))) / on(job) up')
+    expr = (
+        "histogram_quantile(0.99, sum by (le) (rate(streamfit_http_request_duration_seconds_bucket"
+        '{route="/v1/models/{model}:predict"}[5m] offset 1m))) / on(job) up'
+    )
     assert promql_metrics(expr) == {"streamfit_http_request_duration_seconds_bucket", "up"}
 
 
@@ -313,8 +355,9 @@ def _deployment_copy(tmp_path: Path) -> Path:
 
 
 def _deploy_check(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deploy.check", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "deploy.check", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_deploy_check_passes_on_the_repository():
@@ -331,14 +374,19 @@ def _break_compose(root: Path) -> None:
 
 def _drop_connector_step(root: Path) -> None:
     dockerfile = root / "Dockerfile"
-    dockerfile.write_text("\n".join(line for line in dockerfile.read_text().splitlines()
-                                    if "fetch_kafka_connector.py" not in line))
+    dockerfile.write_text(
+        "\n".join(line for line in dockerfile.read_text().splitlines() if "fetch_kafka_connector.py" not in line)
+    )
 
 
-@pytest.mark.parametrize("mutate, expected", [
-    (_break_compose, "check_images: service 'kafka': image 'apache/kafka:latest' is not pinned to a version tag"),
-    (_drop_connector_step, f"check_dockerfile: no step COPYing {CONNECTOR_SCRIPT} into the image"),
-], ids=lambda v: v.__name__ if callable(v) else None)
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (_break_compose, "check_images: service 'kafka': image 'apache/kafka:latest' is not pinned to a version tag"),
+        (_drop_connector_step, f"check_dockerfile: no step COPYing {CONNECTOR_SCRIPT} into the image"),
+    ],
+    ids=lambda v: v.__name__ if callable(v) else None,
+)
 def test_deploy_check_refuses_a_broken_copy(tmp_path, mutate, expected):
     root = _deployment_copy(tmp_path)
     mutate(root)

@@ -23,17 +23,23 @@ TIGHT = {"rtol": 1e-5, "atol": 1e-6}  # float32: the engines differ only in summ
 
 def random_spec(rng: np.random.Generator) -> ModelSpec:
     hidden = rng.integers(1, 80, size=rng.integers(1, 5)).tolist()
-    return ModelSpec(name="random", feature_names=[f"x{i}" for i in range(rng.integers(1, 40))],
-                     classes=list(range(rng.integers(2, 7))),
-                     builder_args={"hidden": hidden, "dropout": float(rng.choice([0.0, 0.3]))})
+    return ModelSpec(
+        name="random",
+        feature_names=[f"x{i}" for i in range(rng.integers(1, 40))],
+        classes=list(range(rng.integers(2, 7))),
+        builder_args={"hidden": hidden, "dropout": float(rng.choice([0.0, 0.3]))},
+    )
 
 
 def random_weights(spec: ModelSpec, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Random weights at the scales of a trained model (kernels ~ 1/sqrt(fan-in), so logits stay in
     the tens, where float32 rounding is ~1e-6), with a fitted (non-identity) standardisation."""
-    weights = {name: rng.normal(scale=rng.uniform(0.3, 3) / np.sqrt(shape[0] if len(shape) == 2 else 4),
-                                size=shape).astype(np.float32)
-               for name, shape in spec.weight_shapes.items()}
+    weights = {
+        name: rng.normal(scale=rng.uniform(0.3, 3) / np.sqrt(shape[0] if len(shape) == 2 else 4), size=shape).astype(
+            np.float32
+        )
+        for name, shape in spec.weight_shapes.items()
+    }
     weights["standardise/mean"] *= 100
     weights["standardise/std"] = rng.uniform(1e-3, 1e3, spec.n_features).astype(np.float32)
     return weights
@@ -113,8 +119,10 @@ def test_extreme_valid_inputs_get_the_same_verdicts_in_both_engines(seed):
     can overflow, whether it does depends on the order of a float32 sum (BLAS's or oneDNN's), so the two
     engines agree on most such rows, not all -- either way a non-finite row is refused, never answered."""
     spec, rng = BUILTIN_SPECS["small"], np.random.default_rng(seed)
-    weights = random_weights(spec, rng) | {"standardise/mean": np.zeros(10, np.float32),
-                                           "standardise/std": np.ones(10, np.float32)}
+    weights = random_weights(spec, rng) | {
+        "standardise/mean": np.zeros(10, np.float32),
+        "standardise/std": np.ones(10, np.float32),
+    }
     weights["standardise/std"][3] = 1e-20  # f3 = 1e20 overflows once standardised; 3e38 elsewhere in the layers
     numpy_bundle, tf_bundle = engines(spec, weights)
     edges = np.array([3.4e38, -3.4e38, 3e38, -1e30, 1e20, 1e10, -1e-45, 1e-38, 0.0, 1.0], np.float32)
@@ -205,8 +213,9 @@ def test_processes_that_predict_and_train_never_import_tensorflow(tmp_path):
     """A fresh process runs serving, an inference worker's partition, held-out evaluation, the gate and a
     training worker on a real registry and parameter server; neither TensorFlow nor Keras is imported."""
     script = textwrap.dedent(SERVING_AND_TRAINING_PROCESS)
-    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout
 

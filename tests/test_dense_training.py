@@ -15,8 +15,13 @@ TIGHT = {"rtol": 1e-5, "atol": 1e-6}
 
 
 def spec_of(hidden=(16, 8), features=6, classes=3, dropout=0.0, **optimizer) -> ModelSpec:
-    return ModelSpec(name="t", feature_names=[f"x{i}" for i in range(features)], classes=list(range(classes)),
-                     builder_args={"hidden": list(hidden), "dropout": dropout}, optimizer=OptimizerSpec(**optimizer))
+    return ModelSpec(
+        name="t",
+        feature_names=[f"x{i}" for i in range(features)],
+        classes=list(range(classes)),
+        builder_args={"hidden": list(hidden), "dropout": dropout},
+        optimizer=OptimizerSpec(**optimizer),
+    )
 
 
 def batch(spec: ModelSpec, rng: np.random.Generator, n: int = 64, dtype=np.float32):
@@ -33,7 +38,7 @@ def with_trained(weights: dict[str, np.ndarray], vector: np.ndarray) -> dict[str
     out, start = dict(weights), 0
     for name, w in weights.items():
         if not name.startswith("standardise/"):
-            out[name], start = vector[start:start + w.size].reshape(w.shape), start + w.size
+            out[name], start = vector[start : start + w.size].reshape(w.shape), start + w.size
     return out
 
 
@@ -54,14 +59,21 @@ def test_backpropagation_matches_central_differences_in_float64(dropout):
         return engine.gradients(x, y, sample_weight, masks)[0]
 
     center, eps = trained_vector(weights), 1e-6
-    numerical = np.array([(loss_at(center + eps * e) - loss_at(center - eps * e)) / (2 * eps)
-                          for e in np.eye(len(center))])
+    numerical = np.array(
+        [(loss_at(center + eps * e) - loss_at(center - eps * e)) / (2 * eps) for e in np.eye(len(center))]
+    )
     assert gradient.shape == center.shape and loss > 0
     np.testing.assert_allclose(gradient, numerical, rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("optimizer", [{"learning_rate": 0.1}, {"learning_rate": 0.05, "momentum": 0.9},
-                                       {"learning_rate": 0.05, "momentum": 0.9, "nesterov": True}])
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        {"learning_rate": 0.1},
+        {"learning_rate": 0.05, "momentum": 0.9},
+        {"learning_rate": 0.05, "momentum": 0.9, "nesterov": True},
+    ],
+)
 @pytest.mark.parametrize("weighted", [False, True])
 def test_numpy_sgd_steps_equal_keras_train_on_batch(optimizer, weighted):
     """Several steps, each on another batch, then new weights set mid-way (the momentum carries over,

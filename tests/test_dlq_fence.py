@@ -35,7 +35,10 @@ def test_a_replay_gets_what_its_earlier_attempts_wrote_and_nothing_else(any_kafk
     assert fence.enter(1) == {(topic, 0, 7), (topic, 2, 9)}
     _write(kafka, dlq, [(topic, 1, 3)])  # the replay dead-letters an event the first attempt had not reached
     assert DeadLetterFence(f"file://{tmp_path}", kafka, dlq, "predict").enter(1) == {  # a replay of the replay
-        (topic, 0, 7), (topic, 2, 9), (topic, 1, 3)}
+        (topic, 0, 7),
+        (topic, 2, 9),
+        (topic, 1, 3),
+    }
     assert DeadLetterFence(str(tmp_path), kafka, dlq, "train").enter(1) == {(topic, 0, 8)}
 
 

@@ -14,8 +14,12 @@ import pytest
 from bench.e2e import UpRun, processes_of
 from pipeline.registry import Registry
 
-ENV = {"STREAMFIT_PS_PUBLISH_EVERY_S": "4", "STREAMFIT_GATE_WINDOW": "1000", "STREAMFIT_PREQUENTIAL_WINDOW": "1000",
-       "STREAMFIT_MAX_OFFSETS_PER_TRIGGER": "4000"}  # bounded micro-batches: the cold-start backlog drains in steps
+ENV = {
+    "STREAMFIT_PS_PUBLISH_EVERY_S": "4",
+    "STREAMFIT_GATE_WINDOW": "1000",
+    "STREAMFIT_PREQUENTIAL_WINDOW": "1000",
+    "STREAMFIT_MAX_OFFSETS_PER_TRIGGER": "4000",
+}  # bounded micro-batches: the cold-start backlog drains in steps
 
 
 def _finish(run: UpRun, timeout_s: float) -> int:
@@ -57,8 +61,11 @@ def test_up_runs_the_whole_pipeline(first_run):
     assert predictions and set(predicted) <= set(events), "predictions for events that were never produced"
     dead = run.values("events.dlq")
     broken = {(d["partition"], d["offset"]) for d in dead}
-    early = [key for key, r in events.items()
-             if r.timestamp < time.time() * 1000 - 60_000 and (r.partition, r.offset) not in broken]
+    early = [
+        key
+        for key, r in events.items()
+        if r.timestamp < time.time() * 1000 - 60_000 and (r.partition, r.offset) not in broken
+    ]
     assert early, "no events older than a minute"
     missing = [key for key in early if key not in predicted]
     assert len(missing) <= 0.02 * len(early), f"{len(missing)} of {len(early)} early events have no prediction"
@@ -97,12 +104,18 @@ def test_a_second_up_resumes_where_the_first_stopped(first_run):
     assert len(started) == 2 and "from checkpoint" in started[1], started
     assert max(registry.versions("small")) > newest_before
     # the inference query resumed from its checkpoint: at most one micro-batch predicted again
-    again = [key for key, n in Counter(p["id"] for p in run.values("predictions")).items()
-             if n > 1 and key in predicted_before]
+    again = [
+        key
+        for key, n in Counter(p["id"] for p in run.values("predictions")).items()
+        if n > 1 and key in predicted_before
+    ]
     assert len(again) <= 5000, f"{len(again)} events predicted again after the restart"
     # the training query resumed from its checkpoint, with the trained model
     metrics = [m for m in run.values("training-metrics") if m["ts"] > started_ms]
-    assert metrics and metrics[0]["batch_id"] in (last_batch, last_batch + 1), (last_batch, metrics[:1])  # a replay at most
+    assert metrics and metrics[0]["batch_id"] in (last_batch, last_batch + 1), (
+        last_batch,
+        metrics[:1],
+    )  # a replay at most
     assert metrics[0]["accuracy"] >= 0.8, metrics[:1]
 
 
@@ -112,11 +125,38 @@ def test_the_live_status_table_shows_every_figure():
     from pipeline.status import Figures, render
 
     console = Console(record=True, width=100)
-    console.print(render(Figures(at=0, events=1200, predictions=1100, dead_letters=12, events_per_s=500.0,
-                                 predictions_per_s=480.0, trained_events=600, training_batches=3, window_accuracy=0.912,
-                                 drifts=1, champion=4, candidate=5, served=4, serve_requests=30, serve_requests_per_s=2.5,
-                                 notes=["serving: not answering yet"]), "streamfit up"))
+    console.print(
+        render(
+            Figures(
+                at=0,
+                events=1200,
+                predictions=1100,
+                dead_letters=12,
+                events_per_s=500.0,
+                predictions_per_s=480.0,
+                trained_events=600,
+                training_batches=3,
+                window_accuracy=0.912,
+                drifts=1,
+                champion=4,
+                candidate=5,
+                served=4,
+                serve_requests=30,
+                serve_requests_per_s=2.5,
+                notes=["serving: not answering yet"],
+            ),
+            "streamfit up",
+        )
+    )
     text = console.export_text()
-    for shown in ("1,200 (500/s)", "1,100 (480/s)", "12", "600 in 3 micro-batches", "0.912", "v4 / v5",
-                  "30 (2.5/s)", "serving: not answering yet"):
+    for shown in (
+        "1,200 (500/s)",
+        "1,100 (480/s)",
+        "12",
+        "600 in 3 micro-batches",
+        "0.912",
+        "v4 / v5",
+        "30 (2.5/s)",
+        "serving: not answering yet",
+    ):
         assert shown in text, (shown, text)

@@ -23,23 +23,26 @@ def test_valid_list_and_named_features():
     assert named == Event("x1", 1700000000000, [1.0, 2.0, 3.0], None)
 
 
-@pytest.mark.parametrize("raw, reason", [
-    (b"{not json", "not valid JSON"),
-    (b"[1,2]", "must be a JSON object"),
-    (None, "null value"),
-    (_event(id=""), "'id'"),
-    (_event(ts="yesterday"), "'ts'"),
-    (_event(features=[1, 2]), "expected 3 features, got 2"),
-    (_event(features={"a": 1, "b": 2}), "missing feature(s): c"),
-    (_event(features={"a": 1, "b": 2, "c": 3, "z": 4}), "unknown feature(s): z"),
-    (_event(features=[1, "2", 3]), "feature b is not a number"),
-    (_event(features=[1, True, 3]), "feature b is not a number"),
-    (b'{"id": "x1", "ts": 1, "features": [1, 2, Infinity], "label": 1}', "not valid JSON"),
-    (_event(features=[1, 2, None]), "feature c is not a number: None"),
-    (_event(label=2), "'label'"),
-    (_event(label=0.5), "'label'"),
-    (_event(features=[1.0] * 3, pad="x" * 400), "over the 300-byte limit"),
-])
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1,2]", "must be a JSON object"),
+        (None, "null value"),
+        (_event(id=""), "'id'"),
+        (_event(ts="yesterday"), "'ts'"),
+        (_event(features=[1, 2]), "expected 3 features, got 2"),
+        (_event(features={"a": 1, "b": 2}), "missing feature(s): c"),
+        (_event(features={"a": 1, "b": 2, "c": 3, "z": 4}), "unknown feature(s): z"),
+        (_event(features=[1, "2", 3]), "feature b is not a number"),
+        (_event(features=[1, True, 3]), "feature b is not a number"),
+        (b'{"id": "x1", "ts": 1, "features": [1, 2, Infinity], "label": 1}', "not valid JSON"),
+        (_event(features=[1, 2, None]), "feature c is not a number: None"),
+        (_event(label=2), "'label'"),
+        (_event(label=0.5), "'label'"),
+        (_event(features=[1.0] * 3, pad="x" * 400), "over the 300-byte limit"),
+    ],
+)
 def test_rejections_name_the_problem(raw, reason):
     verdict = validate(raw, SCHEMA)
     assert isinstance(verdict, Rejection) and reason in verdict.reason

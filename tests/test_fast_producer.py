@@ -62,8 +62,9 @@ def test_sends_are_acknowledged_in_order_and_keyed_like_kafka_python(kafka, topi
     for partition in range(3):  # each partition keeps the send order
         values = [int(r.value[1:]) for r in keyed if r.partition == partition]
         assert values == sorted(values)
-    assert sorted((r.partition, r.value) for r in records if r.key is None) == \
-        sorted((i % 3, b"p%d" % i) for i in range(30))
+    assert sorted((r.partition, r.value) for r in records if r.key is None) == sorted(
+        (i % 3, b"p%d" % i) for i in range(30)
+    )
 
 
 def test_a_bad_record_fails_alone_with_a_clear_error(kafka, topic, client):

@@ -49,8 +49,9 @@ def registry_with_small(root) -> Registry:
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 def test_every_algorithm_converges_with_two_workers(spark, data_file, tmp_path, algorithm):
     registry = registry_with_small(tmp_path / "registry")
-    settings = load_settings(home=tmp_path, model="small", algorithm=algorithm, workers=2, epochs=4, batch_size=32,
-                             communication_window=4)
+    settings = load_settings(
+        home=tmp_path, model="small", algorithm=algorithm, workers=2, epochs=4, batch_size=32, communication_window=4
+    )
     result = fit(spark, settings, registry, data_file, holdout=0.2)
 
     assert result.holdout["accuracy"] >= 0.9, result
@@ -71,8 +72,9 @@ def test_every_algorithm_converges_with_two_workers(spark, data_file, tmp_path, 
 
 def test_a_retried_fit_task_is_not_applied_twice(tmp_path):
     """Spark re-running a task (lost executor, speculation) re-sends the same tags: all skipped."""
-    settings = load_settings(home=tmp_path, model="small", algorithm="downpour", workers=2, batch_size=32,
-                             communication_window=2)
+    settings = load_settings(
+        home=tmp_path, model="small", algorithm="downpour", workers=2, batch_size=32, communication_window=2
+    )
     plan = _plan(settings, SPEC, 320, "fit-run-1")
     state = CenterState(ModelBundle(SPEC, seed=1).get_weights(), plan.algorithm().rule())
     x, y = separable(320)
@@ -100,14 +102,35 @@ def test_fit_command_leaves_out_invalid_rows_and_registers_candidate(tmp_path, c
     x, y = separable(3000)
     lines = ["id," + ",".join(SPEC.feature_names) + ",label"]
     lines += [f"e{i}," + ",".join(f"{v:.5f}" for v in row) + f",{label}" for i, (row, label) in enumerate(zip(x, y))]
-    lines += ["bad1," + ",".join(["nan"] * 10) + ",1", "bad2," + ",".join(["1"] * 10) + ",7",
-              "bad3," + ",".join(["1"] * 10) + ","]
+    lines += [
+        "bad1," + ",".join(["nan"] * 10) + ",1",
+        "bad2," + ",".join(["1"] * 10) + ",7",
+        "bad3," + ",".join(["1"] * 10) + ",",
+    ]
     path = tmp_path / "train.csv"
     path.write_text("\n".join(lines) + "\n")
 
-    done = subprocess.run([*STREAMFIT, "fit", "--data", str(path), "--model", "small", "--algorithm", "downpour",
-                           "--workers", "2", "--epochs", "3", "--json"], env=cli_env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [
+            *STREAMFIT,
+            "fit",
+            "--data",
+            str(path),
+            "--model",
+            "small",
+            "--algorithm",
+            "downpour",
+            "--workers",
+            "2",
+            "--epochs",
+            "3",
+            "--json",
+        ],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["invalid_rows"] == 3 and result["rows"] + result["holdout"]["rows"] == 3000
@@ -120,8 +143,13 @@ def test_fit_command_leaves_out_invalid_rows_and_registers_candidate(tmp_path, c
 def test_fit_command_names_a_missing_label_column(tmp_path, cli_env):
     path = tmp_path / "nolabel.csv"
     path.write_text("a,b\n1,2\n")
-    done = subprocess.run([*STREAMFIT, "fit", "--data", str(path), "--model", "small"], env=cli_env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*STREAMFIT, "fit", "--data", str(path), "--model", "small"],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1 and "no label column 'label'" in done.stderr
 
 

@@ -17,8 +17,16 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pipeline import dlq, events
 from pipeline.dlq import MAX_RAW_BYTES, MAX_RAW_BYTES_LIMIT, RECORD_LIMIT, dead_letter, original_bytes
-from pipeline.events import (Event, FeatureSchema, Rejection, feature_value_problem, probability_problems,
-                             standardisation_problems, validate, validate_document)
+from pipeline.events import (
+    Event,
+    FeatureSchema,
+    Rejection,
+    feature_value_problem,
+    probability_problems,
+    standardisation_problems,
+    validate,
+    validate_document,
+)
 from producers.files import file_rows
 from producers.sender import file_events
 from tests.hostile_corpus import event, hostile_corpus
@@ -69,14 +77,28 @@ def test_hostile_events_are_rejected_with_a_reason_never_an_exception(raw, words
 
 
 RULE = [
-    (3.4028235e38, None), (-3.4028235e38, None), (1e-50, None), (0, None), (-(2**127), None),
+    (3.4028235e38, None),
+    (-3.4028235e38, None),
+    (1e-50, None),
+    (0, None),
+    (-(2**127), None),
     (2**128 - 2**104, None),  # float32's largest value, exactly
     (2**128 - 2**103, "outside the float32 range"),  # the first magnitude that rounds to inf
     (2**128 - 2**103 - 1, "outside the float32 range"),  # under it, but float() rounds it onto it
-    (3.5e38, "outside the float32 range"), (1.79e308, "outside the float32 range"), (-1e39, "outside"),
-    (10**400, "a 401-digit integer"), (10**5000, "an integer of 16610 bits"), (math.inf, "not finite"),
-    (math.nan, "not finite"), (True, "not a number: True"), ("1", "not a number: '1'"), (None, "not a number"),
-    ([1.0], "a list of 1 items"), ({"v": 1}, "an object of 1 keys"), (b"1", "bytes"), ("x" * 10**6, "characters"),
+    (3.5e38, "outside the float32 range"),
+    (1.79e308, "outside the float32 range"),
+    (-1e39, "outside"),
+    (10**400, "a 401-digit integer"),
+    (10**5000, "an integer of 16610 bits"),
+    (math.inf, "not finite"),
+    (math.nan, "not finite"),
+    (True, "not a number: True"),
+    ("1", "not a number: '1'"),
+    (None, "not a number"),
+    ([1.0], "a list of 1 items"),
+    ({"v": 1}, "an object of 1 keys"),
+    (b"1", "bytes"),
+    ("x" * 10**6, "characters"),
 ]
 
 
@@ -112,19 +134,38 @@ def test_non_finite_probabilities_are_named_per_row():
 
 
 def _json_values(leaves):
-    return st.recursive(leaves, lambda inner: st.lists(inner, max_size=5)
-                        | st.dictionaries(st.text(max_size=5) | st.sampled_from(["id", "ts", "features", "label"]),
-                                          inner, max_size=5), max_leaves=30)
+    return st.recursive(
+        leaves,
+        lambda inner: (
+            st.lists(inner, max_size=5)
+            | st.dictionaries(
+                st.text(max_size=5) | st.sampled_from(["id", "ts", "features", "label"]), inner, max_size=5
+            )
+        ),
+        max_leaves=30,
+    )
 
 
-LEAVES = (st.none() | st.booleans() | st.floats() | st.integers() | st.integers(-(10**400), 10**400)
-          | st.sampled_from([3.4028235e38, 3.5e38, -1e39, 1.8e308, 1e-50, 2**128]) | st.text(max_size=10))
+LEAVES = (
+    st.none()
+    | st.booleans()
+    | st.floats()
+    | st.integers()
+    | st.integers(-(10**400), 10**400)
+    | st.sampled_from([3.4028235e38, 3.5e38, -1e39, 1.8e308, 1e-50, 2**128])
+    | st.text(max_size=10)
+)
 EVENTS = st.fixed_dictionaries(
-    {"id": LEAVES | st.text(min_size=1, max_size=8), "ts": LEAVES | st.integers(0, 2**64),
-     "features": st.lists(LEAVES | st.floats(-1e40, 1e40), min_size=3, max_size=3)
-     | st.fixed_dictionaries({n: LEAVES | st.floats(-1e40, 1e40) for n in SCHEMA.names}) | _json_values(LEAVES),
-     "label": st.none() | st.integers(-1, 3) | LEAVES},
-    optional={"extra": _json_values(LEAVES)})
+    {
+        "id": LEAVES | st.text(min_size=1, max_size=8),
+        "ts": LEAVES | st.integers(0, 2**64),
+        "features": st.lists(LEAVES | st.floats(-1e40, 1e40), min_size=3, max_size=3)
+        | st.fixed_dictionaries({n: LEAVES | st.floats(-1e40, 1e40) for n in SCHEMA.names})
+        | _json_values(LEAVES),
+        "label": st.none() | st.integers(-1, 3) | LEAVES,
+    },
+    optional={"extra": _json_values(LEAVES)},
+)
 FAST = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
 
@@ -144,15 +185,22 @@ def test_validate_never_raises_on_arbitrary_json(doc, ascii_only):
 
 # ------------------------------------------------------------------------------------------------ dead letters
 
+
 def _record(raw: bytes | None, **kwargs) -> tuple[bytes, dict]:
     value = dead_letter("predict", kwargs.pop("error", "bad"), raw, "events", 1, 2, **kwargs)
     return value, orjson.loads(value)
 
 
-@pytest.mark.parametrize("raw", [bytes(range(1, 32)) * (200_000 // 31),  # 200 KB of control characters
-                                 random.Random(7).randbytes(10 * 1024 * 1024),  # 10 MB of random bytes
-                                 '"\\'.encode() * 300_000, "é€😀".encode() * 50_000],
-                         ids=["control characters", "random bytes", "quotes and backslashes", "multibyte text"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        bytes(range(1, 32)) * (200_000 // 31),  # 200 KB of control characters
+        random.Random(7).randbytes(10 * 1024 * 1024),  # 10 MB of random bytes
+        '"\\'.encode() * 300_000,
+        "é€😀".encode() * 50_000,
+    ],
+    ids=["control characters", "random bytes", "quotes and backslashes", "multibyte text"],
+)
 def test_a_dead_letter_is_bounded_and_describes_the_whole_message(raw):
     value, record = _record(raw)
     assert len(value) < RECORD_LIMIT
@@ -175,8 +223,13 @@ def test_the_bound_holds_in_the_worst_case():
 
 
 def test_a_short_message_is_kept_whole_as_text_or_base64():
-    for raw, encoding in ((b'{"id": 1}', "utf8"), (b"\xff\xfe\x00binary", "base64"), (b"\x01" * 10, "base64"),
-                          (b"", "utf8"), (None, "utf8")):
+    for raw, encoding in (
+        (b'{"id": 1}', "utf8"),
+        (b"\xff\xfe\x00binary", "base64"),
+        (b"\x01" * 10, "base64"),
+        (b"", "utf8"),
+        (None, "utf8"),
+    ):
         _, record = _record(raw)
         assert original_bytes(record) == (raw or b"") and record["raw_encoding"] == encoding
         assert record["raw_truncated"] is False and record["raw_size"] == len(raw or b"")
@@ -198,15 +251,26 @@ def test_the_module_examples_run():
 
 # ------------------------------------------------------------------------------------------------ the producer
 
+
 def _produce(path) -> list:
     return list(file_events(file_rows(path), lambda document: FeatureSchema(("a", "b"), 2, 4096), str(path)))
 
 
 def test_csv_cells_past_float32_or_unreadable_are_dead_lettered_and_the_replay_goes_on(tmp_path):
     path = tmp_path / "hostile.csv"
-    lines = [b"id,a,b,label", b"ok1,1,2,0", b"big,1," + b"9" * 400 + b",0", b"huger,1," + b"9" * 5000 + b",0",
-             b"f32,1e39,1,1", b"nan,nan,1,1", b"utf8,\xff\xfe,1,0", b"\xff\xfeid,1,2,0", b"nul,\x00,1,0",
-             b"ok2,3.4028235e38,-1e-50,1", b'quote,"1,2,0']
+    lines = [
+        b"id,a,b,label",
+        b"ok1,1,2,0",
+        b"big,1," + b"9" * 400 + b",0",
+        b"huger,1," + b"9" * 5000 + b",0",
+        b"f32,1e39,1,1",
+        b"nan,nan,1,1",
+        b"utf8,\xff\xfe,1,0",
+        b"\xff\xfeid,1,2,0",
+        b"nul,\x00,1,0",
+        b"ok2,3.4028235e38,-1e-50,1",
+        b'quote,"1,2,0',
+    ]
     path.write_bytes(b"\n".join(lines) + b"\n")
     out = _produce(path)
     sent = [orjson.loads(m.value) for m in out if not m.dead]
@@ -236,13 +300,18 @@ def test_a_csv_cell_past_the_csv_size_limit_is_one_dead_letter(tmp_path):
 def test_json_lines_with_hostile_rows_are_dead_lettered_and_the_replay_goes_on(tmp_path):
     path = tmp_path / "hostile.jsonl"
     good = {"id": "ok", "ts": 1, "features": [1, 2], "label": 0}
-    lines = [orjson.dumps(good), b'{"id": "dup", "ts": 1, "features": [1, 2], "features": [1e39, 2], "label": 0}',
-             b'{"id": "f32", "ts": 1, "features": [1e39, 2], "label": 0}',
-             b'{"id": "int", "ts": 1, "features": [' + b"9" * 400 + b', 2], "label": 0}',
-             b'{"id": "deep", "ts": 1, "features": ' + b"[" * 10_000 + b"]" * 10_000 + b', "label": 0}',
-             b'{"id": "t", "ts": 1, "features": 7, "label": 0}', b"\xff\x00" * 100_000,
-             b'{"id": "long", "ts": 1, "features": [1, 2], "label": 0, "pad": "' + b"x" * 5000 + b'"}',
-             b'{"id": "' + b"x" * 5000 + b'", "ts": 1, "features": [1, 2], "label": 0}', orjson.dumps(good)]
+    lines = [
+        orjson.dumps(good),
+        b'{"id": "dup", "ts": 1, "features": [1, 2], "features": [1e39, 2], "label": 0}',
+        b'{"id": "f32", "ts": 1, "features": [1e39, 2], "label": 0}',
+        b'{"id": "int", "ts": 1, "features": [' + b"9" * 400 + b', 2], "label": 0}',
+        b'{"id": "deep", "ts": 1, "features": ' + b"[" * 10_000 + b"]" * 10_000 + b', "label": 0}',
+        b'{"id": "t", "ts": 1, "features": 7, "label": 0}',
+        b"\xff\x00" * 100_000,
+        b'{"id": "long", "ts": 1, "features": [1, 2], "label": 0, "pad": "' + b"x" * 5000 + b'"}',
+        b'{"id": "' + b"x" * 5000 + b'", "ts": 1, "features": [1, 2], "label": 0}',
+        orjson.dumps(good),
+    ]
     path.write_bytes(b"\n".join(lines) + b"\n")
     out = _produce(path)
     assert [orjson.loads(m.value)["id"] for m in out if not m.dead] == ["ok", "long", "ok"]

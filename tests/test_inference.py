@@ -34,8 +34,14 @@ BAD = [  # (value, the reason the DLQ record must give)
 @pytest.fixture
 def setup(kafka, topic, tmp_path):
     """Settings on fresh topics and a registered ``small`` model whose version 1 is champion."""
-    settings = load_settings(home=tmp_path, model="small", topic_events=topic, topic_dlq=topic + ".dlq",
-                             topic_predictions=topic + ".pred", kafka_source="python")
+    settings = load_settings(
+        home=tmp_path,
+        model="small",
+        topic_events=topic,
+        topic_dlq=topic + ".dlq",
+        topic_predictions=topic + ".pred",
+        kafka_source="python",
+    )
     ensure_topics(kafka, {topic: 3, topic + ".dlq": 1, topic + ".pred": 3})
     registry = Registry(settings.registry_url)
     registry.create_model(BUILTIN_SPECS["small"])
@@ -102,8 +108,9 @@ def test_50k_events_one_prediction_per_valid_one_dead_letter_per_invalid(spark, 
     assert metrics.get_sample_value("streamfit_predict_lag_records") == 0
 
 
-def test_events_the_model_cannot_compute_are_dead_lettered_not_predicted_with_nulls(spark, kafka, topic, tmp_path,
-                                                                                   setup):
+def test_events_the_model_cannot_compute_are_dead_lettered_not_predicted_with_nulls(
+    spark, kafka, topic, tmp_path, setup
+):
     """The champion's f3 has std 1e-20: f3 = 1e20 is a valid float32 that overflows once standardised, and
     +-3e38 in the other features stays finite through the standardisation but not through the layers (signed
     like a hidden unit's kernel, it overflows that unit in any summation order)."""
@@ -116,12 +123,16 @@ def test_events_the_model_cannot_compute_are_dead_lettered_not_predicted_with_nu
     unit = np.abs(kernel).sum(axis=0).argmax()
     assert 3e38 * float(np.abs(kernel[:, unit]).sum()) > 1.01 * float(np.finfo(np.float32).max)
     extreme = (3e38 * np.sign(kernel[:, unit])).tolist()
-    hostile = {"overflow": [0.5, 0.5, 0.5, 1e20, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5], "nan": extreme[:3] + [0.0] + extreme[3:]}
+    hostile = {
+        "overflow": [0.5, 0.5, 0.5, 1e20, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5],
+        "nan": extreme[:3] + [0.0] + extreme[3:],
+    }
     kafka_producer = producer(kafka)
     sender = Sender(kafka_producer, topic, topic)
     for event_id, features in hostile.items():
-        sender.send(Outgoing(event_id.encode(), orjson.dumps({"id": event_id, "ts": 1, "features": features,
-                                                              "label": None})))
+        sender.send(
+            Outgoing(event_id.encode(), orjson.dumps({"id": event_id, "ts": 1, "features": features, "label": None}))
+        )
     assert sender.close().failed == 0
     kafka_producer.close()
     _finish(_run(InferenceJob(spark, settings, kafka), tmp_path / "ck"))
@@ -129,8 +140,10 @@ def test_events_the_model_cannot_compute_are_dead_lettered_not_predicted_with_nu
     predictions = _predictions(kafka, topic, 300)
     assert sorted(p["id"] for p in predictions) == sorted(f"i-{i}" for i in range(300))
     assert all(p["model_version"] == 2 and all(np.isfinite(p["probabilities"])) for p in predictions)
-    dead = {orjson.loads(original_bytes(d))["id"]: d
-            for d in map(orjson.loads, (r.value for r in read_topic(kafka, topic + ".dlq", expected=2)))}
+    dead = {
+        orjson.loads(original_bytes(d))["id"]: d
+        for d in map(orjson.loads, (r.value for r in read_topic(kafka, topic + ".dlq", expected=2)))
+    }
     assert set(dead) == set(hostile) and {d["stage"] for d in dead.values()} == {"predict"}
     assert dead["overflow"]["error"].startswith("feature f3 = 1e+20 is inf after the model's standardisation (x - 0)")
     assert dead["nan"]["error"].startswith("the model's probabilities are not finite")
@@ -230,17 +243,27 @@ def test_a_warm_worker_is_reused_across_micro_batches_loading_the_model_once(spa
         from pipeline.spark import source
 
         writers = [kind for (role, _), (kind, _) in source._clients.items() if role == "writer"]
-        yield pa.RecordBatch.from_pydict({"pid": [os.getpid()], "loads": [inference.loads],
-                                          "clients": [len(source._clients)], "writer": [",".join(writers)]})
+        yield pa.RecordBatch.from_pydict(
+            {
+                "pid": [os.getpid()],
+                "loads": [inference.loads],
+                "clients": [len(source._clients)],
+                "writer": [",".join(writers)],
+            }
+        )
 
     _produce(kafka, topic, 3000)
-    job = InferenceJob(spark, settings.model_copy(update={"max_offsets_per_trigger": 500,
-                                                          "kafka_client": "kafka-python"}), kafka)
+    job = InferenceJob(
+        spark, settings.model_copy(update={"max_offsets_per_trigger": 500, "kafka_client": "kafka-python"}), kafka
+    )
     _finish(_run(job, tmp_path / "ck"))
     assert len(job.versions) == 6, job.versions
     slots = spark.sparkContext.defaultParallelism
-    states = spark.range(4 * slots, numPartitions=4 * slots).mapInArrow(
-        worker_state, "pid long, loads long, clients long, writer string").collect()
+    states = (
+        spark.range(4 * slots, numPartitions=4 * slots)
+        .mapInArrow(worker_state, "pid long, loads long, clients long, writer string")
+        .collect()
+    )
     warm = [s for s in states if s.loads]
     assert warm, f"no worker kept the model from the micro-batches: {states}"
     assert all(s.clients >= 1 for s in warm), states  # a reused worker keeps its Kafka client(s) too

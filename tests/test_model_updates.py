@@ -15,8 +15,14 @@ from tests.kafka_reader import read_topic
 
 
 def _move(version: int) -> dict:
-    return {"model": "small", "version": version, "alias": "candidate", "uri": f"v{version}", "created_at": 0.0,
-            "metrics": {}}
+    return {
+        "model": "small",
+        "version": version,
+        "alias": "candidate",
+        "uri": f"v{version}",
+        "created_at": 0.0,
+        "metrics": {},
+    }
 
 
 def test_after_kafka_fails_moves_go_unannounced_for_a_while_and_close_does_not_wait(tmp_path, topic):
@@ -24,8 +30,9 @@ def test_after_kafka_fails_moves_go_unannounced_for_a_while_and_close_does_not_w
     broker.start()
     try:
         ensure_topics(broker.bootstrap, {topic: 1})
-        settings = load_settings(home=tmp_path / "home", kafka_bootstrap=broker.bootstrap, topic_model_updates=topic,
-                                 kafka_timeout_s=3)
+        settings = load_settings(
+            home=tmp_path / "home", kafka_bootstrap=broker.bootstrap, topic_model_updates=topic, kafka_timeout_s=3
+        )
         announcer = Announcer(settings)
         announcer(_move(1))
         assert [orjson.loads(r.value)["version"] for r in read_topic(broker.bootstrap, topic, expected=1)] == [1]

@@ -35,8 +35,10 @@ def errors(rng: np.random.Generator, rates_and_lengths) -> np.ndarray:
 
 
 def score_in_batches(stream: np.ndarray, batch: int, p: Prequential) -> list:
-    return [p.score(stream[i:i + batch] == 0, np.full(len(stream[i:i + batch]), 0.5, np.float32))
-            for i in range(0, len(stream), batch)]
+    return [
+        p.score(stream[i : i + batch] == 0, np.full(len(stream[i : i + batch]), 0.5, np.float32))
+        for i in range(0, len(stream), batch)
+    ]
 
 
 def test_batch_and_window_figures():
@@ -131,7 +133,8 @@ def test_a_drift_boost_keeps_the_elastic_step_valid(tmp_path, algorithm):
     boost = DriftBoost(settings.drift_boost, settings.drift_boost_events)
     boosted = micro_batch_plan(settings, SPEC, 1, "q", boost).algorithm()
     assert boosted.alpha == pytest.approx(1.0) and micro_batch_plan(settings, SPEC, 1, "q").algorithm().alpha == (
-        pytest.approx(0.5))
+        pytest.approx(0.5)
+    )
 
 
 def test_a_micro_batch_plan_boosts_and_sizes_synchronous_rounds(tmp_path):
@@ -213,7 +216,9 @@ def test_gate_reviews_nothing_without_events_or_a_new_candidate(registry, sample
     gate.remember(x[:50], y[:50])
     assert gate.review(bundle) is None  # the candidate is the champion
     registry.set_alias("small", "candidate", registry.register("small", ModelBundle(SPEC, seed=2).get_weights()))
-    assert PromotionGate(registry, "small", window=100, margin=0.0, auto_promote=True).review(bundle) is None  # no events
+    assert (
+        PromotionGate(registry, "small", window=100, margin=0.0, auto_promote=True).review(bundle) is None
+    )  # no events
 
 
 def test_without_a_champion_or_auto_promote(registry, sample):

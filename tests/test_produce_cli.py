@@ -19,8 +19,12 @@ from tests.kafka_reader import read_topic
 
 def _write_csv(path, rows: int, bad_every: int) -> set[int]:
     """A 5-feature CSV where every ``bad_every``-th row is broken in a different way; returns bad row numbers."""
-    breakers = [lambda r: r.__setitem__(2, "abc"), lambda r: r.__setitem__(6, "7"),
-                lambda r: r.__setitem__(3, "inf"), lambda r: r.pop()]
+    breakers = [
+        lambda r: r.__setitem__(2, "abc"),
+        lambda r: r.__setitem__(6, "7"),
+        lambda r: r.__setitem__(3, "inf"),
+        lambda r: r.pop(),
+    ]
     bad = set()
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -40,8 +44,9 @@ def test_csv_with_bad_rows_sends_the_rest_and_dead_letters_each_bad_row(kafka, t
     path = tmp_path / "rows.csv"
     bad = _write_csv(path, 2000, bad_every=20)
     env = {**cli_env, "STREAMFIT_KAFKA_BOOTSTRAP": kafka, "STREAMFIT_TOPIC_EVENTS": events, "STREAMFIT_TOPIC_DLQ": dlq}
-    done = subprocess.run([*STREAMFIT, "produce", "--source", str(path)], env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [*STREAMFIT, "produce", "--source", str(path)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert f"sent={2000} acknowledged={2000} failed=0 resent=0 dead_lettered={len(bad)}" in done.stdout
     good = read_topic(kafka, events, expected=2000 - len(bad))
@@ -59,16 +64,22 @@ def test_csv_with_bad_rows_sends_the_rest_and_dead_letters_each_bad_row(kafka, t
 def test_producer_at_dead_address_fails_fast_with_clear_message(cli_env):
     env = {**cli_env, "STREAMFIT_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
     started = time.monotonic()
-    done = subprocess.run([*STREAMFIT, "produce", "--source", "synth:higgs", "--limit", "10"], env=env,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [*STREAMFIT, "produce", "--source", "synth:higgs", "--limit", "10"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert time.monotonic() - started < 30
     assert done.returncode == 1
     assert "127.0.0.1:1" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_broker_command_stops_cleanly_leaving_no_process(cli_env, tmp_path):
-    process = subprocess.Popen([*STREAMFIT, "broker"], env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen(
+        [*STREAMFIT, "broker"], env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     record_path = tmp_path / "home" / "broker.json"
     deadline = time.monotonic() + 60
     while not record_path.exists():
@@ -77,8 +88,13 @@ def test_broker_command_stops_cleanly_leaving_no_process(cli_env, tmp_path):
         time.sleep(0.1)
     record = json.loads(record_path.read_text())
     env = {**cli_env}
-    produced = subprocess.run([*STREAMFIT, "produce", "--source", "synth:sea", "--limit", "100"], env=env,
-                              capture_output=True, text=True, timeout=60)
+    produced = subprocess.run(
+        [*STREAMFIT, "produce", "--source", "synth:sea", "--limit", "100"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert produced.returncode == 0, produced.stderr
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0
@@ -105,20 +121,46 @@ def test_jsonl_and_parquet_sources_with_column_mapping(kafka, tmp_path, cli_env)
 
     events = "file-events"
     ensure_topics(kafka, {events: 3, events + ".dlq": 1})
-    env = {**cli_env, "STREAMFIT_KAFKA_BOOTSTRAP": kafka, "STREAMFIT_TOPIC_EVENTS": events,
-           "STREAMFIT_TOPIC_DLQ": events + ".dlq"}
+    env = {
+        **cli_env,
+        "STREAMFIT_KAFKA_BOOTSTRAP": kafka,
+        "STREAMFIT_TOPIC_EVENTS": events,
+        "STREAMFIT_TOPIC_DLQ": events + ".dlq",
+    }
     jsonl = tmp_path / "events.jsonl"
     lines = [orjson.dumps({"id": f"j{i}", "ts": 1, "features": [i, i + 1.5], "label": i % 2}) for i in range(300)]
     jsonl.write_bytes(b"\n".join(lines[:150] + [b"{broken"] + lines[150:]) + b"\n")
-    table = pa.table({"uid": [f"p{i}" for i in range(200)], "x1": [float(i) for i in range(200)],
-                      "x2": [i * 0.5 for i in range(200)], "y": [i % 2 for i in range(200)], "note": ["n"] * 200})
+    table = pa.table(
+        {
+            "uid": [f"p{i}" for i in range(200)],
+            "x1": [float(i) for i in range(200)],
+            "x2": [i * 0.5 for i in range(200)],
+            "y": [i % 2 for i in range(200)],
+            "note": ["n"] * 200,
+        }
+    )
     parquet = tmp_path / "rows.parquet"
     pq.write_table(table, parquet)
-    for args, sent in (([str(jsonl)], 301),
-                       ([str(parquet), "--id-column", "uid", "--label-column", "y", "--feature-columns", "x1,x2",
-                         "--label-fraction", "0.5"], 200)):
-        done = subprocess.run([*STREAMFIT, "produce", "--source", *args], env=env, capture_output=True, text=True,
-                              timeout=120)
+    for args, sent in (
+        ([str(jsonl)], 301),
+        (
+            [
+                str(parquet),
+                "--id-column",
+                "uid",
+                "--label-column",
+                "y",
+                "--feature-columns",
+                "x1,x2",
+                "--label-fraction",
+                "0.5",
+            ],
+            200,
+        ),
+    ):
+        done = subprocess.run(
+            [*STREAMFIT, "produce", "--source", *args], env=env, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr
         assert f"sent={sent} acknowledged={sent} failed=0" in done.stdout
     values = [orjson.loads(r.value) for r in read_topic(kafka, events, expected=500)]

@@ -29,23 +29,44 @@ WEIGHTS = {"kernel": np.zeros((3, 4), np.float32), "bias": np.zeros(4, np.float3
 MAX_CONNECTIONS = 8
 
 
-def raw(kind=MsgType.COMMIT, *, meta: bytes = b"", table: bytes = b"", data: bytes = b"", secret=SECRET,
-        version=VERSION, lengths=None, query=b"evil", batch=1) -> bytes:
+def raw(
+    kind=MsgType.COMMIT,
+    *,
+    meta: bytes = b"",
+    table: bytes = b"",
+    data: bytes = b"",
+    secret=SECRET,
+    version=VERSION,
+    lengths=None,
+    query=b"evil",
+    batch=1,
+) -> bytes:
     """A frame built by hand, so that it can say what no well-behaved encoder would."""
     table_len, meta_len, data_len = lengths or (len(table), len(meta), len(data))
-    header = HEADER.pack(MAGIC, version, kind, FLAG_MAC if secret else 0, table_len, meta_len, data_len,
-                         0, batch, 0, 0, query)
+    header = HEADER.pack(
+        MAGIC, version, kind, FLAG_MAC if secret else 0, table_len, meta_len, data_len, 0, batch, 0, 0, query
+    )
     if not secret:
         return header + table + meta + data
     header_mac = hmac.digest(secret, header, "sha256")
-    return header + header_mac + table + meta + data + hmac.digest(secret, header + header_mac + table + meta + data,
-                                                                  "sha256")
+    return (
+        header
+        + header_mac
+        + table
+        + meta
+        + data
+        + hmac.digest(secret, header + header_mac + table + meta + data, "sha256")
+    )
 
 
 def tensor_entry(name: str, dims: tuple[int, ...], code: int = 1) -> bytes:
     encoded = name.encode()
-    return struct.pack("<H", len(encoded)) + encoded + struct.pack("<BB", code, len(dims)) + struct.pack(
-        f"<{len(dims)}Q", *dims)
+    return (
+        struct.pack("<H", len(encoded))
+        + encoded
+        + struct.pack("<BB", code, len(dims))
+        + struct.pack(f"<{len(dims)}Q", *dims)
+    )
 
 
 BIAS = tensor_entry("bias", (4,))
@@ -102,8 +123,8 @@ CORPUS: dict[str, tuple[bytes, str | None]] = {
     "header MAC of another secret": (raw(secret=b"guess"), "auth"),
     "body changed after signing": (commit({"rows": 1}).replace(b'"rows": 1', b'"rows": 9'), "auth"),
     # truncated: the peer hangs up mid-frame; nothing to answer
-    "truncated header": (raw()[:HEADER.size // 2], None),
-    "truncated body": (commit({"rows": 1})[:HEADER.size + 40], None),
+    "truncated header": (raw()[: HEADER.size // 2], None),
+    "truncated body": (commit({"rows": 1})[: HEADER.size + 40], None),
 }
 
 
@@ -121,8 +142,11 @@ class GoodClient(threading.Thread):
                     if self.stop.is_set():
                         return
                     client.pull()
-                    ack = client.commit({"bias": np.full(4, 0.001, np.float32)}, tag=CommitTag("good", 0, 0, seq),
-                                        meta={"offsets": {"events": {"0": seq + 1}}, "rows": 2})
+                    ack = client.commit(
+                        {"bias": np.full(4, 0.001, np.float32)},
+                        tag=CommitTag("good", 0, 0, seq),
+                        meta={"offsets": {"events": {"0": seq + 1}}, "rows": 2},
+                    )
                     assert ack.status == "applied", ack
                     self.commits += 1
                     time.sleep(0.002)
@@ -157,8 +181,15 @@ def answer(address, payload: bytes, *, hang_up: bool) -> tuple[Frame | None, soc
 def test_hostile_corpus_and_flood_leave_the_server_serving(tmp_path, escaped):
     checkpoint = Checkpoint(tmp_path / "ckpt")
     state = CenterState(WEIGHTS, UpdateRule())
-    server = ParameterServer(state, secret=SECRET, checkpoint=checkpoint, io_timeout_s=1.0, idle_timeout_s=3.0,
-                             max_connections=MAX_CONNECTIONS, checkpoint_every_s=0.5).start()
+    server = ParameterServer(
+        state,
+        secret=SECRET,
+        checkpoint=checkpoint,
+        io_timeout_s=1.0,
+        idle_timeout_s=3.0,
+        max_connections=MAX_CONNECTIONS,
+        checkpoint_every_s=0.5,
+    ).start()
     good = GoodClient(server.address)
     good.start()
     started = time.monotonic()

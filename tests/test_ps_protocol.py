@@ -77,11 +77,25 @@ def test_round_trip_keeps_every_field_dtype_and_shape():
         "odd": np.ones(3, np.float32),  # 12 bytes: exercises the 8-byte padding
         "big-endian": np.arange(4, dtype=">f4"),
     }
-    frame = Frame(MsgType.COMMIT, counter=2**40, worker_id=7, query_id="é-query-☃", batch_id=-5, seq=3,
-                  tensors=tensors, meta={"offsets": {"events": {"0": 12}}, "note": "ok"})
+    frame = Frame(
+        MsgType.COMMIT,
+        counter=2**40,
+        worker_id=7,
+        query_id="é-query-☃",
+        batch_id=-5,
+        seq=3,
+        tensors=tensors,
+        meta={"offsets": {"events": {"0": 12}}, "note": "ok"},
+    )
     got = roundtrip(frame)
     assert (got.type, got.counter, got.worker_id, got.query_id, got.batch_id, got.seq) == (
-        MsgType.COMMIT, 2**40, 7, "é-query-☃", -5, 3)
+        MsgType.COMMIT,
+        2**40,
+        7,
+        "é-query-☃",
+        -5,
+        3,
+    )
     assert got.meta == frame.meta
     assert list(got.tensors) == list(tensors)
     for name, value in tensors.items():
@@ -131,13 +145,16 @@ def test_header_claiming_10_gb_is_rejected_before_reading_the_body():
         read_open(header(data=10 * 2**30))  # nothing else is sent: it must not wait for a body
 
 
-@pytest.mark.parametrize("raw,error", [
-    (header(magic=b"HTTP"), ProtocolError),
-    (header(version=VERSION + 1), VersionMismatch),
-    (header(kind=99), ProtocolError),
-    (header(flags=0x8000), ProtocolError),
-    (header(table=(1 << 20) + 1), FrameTooLarge),
-])
+@pytest.mark.parametrize(
+    "raw,error",
+    [
+        (header(magic=b"HTTP"), ProtocolError),
+        (header(version=VERSION + 1), VersionMismatch),
+        (header(kind=99), ProtocolError),
+        (header(flags=0x8000), ProtocolError),
+        (header(table=(1 << 20) + 1), FrameTooLarge),
+    ],
+)
 def test_bad_headers(raw, error):
     with pytest.raises(error):
         read_closed(raw)
@@ -174,8 +191,15 @@ def test_stalled_frame_times_out():
 
 def test_random_bytes_and_corrupted_frames_only_raise_protocol_errors():
     rng = np.random.default_rng(1)
-    good = wire(Frame(MsgType.COMMIT, worker_id=1, query_id="q", tensors={"a": np.ones((3, 4), np.float32),
-                                                                         "b": np.arange(3.0)}, meta={"k": [1, 2]}))
+    good = wire(
+        Frame(
+            MsgType.COMMIT,
+            worker_id=1,
+            query_id="q",
+            tensors={"a": np.ones((3, 4), np.float32), "b": np.arange(3.0)},
+            meta={"k": [1, 2]},
+        )
+    )
     samples = [rng.bytes(int(rng.integers(1, 300))) for _ in range(50)]
     samples += [MAGIC + bytes([VERSION]) + rng.bytes(int(rng.integers(0, 300))) for _ in range(50)]
     for _ in range(200):
@@ -190,13 +214,16 @@ def test_random_bytes_and_corrupted_frames_only_raise_protocol_errors():
             pass
 
 
-@pytest.mark.parametrize("frame,error", [
-    (Frame(MsgType.COMMIT, tensors={"c": np.ones(2, np.complex64)}), TypeError),
-    (Frame(MsgType.COMMIT, tensors={"u": np.ones(2, np.uint8)}), TypeError),
-    (Frame(MsgType.COMMIT, query_id="q" * 65), ValueError),
-    (Frame(MsgType.COMMIT, meta={"x": float("nan")}), ValueError),
-    (Frame(MsgType.COMMIT, meta={"x": "y" * (1 << 20)}), ValueError),
-])
+@pytest.mark.parametrize(
+    "frame,error",
+    [
+        (Frame(MsgType.COMMIT, tensors={"c": np.ones(2, np.complex64)}), TypeError),
+        (Frame(MsgType.COMMIT, tensors={"u": np.ones(2, np.uint8)}), TypeError),
+        (Frame(MsgType.COMMIT, query_id="q" * 65), ValueError),
+        (Frame(MsgType.COMMIT, meta={"x": float("nan")}), ValueError),
+        (Frame(MsgType.COMMIT, meta={"x": "y" * (1 << 20)}), ValueError),
+    ],
+)
 def test_encode_refuses_what_cannot_be_sent(frame, error):
     with pytest.raises(error):
         encode(frame)

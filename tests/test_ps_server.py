@@ -96,6 +96,7 @@ def test_pull_commit_stats():
 def test_replayed_tags_are_acknowledged_but_not_applied(serve):
     server = serve()
     with Client(*server.address) as client:
+
         def commit(batch, seq, query="q1"):
             return client.commit(ONES, tag=CommitTag(query, batch, 0, seq)).status
 
@@ -131,8 +132,20 @@ def test_concurrent_commits_all_land(serve):
 def _header(secret: bytes | None = None, **fields) -> bytes:
     """A bare header (signed with ``secret``: flag and header MAC), as no well-behaved client sends it."""
     values = {"magic": MAGIC, "version": VERSION, "kind": MsgType.PULL, "data": 0, **fields}
-    header = HEADER.pack(values["magic"], values["version"], values["kind"], FLAG_MAC if secret else 0, 0, 0,
-                         values["data"], 0, -1, 0, 0, b"")
+    header = HEADER.pack(
+        values["magic"],
+        values["version"],
+        values["kind"],
+        FLAG_MAC if secret else 0,
+        0,
+        0,
+        values["data"],
+        0,
+        -1,
+        0,
+        0,
+        b"",
+    )
     return header + hmac.digest(secret, header, "sha256") if secret else header
 
 
@@ -195,11 +208,14 @@ def test_idle_connections_are_closed_and_the_client_reconnects(serve):
         assert client.commit(ONES).status == "applied"
 
 
-@pytest.mark.parametrize("delta,message", [
-    ({"nope": np.ones(2, np.float32)}, "unknown tensor"),
-    ({"bias": np.ones(5, np.float32)}, "shape"),
-    ({"bias": np.array([1, np.nan, 0, 0], np.float32)}, "non-finite"),
-])
+@pytest.mark.parametrize(
+    "delta,message",
+    [
+        ({"nope": np.ones(2, np.float32)}, "unknown tensor"),
+        ({"bias": np.ones(5, np.float32)}, "shape"),
+        ({"bias": np.array([1, np.nan, 0, 0], np.float32)}, "non-finite"),
+    ],
+)
 def test_invalid_commits_are_rejected_and_the_connection_stays_usable(serve, delta, message):
     server = serve()
     with Client(*server.address) as client:
@@ -234,8 +250,16 @@ def test_synchronous_round_holds_commits_and_pulls_wait_for_it(serve):
 
 def test_three_shards_give_bit_identical_weights_to_one(serve):
     rng = np.random.default_rng(3)
-    shapes = {"l0/kernel": (30, 50), "l0/bias": (50,), "l1/kernel": (50, 100), "l1/bias": (100,),
-              "l2/kernel": (100, 50), "l2/bias": (50,), "l3/kernel": (50, 2), "l3/bias": (2,)}
+    shapes = {
+        "l0/kernel": (30, 50),
+        "l0/bias": (50,),
+        "l1/kernel": (50, 100),
+        "l1/bias": (100,),
+        "l2/kernel": (100, 50),
+        "l2/bias": (50,),
+        "l3/kernel": (50, 2),
+        "l3/bias": (2,),
+    }
     weights = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
     layout = sharding.plan({name: value.nbytes for name, value in weights.items()}, 3)
     assert all(layout) and sorted(sum(layout, [])) == sorted(weights)
@@ -282,7 +306,9 @@ def test_publish_callback_runs_in_the_background_and_survives_failures(serve):
 def test_checkpoint_every_t_seconds_and_on_stop(tmp_path):
     checkpoint = Checkpoint(tmp_path / "ckpt")
     state = CenterState(WEIGHTS, UpdateRule())
-    server = ParameterServer(state, checkpoint=checkpoint, checkpoint_every_updates=1000, checkpoint_every_s=0.2).start()
+    server = ParameterServer(
+        state, checkpoint=checkpoint, checkpoint_every_updates=1000, checkpoint_every_s=0.2
+    ).start()
     try:
         with Client(*server.address) as client:
             client.commit(ONES, tag=CommitTag("q", 1, 0, 0), meta={"offsets": {"events": {"0": 10}}})
@@ -310,7 +336,9 @@ def test_rule_state_survives_a_restart(tmp_path, make_rule):
     for current in (state, resumed):
         current.commit(ONES, pulled=current.counter, tag=CommitTag(worker_id=1))
         weights, _ = current.pull(worker_id=0)
-        np.testing.assert_array_equal(weights["bias"], np.full(4, 2 if isinstance(current.rule, SynchronousRound) else 1))
+        np.testing.assert_array_equal(
+            weights["bias"], np.full(4, 2 if isinstance(current.rule, SynchronousRound) else 1)
+        )
     assert state.publication()[0].keys() == resumed.publication()[0].keys()
     assert state.counter == resumed.counter
 
@@ -332,8 +360,14 @@ def _start_cli(cli_env, tmp_path, *args, shards=1, env=None):
     """Run ``streamfit ps --port 0 ARGS``; returns the process, the shards' addresses, and its stdout lines."""
     log_path = tmp_path / f"ps-{time.monotonic_ns()}.log"
     with open(log_path, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ps", "--port", "0", *args], cwd=ROOT,
-                                env={**cli_env, **(env or {})}, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "ps", "--port", "0", *args],
+            cwd=ROOT,
+            env={**cli_env, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
     lines = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     ports = []
@@ -386,7 +420,9 @@ def test_kill_9_and_restart_resumes_from_the_checkpoint(cli_env, tmp_path):
 
 
 def test_cli_runs_shards_as_processes(cli_env, tmp_path):
-    proc, addresses, _ = _start_cli(cli_env, tmp_path, "--init-weights", _write_init(tmp_path), "--shards", "2", shards=2)
+    proc, addresses, _ = _start_cli(
+        cli_env, tmp_path, "--init-weights", _write_init(tmp_path), "--shards", "2", shards=2
+    )
     try:
         with ShardedClient(addresses) as client:
             weights, _ = client.pull()
@@ -416,7 +452,9 @@ def _small_registry(cli_env) -> Path:
 
     registry = Registry(Path(cli_env["STREAMFIT_HOME"]) / "registry")
     registry.create_model(BUILTIN_SPECS["small"])
-    registry.set_alias("small", "champion", registry.register("small", ModelBundle(BUILTIN_SPECS["small"]).get_weights()))
+    registry.set_alias(
+        "small", "champion", registry.register("small", ModelBundle(BUILTIN_SPECS["small"]).get_weights())
+    )
     return registry
 
 
@@ -427,8 +465,13 @@ def test_cli_starts_from_the_champion_and_publishes_announced_candidates(cli_env
 
     registry = _small_registry(cli_env)
     ensure_topics(kafka, {topic: 1})
-    env = {"STREAMFIT_KAFKA_BOOTSTRAP": kafka, "STREAMFIT_TOPIC_MODEL_UPDATES": topic, "STREAMFIT_MODEL": "small",
-           "STREAMFIT_PS_PUBLISH_EVERY_UPDATES": "2", "STREAMFIT_PS_PUBLISH_EVERY_S": "60"}
+    env = {
+        "STREAMFIT_KAFKA_BOOTSTRAP": kafka,
+        "STREAMFIT_TOPIC_MODEL_UPDATES": topic,
+        "STREAMFIT_MODEL": "small",
+        "STREAMFIT_PS_PUBLISH_EVERY_UPDATES": "2",
+        "STREAMFIT_PS_PUBLISH_EVERY_S": "60",
+    }
     proc, addresses, _ = _start_cli(cli_env, tmp_path, "--shards", str(shards), shards=shards, env=env)
     try:
         with ShardedClient(addresses) as client:
@@ -489,18 +532,23 @@ def test_queries_count_rows_of_accepted_commits_and_keep_the_latest_offsets():
     state.commit(ONES, pulled=1, tag=CommitTag("q", 5, 1, 0), meta={"rows": 7})  # no offsets: the last ones stay
     assert state.commit(ONES, pulled=2, tag=CommitTag("q", 4, 0, 0), meta={"rows": 100}).status == "skipped"
     state.commit(ONES, pulled=2, meta={"rows": 3})
-    assert state.stats()["queries"] == {"": {"offsets": {}, "rows": 3, "batch": -1},
-                                        "q": {"offsets": {"events": {"0": 10}}, "rows": 12, "batch": 5}}
+    assert state.stats()["queries"] == {
+        "": {"offsets": {}, "rows": 3, "batch": -1},
+        "q": {"offsets": {"events": {"0": 10}}, "rows": 12, "batch": 5},
+    }
 
 
-@pytest.mark.parametrize("meta, problem", [
-    ({"offsets": {"events": {"0": float("nan")}}}, "offsets.events.0"),
-    ({"offsets": {"events": {"0": "10"}}}, "valid integer"),
-    ({"offsets": {"events": {"zero": 1}}}, "pattern"),
-    ({"rows": -1}, "rows"),
-    ({"rows": True}, "rows"),
-    ({"note": "hi"}, "Extra inputs"),
-])
+@pytest.mark.parametrize(
+    "meta, problem",
+    [
+        ({"offsets": {"events": {"0": float("nan")}}}, "offsets.events.0"),
+        ({"offsets": {"events": {"0": "10"}}}, "valid integer"),
+        ({"offsets": {"events": {"zero": 1}}}, "pattern"),
+        ({"rows": -1}, "rows"),
+        ({"rows": True}, "rows"),
+        ({"note": "hi"}, "Extra inputs"),
+    ],
+)
 def test_invalid_metadata_or_an_empty_delta_is_rejected_and_nothing_changes(meta, problem):
     client = client_module.LocalClient(CenterState(WEIGHTS, UpdateRule()))
     with pytest.raises(server_module.CommitRejected, match=problem):
@@ -525,13 +573,19 @@ def test_stats_reply_that_cannot_be_encoded_is_an_error_on_that_connection_only(
 def test_checkpoint_on_request_is_durable_when_it_answers(tmp_path):
     checkpoint = Checkpoint(tmp_path / "ckpt")
     state = CenterState(WEIGHTS, UpdateRule())
-    with ParameterServer(state, checkpoint=checkpoint, checkpoint_every_updates=10**6,
-                         checkpoint_every_s=3600) as server, Client(*server.address) as client:
+    with (
+        ParameterServer(
+            state, checkpoint=checkpoint, checkpoint_every_updates=10**6, checkpoint_every_s=3600
+        ) as server,
+        Client(*server.address) as client,
+    ):
         client.commit(ONES, tag=CommitTag("q", 7, 0, 0), meta={"offsets": {"events": {"0": 42}}, "rows": 64})
         reply = client.checkpoint()
         expected = {"q": {"offsets": {"events": {"0": 42}}, "rows": 64, "batch": 7}}
         assert reply.written and reply.counter == 1 and reply.queries == expected
-        resumed, found = CenterState.resume(Checkpoint(checkpoint.directory), UpdateRule(), lambda: pytest.fail("fresh"))
+        resumed, found = CenterState.resume(
+            Checkpoint(checkpoint.directory), UpdateRule(), lambda: pytest.fail("fresh")
+        )
         assert found and resumed.counter == 1 and resumed.stats()["queries"] == expected
         again = client.checkpoint()  # nothing changed since: nothing written, the same answer
         assert not again.written and (again.counter, again.queries) == (1, expected)
@@ -556,8 +610,9 @@ def test_a_failed_checkpoint_is_retried_while_idle(tmp_path):
     blocker = tmp_path / "ckpt"
     blocker.write_text("")  # the checkpoint directory cannot be created while this file is there
     state = CenterState(WEIGHTS, UpdateRule())
-    with ParameterServer(state, checkpoint=Checkpoint(blocker), checkpoint_every_updates=1,
-                         checkpoint_every_s=3600) as server:
+    with ParameterServer(
+        state, checkpoint=Checkpoint(blocker), checkpoint_every_updates=1, checkpoint_every_s=3600
+    ) as server:
         with Client(*server.address) as client:
             client.commit(ONES)
             wait_until(lambda: client.stats()["checkpoint"]["error"] is not None)
@@ -570,8 +625,9 @@ def test_the_final_checkpoint_runs_when_the_last_one_failed(tmp_path):
     blocker = tmp_path / "ckpt"
     blocker.write_text("")
     state = CenterState(WEIGHTS, UpdateRule())
-    server = ParameterServer(state, checkpoint=Checkpoint(blocker), checkpoint_every_updates=1,
-                             checkpoint_every_s=3600).start()
+    server = ParameterServer(
+        state, checkpoint=Checkpoint(blocker), checkpoint_every_updates=1, checkpoint_every_s=3600
+    ).start()
     state.commit(ONES, pulled=0)
     wait_until(lambda: server.stats()["checkpoint"]["error"] is not None)
     blocker.unlink()
@@ -582,8 +638,10 @@ def test_the_final_checkpoint_runs_when_the_last_one_failed(tmp_path):
 def test_sharded_checkpoint_and_a_commit_that_misses_a_shard(tmp_path):
     layout = sharding.plan({name: value.size for name, value in WEIGHTS.items()}, 2)
     states = [CenterState({name: WEIGHTS[name] for name in names}, UpdateRule()) for names in layout]
-    servers = [ParameterServer(state, checkpoint=Checkpoint(tmp_path / f"shard-{i}"), checkpoint_every_s=3600).start()
-               for i, state in enumerate(states)]
+    servers = [
+        ParameterServer(state, checkpoint=Checkpoint(tmp_path / f"shard-{i}"), checkpoint_every_s=3600).start()
+        for i, state in enumerate(states)
+    ]
     try:
         with ShardedClient([s.address for s in servers]) as client:
             ack = client.commit({"bias": np.ones(4, np.float32)}, tag=CommitTag("q", 3), meta={"rows": 9})
@@ -606,12 +664,16 @@ def test_checkpoint_with_invalid_or_old_metadata_loads_cleaned(tmp_path, caplog)
     checkpoint.save(CenterState(WEIGHTS, UpdateRule()).snapshot())
     state_file = tmp_path / "state.json"
     stored = json.loads(state_file.read_text())
-    stored["guard"] = {"bad": {"batch": 2, "applied": [[0, 0]], "offsets": {"events": {"0": float("nan")}}, "rows": 1},
-                       "old": {"batch": 3, "applied": [[1, 0]], "meta": {"offsets": {"events": {"1": 5}}}}}
+    stored["guard"] = {
+        "bad": {"batch": 2, "applied": [[0, 0]], "offsets": {"events": {"0": float("nan")}}, "rows": 1},
+        "old": {"batch": 3, "applied": [[1, 0]], "meta": {"offsets": {"events": {"1": 5}}}},
+    }
     state_file.write_text(json.dumps(stored))  # NaN, as a server before the schema could write it
     resumed = CenterState.from_snapshot(checkpoint.load(), UpdateRule())
-    assert resumed.stats()["queries"] == {"bad": {"offsets": {}, "rows": 0, "batch": 2},
-                                          "old": {"offsets": {"events": {"1": 5}}, "rows": 0, "batch": 3}}
+    assert resumed.stats()["queries"] == {
+        "bad": {"offsets": {}, "rows": 0, "batch": 2},
+        "old": {"offsets": {"events": {"1": 5}}, "rows": 0, "batch": 3},
+    }
     assert "'bad' has invalid metadata" in caplog.text
     assert resumed.commit(ONES, pulled=0, tag=CommitTag("bad", 2, 0, 0)).status == "skipped"  # guard kept
     json.dumps(resumed.stats(), allow_nan=False)

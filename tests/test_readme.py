@@ -38,7 +38,11 @@ def test_a_readme_command_parses(command):
 def test_the_module_table_matches_the_tree():
     """The architecture section's table names every module, and only modules that exist."""
     listed = set(re.findall(r"^\| `([\w/<>]+\.py)` \|", (ROOT / "README.md").read_text(), re.MULTILINE))
-    tree = {str(path.relative_to(ROOT)) for package in ("pipeline", "consumers", "producers", "serving", "deploy")
-            for path in (ROOT / package).rglob("*.py") if path.name != "__init__.py"}
+    tree = {
+        str(path.relative_to(ROOT))
+        for package in ("pipeline", "consumers", "producers", "serving", "deploy")
+        for path in (ROOT / package).rglob("*.py")
+        if path.name != "__init__.py"
+    }
     tree = {"pipeline/cli/<command>.py" if name.startswith("pipeline/cli/") else name for name in tree}
     assert listed == tree, {"not in the table": sorted(tree - listed), "not in the tree": sorted(listed - tree)}

@@ -39,13 +39,25 @@ def registry(tmp_path, events):
 
 def test_register_load_promote_rollback_and_alias_events(registry, events):
     v1 = registry.register("small", weights(0.1), algorithm="init")
-    v2 = registry.register("small", weights(0.2), parent=v1, algorithm="adag", updates=10,
-                           offsets={"events": {"0": 41}}, metrics={"accuracy": 0.9})
+    v2 = registry.register(
+        "small",
+        weights(0.2),
+        parent=v1,
+        algorithm="adag",
+        updates=10,
+        offsets={"events": {"0": 41}},
+        metrics={"accuracy": 0.9},
+    )
     assert (v1, v2, registry.versions("small"), registry.models()) == (1, 2, [1, 2], ["small"])
     meta = registry.meta("small", v2)
     assert {k: meta[k] for k in ("version", "parent", "algorithm", "updates", "offsets", "metrics")} == {
-        "version": 2, "parent": 1, "algorithm": "adag", "updates": 10, "offsets": {"events": {"0": 41}},
-        "metrics": {"accuracy": 0.9}}
+        "version": 2,
+        "parent": 1,
+        "algorithm": "adag",
+        "updates": 10,
+        "offsets": {"events": {"0": 41}},
+        "metrics": {"accuracy": 0.9},
+    }
     assert len(meta["sha256"]) == 64 and meta["created_at"] > 1.7e12  # epoch ms
     assert registry.spec("small") == SMALL
 
@@ -60,7 +72,11 @@ def test_register_load_promote_rollback_and_alias_events(registry, events):
         registry.rollback("small")
 
     assert [(e["alias"], e["version"]) for e in events] == [
-        ("champion", 1), ("candidate", 2), ("champion", 2), ("champion", 1)]
+        ("champion", 1),
+        ("candidate", 2),
+        ("champion", 2),
+        ("champion", 1),
+    ]
     moved = events[2]
     assert set(moved) == {"model", "version", "alias", "uri", "created_at", "metrics"}
     assert (moved["model"], moved["metrics"], moved["created_at"]) == ("small", {"accuracy": 0.9}, meta["created_at"])
@@ -131,8 +147,12 @@ def test_concurrent_writers_get_distinct_versions_and_readers_never_see_partial(
     watcher = threading.Thread(target=reader)
     watcher.start()
     try:
-        writers = [subprocess.Popen([sys.executable, "-c", WRITER, registry.root, "12", str(i)], cwd=ROOT,
-                                    stdout=subprocess.PIPE, text=True) for i in (1, 2)]
+        writers = [
+            subprocess.Popen(
+                [sys.executable, "-c", WRITER, registry.root, "12", str(i)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+            )
+            for i in (1, 2)
+        ]
         numbers = [int(n) for w in writers for n in w.communicate(timeout=120)[0].split()]
     finally:
         stop.set()
@@ -174,10 +194,21 @@ def test_models_cli(tmp_path, monkeypatch, capsys):
     assert "already exists" in streamfit("create", "tiny", "--spec", "small", code=1)
     assert "exists (champion v1): left as it is" in streamfit("create", "tiny", "--spec", "small", "--exist-ok")
     registry = Registry(tmp_path / "home" / "registry")
-    v2 = registry.register("tiny", registry.weights("tiny", 1)[1], parent=1, algorithm="adag", metrics={"accuracy": 0.8})
+    v2 = registry.register(
+        "tiny", registry.weights("tiny", 1)[1], parent=1, algorithm="adag", metrics={"accuracy": 0.8}
+    )
     registry.set_alias("tiny", "candidate", v2)
     listing = streamfit("list").splitlines()
-    assert listing[0].split() == ["model", "builder", "features", "classes", "versions", "latest", "champion", "candidate"]
+    assert listing[0].split() == [
+        "model",
+        "builder",
+        "features",
+        "classes",
+        "versions",
+        "latest",
+        "champion",
+        "candidate",
+    ]
     assert listing[1].split() == ["tiny", "dense_classifier", "10", "2", "2", "2", "1", "2"]
     assert '{"accuracy":0.8}' in streamfit("show", "tiny")
     assert "sha256" in streamfit("show", "tiny", "--version", "2")

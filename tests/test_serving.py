@@ -75,8 +75,15 @@ def live(kafka, tmp_path_factory):
     home = tmp_path_factory.mktemp("serving")
     updates = f"model-updates-{home.name}"
     ensure_topics(kafka, {updates: 1})
-    settings = load_settings(home=home, model="small", kafka_bootstrap=kafka, topic_model_updates=updates,
-                             admin_token=TOKEN, registry_poll_s=30, max_request_bytes=64 * 1024)
+    settings = load_settings(
+        home=home,
+        model="small",
+        kafka_bootstrap=kafka,
+        topic_model_updates=updates,
+        admin_token=TOKEN,
+        registry_poll_s=30,
+        max_request_bytes=64 * 1024,
+    )
     registry, announcer = announcing_registry(settings)
     registry.create_model(SPEC)
     registry.set_alias("small", "champion", registry.register("small", _weights(1)))
@@ -111,8 +118,11 @@ def test_predictions_equal_the_models_own_in_every_request_form(live):
             assert answer.json()["model_version"] == version
             np.testing.assert_allclose(answer.json()["predictions"], expected, rtol=1e-5, atol=1e-6, err_msg=form)
         # curl's -d sends application/x-www-form-urlencoded: the body is still read as JSON
-        curl_like = client.post("/v1/models/small:predict", content=f'{{"instances": {rows[:1].tolist()}}}',
-                                headers={"Content-Type": "application/x-www-form-urlencoded"})
+        curl_like = client.post(
+            "/v1/models/small:predict",
+            content=f'{{"instances": {rows[:1].tolist()}}}',
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
         assert curl_like.status_code == 200, curl_like.text
         np.testing.assert_allclose(curl_like.json()["predictions"], expected[:1], rtol=1e-5, atol=1e-6)
 
@@ -123,35 +133,52 @@ BAD_REQUESTS = [  # (body as bytes, status, words the error must contain)
     (b"[1, 2]", 400, "must be a JSON object"),
     (b'{"instances": [[1, 2]]}', 400, "instances[0]: expected 10 features (f0 .. f9), got 2"),
     (b'{"instances": [{"f0": 1}]}', 400, "missing feature(s) 'f1'"),
-    (b'{"instances": [{"f0": 1, "f1": 1, "f2": 1, "f3": 1, "f4": 1, "f5": 1, "f6": 1, "f7": 1, "f8": 1, "f9": 1, '
-     b'"zz": 2}]}', 400, "unknown feature(s) 'zz'"),
+    (
+        b'{"instances": [{"f0": 1, "f1": 1, "f2": 1, "f3": 1, "f4": 1, "f5": 1, "f6": 1, "f7": 1, "f8": 1, "f9": 1, '
+        b'"zz": 2}]}',
+        400,
+        "unknown feature(s) 'zz'",
+    ),
     (b'{"instances": [[1, 2, 3, 4, 5, 6, 7, 8, 9, NaN]]}', 400, "instances[0][9]"),
     (b'{"instances": [[1, 2, 3, 4, 5, 6, 7, 8, 9, 1e999]]}', 400, "finite number"),
     (b'{"instances": [[1, 2, 3, 4, 5, 6, 7, 8, 9, 1e39]]}', 400, "float32 range"),
-    (b'{"instances": [[1, 2, 3, 4, 5, 6, 7, 8, 9, ' + b"9" * 400 + b']]}', 400,
-     "instances[0][9]: Input should be a valid number, got 9999"),
-    (b'{"instances": [{"f0": 0, "f1": 0, "f2": 0, "f3": -1e39, "f4": 0, "f5": 0, "f6": 0, "f7": 0, "f8": 0, "f9": 0}]}',
-     400, "instances[0].f3 is -1e+39, outside the float32 range"),
-    (b'{"inputs": {"f0": [0, 3.5e38], "f1": [0, 0], "f2": [0, 0], "f3": [0, 0], "f4": [0, 0], "f5": [0, 0], '
-     b'"f6": [0, 0], "f7": [0, 0], "f8": [0, 0], "f9": [0, 0]}}', 400, "inputs.f0[1] is 3.5e+38, outside the float32 range"),
-    (b'{"instances": [[0, 0, 0, 0, 0, 0, 0, 0, 0, 0], [3e38, 3e38, 3e38, 3e38, 3e38, 3e38, 3e38, 3e38, 3e38, 3e38]]}',
-     400, "instances[1]: the model's probabilities are not finite"),  # finite float32 input, overflow inside the model
+    (
+        b'{"instances": [[1, 2, 3, 4, 5, 6, 7, 8, 9, ' + b"9" * 400 + b"]]}",
+        400,
+        "instances[0][9]: Input should be a valid number, got 9999",
+    ),
+    (
+        b'{"instances": [{"f0": 0, "f1": 0, "f2": 0, "f3": -1e39, "f4": 0, "f5": 0, "f6": 0, "f7": 0, "f8": 0, "f9": 0}]}',
+        400,
+        "instances[0].f3 is -1e+39, outside the float32 range",
+    ),
+    (
+        b'{"inputs": {"f0": [0, 3.5e38], "f1": [0, 0], "f2": [0, 0], "f3": [0, 0], "f4": [0, 0], "f5": [0, 0], '
+        b'"f6": [0, 0], "f7": [0, 0], "f8": [0, 0], "f9": [0, 0]}}',
+        400,
+        "inputs.f0[1] is 3.5e+38, outside the float32 range",
+    ),
+    (
+        b'{"instances": [[0, 0, 0, 0, 0, 0, 0, 0, 0, 0], [3e38, 3e38, 3e38, 3e38, 3e38, 3e38, 3e38, 3e38, 3e38, 3e38]]}',
+        400,
+        "instances[1]: the model's probabilities are not finite",
+    ),  # finite float32 input, overflow inside the model
     (b'{"instances": [[1, 2, 3, 4, 5, 6, 7, 8, 9, "x"]]}', 400, "instances[0][9]: Input should be a valid number"),
     (b'{"instances": [[1, 2, 3, 4, 5, 6, 7, 8, 9, true]]}', 400, "instances[0][9]"),
     (b'{"instances": []}', 400, "instances"),
     (b'{"inputs": {"f0": [1, 2]}}', 400, "missing feature(s)"),
     (b'{"instances": [[0,0,0,0,0,0,0,0,0,0]], "inputs": [[0,0,0,0,0,0,0,0,0,0]]}', 400, "exactly one of"),
     (b'{"rows": [[0]]}', 400, "rows"),
-    (b'{"instances": [' + b",".join([b"[" + b",".join([b"0.5"] * 10) + b"]"] * 2000) + b"]}", 413,
-     "65536-byte limit"),
+    (b'{"instances": [' + b",".join([b"[" + b",".join([b"0.5"] * 10) + b"]"] * 2000) + b"]}", 413, "65536-byte limit"),
 ]
 
 
 @pytest.mark.parametrize("body, status, words", BAD_REQUESTS, ids=[w for _, _, w in BAD_REQUESTS])
 def test_bad_requests_get_a_4xx_naming_the_problem(live, body, status, words):
     server = live[0]
-    answer = httpx.post(server.url + "/v1/models/small:predict", content=body,
-                        headers={"Content-Type": "application/json"})
+    answer = httpx.post(
+        server.url + "/v1/models/small:predict", content=body, headers={"Content-Type": "application/json"}
+    )
     assert answer.status_code == status, answer.text
     assert words in answer.json()["error"]
 
@@ -169,8 +196,11 @@ def test_status_metadata_health_and_metrics(live):
     with httpx.Client(base_url=server.url) as client:
         champion = registry.resolve("small", "champion")
         status = client.get("/v1/models/small").json()
-        assert {"version": str(champion), "state": "AVAILABLE",
-                "status": {"error_code": "OK", "error_message": ""}} in status["model_version_status"]
+        assert {
+            "version": str(champion),
+            "state": "AVAILABLE",
+            "status": {"error_code": "OK", "error_message": ""},
+        } in status["model_version_status"]
         meta = client.get("/v1/models/small/metadata").json()
         assert meta["model_spec"]["version"] == str(champion)
         assert meta["metadata"]["features"] == SPEC.feature_names and meta["metadata"]["n_features"] == 10
@@ -179,12 +209,19 @@ def test_status_metadata_health_and_metrics(live):
         assert client.get("/readyz").json()["ready"] is True
         _predict(client, {"instances": [[0.0] * 10]})
         metrics = client.get("/metrics").text
-    assert re.search(r'streamfit_http_requests_total\{method="POST",route="/v1/models/\{model\}:predict",'
-                     r'status="200"\} [1-9]', metrics)
+    assert re.search(
+        r'streamfit_http_requests_total\{method="POST",route="/v1/models/\{model\}:predict",'
+        r'status="200"\} [1-9]',
+        metrics,
+    )
     assert re.search(r'streamfit_model_version\{model="small"\} ' + str(champion), metrics)
-    for series in ("streamfit_http_request_duration_seconds_bucket", "streamfit_batch_rows_bucket",
-                   "streamfit_model_swaps_total", "streamfit_model_swap_duration_seconds_bucket",
-                   "streamfit_model_updates_connected 1.0"):
+    for series in (
+        "streamfit_http_request_duration_seconds_bucket",
+        "streamfit_batch_rows_bucket",
+        "streamfit_model_swaps_total",
+        "streamfit_model_swap_duration_seconds_bucket",
+        "streamfit_model_updates_connected 1.0",
+    ):
         assert series in metrics, series
 
 
@@ -322,7 +359,9 @@ def test_rollback_pin_and_reload_through_the_admin_api(live):
         rolled = admin.post("/rollback")
         assert rolled.status_code == 200, rolled.text
         assert rolled.json()["serving"] == before == registry.resolve("small", "champion")
-        assert _predict(httpx.Client(base_url=server.url), {"instances": [[0.0] * 10]}).json()["model_version"] == before
+        assert (
+            _predict(httpx.Client(base_url=server.url), {"instances": [[0.0] * 10]}).json()["model_version"] == before
+        )
         pinned = admin.put("/pin", json={"version": newer})
         assert pinned.json() == {"model": "small", "serving": newer, "champion": before, "pinned": newer}
         assert admin.put("/pin", json={"version": 999}).status_code == 404
@@ -366,8 +405,9 @@ def test_no_request_built_from_the_openapi_schema_gets_a_5xx(live):
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @hypothesis_settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None,
-                            derandomize=True)
+        @hypothesis_settings(
+            max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True
+        )
         def no_5xx(case):
             if "model" in (case.path_parameters or {}):
                 case.path_parameters["model"] = "small"
@@ -394,8 +434,9 @@ def test_a_value_the_models_standardisation_overflows_is_a_400_naming_the_featur
             rows = [[0.5] * 10, [0.5, 0.5, 0.5, 1e10, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]]
             answer = _predict(client, {"instances": rows})
             assert answer.status_code == 400, answer.text
-            assert answer.json()["error"].startswith("instances[1]: feature f3 = 1e+10 is inf after the model's "
-                                                     "standardisation (x - 0) / 1e-30"), answer.text
+            assert answer.json()["error"].startswith(
+                "instances[1]: feature f3 = 1e+10 is inf after the model's standardisation (x - 0) / 1e-30"
+            ), answer.text
             columns = {f"f{j}": [row[j] for row in rows] for j in range(10)}
             answer = _predict(client, {"inputs": columns})
             assert answer.status_code == 400 and "inputs (row 1 of the columns): feature f3" in answer.text
@@ -407,16 +448,24 @@ def test_a_value_the_models_standardisation_overflows_is_a_400_naming_the_featur
 def test_the_readme_serve_and_curl_lines_work_as_written(tmp_path, cli_env):
     """``streamfit models create`` + ``streamfit serve`` + the README's curl line, as a new user runs them."""
     readme = (ROOT / "README.md").read_text()
-    curl = next(line for line in readme.splitlines() if line.startswith("curl ") and "127.0.0.1:8000/v1/models/" in line
-                and ":predict" in line)
+    curl = next(
+        line
+        for line in readme.splitlines()
+        if line.startswith("curl ") and "127.0.0.1:8000/v1/models/" in line and ":predict" in line
+    )
     port = free_port("127.0.0.1")
     args = shlex.split(curl.replace(":8000", f":{port}"))
     url = next(a for a in args if a.startswith("http"))
     body = args[args.index("-d") + 1]
     model = re.search(r"/v1/models/([^:/]+):predict", url).group(1)
     subprocess.run([*STREAMFIT, "models", "create", model], env=cli_env, check=True, capture_output=True)
-    serve = subprocess.Popen([*STREAMFIT, "serve", "--port", str(port)], env=cli_env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    serve = subprocess.Popen(
+        [*STREAMFIT, "serve", "--port", str(port)],
+        env=cli_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:

@@ -42,7 +42,12 @@ def test_bootstrap_shape_and_yaml_unknown_key(tmp_path, monkeypatch):
 
 
 def test_cli_reports_bad_setting_without_traceback(cli_env):
-    done = subprocess.run([*STREAMFIT, "topics"], env={**cli_env, "STREAMFIT_EVENTS_PARTITIONS": "0"},
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [*STREAMFIT, "topics"],
+        env={**cli_env, "STREAMFIT_EVENTS_PARTITIONS": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert "events_partitions" in done.stderr and "Traceback" not in done.stderr

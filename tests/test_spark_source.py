@@ -43,8 +43,13 @@ def _stream(spark, bootstrap, topic, checkpoint, **options):
         rows.extend(got)
         batches.append(len(got))
 
-    query = (reader.load().writeStream.foreachBatch(collect).option("checkpointLocation", str(checkpoint))
-             .trigger(availableNow=True).start())
+    query = (
+        reader.load()
+        .writeStream.foreachBatch(collect)
+        .option("checkpointLocation", str(checkpoint))
+        .trigger(availableNow=True)
+        .start()
+    )
     query.awaitTermination(300)
     if query.exception():
         raise RuntimeError(str(query.exception()))
@@ -69,16 +74,22 @@ def test_batch_read_has_spark_kafka_columns_and_every_record(spark, loaded_topic
 
 def test_min_partitions_splits_ranges_and_reads_each_record_once(spark, loaded_topic):
     bootstrap, topic, keys = loaded_topic
-    df = (spark.read.format(NAME).option("kafka.bootstrap.servers", bootstrap).option("subscribe", topic)
-          .option("minPartitions", 7).load())
+    df = (
+        spark.read.format(NAME)
+        .option("kafka.bootstrap.servers", bootstrap)
+        .option("subscribe", topic)
+        .option("minPartitions", 7)
+        .load()
+    )
     assert df.rdd.getNumPartitions() >= 7
     assert sorted(bytes(r.key) for r in df.collect()) == sorted(keys)
 
 
 def test_max_offsets_per_trigger_and_restart_reads_only_new(spark, loaded_topic, tmp_path):
     bootstrap, topic, keys = loaded_topic
-    rows, batches = _stream(spark, bootstrap, topic, tmp_path / "ck", startingOffsets="earliest",
-                            maxOffsetsPerTrigger=700)
+    rows, batches = _stream(
+        spark, bootstrap, topic, tmp_path / "ck", startingOffsets="earliest", maxOffsetsPerTrigger=700
+    )
     assert sorted(bytes(r.key) for r in rows) == sorted(keys)
     assert max(batches) <= 700 and sum(batches) == 3000 and len(batches) >= 5
     more = _produce(bootstrap, topic, 500, "bb")
@@ -108,20 +119,32 @@ def test_bad_options_are_named(spark, kafka, topic):
     with pytest.raises(Exception, match="maxOffsetsPerTrigger"):
         _stream(spark, kafka, topic, "/tmp/unused-" + topic, maxOffsetsPerTrigger="many")
     with pytest.raises(Exception, match="startingOffsets"):
-        spark.read.format(NAME).option("kafka.bootstrap.servers", kafka).option("subscribe", topic) \
-            .option("startingOffsets", "{oops").load().count()
+        spark.read.format(NAME).option("kafka.bootstrap.servers", kafka).option("subscribe", topic).option(
+            "startingOffsets", "{oops"
+        ).load().count()
     with pytest.raises(Exception, match="kafkaClient must be one of auto, confluent, kafka-python, got 'rdkafka'"):
-        spark.createDataFrame([("v",)], "value string").write.format(NAME).option("kafka.bootstrap.servers", kafka) \
-            .option("topic", topic).option("kafkaClient", "rdkafka").mode("append").save()
+        spark.createDataFrame([("v",)], "value string").write.format(NAME).option(
+            "kafka.bootstrap.servers", kafka
+        ).option("topic", topic).option("kafkaClient", "rdkafka").mode("append").save()
 
 
 def test_stream_writer_acknowledges_every_row(spark, kafka, topic, tmp_path):
     ensure_topics(kafka, {topic: 3, topic + "-out": 3})
     keys = _produce(kafka, topic, 2000, "w")
-    query = (spark.readStream.format(NAME).option("kafka.bootstrap.servers", kafka).option("subscribe", topic)
-             .option("startingOffsets", "earliest").load().selectExpr("key", "upper(cast(value as string)) as value")
-             .writeStream.format(NAME).option("kafka.bootstrap.servers", kafka).option("topic", topic + "-out")
-             .option("checkpointLocation", str(tmp_path / "w")).trigger(availableNow=True).start())
+    query = (
+        spark.readStream.format(NAME)
+        .option("kafka.bootstrap.servers", kafka)
+        .option("subscribe", topic)
+        .option("startingOffsets", "earliest")
+        .load()
+        .selectExpr("key", "upper(cast(value as string)) as value")
+        .writeStream.format(NAME)
+        .option("kafka.bootstrap.servers", kafka)
+        .option("topic", topic + "-out")
+        .option("checkpointLocation", str(tmp_path / "w"))
+        .trigger(availableNow=True)
+        .start()
+    )
     query.awaitTermination(300)
     out = read_topic(kafka, topic + "-out", expected=2000)
     assert sorted(r.key for r in out) == sorted(keys)
@@ -135,9 +158,15 @@ def test_writer_honours_a_partition_column_and_keys_like_kafka(spark, kafka, top
 
     ensure_topics(kafka, {topic: 3})
     rows = [(f"k{i}", f"v{i}", i % 3 if i % 2 else None) for i in range(300)]
-    (spark.createDataFrame(rows, "key string, value string, partition int").write.format(NAME)
-     .option("kafka.bootstrap.servers", kafka).option("topic", topic).option("kafkaClient", client)
-     .mode("append").save())
+    (
+        spark.createDataFrame(rows, "key string, value string, partition int")
+        .write.format(NAME)
+        .option("kafka.bootstrap.servers", kafka)
+        .option("topic", topic)
+        .option("kafkaClient", client)
+        .mode("append")
+        .save()
+    )
     out = {r.key.decode(): r.partition for r in read_topic(kafka, topic, expected=300)}
     assert len(out) == 300
     assert all(out[f"k{i}"] == i % 3 for i in range(1, 300, 2))
@@ -214,8 +243,9 @@ def test_records_deleted_before_a_query_reads_them_fail_it_or_are_skipped(spark,
 def test_fail_on_data_loss_must_be_a_boolean(spark, kafka, topic):
     ensure_topics(kafka, {topic: 1})
     with pytest.raises(Exception, match="failOnDataLoss must be true or false, got 'maybe'"):
-        spark.read.format(NAME).option("kafka.bootstrap.servers", kafka).option("subscribe", topic) \
-            .option("failOnDataLoss", "maybe").load().count()
+        spark.read.format(NAME).option("kafka.bootstrap.servers", kafka).option("subscribe", topic).option(
+            "failOnDataLoss", "maybe"
+        ).load().count()
 
 
 @pytest.mark.parametrize("client", ["confluent", "kafka-python"])

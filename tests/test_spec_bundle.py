@@ -30,21 +30,29 @@ def test_builtin_specs_round_trip_through_json():
         assert ModelSpec.model_validate_json(spec.model_dump_json()) == spec
     assert (SMALL.n_features, SMALL.n_classes, SMALL.feature_names[-1]) == (10, 2, "f9")
     assert list(SMALL.weight_shapes.items()) == [
-        ("standardise/mean", (10,)), ("standardise/std", (10,)), ("hidden_0/kernel", (10, 32)),
-        ("hidden_0/bias", (32,)), ("output/kernel", (32, 2)), ("output/bias", (2,))]
+        ("standardise/mean", (10,)),
+        ("standardise/std", (10,)),
+        ("hidden_0/kernel", (10, 32)),
+        ("hidden_0/bias", (32,)),
+        ("output/kernel", (32, 2)),
+        ("output/bias", (2,)),
+    ]
 
 
-@pytest.mark.parametrize("change, problem", [
-    ({"builder": "os.system"}, "unknown builder 'os.system'"),
-    ({"builder_args": {"hidden": [0]}}, "greater than 0"),
-    ({"builder_args": {"hidden": [8], "activation": "eval"}}, "Extra inputs are not permitted"),
-    ({"name": "../etc"}, "should match pattern"),
-    ({"feature_names": ["a", "a"]}, "must be unique"),
-    ({"classes": [0]}, "at least 2 items"),
-    ({"standardisation": {"mean": [0.0], "std": [1.0]}}, "standardisation has 1 entries for 10 features"),
-    ({"standardisation": {"mean": [0.0] * 10, "std": [0.0] * 10}}, "stds finite and > 0"),
-    ({"optimizer": {"name": "adam"}}, "'sgd'"),
-])
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"builder": "os.system"}, "unknown builder 'os.system'"),
+        ({"builder_args": {"hidden": [0]}}, "greater than 0"),
+        ({"builder_args": {"hidden": [8], "activation": "eval"}}, "Extra inputs are not permitted"),
+        ({"name": "../etc"}, "should match pattern"),
+        ({"feature_names": ["a", "a"]}, "must be unique"),
+        ({"classes": [0]}, "at least 2 items"),
+        ({"standardisation": {"mean": [0.0], "std": [1.0]}}, "standardisation has 1 entries for 10 features"),
+        ({"standardisation": {"mean": [0.0] * 10, "std": [0.0] * 10}}, "stds finite and > 0"),
+        ({"optimizer": {"name": "adam"}}, "'sgd'"),
+    ],
+)
 def test_bad_specs_are_rejected_naming_the_problem(change, problem):
     with pytest.raises(ValidationError, match=problem):
         ModelSpec.model_validate(SMALL.model_dump() | change)

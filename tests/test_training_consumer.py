@@ -53,13 +53,20 @@ def setup(kafka, topic, tmp_path):
         registry = Registry(tmp_path / "registry")
         registry.create_model(SPEC)
         registry.set_alias("small", "champion", registry.register("small", ModelBundle(SPEC, seed=1).get_weights()))
-        settings = load_settings(home=tmp_path, model="small", topic_events=topic, topic_dlq=topic + ".dlq",
-                                 topic_training_metrics=topic + ".metrics", kafka_source="python",
-                                 **{"workers": 2, "batch_size": 32, "max_offsets_per_trigger": 2000, **overrides})
+        settings = load_settings(
+            home=tmp_path,
+            model="small",
+            topic_events=topic,
+            topic_dlq=topic + ".dlq",
+            topic_training_metrics=topic + ".metrics",
+            kafka_source="python",
+            **{"workers": 2, "batch_size": 32, "max_offsets_per_trigger": 2000, **overrides},
+        )
         state = CenterState(registry.weights("small")[1], from_settings(settings).rule())
         publisher = CandidatePublisher(registry, "small", algorithm=settings.algorithm, keep=50)
-        server = ParameterServer(state, port=0, on_publish=publisher, publish_every_updates=30,
-                                 publish_every_s=3600).start()
+        server = ParameterServer(
+            state, port=0, on_publish=publisher, publish_every_updates=30, publish_every_s=3600
+        ).start()
         servers.append(server)
         return settings.model_copy(update={"ps_port": server.address[1]}), registry, server
 
@@ -91,15 +98,19 @@ def test_learns_to_90_percent_prequential_only_from_valid_labelled_events(spark,
     assert sum(r["trained_rows"] for r in history) == labelled  # unlabelled and invalid never reach a worker
     assert sum(r["unlabelled"] for r in history) == 21_000 - labelled
     assert sum(r["invalid"] for r in history) == 150
-    assert history[0]["accuracy"] < 0.75 and history[-1]["window_accuracy"] >= 0.9, [round(
-        r["window_accuracy"], 3) for r in history]
+    assert history[0]["accuracy"] < 0.75 and history[-1]["window_accuracy"] >= 0.9, [
+        round(r["window_accuracy"], 3) for r in history
+    ]
     assert server.state.counter == sum(r["updates"] for r in history) > 0
     exported = job.gauges.serve(0, host="127.0.0.1")
     try:
         text = httpx.get(f"http://127.0.0.1:{exported.server_port}/metrics").text
     finally:
         exported.shutdown()
-    assert "streamfit_train_events_total 21150.0" in text and f"streamfit_train_batch_id {history[-1]['batch_id']}.0" in text
+    assert (
+        "streamfit_train_events_total 21150.0" in text
+        and f"streamfit_train_batch_id {history[-1]['batch_id']}.0" in text
+    )
     dead = [orjson.loads(r.value) for r in read_topic(kafka, settings.topic_dlq, expected=150)]
     assert len(dead) == 150 and {d["stage"] for d in dead} == {"train"}
     metrics = [orjson.loads(r.value) for r in read_topic(kafka, settings.topic_training_metrics, expected=len(history))]
@@ -115,8 +126,13 @@ def test_learns_to_90_percent_prequential_only_from_valid_labelled_events(spark,
 def test_a_replayed_micro_batch_is_not_trained_nor_dead_lettered_twice(spark, kafka, topic, tmp_path, setup):
     settings, registry, server = setup()
     rows = itertools.islice(synthetic_rows("hyperplane", seed=5), 5940)
-    produce(kafka, topic, itertools.chain.from_iterable(  # 60 invalid among them: 6000 events, 3 micro-batches
-        [event, invalid(n)] if n % 99 == 0 else [event] for n, event in enumerate(synthetic_events(rows, "r"))))
+    produce(
+        kafka,
+        topic,
+        itertools.chain.from_iterable(  # 60 invalid among them: 6000 events, 3 micro-batches
+            [event, invalid(n)] if n % 99 == 0 else [event] for n, event in enumerate(synthetic_events(rows, "r"))
+        ),
+    )
     checkpoint = tmp_path / "ck"
     first = list(run(spark, settings, registry, kafka, checkpoint).history)
     assert [r["batch_id"] for r in first] == [0, 1, 2]
@@ -144,8 +160,10 @@ def test_an_event_that_breaks_training_is_dead_lettered_and_the_rest_trained(spa
     settings, registry, server = setup(batch_attempts=2, max_offsets_per_trigger=1000)
     rows = list(itertools.islice(synthetic_rows("hyperplane", seed=5), 3000))
     events = list(synthetic_events(rows, "e", label_fraction=1.0, seed=2))
-    extreme = [Outgoing(name.encode(), orjson.dumps({"id": name, "ts": 1, "features": [value] * 10, "label": 1}))
-               for name, value in (("overflows", 3e38), ("poison", 9e37))]
+    extreme = [
+        Outgoing(name.encode(), orjson.dumps({"id": name, "ts": 1, "features": [value] * 10, "label": 1}))
+        for name, value in (("overflows", 3e38), ("poison", 9e37))
+    ]
     produce(kafka, topic, [*events[:2000], *extreme, *events[2000:]])
 
     job = run(spark, settings, registry, kafka, tmp_path / "ck")
@@ -153,8 +171,10 @@ def test_an_event_that_breaks_training_is_dead_lettered_and_the_rest_trained(spa
     history = list(job.history)
     assert sum(r["poison"] for r in history) == 1 and sum(r["retries"] for r in history) >= 1, history
     assert sum(r["trained_rows"] for r in history) == 3000
-    dead = {orjson.loads(d["raw"])["id"]: d for d in map(orjson.loads, (r.value for r in read_topic(
-        kafka, settings.topic_dlq, expected=2)))}
+    dead = {
+        orjson.loads(d["raw"])["id"]: d
+        for d in map(orjson.loads, (r.value for r in read_topic(kafka, settings.topic_dlq, expected=2)))
+    }
     assert {d["stage"] for d in dead.values()} == {"train"} and dead.keys() == {"overflows", "poison"}, dead
     assert "after the model's standardisation" in dead["overflows"]["error"], dead
     assert "non-finite" in dead["poison"]["error"], dead
@@ -168,8 +188,10 @@ def test_abrupt_drift_is_flagged_and_accuracy_recovers(spark, kafka, topic, tmp_
     drift_at = 10_000
     # river's hyperplanes all have positive weights, so a redrawn one relabels few events and an online
     # learner shrugs it off within a micro-batch; swapping the classes as well changes every event's concept
-    rows = ((x, y if i < drift_at else 1 - y)
-            for i, (x, y) in enumerate(itertools.islice(synthetic_rows("hyperplane", seed=6, drift_at=drift_at), 22_000)))
+    rows = (
+        (x, y if i < drift_at else 1 - y)
+        for i, (x, y) in enumerate(itertools.islice(synthetic_rows("hyperplane", seed=6, drift_at=drift_at), 22_000))
+    )
     produce(kafka, topic, synthetic_events(rows, "d"))
 
     history = list(run(spark, settings, registry, kafka, tmp_path / "ck").history)
@@ -185,8 +207,7 @@ def test_abrupt_drift_is_flagged_and_accuracy_recovers(spark, kafka, topic, tmp_
     assert max(boosted) <= (max(flagged) + settings.drift_boost_events) // 1000 < history[-1]["batch_id"], boosted
 
 
-def test_a_concept_that_changes_inside_a_micro_batch_is_learned_in_arrival_order(spark, kafka, topic, tmp_path,
-                                                                                  setup):
+def test_a_concept_that_changes_inside_a_micro_batch_is_learned_in_arrival_order(spark, kafka, topic, tmp_path, setup):
     """Spark's round-robin repartition hands each worker its share in no particular order; a worker
     must train in arrival order to learn a concept before the stream moves on from it. Synchronous
     rounds keep the two workers at the same point of the stream; asynchronous ones drift apart when one
@@ -212,8 +233,9 @@ def test_ensemble_and_an_absent_parameter_server_are_clear_errors(spark, kafka, 
     registry.set_alias("small", "champion", registry.register("small", ModelBundle(SPEC).get_weights()))
     with pytest.raises(TrainingError, match="streamfit fit"):
         TrainingJob(spark, load_settings(home=tmp_path, model="small", algorithm="ensemble"), kafka, registry)
-    job = TrainingJob(spark, load_settings(home=tmp_path, model="small", ps_port=1, kafka_source="python"), kafka,
-                      registry)
+    job = TrainingJob(
+        spark, load_settings(home=tmp_path, model="small", ps_port=1, kafka_source="python"), kafka, registry
+    )
     with pytest.raises(TrainingError, match="streamfit ps --model small"):
         job.start(str(tmp_path / "ck"))
     job.close()
@@ -229,8 +251,9 @@ def test_each_minibatch_is_scored_just_before_the_worker_trains_on_it():
     y = (x[:, 0] + x[:, 1] > 0).astype(np.int64)
     initial = ModelBundle(SPEC, seed=2).get_weights()
     plan = TrainingPlan.create(SPEC, algorithm="sequential", addresses=[], batch_size=32, learning_rate=0.5)
-    with ParameterServer(CenterState(initial, from_settings(load_settings(algorithm="sequential")).rule()),
-                         port=0) as server:
+    with ParameterServer(
+        CenterState(initial, from_settings(load_settings(algorithm="sequential")).rule()), port=0
+    ) as server:
         scores = Scores(len(y))
         train_rows(plan.model_copy(update={"addresses": [server.address]}), x, y, worker_id=0, scores=scores)
 
@@ -238,8 +261,8 @@ def test_each_minibatch_is_scored_just_before_the_worker_trains_on_it():
     replica.set_weights(initial)
     expected = []
     for start in range(0, len(y), 32):
-        expected.append(replica.predict_proba(x[start:start + 32]))
-        replica.train_on_batch(x[start:start + 32], y[start:start + 32])
+        expected.append(replica.predict_proba(x[start : start + 32]))
+        replica.train_on_batch(x[start : start + 32], y[start : start + 32])
     expected = np.concatenate(expected)
     assert scores.done == len(y)
     np.testing.assert_allclose(scores.label_probability, expected[np.arange(len(y)), y], atol=1e-5)

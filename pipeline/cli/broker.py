@@ -10,11 +10,16 @@ from pipeline.kafka import broker_file
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("broker", help="run the embedded Kafka broker (noida-db or tansu)",
-                                   description="Start a Kafka-protocol broker from a PyPI wheel, create the topics, "
-                                               "and keep it running until Ctrl-C/SIGTERM. With STREAMFIT_KAFKA_BOOTSTRAP "
-                                               "set, only creates the topics on that cluster.")
-    parser.add_argument("--impl", dest="broker_impl", choices=IMPLEMENTATIONS, help="broker implementation (default noida)")
+    parser = subparsers.add_parser(
+        "broker",
+        help="run the embedded Kafka broker (noida-db or tansu)",
+        description="Start a Kafka-protocol broker from a PyPI wheel, create the topics, "
+        "and keep it running until Ctrl-C/SIGTERM. With STREAMFIT_KAFKA_BOOTSTRAP "
+        "set, only creates the topics on that cluster.",
+    )
+    parser.add_argument(
+        "--impl", dest="broker_impl", choices=IMPLEMENTATIONS, help="broker implementation (default noida)"
+    )
     parser.add_argument("--host", dest="broker_host", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", dest="broker_port", type=int, help="port (default: a free one)")
     parser.set_defaults(func=run)
@@ -31,8 +36,10 @@ def run(args) -> int:
         if settings.kafka_bootstrap:
             print(f"using Kafka at {bootstrap} (STREAMFIT_KAFKA_BOOTSTRAP); topics are ready, nothing embedded started")
             return 0
-        print(f"{settings.broker_impl} broker ready at {bootstrap} (recorded in {broker_file(settings)}); Ctrl-C stops it",
-              flush=True)
+        print(
+            f"{settings.broker_impl} broker ready at {bootstrap} (recorded in {broker_file(settings)}); Ctrl-C stops it",
+            flush=True,
+        )
         stop.wait()
         print("stopping broker", flush=True)
     return 0

@@ -9,11 +9,17 @@ from pipeline.ps.algorithms import ALGORITHMS
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "fit", help="train a model from a file (Spark partitions as parameter-server workers)",
+        "fit",
+        help="train a model from a file (Spark partitions as parameter-server workers)",
         description="Read a CSV, Parquet or JSON-lines file, train the model's champion on it with an asynchronous "
-                    "parameter-server algorithm over Spark partitions, and register the result as the candidate.")
-    parser.add_argument("--data", required=True, metavar="FILE", help="CSV/Parquet (one column per feature) or "
-                                                                      "JSON lines in the events shape")
+        "parameter-server algorithm over Spark partitions, and register the result as the candidate.",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE",
+        help="CSV/Parquet (one column per feature) or JSON lines in the events shape",
+    )
     parser.add_argument("--model", dest="model", help="registered model (a built-in spec name is created if missing)")
     parser.add_argument("--algorithm", dest="algorithm", choices=sorted(ALGORITHMS))
     parser.add_argument("--workers", dest="workers", type=int, help="Spark partitions = parameter-server workers")
@@ -48,11 +54,20 @@ def run(args) -> int:
         spark = spark_session(settings, "streamfit-fit")
         try:
             with console.status("training") as status:
-                result = fit(spark, settings, registry, args.data, holdout=args.holdout, label_column=args.label_column,
-                             promote=args.promote, progress=lambda stats: status.update(
-                                 f"training {settings.model} with {settings.algorithm} x{settings.workers}: "
-                                 f"{stats['counter']:,} updates, {stats.get('commits', {}).get('skipped', 0)} "
-                                 "replays skipped"))
+                result = fit(
+                    spark,
+                    settings,
+                    registry,
+                    args.data,
+                    holdout=args.holdout,
+                    label_column=args.label_column,
+                    promote=args.promote,
+                    progress=lambda stats: status.update(
+                        f"training {settings.model} with {settings.algorithm} x{settings.workers}: "
+                        f"{stats['counter']:,} updates, {stats.get('commits', {}).get('skipped', 0)} "
+                        "replays skipped"
+                    ),
+                )
         finally:
             spark.stop()
     except (FitError, RegistryError, SparkSetupError) as exc:
@@ -64,10 +79,11 @@ def run(args) -> int:
         return 0
     alias = "champion" if args.promote else "candidate"
     accuracy = result.holdout.get("accuracy")
-    print(f"trained {settings.model} on {result.rows:,} rows ({result.invalid_rows:,} invalid left out) in "
-          f"{result.seconds:.1f}s (run {result.run_id}): {result.updates:,} updates; version {result.versions[0]} "
-          f"is {alias}"
-          + (f", held-out accuracy {accuracy:.3f}" if accuracy is not None else ""))
+    print(
+        f"trained {settings.model} on {result.rows:,} rows ({result.invalid_rows:,} invalid left out) in "
+        f"{result.seconds:.1f}s (run {result.run_id}): {result.updates:,} updates; version {result.versions[0]} "
+        f"is {alias}" + (f", held-out accuracy {accuracy:.3f}" if accuracy is not None else "")
+    )
     return 0
 
 
@@ -81,7 +97,9 @@ def _ensure_model(registry, name: str, console) -> None:
     if name not in BUILTIN_SPECS:
         from pipeline.cli import CommandError
 
-        raise CommandError(f"no model {name!r} in {registry.root}: create it with `streamfit models create {name} --spec SPEC`")
+        raise CommandError(
+            f"no model {name!r} in {registry.root}: create it with `streamfit models create {name} --spec SPEC`"
+        )
     registry.create_model(BUILTIN_SPECS[name])
     version = registry.register(name, ModelBundle(BUILTIN_SPECS[name]).get_weights(), algorithm="init")
     registry.set_alias(name, "champion", version)

@@ -14,22 +14,31 @@ from pipeline.spec import BUILTIN_SPECS, NAME_PATTERN, ModelSpec
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("models", help="create, list and inspect registry models; promote and roll back",
-                                   description="Manage the model registry (settings.registry, default <home>/registry).")
+    parser = subparsers.add_parser(
+        "models",
+        help="create, list and inspect registry models; promote and roll back",
+        description="Manage the model registry (settings.registry, default <home>/registry).",
+    )
     parser.add_argument("--registry", dest="registry", help="registry root: a path or an fsspec URL")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    create = actions.add_parser("create", help="a new model from a built-in spec; its random-initialised "
-                                               "version 1 becomes champion")
+    create = actions.add_parser(
+        "create", help="a new model from a built-in spec; its random-initialised version 1 becomes champion"
+    )
     create.add_argument("name", help="model name (letters, digits, . _ -)")
     create.add_argument("--spec", choices=sorted(BUILTIN_SPECS), default="higgs", help="built-in spec (default higgs)")
     create.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default 0)")
-    create.add_argument("--exist-ok", action="store_true",
-                        help="a model of that name is not an error: it is left as it is (and given its champion "
-                             "version 1 if an interrupted create left it without one)")
+    create.add_argument(
+        "--exist-ok",
+        action="store_true",
+        help="a model of that name is not an error: it is left as it is (and given its champion "
+        "version 1 if an interrupted create left it without one)",
+    )
     create.set_defaults(func=run, action_func=_create)
 
-    actions.add_parser("list", help="every model with its versions and aliases").set_defaults(func=run, action_func=_list)
+    actions.add_parser("list", help="every model with its versions and aliases").set_defaults(
+        func=run, action_func=_list
+    )
 
     show = actions.add_parser("show", help="a model's spec, aliases and versions, or one version's metadata")
     show.add_argument("name")
@@ -64,7 +73,9 @@ def _create(registry, args) -> int:
     from pipeline.bundle import ModelBundle
 
     if not re.fullmatch(NAME_PATTERN, args.name):
-        raise ValueError(f"bad model name {args.name!r}: up to 128 letters, digits, '.', '_' or '-', not starting with '.', '_' or '-'")
+        raise ValueError(
+            f"bad model name {args.name!r}: up to 128 letters, digits, '.', '_' or '-', not starting with '.', '_' or '-'"
+        )
     spec = ModelSpec.model_validate(BUILTIN_SPECS[args.spec].model_dump() | {"name": args.name})
     if args.exist_ok and args.name in registry.models():
         if registry.aliases(args.name).get("champion") is not None:
@@ -76,8 +87,10 @@ def _create(registry, args) -> int:
     bundle = ModelBundle(spec, seed=args.seed)
     version = registry.register(spec.name, bundle.get_weights(), algorithm="init")
     event = registry.set_alias(spec.name, "champion", version)
-    print(f"created model {spec.name!r} from spec {args.spec} ({bundle.n_parameters:,} parameters): "
-          f"version {version} is champion, at {event['uri']}")
+    print(
+        f"created model {spec.name!r} from spec {args.spec} ({bundle.n_parameters:,} parameters): "
+        f"version {version} is champion, at {event['uri']}"
+    )
     return 0
 
 
@@ -85,9 +98,16 @@ def _list(registry, args) -> int:
     table = _table("model", "builder", "features", "classes", "versions", "latest", "champion", "candidate")
     for name in registry.models():
         spec, versions, aliases = registry.spec(name), registry.versions(name), registry.aliases(name)
-        table.add_row(name, spec.builder, str(spec.n_features), str(spec.n_classes), str(len(versions)),
-                      _text(versions[-1] if versions else None), _text(aliases.get("champion")),
-                      _text(aliases.get("candidate")))
+        table.add_row(
+            name,
+            spec.builder,
+            str(spec.n_features),
+            str(spec.n_classes),
+            str(len(versions)),
+            _text(versions[-1] if versions else None),
+            _text(aliases.get("champion")),
+            _text(aliases.get("candidate")),
+        )
     _print(table if table.row_count else f"no models in {registry.root}")
     return 0
 
@@ -95,24 +115,36 @@ def _list(registry, args) -> int:
 def _show(registry, args) -> int:
     if args.version is not None:
         table = _table("field", "value", wrap="value")
-        for key, value in {**registry.meta(args.name, args.version), "uri": registry.uri(args.name, args.version)}.items():
+        for key, value in {
+            **registry.meta(args.name, args.version),
+            "uri": registry.uri(args.name, args.version),
+        }.items():
             table.add_row(key, _when(value) if key == "created_at" else _text(value))
         _print(table)
         return 0
     spec, aliases = registry.spec(args.name), registry.aliases(args.name)
     opt = spec.optimizer
-    print(f"model {args.name}: {spec.builder} {json.dumps(spec.builder_args, separators=(',', ':'))}\n"
-          f"  features ({spec.n_features}): {', '.join(spec.feature_names[:8])}{' ...' if spec.n_features > 8 else ''}\n"
-          f"  classes: {spec.classes}   loss: {spec.loss}   standardisation in spec: {spec.standardisation is not None}\n"
-          f"  optimizer: {opt.name} learning_rate={opt.learning_rate:g} momentum={opt.momentum:g} nesterov={opt.nesterov}")
+    print(
+        f"model {args.name}: {spec.builder} {json.dumps(spec.builder_args, separators=(',', ':'))}\n"
+        f"  features ({spec.n_features}): {', '.join(spec.feature_names[:8])}{' ...' if spec.n_features > 8 else ''}\n"
+        f"  classes: {spec.classes}   loss: {spec.loss}   standardisation in spec: {spec.standardisation is not None}\n"
+        f"  optimizer: {opt.name} learning_rate={opt.learning_rate:g} momentum={opt.momentum:g} nesterov={opt.nesterov}"
+    )
     by_version: dict[int, list[str]] = {}
     for alias, version in aliases.items():
         by_version.setdefault(version, []).append(alias)
     table = _table("version", "aliases", "parent", "algorithm", "updates", "metrics", "created (UTC)", wrap="metrics")
     for version in registry.versions(args.name):
         meta = registry.meta(args.name, version)
-        table.add_row(str(version), ", ".join(sorted(by_version.get(version, []))), _text(meta["parent"]),
-                      _text(meta["algorithm"]), str(meta["updates"]), _text(meta["metrics"]), _when(meta["created_at"]))
+        table.add_row(
+            str(version),
+            ", ".join(sorted(by_version.get(version, []))),
+            _text(meta["parent"]),
+            _text(meta["algorithm"]),
+            str(meta["updates"]),
+            _text(meta["metrics"]),
+            _when(meta["created_at"]),
+        )
     _print(table)
     return 0
 

@@ -9,20 +9,36 @@ log = logging.getLogger("streamfit.predict")
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("predict", help="run the Spark inference consumer (events -> predictions)",
-                                   description="Stream events from Kafka through the champion model and write "
-                                               "predictions; invalid events go to the dead-letter topic.")
+    parser = subparsers.add_parser(
+        "predict",
+        help="run the Spark inference consumer (events -> predictions)",
+        description="Stream events from Kafka through the champion model and write "
+        "predictions; invalid events go to the dead-letter topic.",
+    )
     parser.add_argument("--model", dest="model", help="registered model name (default higgs)")
     parser.add_argument("--master", dest="spark_master", help="Spark master (default local[2])")
     parser.add_argument("--max-offsets-per-trigger", dest="max_offsets_per_trigger", type=int)
-    parser.add_argument("--trigger-interval", dest="trigger_interval_s", type=float, help="seconds between micro-batches (default 0.5)")
-    parser.add_argument("--starting-offsets", dest="starting_offsets", help="earliest | latest | JSON (new queries only)")
-    parser.add_argument("--min-partitions", dest="spark_min_partitions", type=int,
-                        help="Spark tasks per micro-batch at least (default the cores)")
-    parser.add_argument("--checkpoint", dest="predict_checkpoint",
-                        help="checkpoint directory (default <home>/checkpoints/inference)")
-    parser.add_argument("--metrics-port", dest="predict_metrics_port", type=int,
-                        help="serve Prometheus metrics on this port (default off)")
+    parser.add_argument(
+        "--trigger-interval", dest="trigger_interval_s", type=float, help="seconds between micro-batches (default 0.5)"
+    )
+    parser.add_argument(
+        "--starting-offsets", dest="starting_offsets", help="earliest | latest | JSON (new queries only)"
+    )
+    parser.add_argument(
+        "--min-partitions",
+        dest="spark_min_partitions",
+        type=int,
+        help="Spark tasks per micro-batch at least (default the cores)",
+    )
+    parser.add_argument(
+        "--checkpoint", dest="predict_checkpoint", help="checkpoint directory (default <home>/checkpoints/inference)"
+    )
+    parser.add_argument(
+        "--metrics-port",
+        dest="predict_metrics_port",
+        type=int,
+        help="serve Prometheus metrics on this port (default off)",
+    )
     parser.add_argument("--source", dest="kafka_source", choices=["auto", "native", "python"])
     parser.set_defaults(func=run)
 
@@ -51,9 +67,13 @@ def run(args) -> int:
             down.callback(metrics.shutdown)
         checkpoint = settings.predict_checkpoint or str(settings.home / "checkpoints" / "inference")
         supervisor = QuerySupervisor(job.start(checkpoint), lambda: job.start(checkpoint))
-        print(f"predicting {settings.topic_events} -> {settings.topic_predictions} with {settings.model} "
-              f"(checkpoint {checkpoint}" + (f", metrics on :{settings.predict_metrics_port}/metrics" if metrics else "")
-              + "); Ctrl-C stops", flush=True)
+        print(
+            f"predicting {settings.topic_events} -> {settings.topic_predictions} with {settings.model} "
+            f"(checkpoint {checkpoint}"
+            + (f", metrics on :{settings.predict_metrics_port}/metrics" if metrics else "")
+            + "); Ctrl-C stops",
+            flush=True,
+        )
         run_until_stopped(supervisor.poll)
         stop_between_batches(supervisor.query)
         failure = supervisor.query.exception()

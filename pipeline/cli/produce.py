@@ -15,26 +15,38 @@ from producers.sender import Sender, file_events, synthetic_events
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "produce", help="stream events into Kafka (synthetic or from a file)",
-        description="Send events to the events topic. Sources: synth:NAME (" + ", ".join(synthetic.GENERATORS)
-                    + ") or a .csv/.jsonl/.parquet file. Every send is acknowledged before success is reported; "
-                      "file rows that fail validation go to the dead-letter topic.")
+        "produce",
+        help="stream events into Kafka (synthetic or from a file)",
+        description="Send events to the events topic. Sources: synth:NAME ("
+        + ", ".join(synthetic.GENERATORS)
+        + ") or a .csv/.jsonl/.parquet file. Every send is acknowledged before success is reported; "
+        "file rows that fail validation go to the dead-letter topic.",
+    )
     parser.add_argument("--source", required=True, help="synth:higgs | synth:hyperplane | ... | path/to/file.csv")
     parser.add_argument("--rate", type=float, default=0.0, help="events/s (token bucket); 0 = as fast as possible")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="stop after this many events (synthetic default: 10000; 0: no end)")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="stop after this many events (synthetic default: 10000; 0: no end)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label-fraction", type=float, default=1.0, help="share of events that keep their label")
     parser.add_argument("--drift-at", type=int, default=None, help="synthetic: switch to a new concept after N events")
-    parser.add_argument("--invalid-fraction", type=float, default=0.0,
-                        help="synthetic: share of events sent broken on purpose (they end in the dead-letter topic)")
-    parser.add_argument("--id-prefix", default=None, help="event ids are PREFIX-N (default: source, seed and start time)")
+    parser.add_argument(
+        "--invalid-fraction",
+        type=float,
+        default=0.0,
+        help="synthetic: share of events sent broken on purpose (they end in the dead-letter topic)",
+    )
+    parser.add_argument(
+        "--id-prefix", default=None, help="event ids are PREFIX-N (default: source, seed and start time)"
+    )
     parser.add_argument("--topic", dest="topic_events", help="target topic (default: events)")
     parser.add_argument("--classes", type=int, default=2, help="file: number of classes labels must fall in")
     parser.add_argument("--id-column", default="id")
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--ts-column", default="ts")
-    parser.add_argument("--feature-columns", default=None, help="file: comma-separated feature columns (default: all others)")
+    parser.add_argument(
+        "--feature-columns", default=None, help="file: comma-separated feature columns (default: all others)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -48,10 +60,15 @@ def _messages(args, settings):
         rows = synthetic.synthetic_rows(name, args.seed, args.drift_at)
         limit = 10_000 if args.limit is None else args.limit or None
         prefix = args.id_prefix or f"{name}-{args.seed}-{int(time.time() * 1000):x}"
-        return synthetic_events(itertools.islice(rows, limit), prefix, args.label_fraction, args.seed,
-                                args.invalid_fraction), limit
-    columns = Columns(args.id_column or None, args.label_column or None, args.ts_column or None,
-                      tuple(args.feature_columns.split(",")) if args.feature_columns else None)
+        return synthetic_events(
+            itertools.islice(rows, limit), prefix, args.label_fraction, args.seed, args.invalid_fraction
+        ), limit
+    columns = Columns(
+        args.id_column or None,
+        args.label_column or None,
+        args.ts_column or None,
+        tuple(args.feature_columns.split(",")) if args.feature_columns else None,
+    )
     schemas: dict[int, FeatureSchema] = {}
 
     def schema_for(document: dict) -> FeatureSchema:
@@ -67,8 +84,9 @@ def _messages(args, settings):
     rows = file_rows(args.source, columns)
     if args.limit:
         rows = itertools.islice(rows, args.limit)
-    return file_events(rows, schema_for, args.source, args.label_fraction, args.seed,
-                       settings.dlq_max_raw_bytes), args.limit
+    return file_events(
+        rows, schema_for, args.source, args.label_fraction, args.seed, settings.dlq_max_raw_bytes
+    ), args.limit
 
 
 def run(args) -> int:
@@ -77,8 +95,9 @@ def run(args) -> int:
     settings = settings_from(args)
     try:
         messages, total = _messages(args, settings)
-        kafka = fast_producer(bootstrap(settings), settings.kafka_timeout_s, settings.kafka_client,
-                              linger_ms=settings.produce_linger_ms)
+        kafka = fast_producer(
+            bootstrap(settings), settings.kafka_timeout_s, settings.kafka_client, linger_ms=settings.produce_linger_ms
+        )
     except (ValueError, FileNotFoundError) as exc:
         raise CommandError(str(exc)) from None
     sender = Sender(kafka, settings.topic_events, settings.topic_dlq, rate=args.rate)
@@ -105,8 +124,10 @@ def run(args) -> int:
             summary = sender.close(settings.kafka_timeout_s)
         finally:
             kafka.close(timeout=5)
-    print(f"sent={summary.sent} acknowledged={summary.acknowledged} failed={summary.failed} resent={summary.resent} "
-          f"dead_lettered={summary.dead_lettered} elapsed={summary.elapsed_s:.2f}s events/s={summary.events_per_s:.0f}")
+    print(
+        f"sent={summary.sent} acknowledged={summary.acknowledged} failed={summary.failed} resent={summary.resent} "
+        f"dead_lettered={summary.dead_lettered} elapsed={summary.elapsed_s:.2f}s events/s={summary.events_per_s:.0f}"
+    )
     if summary.failed:
         raise CommandError(f"{summary.failed} sends failed, first: {summary.errors[0]}")
     return 0

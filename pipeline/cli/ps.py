@@ -37,16 +37,23 @@ from pipeline.registry import RegistryError
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("ps", help="run the parameter server (one process per shard)",
-                                   description="Hold the center variable of a model and serve pulls and commits "
-                                               "from training workers, checkpointing as it goes and publishing "
-                                               "candidate versions to the registry. Resumes from the last "
-                                               "checkpoint when there is one.")
-    parser.add_argument("--init-weights", metavar="PATH",
-                        help="safetensors file of initial weights (used when no checkpoint exists; "
-                             "default: the registry's champion)")
+    parser = subparsers.add_parser(
+        "ps",
+        help="run the parameter server (one process per shard)",
+        description="Hold the center variable of a model and serve pulls and commits "
+        "from training workers, checkpointing as it goes and publishing "
+        "candidate versions to the registry. Resumes from the last "
+        "checkpoint when there is one.",
+    )
+    parser.add_argument(
+        "--init-weights",
+        metavar="PATH",
+        help="safetensors file of initial weights (used when no checkpoint exists; default: the registry's champion)",
+    )
     parser.add_argument("--model", dest="model", help="model name (names the checkpoint directory)")
-    parser.add_argument("--algorithm", dest="algorithm", choices=sorted(ALGORITHMS), help="decides the server's update rule")
+    parser.add_argument(
+        "--algorithm", dest="algorithm", choices=sorted(ALGORITHMS), help="decides the server's update rule"
+    )
     parser.add_argument("--workers", dest="workers", type=int, help="workers per synchronous round (algorithm sync)")
     parser.add_argument("--host", dest="ps_host", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", dest="ps_port", type=int, help="port of shard 0; shard i uses PORT+i (0: free ports)")
@@ -64,11 +71,15 @@ def run(args) -> int:
         raise CommandError(str(exc)) from exc
     if settings.ps_secret is None and not _loopback(settings.ps_host):
         if not settings.ps_allow_insecure:
-            raise CommandError(f"refusing to serve unauthenticated frames on {settings.ps_host!r}, which is not a "
-                               f"loopback address: set STREAMFIT_PS_SECRET (the training workers need the same), "
-                               f"or STREAMFIT_PS_ALLOW_INSECURE=true on a network you trust")
-        logging.getLogger(__name__).warning("parameter server on %s without ps_secret: anyone who reaches it can "
-                                            "change the model (ps_allow_insecure)", settings.ps_host)
+            raise CommandError(
+                f"refusing to serve unauthenticated frames on {settings.ps_host!r}, which is not a "
+                f"loopback address: set STREAMFIT_PS_SECRET (the training workers need the same), "
+                f"or STREAMFIT_PS_ALLOW_INSECURE=true on a network you trust"
+            )
+        logging.getLogger(__name__).warning(
+            "parameter server on %s without ps_secret: anyone who reaches it can change the model (ps_allow_insecure)",
+            settings.ps_host,
+        )
     shards = settings.ps_shards
     if shards > 1 and ALGORITHMS[settings.algorithm].replica_per_worker:
         raise CommandError(f"{settings.algorithm} keeps one replica per worker on one server: run it with --shards 1")
@@ -83,8 +94,10 @@ def run(args) -> int:
         return 0
     context = multiprocessing.get_context("spawn")
     listening = context.Queue()
-    processes = [context.Process(target=_shard_main, args=(settings, i, layout[i], init_source, listening),
-                                 name=f"ps-shard-{i}") for i in range(shards)]
+    processes = [
+        context.Process(target=_shard_main, args=(settings, i, layout[i], init_source, listening), name=f"ps-shard-{i}")
+        for i in range(shards)
+    ]
     for process in processes:
         process.start()
     publishing = _sharded_publishing(settings, *_listening(listening, processes, stop))
@@ -127,8 +140,10 @@ def _initial(settings, init_path: str | None) -> tuple[tuple[str, str | int], di
     try:
         version, weights = announcing_registry(settings)[0].weights(settings.model, "champion")
     except RegistryError as exc:
-        raise CommandError(f"no checkpoint under {settings.home / 'ps' / settings.model}, no --init-weights, "
-                           f"and no champion in the registry to start from ({exc})") from exc
+        raise CommandError(
+            f"no checkpoint under {settings.home / 'ps' / settings.model}, no --init-weights, "
+            f"and no champion in the registry to start from ({exc})"
+        ) from exc
     return ("registry", version), {name: value.size for name, value in weights.items()}
 
 
@@ -142,11 +157,15 @@ def _publisher(settings):
     try:
         registry.spec(settings.model)
     except RegistryError:
-        print(f"model {settings.model!r} is not in registry {settings.registry_url}: versions will not be "
-              f"published (create it with `streamfit models create`)", flush=True)
+        print(
+            f"model {settings.model!r} is not in registry {settings.registry_url}: versions will not be "
+            f"published (create it with `streamfit models create`)",
+            flush=True,
+        )
         return None, None
-    return CandidatePublisher(registry, settings.model, algorithm=settings.algorithm,
-                              keep=settings.registry_keep), announcer
+    return CandidatePublisher(
+        registry, settings.model, algorithm=settings.algorithm, keep=settings.registry_keep
+    ), announcer
 
 
 def _listening(listening, processes, stop: threading.Event) -> tuple[list[tuple[str, int]] | None, int]:
@@ -169,10 +188,12 @@ def _sharded_publishing(settings, addresses: list[tuple[str, int]] | None, count
     if publisher is None:
         return None
     secret = settings.ps_secret.get_secret_value().encode() if settings.ps_secret else None
-    client = ShardedClient(addresses, secret=secret, timeout_s=settings.ps_io_timeout_s,
-                           max_frame_bytes=settings.ps_max_frame_bytes)
-    return ShardedPublishing(client, publisher, counter, every_updates=settings.ps_publish_every_updates,
-                             every_s=settings.ps_publish_every_s).start()
+    client = ShardedClient(
+        addresses, secret=secret, timeout_s=settings.ps_io_timeout_s, max_frame_bytes=settings.ps_max_frame_bytes
+    )
+    return ShardedPublishing(
+        client, publisher, counter, every_updates=settings.ps_publish_every_updates, every_s=settings.ps_publish_every_s
+    ).start()
 
 
 def _shard_main(settings, index: int, names: list[str] | None, init_source, listening) -> None:
@@ -184,21 +205,38 @@ def _shard_main(settings, index: int, names: list[str] | None, init_source, list
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        _serve(settings, index, names, init_source, stop, publish=False,
-               on_listening=lambda host, port, counter: listening.put((index, host, port, counter)))
+        _serve(
+            settings,
+            index,
+            names,
+            init_source,
+            stop,
+            publish=False,
+            on_listening=lambda host, port, counter: listening.put((index, host, port, counter)),
+        )
     except CommandError as exc:
         print(f"streamfit ps: {exc}", file=sys.stderr)
         sys.exit(1)
 
 
-def _serve(settings, index: int, names: list[str] | None, init_source, stop: threading.Event, *,
-           publish: bool, on_listening=None) -> None:
+def _serve(
+    settings,
+    index: int,
+    names: list[str] | None,
+    init_source,
+    stop: threading.Event,
+    *,
+    publish: bool,
+    on_listening=None,
+) -> None:
     from pipeline.cli import CommandError
 
     def initial_weights():
         if init_source is None:
-            raise CommandError(f"no checkpoint in {checkpoint.directory} (other shards have one): restore it or "
-                               f"move all of {checkpoint.directory.parent} away")
+            raise CommandError(
+                f"no checkpoint in {checkpoint.directory} (other shards have one): restore it or "
+                f"move all of {checkpoint.directory.parent} away"
+            )
         kind, where = init_source
         if kind == "registry":
             weights = announcing_registry(settings)[0].weights(settings.model, where)[1]
@@ -215,13 +253,19 @@ def _serve(settings, index: int, names: list[str] | None, init_source, stop: thr
     port = settings.ps_port + index if settings.ps_port else 0
     publisher, announcer = _publisher(settings) if publish else (None, None)
     try:
-        server = ParameterServer.from_settings(state, settings, port=port, checkpoint=checkpoint,
-                                               on_publish=publisher).start()
+        server = ParameterServer.from_settings(
+            state, settings, port=port, checkpoint=checkpoint, on_publish=publisher
+        ).start()
     except OSError as exc:
-        raise CommandError(f"shard {index}: cannot listen on {settings.ps_host}:{port} ({exc.strerror or exc})") from exc
+        raise CommandError(
+            f"shard {index}: cannot listen on {settings.ps_host}:{port} ({exc.strerror or exc})"
+        ) from exc
     host, port = server.address
-    print(f"parameter server shard {index}/{settings.ps_shards} listening on {host}:{port} "
-          f"(counter {state.counter}, {len(state.shapes)} tensors, from {source}); Ctrl-C stops it", flush=True)
+    print(
+        f"parameter server shard {index}/{settings.ps_shards} listening on {host}:{port} "
+        f"(counter {state.counter}, {len(state.shapes)} tensors, from {source}); Ctrl-C stops it",
+        flush=True,
+    )
     if on_listening is not None:
         on_listening(host, port, state.counter)
     stop.wait()

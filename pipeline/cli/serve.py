@@ -4,19 +4,31 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("serve", help="serve predictions over HTTP (TF Serving REST API, hot swap)",
-                                   description="Serve the champion version of each model over HTTP. New champions "
-                                               "(model-updates on Kafka, or the registry polled every "
-                                               "registry_poll_s) are swapped in without dropping a request. "
-                                               "OpenAPI docs at /docs.")
-    parser.add_argument("--model", dest="models", action="append", metavar="NAME",
-                        help="a registry model to serve; repeat for several (default: the model setting, higgs)")
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve predictions over HTTP (TF Serving REST API, hot swap)",
+        description="Serve the champion version of each model over HTTP. New champions "
+        "(model-updates on Kafka, or the registry polled every "
+        "registry_poll_s) are swapped in without dropping a request. "
+        "OpenAPI docs at /docs.",
+    )
+    parser.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        metavar="NAME",
+        help="a registry model to serve; repeat for several (default: the model setting, higgs)",
+    )
     parser.add_argument("--host", dest="serve_host", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", dest="serve_port", type=int, help="port (default 8000)")
     parser.add_argument("--registry", dest="registry", help="registry root: a path or an fsspec URL")
     parser.add_argument("--max-batch-size", dest="max_batch_size", type=int, help="rows per forward pass (default 64)")
-    parser.add_argument("--max-batch-wait-ms", dest="max_batch_wait_ms", type=float,
-                        help="longest a request waits for others to share its forward pass (default 2)")
+    parser.add_argument(
+        "--max-batch-wait-ms",
+        dest="max_batch_wait_ms",
+        type=float,
+        help="longest a request waits for others to share its forward pass (default 2)",
+    )
     parser.add_argument("--access-log", action="store_true", help="log every request (off: /metrics counts them)")
     parser.set_defaults(func=run)
 
@@ -28,14 +40,17 @@ def run(args) -> int:
 
     settings = settings_from(args)
     if settings.serve_port and not port_is_free(settings.serve_host, settings.serve_port):
-        raise CommandError(f"{settings.serve_host}:{settings.serve_port} is already in use; pass --port or set "
-                           f"STREAMFIT_SERVE_PORT")
+        raise CommandError(
+            f"{settings.serve_host}:{settings.serve_port} is already in use; pass --port or set STREAMFIT_SERVE_PORT"
+        )
     models = args.models or [settings.model]
     app = create_app(settings, models)
     base = f"http://{settings.serve_host}:{settings.serve_port}"
-    print(f"serving {', '.join(models)} from {settings.registry_url} on {base} "
-          f"(POST {base}/v1/models/{models[0]}:predict, docs at {base}/docs); "
-          f"admin {'enabled' if settings.admin_token else 'disabled (set STREAMFIT_ADMIN_TOKEN)'}; Ctrl-C stops",
-          flush=True)
+    print(
+        f"serving {', '.join(models)} from {settings.registry_url} on {base} "
+        f"(POST {base}/v1/models/{models[0]}:predict, docs at {base}/docs); "
+        f"admin {'enabled' if settings.admin_token else 'disabled (set STREAMFIT_ADMIN_TOKEN)'}; Ctrl-C stops",
+        flush=True,
+    )
     serve(app, settings, access_log=args.access_log)
     return 0

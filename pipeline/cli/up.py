@@ -17,14 +17,22 @@ STATUS_EVERY_S = 5.0
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "up", help="run the whole pipeline on this machine, with a live status",
+        "up",
+        help="run the whole pipeline on this machine, with a live status",
         description="Start the embedded broker (unless STREAMFIT_KAFKA_BOOTSTRAP), the parameter server, the training "
-                    "and inference consumers (one Spark driver), the serving app and a producer of a drifting "
-                    "synthetic stream; show a live status; Ctrl-C (or --duration) stops everything in order. A second "
-                    "run with the same STREAMFIT_HOME resumes from where this one stopped.")
-    parser.add_argument("--duration", type=float, default=None, metavar="SECONDS", help="stop after this long (default: Ctrl-C)")
-    parser.add_argument("--model", dest="model", help="model to train and serve; created from the built-in spec of "
-                                                      "the same name when missing (default here: small)")
+        "and inference consumers (one Spark driver), the serving app and a producer of a drifting "
+        "synthetic stream; show a live status; Ctrl-C (or --duration) stops everything in order. A second "
+        "run with the same STREAMFIT_HOME resumes from where this one stopped.",
+    )
+    parser.add_argument(
+        "--duration", type=float, default=None, metavar="SECONDS", help="stop after this long (default: Ctrl-C)"
+    )
+    parser.add_argument(
+        "--model",
+        dest="model",
+        help="model to train and serve; created from the built-in spec of "
+        "the same name when missing (default here: small)",
+    )
     parser.add_argument("--source", default="synth:hyperplane", help="producer source (default synth:hyperplane)")
     parser.add_argument("--rate", type=float, default=500.0, help="events/s the producer sends (default 500)")
     parser.add_argument("--label-fraction", type=float, default=0.5, help="share of labelled events (default 0.5)")
@@ -32,14 +40,23 @@ def register(subparsers) -> None:
     parser.add_argument("--drift-at", type=int, default=60_000, help="abrupt concept drift after N events (0: none)")
     parser.add_argument("--algorithm", dest="algorithm", choices=STREAMABLE)
     parser.add_argument("--workers", dest="workers", type=int, help="Spark partitions training per micro-batch")
-    parser.add_argument("--manual-promote", dest="auto_promote", action="store_false", default=None,
-                        help="candidates wait for `streamfit models promote` (default: the gate promotes them)")
+    parser.add_argument(
+        "--manual-promote",
+        dest="auto_promote",
+        action="store_false",
+        default=None,
+        help="candidates wait for `streamfit models promote` (default: the gate promotes them)",
+    )
     parser.add_argument("--port", dest="serve_port", type=int, help="serving port (default 8000)")
     parser.add_argument("--ps-port", dest="ps_port", type=int, help="parameter server port (default 5700)")
     parser.add_argument("--master", dest="spark_master", help="Spark master (default local[2])")
-    parser.add_argument("--max-offsets-per-trigger", dest="max_offsets_per_trigger", type=int,
-                        help="events per micro-batch at most, for both queries (default: all available; "
-                             "a bound keeps batches short but caps throughput, as each costs ~1 s of Spark overhead)")
+    parser.add_argument(
+        "--max-offsets-per-trigger",
+        dest="max_offsets_per_trigger",
+        type=int,
+        help="events per micro-batch at most, for both queries (default: all available; "
+        "a bound keeps batches short but caps throughput, as each costs ~1 s of Spark overhead)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -70,8 +87,10 @@ def run(args) -> int:
         status = pipeline.run(stop, args.duration, _show_live if sys.stdout.isatty() else _show_lines)
     except (UpError, SparkSetupError, RegistryError, BrokerError) as exc:
         raise CommandError(str(exc)) from None
-    print(f"stopped; registry, checkpoints and broker data are under {settings.home}: `streamfit up` resumes from them",
-          flush=True)
+    print(
+        f"stopped; registry, checkpoints and broker data are under {settings.home}: `streamfit up` resumes from them",
+        flush=True,
+    )
     return status
 
 

@@ -72,6 +72,10 @@ class Prequential:
         self.errors.extend(wrong.tolist())
         self.events += len(wrong)
         picked = np.clip(label_probability, 1e-7, 1.0)
-        return BatchScore(accuracy=float(1 - wrong.mean()), log_loss=float(-np.mean(np.log(picked))),
-                          window_accuracy=float(1 - np.mean(self.errors)), drift=drift_at is not None,
-                          drift_at_event=drift_at)
+        return BatchScore(
+            accuracy=float(1 - wrong.mean()),
+            log_loss=float(-np.mean(np.log(picked))),
+            window_accuracy=float(1 - np.mean(self.errors)),
+            drift=drift_at is not None,
+            drift_at_event=drift_at,
+        )

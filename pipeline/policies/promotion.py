@@ -53,7 +53,7 @@ class RecentLabelled:
     def latest(self) -> tuple[np.ndarray, np.ndarray]:
         """The most recent ``window`` events (fewer when not that many arrived yet)."""
         x, y = (np.concatenate(column) for column in zip(*self.parts))
-        return x[-self.window:], y[-self.window:]
+        return x[-self.window :], y[-self.window :]
 
 
 @dataclass
@@ -97,9 +97,21 @@ class PromotionGate:
         promoted = passed and self.auto_promote
         if promoted:
             self.registry.promote(self.model, candidate)
-        log.info("gate: candidate v%s %.4f vs champion v%s %.4f on %d events: %s", candidate, scores["candidate"],
-                 champion, scores["champion"], len(y),
-                 "promoted" if promoted else "passes, waits for `models promote`" if passed else "held back")
-        return {"candidate": candidate, "champion": champion, "candidate_accuracy": scores["candidate"],
-                "champion_accuracy": scores["champion"], "events": int(len(y)), "passed": passed,
-                "promoted": promoted}
+        log.info(
+            "gate: candidate v%s %.4f vs champion v%s %.4f on %d events: %s",
+            candidate,
+            scores["candidate"],
+            champion,
+            scores["champion"],
+            len(y),
+            "promoted" if promoted else "passes, waits for `models promote`" if passed else "held back",
+        )
+        return {
+            "candidate": candidate,
+            "champion": champion,
+            "candidate_accuracy": scores["candidate"],
+            "champion_accuracy": scores["champion"],
+            "events": int(len(y)),
+            "passed": passed,
+            "promoted": promoted,
+        }

@@ -51,10 +51,18 @@ class LocalModel(Protocol):
 class PSClient(Protocol):
     """The client side the workers need (:mod:`pipeline.ps.client` has TCP, sharded and in-process ones)."""
 
-    def pull(self, *, worker_id: int = 0, min_counter: int = 0, wait_s: float = 0.0) -> tuple[dict[str, np.ndarray], int]: ...
+    def pull(
+        self, *, worker_id: int = 0, min_counter: int = 0, wait_s: float = 0.0
+    ) -> tuple[dict[str, np.ndarray], int]: ...
 
-    def commit(self, delta: Weights, *, tag: CommitTag = CommitTag(), meta: Mapping[str, Any] | None = None,
-               pulled: int | None = None) -> Ack: ...
+    def commit(
+        self,
+        delta: Weights,
+        *,
+        tag: CommitTag = CommitTag(),
+        meta: Mapping[str, Any] | None = None,
+        pulled: int | None = None,
+    ) -> Ack: ...
 
 
 # ------------------------------------------------------------------------------------- server-side rules
@@ -151,7 +159,9 @@ class ReplicaSlots(UpdateRule):
         return self._slots.get(worker_id, center)
 
     def published(self, center):
-        members = {f"member{w}/{name}": value for w, slot in sorted(self._slots.items()) for name, value in slot.items()}
+        members = {
+            f"member{w}/{name}": value for w, slot in sorted(self._slots.items()) for name, value in slot.items()
+        }
         return members or center
 
     def state(self):
@@ -208,7 +218,9 @@ class _Session:
         self.report = WorkerReport()
         self._rows = 0  # rows trained since the last commit: the server counts them per query
 
-    def pull(self, *, into_model: bool = True, min_counter: int = 0, wait_s: float = 0.0) -> tuple[dict[str, np.ndarray], int]:
+    def pull(
+        self, *, into_model: bool = True, min_counter: int = 0, wait_s: float = 0.0
+    ) -> tuple[dict[str, np.ndarray], int]:
         weights, counter = self.client.pull(worker_id=self.tag.worker_id, min_counter=min_counter, wait_s=wait_s)
         self.report.counter = counter
         if into_model:
@@ -264,8 +276,14 @@ class Algorithm(ABC):
         return UpdateRule()
 
     @abstractmethod
-    def run(self, model: LocalModel, client: PSClient, batches: Iterable[tuple[np.ndarray, np.ndarray]],
-            tag: CommitTag = CommitTag(), meta: Mapping[str, Any] | None = None) -> WorkerReport:
+    def run(
+        self,
+        model: LocalModel,
+        client: PSClient,
+        batches: Iterable[tuple[np.ndarray, np.ndarray]],
+        tag: CommitTag = CommitTag(),
+        meta: Mapping[str, Any] | None = None,
+    ) -> WorkerReport:
         """Train ``model`` on ``batches`` (``(x, y)`` minibatches) against the server behind ``client``.
 
         Commits carry ``tag`` with ``seq`` counting up from ``tag.seq`` and ``meta`` (JSON, e.g. the
@@ -442,7 +460,9 @@ class AEASGD(Algorithm):
 
     def __post_init__(self) -> None:
         if self.communication_window < 1 or not 0 < self.alpha <= 1:
-            raise ValueError(f"need communication_window >= 1 and 0 < learning_rate * rho <= 1 (alpha is {self.alpha:g})")
+            raise ValueError(
+                f"need communication_window >= 1 and 0 < learning_rate * rho <= 1 (alpha is {self.alpha:g})"
+            )
 
     @property
     def alpha(self) -> float:
@@ -562,7 +582,8 @@ class SynchronousAveraging(Algorithm):
 
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (Sequential, SynchronousAveraging, Ensemble, Downpour, ADAG, DynSGD, AEASGD, EAMSGD)}
+    cls.name: cls for cls in (Sequential, SynchronousAveraging, Ensemble, Downpour, ADAG, DynSGD, AEASGD, EAMSGD)
+}
 
 
 STREAMABLE: tuple[str, ...] = tuple(sorted(name for name, cls in ALGORITHMS.items() if cls.streamable))

@@ -56,9 +56,13 @@ class Checkpoint:
     def save(self, snapshot: Snapshot) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         token = f"{snapshot.counter}-{uuid.uuid4().hex[:8]}"
-        state = {"format": FORMAT, "counter": snapshot.counter, "guard": snapshot.guard,
-                 "rule_state": snapshot.rule_state,
-                 "weights": self._write_tensors(f"weights-{token}.safetensors", snapshot.weights)}
+        state = {
+            "format": FORMAT,
+            "counter": snapshot.counter,
+            "guard": snapshot.guard,
+            "rule_state": snapshot.rule_state,
+            "weights": self._write_tensors(f"weights-{token}.safetensors", snapshot.weights),
+        }
         if snapshot.rule_tensors:
             state["rule_tensors"] = self._write_tensors(f"rule-{token}.safetensors", snapshot.rule_tensors)
         fsync_dir(self.directory)
@@ -79,9 +83,13 @@ class Checkpoint:
             state = json.loads(path.read_text())
             if state.get("format") != FORMAT:
                 raise CheckpointError(f"{path}: unknown checkpoint format {state.get('format')!r}")
-            return Snapshot(counter=int(state["counter"]), weights=self._read_tensors(state["weights"]),
-                            rule_tensors=self._read_tensors(state["rule_tensors"]) if "rule_tensors" in state else {},
-                            rule_state=state["rule_state"], guard=state["guard"])
+            return Snapshot(
+                counter=int(state["counter"]),
+                weights=self._read_tensors(state["weights"]),
+                rule_tensors=self._read_tensors(state["rule_tensors"]) if "rule_tensors" in state else {},
+                rule_state=state["rule_state"],
+                guard=state["guard"],
+            )
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
             raise CheckpointError(f"checkpoint in {self.directory} is unreadable: {exc}") from exc
 

@@ -64,8 +64,15 @@ class Client:
     {'': {'offsets': {'events': {'0': 42}}, 'rows': 8, 'batch': -1}}
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 5700, *, secret: bytes | None = None,
-                 timeout_s: float = 60.0, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 5700,
+        *,
+        secret: bytes | None = None,
+        timeout_s: float = 60.0,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    ):
         self.address = f"{host}:{port}"
         self._target = (host, port)
         self._secret = checked_secret(secret)
@@ -76,20 +83,38 @@ class Client:
         self._lock = threading.Lock()
         self.pulled: int | None = None
 
-    def pull(self, *, worker_id: int = 0, min_counter: int = 0, wait_s: float = 0.0) -> tuple[dict[str, np.ndarray], int]:
+    def pull(
+        self, *, worker_id: int = 0, min_counter: int = 0, wait_s: float = 0.0
+    ) -> tuple[dict[str, np.ndarray], int]:
         """The weights (fresh arrays the caller owns) and the update counter; waits up to ``wait_s``
         for the counter to reach ``min_counter``."""
-        request = Frame(MsgType.PULL, counter=min_counter, worker_id=worker_id, meta={"wait_s": wait_s} if wait_s else {})
+        request = Frame(
+            MsgType.PULL, counter=min_counter, worker_id=worker_id, meta={"wait_s": wait_s} if wait_s else {}
+        )
         reply = self._request(request, MsgType.WEIGHTS, wait_s)
         self.pulled = reply.counter
         return dict(reply.tensors), reply.counter
 
-    def commit(self, delta: Mapping[str, np.ndarray], *, tag: CommitTag = CommitTag(),
-               meta: Mapping[str, Any] | None = None, pulled: int | None = None) -> Ack:
+    def commit(
+        self,
+        delta: Mapping[str, np.ndarray],
+        *,
+        tag: CommitTag = CommitTag(),
+        meta: Mapping[str, Any] | None = None,
+        pulled: int | None = None,
+    ) -> Ack:
         """Send a delta; ``pulled`` defaults to the counter of this client's last pull."""
         based_on = (self.pulled or 0) if pulled is None else pulled
-        request = Frame(MsgType.COMMIT, counter=based_on, worker_id=tag.worker_id, query_id=tag.query_id,
-                        batch_id=tag.batch_id, seq=tag.seq, tensors=delta, meta=meta or {})
+        request = Frame(
+            MsgType.COMMIT,
+            counter=based_on,
+            worker_id=tag.worker_id,
+            query_id=tag.query_id,
+            batch_id=tag.batch_id,
+            seq=tag.seq,
+            tensors=delta,
+            meta=meta or {},
+        )
         reply = self._request(request, MsgType.ACK)
         return Ack(str(reply.meta.get("status")), reply.counter, int(reply.meta.get("staleness", 0)))
 
@@ -100,8 +125,12 @@ class Client:
         """Have the server write its checkpoint now (unless nothing changed since its last one); returns
         once it is durable. Raises :class:`ServerError` ``no_checkpoint`` or ``checkpoint_failed``."""
         reply = self._request(Frame(MsgType.CHECKPOINT), MsgType.CHECKPOINT_REPLY)
-        return Checkpointed(reply.counter, dict(reply.meta.get("queries", {})), bool(reply.meta.get("written")),
-                            str(reply.meta.get("incarnation", "")))
+        return Checkpointed(
+            reply.counter,
+            dict(reply.meta.get("queries", {})),
+            bool(reply.meta.get("written")),
+            str(reply.meta.get("incarnation", "")),
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -133,7 +162,9 @@ class Client:
                 raise ServerError(code, str(reply.meta.get("error", "no message")), self.address)
             if reply.type != expect:
                 self._disconnect()
-                raise ProtocolError(f"parameter server {self.address} answered {reply.type.name} to {request.type.name}")
+                raise ProtocolError(
+                    f"parameter server {self.address} answered {reply.type.name} to {request.type.name}"
+                )
             return reply
 
     def _connection(self) -> tuple[socket.socket, FrameReader]:
@@ -164,12 +195,20 @@ class ShardedClient:
     scattered in parallel threads. The returned counter is the lowest shard's; each shard is told
     the counter it served at the last pull, so staleness is measured per shard."""
 
-    def __init__(self, shards: list[tuple[str, int]], *, secret: bytes | None = None, timeout_s: float = 60.0,
-                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+    def __init__(
+        self,
+        shards: list[tuple[str, int]],
+        *,
+        secret: bytes | None = None,
+        timeout_s: float = 60.0,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    ):
         if not shards:
             raise ValueError("a sharded client needs at least one shard address")
-        self.clients = [Client(host, port, secret=secret, timeout_s=timeout_s, max_frame_bytes=max_frame_bytes)
-                        for host, port in shards]
+        self.clients = [
+            Client(host, port, secret=secret, timeout_s=timeout_s, max_frame_bytes=max_frame_bytes)
+            for host, port in shards
+        ]
         self._pool = ThreadPoolExecutor(max_workers=len(shards), thread_name_prefix="ps-shard")
         self._owner: dict[str, int] | None = None
         self._smallest: list[tuple[str, tuple[int, ...]]] | None = None  # per shard: its smallest tensor
@@ -179,13 +218,21 @@ class ShardedClient:
         counters = [c.pulled for c in self.clients]
         return None if None in counters else min(counters)
 
-    def pull(self, *, worker_id: int = 0, min_counter: int = 0, wait_s: float = 0.0) -> tuple[dict[str, np.ndarray], int]:
+    def pull(
+        self, *, worker_id: int = 0, min_counter: int = 0, wait_s: float = 0.0
+    ) -> tuple[dict[str, np.ndarray], int]:
         parts = self._each(lambda c, _: c.pull(worker_id=worker_id, min_counter=min_counter, wait_s=wait_s))
         self._learn_layout([{name: value.shape for name, value in weights.items()} for weights, _ in parts])
         return {name: value for weights, _ in parts for name, value in weights.items()}, min(c for _, c in parts)
 
-    def commit(self, delta: Mapping[str, np.ndarray], *, tag: CommitTag = CommitTag(),
-               meta: Mapping[str, Any] | None = None, pulled: int | None = None) -> Ack:
+    def commit(
+        self,
+        delta: Mapping[str, np.ndarray],
+        *,
+        tag: CommitTag = CommitTag(),
+        meta: Mapping[str, Any] | None = None,
+        pulled: int | None = None,
+    ) -> Ack:
         """Every shard gets a commit so the shards' counters and replay guards move together: its part
         of ``delta``, or when that is empty, zeros for its smallest tensor (a shard refuses empty commits)."""
         if not delta:
@@ -206,10 +253,14 @@ class ShardedClient:
         """Totals over the shards, ``queries`` as every shard has them (the least advanced record), and
         each shard's own stats under ``shards``."""
         shards = self._each(lambda c, _: c.stats())
-        return {"counter": min(s["counter"] for s in shards), "incarnation": ",".join(s["incarnation"] for s in shards),
-                "bytes_in": sum(s["bytes_in"] for s in shards),
-                "bytes_out": sum(s["bytes_out"] for s in shards),
-                "queries": least_advanced(s["queries"] for s in shards), "shards": shards}
+        return {
+            "counter": min(s["counter"] for s in shards),
+            "incarnation": ",".join(s["incarnation"] for s in shards),
+            "bytes_in": sum(s["bytes_in"] for s in shards),
+            "bytes_out": sum(s["bytes_out"] for s in shards),
+            "queries": least_advanced(s["queries"] for s in shards),
+            "shards": shards,
+        }
 
     def checkpoint(self) -> Checkpointed:
         """Every shard checkpoints now (in parallel); the answer is what all of them made durable, or
@@ -229,8 +280,12 @@ class ShardedClient:
 
     def _layout(self) -> dict[str, int]:
         if self._owner is None:
-            self._learn_layout([{name: tuple(shape) for name, shape in s["tensors"].items()}
-                                for s in self._each(lambda c, _: c.stats())])
+            self._learn_layout(
+                [
+                    {name: tuple(shape) for name, shape in s["tensors"].items()}
+                    for s in self._each(lambda c, _: c.stats())
+                ]
+            )
         return self._owner
 
     def _learn_layout(self, shapes: list[dict[str, tuple[int, ...]]]) -> None:
@@ -256,13 +311,21 @@ class LocalClient:
         """A client over a fresh state holding ``weights`` with ``rule`` (default: add deltas)."""
         return cls(CenterState(weights, rule or UpdateRule()))
 
-    def pull(self, *, worker_id: int = 0, min_counter: int = 0, wait_s: float = 0.0) -> tuple[dict[str, np.ndarray], int]:
+    def pull(
+        self, *, worker_id: int = 0, min_counter: int = 0, wait_s: float = 0.0
+    ) -> tuple[dict[str, np.ndarray], int]:
         weights, counter = self.state.pull(worker_id, min_counter, wait_s)
         self.pulled = counter
         return {name: value.copy() for name, value in weights.items()}, counter
 
-    def commit(self, delta: Mapping[str, np.ndarray], *, tag: CommitTag = CommitTag(),
-               meta: Mapping[str, Any] | None = None, pulled: int | None = None) -> Ack:
+    def commit(
+        self,
+        delta: Mapping[str, np.ndarray],
+        *,
+        tag: CommitTag = CommitTag(),
+        meta: Mapping[str, Any] | None = None,
+        pulled: int | None = None,
+    ) -> Ack:
         return self.state.commit(delta, pulled=(self.pulled or 0) if pulled is None else pulled, tag=tag, meta=meta)
 
     def stats(self) -> dict[str, Any]:
@@ -279,7 +342,16 @@ def connect(settings, *, timeout_s: float | None = None) -> Client | ShardedClie
     secret = settings.ps_secret.get_secret_value().encode() if settings.ps_secret else None
     timeout = settings.ps_io_timeout_s if timeout_s is None else timeout_s
     if settings.ps_shards == 1:
-        return Client(settings.ps_host, settings.ps_port, secret=secret, timeout_s=timeout,
-                      max_frame_bytes=settings.ps_max_frame_bytes)
-    return ShardedClient(addresses(settings.ps_host, settings.ps_port, settings.ps_shards), secret=secret,
-                         timeout_s=timeout, max_frame_bytes=settings.ps_max_frame_bytes)
+        return Client(
+            settings.ps_host,
+            settings.ps_port,
+            secret=secret,
+            timeout_s=timeout,
+            max_frame_bytes=settings.ps_max_frame_bytes,
+        )
+    return ShardedClient(
+        addresses(settings.ps_host, settings.ps_port, settings.ps_shards),
+        secret=secret,
+        timeout_s=timeout,
+        max_frame_bytes=settings.ps_max_frame_bytes,
+    )

@@ -29,8 +29,9 @@ _INT64 = 2**63 - 1
 Count = Annotated[int, Field(strict=True, ge=0, le=_INT64)]
 Topic = Annotated[str, StringConstraints(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$")]  # Kafka's rule
 Partition = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,10}$")]  # JSON object keys are strings
-Offsets = Annotated[dict[Topic, Annotated[dict[Partition, Count], Field(max_length=MAX_PARTITIONS)]],
-                    Field(max_length=MAX_TOPICS)]
+Offsets = Annotated[
+    dict[Topic, Annotated[dict[Partition, Count], Field(max_length=MAX_PARTITIONS)]], Field(max_length=MAX_TOPICS)
+]
 
 
 class CommitMeta(BaseModel):
@@ -76,8 +77,10 @@ def least_advanced(records: Iterable[Mapping[str, Mapping[str, Any]]]) -> dict[s
     shard holds."""
     records = list(records)
     empty = QueryRecord().model_dump()
-    return {query: min((shard.get(query, empty) for shard in records), key=lambda r: (r["batch"], r["rows"]))
-            for query in sorted({q for shard in records for q in shard})}
+    return {
+        query: min((shard.get(query, empty) for shard in records), key=lambda r: (r["batch"], r["rows"]))
+        for query in sorted({q for shard in records for q in shard})
+    }
 
 
 def _first_problem(exc: ValidationError) -> str:

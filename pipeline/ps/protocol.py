@@ -147,8 +147,12 @@ class Checkpointed:
         """One answer over shards: what every shard has made durable."""
         from pipeline.ps.meta import least_advanced
 
-        return cls(min(r.counter for r in replies), least_advanced(r.queries for r in replies),
-                   any(r.written for r in replies), ",".join(r.incarnation for r in replies))
+        return cls(
+            min(r.counter for r in replies),
+            least_advanced(r.queries for r in replies),
+            any(r.written for r in replies),
+            ",".join(r.incarnation for r in replies),
+        )
 
 
 @dataclass
@@ -201,9 +205,23 @@ def encode(frame: Frame, secret: bytes | None = None) -> list[memoryview]:
     if len(query) > MAX_QUERY_ID_BYTES:
         raise ValueError(f"query id {frame.query_id!r} is longer than {MAX_QUERY_ID_BYTES} bytes")
     if len(table) > MAX_TABLE_BYTES or len(meta) > MAX_META_BYTES:
-        raise ValueError(f"tensor table ({len(table)} B) or metadata ({len(meta)} B) exceeds its {MAX_META_BYTES} B bound")
-    header = HEADER.pack(MAGIC, VERSION, frame.type, FLAG_MAC if secret else 0, len(table), len(meta), data_len,
-                         frame.counter, frame.batch_id, frame.seq, frame.worker_id, query)
+        raise ValueError(
+            f"tensor table ({len(table)} B) or metadata ({len(meta)} B) exceeds its {MAX_META_BYTES} B bound"
+        )
+    header = HEADER.pack(
+        MAGIC,
+        VERSION,
+        frame.type,
+        FLAG_MAC if secret else 0,
+        len(table),
+        len(meta),
+        data_len,
+        frame.counter,
+        frame.batch_id,
+        frame.seq,
+        frame.worker_id,
+        query,
+    )
     if secret:
         header += hmac.digest(secret, header, "sha256")
     buffers = [memoryview(header + table + meta), *parts]
@@ -221,7 +239,7 @@ def send_frame(sock: socket.socket, frame: Frame, secret: bytes | None = None) -
     total = sum(len(b) for b in buffers)
     first = 0
     while first < len(buffers):
-        sent = sock.sendmsg(buffers[first:first + _IOV_MAX])
+        sent = sock.sendmsg(buffers[first : first + _IOV_MAX])
         while sent:
             if sent >= len(buffers[first]):
                 sent -= len(buffers[first])
@@ -240,8 +258,14 @@ class FrameReader:
     frame gets a fresh buffer that its arrays own (the client's case: pulled weights outlive the call).
     """
 
-    def __init__(self, sock: socket.socket, *, secret: bytes | None = None,
-                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, reuse_buffer: bool = False):
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        secret: bytes | None = None,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        reuse_buffer: bool = False,
+    ):
         self._sock = sock
         self._secret = secret
         self._max = max_frame_bytes
@@ -262,7 +286,7 @@ class FrameReader:
         if first == 0:
             return None
         deadline = time.monotonic() + frame_timeout
-        self._recv_exact(view[first:PREAMBLE.size], deadline)
+        self._recv_exact(view[first : PREAMBLE.size], deadline)
         magic, version, kind, flags = PREAMBLE.unpack_from(preamble)
         if magic != MAGIC:
             raise ProtocolError(f"not a streamfit parameter-server frame (magic {bytes(magic)!r})")
@@ -270,7 +294,7 @@ class FrameReader:
             raise VersionMismatch(f"protocol version {version} is not supported; this side speaks version {VERSION}")
         if flags & ~FLAG_MAC:
             raise ProtocolError(f"unknown flags 0x{flags:04x}")
-        self._recv_exact(view[PREAMBLE.size:], deadline)
+        self._recv_exact(view[PREAMBLE.size :], deadline)
         (_, _, _, _, table_len, meta_len, data_len, counter, batch_id, seq, worker_id, query) = HEADER.unpack(preamble)
         try:
             kind = MsgType(kind)
@@ -285,8 +309,10 @@ class FrameReader:
             raise AuthenticationError("frame header HMAC does not match: wrong shared secret or a corrupted frame")
         size = HEADER.size + table_len + meta_len + data_len + 2 * mac_len
         if table_len > MAX_TABLE_BYTES or meta_len > MAX_META_BYTES or size > self._max:
-            raise FrameTooLarge(f"frame of {size} bytes (table {table_len}, metadata {meta_len}) exceeds the bounds "
-                                f"(frame {self._max}, table {MAX_TABLE_BYTES}, metadata {MAX_META_BYTES})")
+            raise FrameTooLarge(
+                f"frame of {size} bytes (table {table_len}, metadata {meta_len}) exceeds the bounds "
+                f"(frame {self._max}, table {MAX_TABLE_BYTES}, metadata {MAX_META_BYTES})"
+            )
         table_meta = bytearray(table_len + meta_len)
         self._recv_exact(memoryview(table_meta), deadline)
         data = self._data_buffer(data_len)
@@ -305,9 +331,16 @@ class FrameReader:
             query_id = query.rstrip(b"\0").decode()
         except UnicodeDecodeError:
             raise ProtocolError("query id is not UTF-8") from None
-        return Frame(kind, counter=counter, worker_id=worker_id, query_id=query_id, batch_id=batch_id, seq=seq,
-                     tensors=_decode_tensors(memoryview(table_meta)[:table_len], data),
-                     meta=_decode_meta(memoryview(table_meta)[table_len:]))
+        return Frame(
+            kind,
+            counter=counter,
+            worker_id=worker_id,
+            query_id=query_id,
+            batch_id=batch_id,
+            seq=seq,
+            tensors=_decode_tensors(memoryview(table_meta)[:table_len], data),
+            meta=_decode_meta(memoryview(table_meta)[table_len:]),
+        )
 
     def _data_buffer(self, size: int) -> np.ndarray:
         if not self._reuse:
@@ -340,7 +373,7 @@ def _decode_tensors(table: memoryview, data: np.ndarray) -> dict[str, np.ndarray
             (name_len,) = _NAME_LEN.unpack_from(table, pos)
             if name_len > MAX_NAME_BYTES:
                 raise ProtocolError(f"tensor name of {name_len} bytes exceeds {MAX_NAME_BYTES}")
-            name = bytes(table[pos + 2:pos + 2 + name_len]).decode()
+            name = bytes(table[pos + 2 : pos + 2 + name_len]).decode()
             code, ndim = _DTYPE_NDIM.unpack_from(table, pos + 2 + name_len)
             pos += 4 + name_len
             if code not in _DTYPES or ndim > MAX_NDIM:
@@ -351,7 +384,7 @@ def _decode_tensors(table: memoryview, data: np.ndarray) -> dict[str, np.ndarray
             nbytes = math.prod(shape) * dtype.itemsize
             if name in tensors or offset + nbytes > data.size:
                 raise ProtocolError(f"tensor {name!r}: duplicate, or its {nbytes} bytes overrun the data section")
-            tensors[name] = data[offset:offset + nbytes].view(dtype).reshape(shape)
+            tensors[name] = data[offset : offset + nbytes].view(dtype).reshape(shape)
             offset += nbytes + (-nbytes % _ALIGN)
     except ProtocolError:
         raise

@@ -79,8 +79,11 @@ class ReplayGuard:
                     fields = {name: source[name] for name in ("offsets", "rows") if name in source}
                     record = QueryRecord.model_validate({**fields, "batch": batch})
                 except (TypeError, ValueError) as exc:
-                    log.error("checkpoint: query %r has invalid metadata, dropped (its replay guard is kept): %s",
-                              query, " ".join(str(exc).split())[:300])
+                    log.error(
+                        "checkpoint: query %r has invalid metadata, dropped (its replay guard is kept): %s",
+                        query,
+                        " ".join(str(exc).split())[:300],
+                    )
                     record = QueryRecord(batch=batch)
                 guard.records[str(query)], guard._applied[str(query)] = record, applied
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
@@ -91,7 +94,9 @@ class ReplayGuard:
         if not tag.query_id or tag.query_id not in self.records:
             return False
         highest = self.records[tag.query_id].batch
-        return tag.batch_id < highest or (tag.batch_id == highest and (tag.worker_id, tag.seq) in self._applied[tag.query_id])
+        return tag.batch_id < highest or (
+            tag.batch_id == highest and (tag.worker_id, tag.seq) in self._applied[tag.query_id]
+        )
 
     def record(self, tag: CommitTag, meta: CommitMeta) -> None:
         record = self.records.setdefault(tag.query_id, QueryRecord())
@@ -108,8 +113,10 @@ class ReplayGuard:
         return {query: record.model_dump() for query, record in sorted(self.records.items())}
 
     def to_json(self) -> dict[str, Any]:
-        return {query: {**record, "applied": sorted(self._applied.get(query, ()))}
-                for query, record in self.queries().items()}
+        return {
+            query: {**record, "applied": sorted(self._applied.get(query, ()))}
+            for query, record in self.queries().items()
+        }
 
 
 class CenterState:
@@ -118,8 +125,9 @@ class CenterState:
     or behind :class:`ParameterServer`.
     """
 
-    def __init__(self, weights: Mapping[str, np.ndarray], rule: UpdateRule, *, counter: int = 0,
-                 guard: ReplayGuard | None = None):
+    def __init__(
+        self, weights: Mapping[str, np.ndarray], rule: UpdateRule, *, counter: int = 0, guard: ReplayGuard | None = None
+    ):
         if not weights:
             raise ValueError("the center variable needs at least one tensor")
         self._center = {name: _frozen(np.array(value, dtype=np.float32, order="C")) for name, value in weights.items()}
@@ -139,8 +147,9 @@ class CenterState:
         return cls(snapshot.weights, rule, counter=snapshot.counter, guard=ReplayGuard.from_json(snapshot.guard))
 
     @classmethod
-    def resume(cls, checkpoint: Checkpoint, rule: UpdateRule,
-               initial: Callable[[], Mapping[str, np.ndarray]]) -> tuple[CenterState, bool]:
+    def resume(
+        cls, checkpoint: Checkpoint, rule: UpdateRule, initial: Callable[[], Mapping[str, np.ndarray]]
+    ) -> tuple[CenterState, bool]:
         """The state saved in ``checkpoint`` and True, or, when there is none, a fresh state from
         ``initial()`` (only then called, e.g. loading the registry's champion) and False."""
         snapshot = checkpoint.load()
@@ -157,7 +166,9 @@ class CenterState:
         """Accepted commits so far (applied or pending): what a checkpoint would miss."""
         return self._changes
 
-    def pull(self, worker_id: int = 0, min_counter: int = 0, wait_s: float = 0.0) -> tuple[Mapping[str, np.ndarray], int]:
+    def pull(
+        self, worker_id: int = 0, min_counter: int = 0, wait_s: float = 0.0
+    ) -> tuple[Mapping[str, np.ndarray], int]:
         """The weights this worker should train from (read-only arrays) and the counter, waiting up to
         ``wait_s`` for the counter to reach ``min_counter`` (a synchronous round to close)."""
         with self._cond:
@@ -165,8 +176,14 @@ class CenterState:
                 raise PullTimeout(f"update {min_counter} not reached within {wait_s:g}s (counter is {self._counter})")
             return self.rule.view(self._center, worker_id), self._counter
 
-    def commit(self, delta: Mapping[str, np.ndarray], *, pulled: int, tag: CommitTag = CommitTag(),
-               meta: Mapping[str, Any] | None = None) -> Ack:
+    def commit(
+        self,
+        delta: Mapping[str, np.ndarray],
+        *,
+        pulled: int,
+        tag: CommitTag = CommitTag(),
+        meta: Mapping[str, Any] | None = None,
+    ) -> Ack:
         """Apply a commit through the rule unless its tag was already applied.
 
         ``pulled`` is the counter the worker last pulled; staleness is how many updates landed since.
@@ -202,8 +219,13 @@ class CenterState:
     def snapshot(self) -> Snapshot:
         with self._cond:
             rule_tensors, rule_state = self.rule.state()
-            return Snapshot(counter=self._counter, weights=self._center, rule_tensors=rule_tensors,
-                            rule_state=rule_state, guard=self._guard.to_json())
+            return Snapshot(
+                counter=self._counter,
+                weights=self._center,
+                rule_tensors=rule_tensors,
+                rule_state=rule_state,
+                guard=self._guard.to_json(),
+            )
 
     def publication(self) -> tuple[dict[str, np.ndarray], int, dict[str, Any]]:
         """What ``on_publish`` receives: the rule's published weights, the counter, and metadata with
@@ -214,14 +236,19 @@ class CenterState:
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
-            return {"counter": self._counter, "incarnation": self.incarnation, "rule": self.rule.name,
-                    "commits": dict(self._tally),
-                    "queries": self._guard.queries(),
-                    "tensors": {name: list(shape) for name, shape in self.shapes.items()},
-                    "parameters": sum(int(np.prod(shape)) for shape in self.shapes.values()),
-                    "workers": {str(w): {"commits": c, "staleness_mean": total / c, "staleness_max": top,
-                                         "staleness_last": last}
-                                for w, (c, total, top, last) in sorted(self._workers.items())}}
+            return {
+                "counter": self._counter,
+                "incarnation": self.incarnation,
+                "rule": self.rule.name,
+                "commits": dict(self._tally),
+                "queries": self._guard.queries(),
+                "tensors": {name: list(shape) for name, shape in self.shapes.items()},
+                "parameters": sum(int(np.prod(shape)) for shape in self.shapes.values()),
+                "workers": {
+                    str(w): {"commits": c, "staleness_mean": total / c, "staleness_max": top, "staleness_last": last}
+                    for w, (c, total, top, last) in sorted(self._workers.items())
+                },
+            }
 
     def wait(self, predicate: Callable[[CenterState], bool], timeout: float) -> bool:
         """Block until ``predicate(self)`` holds (re-checked after every change and :meth:`wake`)."""
@@ -298,8 +325,13 @@ class _Periodic:
         try:
             self._run()
         except Exception:  # noqa: BLE001 - any failure of a plug-in action is logged, then retried
-            log.exception("%s failed at update %d (attempt %d); retrying in %gs", self.name, self._state.counter,
-                          self._failures, self._retry_at - time.monotonic())
+            log.exception(
+                "%s failed at update %d (attempt %d); retrying in %gs",
+                self.name,
+                self._state.counter,
+                self._failures,
+                self._retry_at - time.monotonic(),
+            )
 
     def run_now(self) -> bool:
         """Run synchronously unless the last success covers every change; True if it ran. Raises what
@@ -334,8 +366,9 @@ class _Periodic:
             return True
         if state.changes == self._done_changes:
             return False
-        return (time.monotonic() >= self._next_at()
-                or (not self._failures and state.counter - self._done_counter >= self._every_updates))
+        return time.monotonic() >= self._next_at() or (
+            not self._failures and state.counter - self._done_counter >= self._every_updates
+        )
 
     def _loop(self) -> None:
         while True:
@@ -372,12 +405,24 @@ class ParameterServer:
     ({'w': array([1., 1., 1.], dtype=float32)}, 1)
     """
 
-    def __init__(self, state: CenterState, *, host: str = "127.0.0.1", port: int = 0, secret: bytes | None = None,
-                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, io_timeout_s: float = 60.0,
-                 idle_timeout_s: float = 600.0, max_connections: int = 64, checkpoint: Checkpoint | None = None,
-                 checkpoint_every_updates: int = 200, checkpoint_every_s: float = 30.0,
-                 on_publish: PublishCallback | None = None, publish_every_updates: int = 100,
-                 publish_every_s: float = 20.0):
+    def __init__(
+        self,
+        state: CenterState,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        secret: bytes | None = None,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        io_timeout_s: float = 60.0,
+        idle_timeout_s: float = 600.0,
+        max_connections: int = 64,
+        checkpoint: Checkpoint | None = None,
+        checkpoint_every_updates: int = 200,
+        checkpoint_every_s: float = 30.0,
+        on_publish: PublishCallback | None = None,
+        publish_every_updates: int = 100,
+        publish_every_s: float = 20.0,
+    ):
         self.state = state
         self._bind = (host, port)
         self._secret = checked_secret(secret)
@@ -390,12 +435,16 @@ class ParameterServer:
         if checkpoint is not None:
             self._checkpoint = checkpoint
             self._durable = Checkpointed(state.counter, state.stats()["queries"], written=False)
-            self._checkpointing = _Periodic("checkpoint", state, self._save_checkpoint,
-                                            checkpoint_every_updates, checkpoint_every_s)
+            self._checkpointing = _Periodic(
+                "checkpoint", state, self._save_checkpoint, checkpoint_every_updates, checkpoint_every_s
+            )
             self._periodic.append(self._checkpointing)
         if on_publish is not None:
-            self._periodic.append(_Periodic("publish", state, lambda: on_publish(*state.publication()),
-                                            publish_every_updates, publish_every_s))
+            self._periodic.append(
+                _Periodic(
+                    "publish", state, lambda: on_publish(*state.publication()), publish_every_updates, publish_every_s
+                )
+            )
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -407,13 +456,21 @@ class ParameterServer:
     def from_settings(cls, state: CenterState, settings, *, port: int | None = None, **kwargs: Any) -> ParameterServer:
         """A server configured from ``pipeline.settings.Settings`` (``port`` overrides ``ps_port``)."""
         secret = settings.ps_secret.get_secret_value().encode() if settings.ps_secret else None
-        return cls(state, host=settings.ps_host, port=settings.ps_port if port is None else port, secret=secret,
-                   max_frame_bytes=settings.ps_max_frame_bytes, io_timeout_s=settings.ps_io_timeout_s,
-                   idle_timeout_s=settings.ps_idle_timeout_s, max_connections=settings.ps_max_connections,
-                   checkpoint_every_updates=settings.ps_checkpoint_every_updates,
-                   checkpoint_every_s=settings.ps_checkpoint_every_s,
-                   publish_every_updates=settings.ps_publish_every_updates,
-                   publish_every_s=settings.ps_publish_every_s, **kwargs)
+        return cls(
+            state,
+            host=settings.ps_host,
+            port=settings.ps_port if port is None else port,
+            secret=secret,
+            max_frame_bytes=settings.ps_max_frame_bytes,
+            io_timeout_s=settings.ps_io_timeout_s,
+            idle_timeout_s=settings.ps_idle_timeout_s,
+            max_connections=settings.ps_max_connections,
+            checkpoint_every_updates=settings.ps_checkpoint_every_updates,
+            checkpoint_every_s=settings.ps_checkpoint_every_s,
+            publish_every_updates=settings.ps_publish_every_updates,
+            publish_every_s=settings.ps_publish_every_s,
+            **kwargs,
+        )
 
     @property
     def address(self) -> tuple[str, int]:
@@ -426,12 +483,19 @@ class ParameterServer:
         listener = socket.create_server(self._bind, backlog=128, reuse_port=False)
         listener.settimeout(0.5)  # a fallback: stop() wakes accept() by shutting the listener down
         self._listener = listener
-        self._accept_thread = threading.Thread(target=self._accept_loop, name=f"ps-accept-{self.address[1]}", daemon=True)
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name=f"ps-accept-{self.address[1]}", daemon=True
+        )
         self._accept_thread.start()
         for periodic in self._periodic:
             periodic.start()
-        log.info("parameter server on %s:%d: %d tensors, counter %d, rule %s", *self.address,
-                 len(self.state.shapes), self.state.counter, self.state.rule.name)
+        log.info(
+            "parameter server on %s:%d: %d tensors, counter %d, rule %s",
+            *self.address,
+            len(self.state.shapes),
+            self.state.counter,
+            self.state.rule.name,
+        )
         return self
 
     def stop(self) -> None:
@@ -552,8 +616,12 @@ class ParameterServer:
             if request.type == MsgType.COMMIT:
                 tag = CommitTag(request.query_id, request.batch_id, request.worker_id, request.seq)
                 ack = self.state.commit(request.tensors, pulled=request.counter, tag=tag, meta=request.meta)
-                return Frame(MsgType.ACK, counter=ack.counter, worker_id=request.worker_id,
-                             meta={"status": ack.status, "staleness": ack.staleness}), True
+                return Frame(
+                    MsgType.ACK,
+                    counter=ack.counter,
+                    worker_id=request.worker_id,
+                    meta={"status": ack.status, "staleness": ack.staleness},
+                ), True
             if request.type == MsgType.STATS:
                 return Frame(MsgType.STATS_REPLY, counter=self.state.counter, meta=self.stats()), True
             if request.type == MsgType.CHECKPOINT:
@@ -581,8 +649,11 @@ class ParameterServer:
             log.exception("%s: checkpoint on request failed", peer)
             return error_frame("checkpoint_failed", f"{type(exc).__name__}: {exc}"[:500])
         durable = self._durable
-        return Frame(MsgType.CHECKPOINT_REPLY, counter=durable.counter,
-                     meta={"queries": durable.queries, "written": written, "incarnation": self.state.incarnation})
+        return Frame(
+            MsgType.CHECKPOINT_REPLY,
+            counter=durable.counter,
+            meta={"queries": durable.queries, "written": written, "incarnation": self.state.incarnation},
+        )
 
     def _save_checkpoint(self) -> None:
         snapshot = self.state.snapshot()

@@ -58,10 +58,15 @@ class KafkaOffsetReader:
 
     def __init__(self, bootstrap: str, topics: list[str], timeout_s: float = 15.0):
         self.topics = topics
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                      fetch_max_wait_ms=20, max_poll_records=1,
-                                      request_timeout_ms=int(timeout_s * 1000) + 1000,
-                                      bootstrap_timeout_ms=int(timeout_s * 1000), client_id="streamfit-offsets")
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=20,
+            max_poll_records=1,
+            request_timeout_ms=int(timeout_s * 1000) + 1000,
+            bootstrap_timeout_ms=int(timeout_s * 1000),
+            client_id="streamfit-offsets",
+        )
         self.timeout_s = timeout_s
 
     def partitions(self) -> list[TopicPartition]:
@@ -113,8 +118,9 @@ class KafkaOffsetReader:
             missing = set(partitions) - set(given)
             if missing:
                 raise OffsetError(f"startingOffsets for {topic!r} misses partition(s) {sorted(missing)}")
-            result[topic] = {p: {-2: earliest[topic][p], -1: latest[topic][p]}.get(int(given[p]), int(given[p]))
-                             for p in partitions}
+            result[topic] = {
+                p: {-2: earliest[topic][p], -1: latest[topic][p]}.get(int(given[p]), int(given[p])) for p in partitions
+            }
         return result
 
     def close(self) -> None:
@@ -151,8 +157,10 @@ def limit_end(start: Offsets, latest: Offsets, max_rows: int | None) -> Offsets:
     >>> limit_end({"t": {"0": 100, "1": 5, "2": 7}}, {"t": {"0": 10, "1": 9}}, None)
     {'t': {'0': 100, '1': 9, '2': 7}}
     """
-    merged = {t: {p: max(offset, start.get(t, {}).get(p, offset)) for p, offset in parts.items()}
-              for t, parts in latest.items()}
+    merged = {
+        t: {p: max(offset, start.get(t, {}).get(p, offset)) for p, offset in parts.items()}
+        for t, parts in latest.items()
+    }
     for topic, parts in start.items():
         for partition, offset in parts.items():
             merged.setdefault(topic, {}).setdefault(partition, offset)
@@ -172,9 +180,12 @@ def limit_end(start: Offsets, latest: Offsets, max_rows: int | None) -> Offsets:
 
 def ranges(start: Offsets, end: Offsets) -> list[OffsetRange]:
     """Non-empty ranges between two offset maps; a partition new since ``start`` starts at 0."""
-    return [OffsetRange(topic, int(p), start.get(topic, {}).get(p, 0), stop)
-            for topic, parts in end.items() for p, stop in parts.items()
-            if stop > start.get(topic, {}).get(p, 0)]
+    return [
+        OffsetRange(topic, int(p), start.get(topic, {}).get(p, 0), stop)
+        for topic, parts in end.items()
+        for p, stop in parts.items()
+        if stop > start.get(topic, {}).get(p, 0)
+    ]
 
 
 def split(parts: list[OffsetRange], min_parts: int) -> list[OffsetRange]:
@@ -195,8 +206,9 @@ def split(parts: list[OffsetRange], min_parts: int) -> list[OffsetRange]:
     return result
 
 
-def read_range(consumer: KafkaConsumer, part: OffsetRange, fail_on_data_loss: bool = True,
-               timeout_s: float = 60.0) -> Iterator:
+def read_range(
+    consumer: KafkaConsumer, part: OffsetRange, fail_on_data_loss: bool = True, timeout_s: float = 60.0
+) -> Iterator:
     """Every record with offset in [start, end) of one partition, in order.
 
     Offsets gone before they are read (retention, truncation, ``deleteRecords``) are data loss:
@@ -215,8 +227,10 @@ def read_range(consumer: KafkaConsumer, part: OffsetRange, fail_on_data_loss: bo
         except OffsetOutOfRangeError:
             resumed = _after_loss(consumer, part, position, fail_on_data_loss)
             if resumed == position:  # not below the log's start, so above its end: the log was cut short
-                message = (f"{part.topic}[{part.partition}]: offset {position} is past the end of the log "
-                           f"(truncated?); offsets {position}..{part.end - 1} cannot be read")
+                message = (
+                    f"{part.topic}[{part.partition}]: offset {position} is past the end of the log "
+                    f"(truncated?); offsets {position}..{part.end - 1} cannot be read"
+                )
                 if fail_on_data_loss:
                     raise OffsetError(message + "; set fail_on_data_loss=false (failOnDataLoss) to skip them") from None
                 log.warning("%s: skipped (failOnDataLoss=false)", message)
@@ -226,8 +240,10 @@ def read_range(consumer: KafkaConsumer, part: OffsetRange, fail_on_data_loss: bo
             continue
         if not batch:
             if time.monotonic() > deadline:
-                raise OffsetError(f"{part.topic}[{part.partition}]: no data at offset {position} "
-                                  f"(expected up to {part.end}) after {timeout_s:.0f}s")
+                raise OffsetError(
+                    f"{part.topic}[{part.partition}]: no data at offset {position} "
+                    f"(expected up to {part.end}) after {timeout_s:.0f}s"
+                )
             continue
         deadline = time.monotonic() + timeout_s
         for record in batch:
@@ -244,8 +260,10 @@ def _after_loss(consumer: KafkaConsumer, part: OffsetRange, wanted: int, fail_on
     earliest = consumer.beginning_offsets([tp])[tp]
     if earliest <= wanted:
         return wanted
-    lost = (f"{part.topic}[{part.partition}]: offsets {wanted}..{min(earliest, part.end) - 1} are gone "
-            f"(the log now starts at {earliest}: retention, truncation or deleteRecords)")
+    lost = (
+        f"{part.topic}[{part.partition}]: offsets {wanted}..{min(earliest, part.end) - 1} are gone "
+        f"(the log now starts at {earliest}: retention, truncation or deleteRecords)"
+    )
     if fail_on_data_loss:
         raise OffsetError(lost + "; set fail_on_data_loss=false (failOnDataLoss) to skip them")
     log.warning("%s: skipped (failOnDataLoss=false)", lost)

@@ -34,10 +34,12 @@ def lag(progress: dict) -> int:
 
 
 def progress_line(progress: dict, version: int | None) -> str:
-    return (f"batch {progress['batchId']}: rows={progress['numInputRows']} "
-            f"rows/s={progress.get('processedRowsPerSecond', 0):.0f} "
-            f"duration_ms={progress.get('durationMs', {}).get('triggerExecution', 0)} "
-            f"lag={lag(progress)} version={version}")
+    return (
+        f"batch {progress['batchId']}: rows={progress['numInputRows']} "
+        f"rows/s={progress.get('processedRowsPerSecond', 0):.0f} "
+        f"duration_ms={progress.get('durationMs', {}).get('triggerExecution', 0)} "
+        f"lag={lag(progress)} version={version}"
+    )
 
 
 def _offsets(value) -> dict:

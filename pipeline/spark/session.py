@@ -36,14 +36,17 @@ def _check_java() -> None:
     java = os.path.join(java_home, "bin", "java") if java_home else shutil.which("java")
     if not java or not os.path.exists(java):
         where = f"JAVA_HOME={java_home} has no bin/java" if java_home else "no `java` on PATH"
-        raise SparkSetupError(f"Spark needs Java 17 or 21 ({where}): install a JDK (e.g. `apt-get install "
-                              "openjdk-17-jre-headless`) or point JAVA_HOME at one")
+        raise SparkSetupError(
+            f"Spark needs Java 17 or 21 ({where}): install a JDK (e.g. `apt-get install "
+            "openjdk-17-jre-headless`) or point JAVA_HOME at one"
+        )
     answer = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30).stderr
     found = re.search(r'version "(\d+)(?:\.(\d+))?', answer)
     major = found and (int(found.group(2) or 0) if found.group(1) == "1" else int(found.group(1)))
     if major and major < 17:
-        raise SparkSetupError(f"Spark 4 needs Java 17 or 21, {java} is Java {major}: install a newer JDK "
-                              "or point JAVA_HOME at one")
+        raise SparkSetupError(
+            f"Spark 4 needs Java 17 or 21, {java} is Java {major}: install a newer JDK or point JAVA_HOME at one"
+        )
 
 
 POOLS = {"predict": (4, 2), "train": (1, 0)}
@@ -52,8 +55,11 @@ POOLS = {"predict": (4, 2), "train": (1, 0)}
 
 def _pools_file(home: Path) -> Path:
     """Spark reads FAIR pools from an XML file: written under ``home`` from :data:`POOLS`."""
-    pools = "".join(f'<pool name="{name}"><schedulingMode>FIFO</schedulingMode><weight>{weight}</weight>'
-                    f'<minShare>{share}</minShare></pool>' for name, (weight, share) in POOLS.items())
+    pools = "".join(
+        f'<pool name="{name}"><schedulingMode>FIFO</schedulingMode><weight>{weight}</weight>'
+        f"<minShare>{share}</minShare></pool>"
+        for name, (weight, share) in POOLS.items()
+    )
     path = home / "spark" / "fairscheduler.xml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f'<?xml version="1.0"?><allocations>{pools}</allocations>\n')
@@ -82,20 +88,23 @@ def spark_session(settings: Settings, app_name: str = "streamfit"):
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
-    spark = (SparkSession.builder.master(settings.spark_master).appName(app_name)
-             .config("spark.python.worker.reuse", "true")
-             .config("spark.sql.shuffle.partitions", str(max(2, settings.workers)))
-             .config("spark.default.parallelism", str(max(2, settings.workers)))
-             .config("spark.driver.memory", "2g")  # the Python workers (TensorFlow) need the rest of a small box
-             .config("spark.scheduler.mode", "FAIR")
-             .config("spark.scheduler.allocation.file", str(_pools_file(settings.home)))
-             .config("spark.ui.enabled", "false")
-             .config("spark.ui.showConsoleProgress", "false")
-             .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-             .config("spark.sql.execution.arrow.maxRecordsPerBatch", "10000")
-             .config("spark.sql.streaming.stopTimeout", "30s")
-             .config("spark.driver.extraJavaOptions", "-Dio.netty.tryReflectionSetAccessible=true")
-             .getOrCreate())
+    spark = (
+        SparkSession.builder.master(settings.spark_master)
+        .appName(app_name)
+        .config("spark.python.worker.reuse", "true")
+        .config("spark.sql.shuffle.partitions", str(max(2, settings.workers)))
+        .config("spark.default.parallelism", str(max(2, settings.workers)))
+        .config("spark.driver.memory", "2g")  # the Python workers (TensorFlow) need the rest of a small box
+        .config("spark.scheduler.mode", "FAIR")
+        .config("spark.scheduler.allocation.file", str(_pools_file(settings.home)))
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.sql.execution.arrow.maxRecordsPerBatch", "10000")
+        .config("spark.sql.streaming.stopTimeout", "30s")
+        .config("spark.driver.extraJavaOptions", "-Dio.netty.tryReflectionSetAccessible=true")
+        .getOrCreate()
+    )
     spark.sparkContext.setLogLevel("WARN")
     spark.dataSource.register(KafkaDataSource)
     return spark
@@ -116,18 +125,24 @@ def kafka_format(spark, settings: Settings) -> str:
         return PYTHON_SOURCE
     native = native_kafka_available(spark)
     if settings.kafka_source == "native" and not native:
-        raise SparkSetupError("kafka_source=native but Spark's Kafka connector (spark-sql-kafka-0-10) is not on the "
-                              "classpath; use kafka_source=auto or python")
+        raise SparkSetupError(
+            "kafka_source=native but Spark's Kafka connector (spark-sql-kafka-0-10) is not on the "
+            "classpath; use kafka_source=auto or python"
+        )
     return "kafka" if native else PYTHON_SOURCE
 
 
-def events_stream(spark, settings: Settings, bootstrap: str, starting_offsets: str | None = None,
-                  min_partitions: int | None = None):
+def events_stream(
+    spark, settings: Settings, bootstrap: str, starting_offsets: str | None = None, min_partitions: int | None = None
+):
     """The events topic as a streaming DataFrame, read alike by both consumers (Spark's Kafka columns)."""
-    reader = (spark.readStream.format(kafka_format(spark, settings)).option("kafka.bootstrap.servers", bootstrap)
-              .option("subscribe", settings.topic_events)
-              .option("startingOffsets", starting_offsets or settings.starting_offsets)
-              .option("failOnDataLoss", str(settings.fail_on_data_loss).lower()))
+    reader = (
+        spark.readStream.format(kafka_format(spark, settings))
+        .option("kafka.bootstrap.servers", bootstrap)
+        .option("subscribe", settings.topic_events)
+        .option("startingOffsets", starting_offsets or settings.starting_offsets)
+        .option("failOnDataLoss", str(settings.fail_on_data_loss).lower())
+    )
     if min_partitions:
         reader = reader.option("minPartitions", str(min_partitions))
     if settings.max_offsets_per_trigger:

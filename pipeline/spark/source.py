@@ -31,20 +31,45 @@ import logging
 from collections.abc import Callable, Iterator
 
 import pyarrow as pa
-from pyspark.sql.datasource import (DataSource, DataSourceArrowWriter, DataSourceReader, DataSourceStreamArrowWriter,
-                                    DataSourceStreamReader, InputPartition, WriterCommitMessage)
+from pyspark.sql.datasource import (
+    DataSource,
+    DataSourceArrowWriter,
+    DataSourceReader,
+    DataSourceStreamArrowWriter,
+    DataSourceStreamReader,
+    InputPartition,
+    WriterCommitMessage,
+)
 from pyspark.sql.streaming.datasource import ReadAllAvailable, ReadLimit, ReadMaxRows, SupportsTriggerAvailableNow
 
-from pipeline.spark.offsets import (KafkaOffsetReader, OffsetError, OffsetRange, Offsets, behind, limit_end,
-                                    parse_topics, ranges, read_range, split)
+from pipeline.spark.offsets import (
+    KafkaOffsetReader,
+    OffsetError,
+    OffsetRange,
+    Offsets,
+    behind,
+    limit_end,
+    parse_topics,
+    ranges,
+    read_range,
+    split,
+)
 
 log = logging.getLogger(__name__)
 
 NAME = "streamfit-kafka"
 SCHEMA = "key binary, value binary, topic string, partition int, offset long, timestamp timestamp, timestampType int"
-ARROW_SCHEMA = pa.schema([("key", pa.binary()), ("value", pa.binary()), ("topic", pa.string()),
-                          ("partition", pa.int32()), ("offset", pa.int64()),
-                          ("timestamp", pa.timestamp("us", tz="UTC")), ("timestampType", pa.int32())])
+ARROW_SCHEMA = pa.schema(
+    [
+        ("key", pa.binary()),
+        ("value", pa.binary()),
+        ("topic", pa.string()),
+        ("partition", pa.int32()),
+        ("offset", pa.int64()),
+        ("timestamp", pa.timestamp("us", tz="UTC")),
+        ("timestampType", pa.int32()),
+    ]
+)
 ROWS_PER_BATCH = 8192
 
 
@@ -118,22 +143,40 @@ def _read(options: _Options, part: OffsetRange) -> Iterator[pa.RecordBatch]:
     """Read one range as Arrow record batches (no per-row Python objects cross into Spark)."""
     from pipeline.kafka import consumer
 
-    make = functools.partial(consumer, options.bootstrap, fetch_max_bytes=32 * 1024 * 1024,
-                             max_partition_fetch_bytes=16 * 1024 * 1024, max_poll_records=ROWS_PER_BATCH,
-                             auto_offset_reset="none", client_id="streamfit-spark-reader")
+    make = functools.partial(
+        consumer,
+        options.bootstrap,
+        fetch_max_bytes=32 * 1024 * 1024,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+        max_poll_records=ROWS_PER_BATCH,
+        auto_offset_reset="none",
+        client_id="streamfit-spark-reader",
+    )
     with _client("reader", options.bootstrap, make) as kafka:
         columns: list[list] = [[] for _ in ARROW_SCHEMA]
         for record in read_range(kafka, part, options.fail_on_data_loss):
-            for column, value in zip(columns, (record.key, record.value, record.topic, record.partition,
-                                               record.offset, record.timestamp * 1000, record.timestamp_type)):
+            for column, value in zip(
+                columns,
+                (
+                    record.key,
+                    record.value,
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    record.timestamp * 1000,
+                    record.timestamp_type,
+                ),
+            ):
                 column.append(value)
             if len(columns[0]) >= ROWS_PER_BATCH:
-                yield pa.RecordBatch.from_arrays([pa.array(c, t.type) for c, t in zip(columns, ARROW_SCHEMA)],
-                                                 schema=ARROW_SCHEMA)
+                yield pa.RecordBatch.from_arrays(
+                    [pa.array(c, t.type) for c, t in zip(columns, ARROW_SCHEMA)], schema=ARROW_SCHEMA
+                )
                 columns = [[] for _ in ARROW_SCHEMA]
         if columns[0]:
-            yield pa.RecordBatch.from_arrays([pa.array(c, t.type) for c, t in zip(columns, ARROW_SCHEMA)],
-                                             schema=ARROW_SCHEMA)
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(c, t.type) for c, t in zip(columns, ARROW_SCHEMA)], schema=ARROW_SCHEMA
+            )
 
 
 class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
@@ -167,11 +210,16 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         now = behind(start, latest)
         for (topic, partition), reported in now.items():
             if (topic, partition) not in self._behind or self._behind[(topic, partition)] != reported:
-                log.warning("%s[%s]: the broker reports %s, below the query's offset %d (a broker restarted with "
-                            "less data, a truncated log or a lagging leader): keeping %d, not rewinding; records "
-                            "the broker writes below it will not be read", topic, partition,
-                            "no such partition" if reported is None else f"end offset {reported}",
-                            start[topic][partition], start[topic][partition])
+                log.warning(
+                    "%s[%s]: the broker reports %s, below the query's offset %d (a broker restarted with "
+                    "less data, a truncated log or a lagging leader): keeping %d, not rewinding; records "
+                    "the broker writes below it will not be read",
+                    topic,
+                    partition,
+                    "no such partition" if reported is None else f"end offset {reported}",
+                    start[topic][partition],
+                    start[topic][partition],
+                )
         self._behind = now
 
     def prepareForTriggerAvailableNow(self) -> None:
@@ -215,8 +263,9 @@ class SentCount(WriterCommitMessage):
         self.records = records
 
 
-def send_rows(bootstrap: str, default_topic: str | None, iterator: Iterator[pa.RecordBatch],
-              client: str = "auto") -> SentCount:
+def send_rows(
+    bootstrap: str, default_topic: str | None, iterator: Iterator[pa.RecordBatch], client: str = "auto"
+) -> SentCount:
     """Send every row (``value`` required; ``key``, ``partition`` and a ``topic`` column optional, as in
     Spark's Kafka sink); return only after the broker acknowledged all of them, so the task fails
     rather than loses rows. A null partition means Kafka's default partitioner (murmur2 of the key).

@@ -31,8 +31,15 @@ class QuerySupervisor:
     ``on_restart()`` is called after each restart (a metric). ``poll()`` does the work and is called
     every second or so."""
 
-    def __init__(self, query: Any, restart: Callable[[], Any], *, first_delay_s: float = 1.0,
-                 max_delay_s: float = 15.0, on_restart: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        query: Any,
+        restart: Callable[[], Any],
+        *,
+        first_delay_s: float = 1.0,
+        max_delay_s: float = 15.0,
+        on_restart: Callable[[], None] | None = None,
+    ):
         self.query, self.name = query, query.name
         self._start = restart
         self._first_delay, self._max_delay = first_delay_s, max_delay_s
@@ -57,8 +64,12 @@ class QuerySupervisor:
                 return False
             self.last_error = _first_line(error)
             self._retry_at = now + self._delay
-            log.warning("query %s failed (%s); restarting it from its checkpoint in %.0f s", self.name,
-                        self.last_error, self._delay)
+            log.warning(
+                "query %s failed (%s); restarting it from its checkpoint in %.0f s",
+                self.name,
+                self.last_error,
+                self._delay,
+            )
             self._delay = min(2 * self._delay, self._max_delay)
         if now < self._retry_at:
             return True

@@ -42,8 +42,14 @@ class Part:
         with self.log.open("ab") as sink:
             sink.write(f"\n=== start {time.strftime('%X')} ===\n".encode())
             sink.flush()
-            self.process = subprocess.Popen([*STREAMFIT, *self.args], env=self.env, stdin=subprocess.DEVNULL,
-                                            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                [*STREAMFIT, *self.args],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -89,6 +95,7 @@ def listening(port: int):
             return True
         except OSError:
             return False
+
     return ready
 
 
@@ -102,6 +109,7 @@ def http_ready(url: str):
             return httpx.get(url + "/readyz", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
+
     return ready
 
 
@@ -154,10 +162,19 @@ def cluster(tmp_path, cli_env):
     logs.mkdir()
     broker_port, ps_port, serve_port = (free_port("127.0.0.1") for _ in range(3))
     bootstrap = f"127.0.0.1:{broker_port}"
-    env = {**cli_env, "STREAMFIT_HOME": str(home), "STREAMFIT_MODEL": "small", "STREAMFIT_PS_PORT": str(ps_port),
-           "STREAMFIT_SERVE_PORT": str(serve_port), "STREAMFIT_TRIGGER_INTERVAL_S": "1",
-           "STREAMFIT_MAX_OFFSETS_PER_TRIGGER": "3000", "STREAMFIT_SPARK_MASTER": "local[1]", "STREAMFIT_WORKERS": "2",
-           "STREAMFIT_PS_PUBLISH_EVERY_S": "5", "STREAMFIT_KAFKA_TIMEOUT_S": "10"}
+    env = {
+        **cli_env,
+        "STREAMFIT_HOME": str(home),
+        "STREAMFIT_MODEL": "small",
+        "STREAMFIT_PS_PORT": str(ps_port),
+        "STREAMFIT_SERVE_PORT": str(serve_port),
+        "STREAMFIT_TRIGGER_INTERVAL_S": "1",
+        "STREAMFIT_MAX_OFFSETS_PER_TRIGGER": "3000",
+        "STREAMFIT_SPARK_MASTER": "local[1]",
+        "STREAMFIT_WORKERS": "2",
+        "STREAMFIT_PS_PUBLISH_EVERY_S": "5",
+        "STREAMFIT_KAFKA_TIMEOUT_S": "10",
+    }
     broker_env = {**env, "STREAMFIT_BROKER_PORT": str(broker_port)}
     env["STREAMFIT_KAFKA_BOOTSTRAP"] = bootstrap
     url = f"http://127.0.0.1:{serve_port}"

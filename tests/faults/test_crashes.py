@@ -42,17 +42,40 @@ def test_every_part_survives_sigkill(cluster):
     rng = random.Random(SEED)
     parts = cluster.parts
     parts["broker"].start()
-    subprocess.run([*STREAMFIT, "models", "create", "small", "--spec", "small", "--exist-ok"], env=cluster.env, check=True,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [*STREAMFIT, "models", "create", "small", "--spec", "small", "--exist-ok"],
+        env=cluster.env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     for name in ("ps", "serve", "predict", "train"):
         parts[name].launch()
     for part in parts.values():
         part.wait_ready(300)
     log = (cluster.home.parent / "logs" / "produce.log").open("ab")
-    producer = subprocess.Popen([*STREAMFIT, "produce", "--source", "synth:hyperplane", "--rate", str(RATE),
-                                 "--limit", "0", "--no-progress", "--invalid-fraction", "0.02",
-                                 "--label-fraction", "0.5", "--seed", str(SEED)], env=cluster.env,
-                                stdout=log, stderr=subprocess.STDOUT)
+    producer = subprocess.Popen(
+        [
+            *STREAMFIT,
+            "produce",
+            "--source",
+            "synth:hyperplane",
+            "--rate",
+            str(RATE),
+            "--limit",
+            "0",
+            "--no-progress",
+            "--invalid-fraction",
+            "0.02",
+            "--label-fraction",
+            "0.5",
+            "--seed",
+            str(SEED),
+        ],
+        env=cluster.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     spec = BUILTIN_SPECS["small"]
     load = ServingLoad(f"{cluster.serve_url}/v1/models/small:predict", {"instances": [[0.5] * spec.n_features]}).start()
     serve_down: list[tuple[float, float]] = []
@@ -89,10 +112,18 @@ def test_every_part_survives_sigkill(cluster):
 
     predicted, trained = _drain(cluster, valid, labelled, timeout_s=300)
     dead = Counter((d["stage"], d["partition"], d["offset"]) for d in _values(cluster.bootstrap, "events.dlq"))
-    report = {"seed": SEED, "events": len(events), "valid": len(valid), "labelled": labelled, "broken": len(broken),
-              "predictions": sum(predicted.values()), "duplicate_predictions": sum(predicted.values()) - len(predicted),
-              "trained_rows": trained, "duplicate_dead_letters": sum(dead.values()) - len(dead),
-              "kills": {name: part.kills for name, part in parts.items()}}
+    report = {
+        "seed": SEED,
+        "events": len(events),
+        "valid": len(valid),
+        "labelled": labelled,
+        "broken": len(broken),
+        "predictions": sum(predicted.values()),
+        "duplicate_predictions": sum(predicted.values()) - len(predicted),
+        "trained_rows": trained,
+        "duplicate_dead_letters": sum(dead.values()) - len(dead),
+        "kills": {name: part.kills for name, part in parts.items()},
+    }
     print(report)
 
     assert producer.returncode == 0, f"producer exited with {producer.returncode}: sends were lost ({report})"
@@ -102,8 +133,11 @@ def test_every_part_survives_sigkill(cluster):
         missing = broken - {(p, o) for s, p, o in dead if s == stage}
         assert not missing, f"{len(missing)} broken events never dead-lettered by {stage} ({report})"
     assert report["duplicate_dead_letters"] == 0, f"dead letters written twice: {dead.most_common(5)} ({report})"
-    failed = [(t, outcome) for t, outcome in load.outcomes  # t: when the answer (or the failure) came
-              if outcome != 200 and not any(down <= t <= up for down, up in serve_down)]
+    failed = [
+        (t, outcome)
+        for t, outcome in load.outcomes  # t: when the answer (or the failure) came
+        if outcome != 200 and not any(down <= t <= up for down, up in serve_down)
+    ]
     assert load.outcomes and not failed, f"serving failed {len(failed)} requests while it was up: {failed[:5]}"
 
 

@@ -81,11 +81,15 @@ def _hostile() -> list[tuple[bytes | None, tuple[str, ...] | None, tuple[str, ..
     """``(value, words one of which the predict stage's reason must contain -- None: it is predicted --,
     words one of which the train stage's reason must contain)``."""
     corpus = [(raw, (words,), (words,)) for raw, words in hostile_corpus(NAMES, SPEC.n_classes, SCHEMA.max_bytes)]
-    return [*corpus, corpus[0],
-            *((_extreme(f"overflow{value:+g}", value, label), (NON_FINITE,), (STANDARDISED, POISONED))
-              for value, label in ((3e38, 1), (-3e38, 0))),
-            *((_extreme(f"poison{value:+g}", value, label), None, (POISONED,))
-              for value, label in ((9e37, 1), (-9e37, 0)))]
+    return [
+        *corpus,
+        corpus[0],
+        *(
+            (_extreme(f"overflow{value:+g}", value, label), (NON_FINITE,), (STANDARDISED, POISONED))
+            for value, label in ((3e38, 1), (-3e38, 0))
+        ),
+        *((_extreme(f"poison{value:+g}", value, label), None, (POISONED,)) for value, label in ((9e37, 1), (-9e37, 0))),
+    ]
 
 
 def _edges() -> list[bytes]:
@@ -96,10 +100,13 @@ def _edges() -> list[bytes]:
         return orjson.dumps({"id": event_id, "ts": 1700000000000, "features": features, "label": label})
 
     return [
-        doc("edge-\u0001\u001f-ctl", zeros, 1), doc("edge-\u0000-nul", zeros, 0), doc("edge-é€😀", zeros, 1),
+        doc("edge-\u0001\u001f-ctl", zeros, 1),
+        doc("edge-\u0000-nul", zeros, 0),
+        doc("edge-é€😀", zeros, 1),
         doc("edge-tiny", [1e-50, -1e-50, 5e-324, 1e-40, -0.0, 0.0, 1e-45, 0.5, 0.5, 0.5], 0),
         doc("edge-object", {name: 0.25 for name in reversed(NAMES)}, 1),
-        doc("edge-f32max", [3.4028235e38] + zeros[1:], None), doc("edge-f32min", zeros[1:] + [-3.4028235e38], None),
+        doc("edge-f32max", [3.4028235e38] + zeros[1:], None),
+        doc("edge-f32min", zeros[1:] + [-3.4028235e38], None),
         doc("edge-ts-max", zeros, None).replace(b"1700000000000", str(2**63 - 1).encode()),
     ]
 
@@ -140,10 +147,20 @@ def pipeline(kafka, topic, tmp_path):
     """Settings on fresh topics, a ``small`` champion (random weights, identity standardisation) in a
     registry, and a parameter server started from it; yields (settings, server)."""
     ensure_topics(kafka, {topic: 3, topic + ".dlq": 1, topic + ".pred": 3, topic + ".metrics": 1})
-    settings = load_settings(home=tmp_path, model="small", topic_events=topic, topic_dlq=topic + ".dlq",
-                             topic_predictions=topic + ".pred", topic_training_metrics=topic + ".metrics",
-                             kafka_source="python", workers=2, batch_size=32, max_offsets_per_trigger=1000,
-                             batch_attempts=1, auto_promote=False)
+    settings = load_settings(
+        home=tmp_path,
+        model="small",
+        topic_events=topic,
+        topic_dlq=topic + ".dlq",
+        topic_predictions=topic + ".pred",
+        topic_training_metrics=topic + ".metrics",
+        kafka_source="python",
+        workers=2,
+        batch_size=32,
+        max_offsets_per_trigger=1000,
+        batch_attempts=1,
+        auto_promote=False,
+    )
     registry = Registry(settings.registry_url)
     registry.create_model(SPEC)
     registry.set_alias("small", "champion", registry.register("small", ModelBundle(SPEC, seed=1).get_weights()))
@@ -164,8 +181,10 @@ def test_hostile_corpus_through_both_consumers(spark, kafka, topic, tmp_path, pi
     valid = {(r.partition, r.offset): r for r in records if (r.partition, r.offset) not in hostile}
     assert len(hostile) == n_hostile
     expected = {n: words for n, (_, *words) in enumerate(_hostile())}
-    dead_at = {"predict": {p for p, r in hostile.items() if expected[int(r.key[2:])][0] is not None},
-               "train": set(hostile)}
+    dead_at = {
+        "predict": {p for p, r in hostile.items() if expected[int(r.key[2:])][0] is not None},
+        "train": set(hostile),
+    }
     verdicts = {position: validate(r.value, SCHEMA) for position, r in valid.items()}
     assert all(isinstance(v, Event) for v in verdicts.values())
     labelled = sum(v.label is not None for v in verdicts.values())
@@ -176,10 +195,12 @@ def test_hostile_corpus_through_both_consumers(spark, kafka, topic, tmp_path, pi
     inference = InferenceJob(spark, settings, kafka)
     training = TrainingJob(spark, settings, kafka)
     try:
-        predicting = inference.start(str(tmp_path / "ck-predict"), trigger={"availableNow": True},
-                                     starting_offsets="earliest")
-        trainer = training.start(str(tmp_path / "ck-train"), trigger={"availableNow": True},
-                                 starting_offsets="earliest")
+        predicting = inference.start(
+            str(tmp_path / "ck-predict"), trigger={"availableNow": True}, starting_offsets="earliest"
+        )
+        trainer = training.start(
+            str(tmp_path / "ck-train"), trigger={"availableNow": True}, starting_offsets="earliest"
+        )
         for query in (predicting, trainer):
             assert query.awaitTermination(600), f"{query.name} did not finish in 10 minutes"
         assert predicting.exception() is None, predicting.exception()
@@ -193,8 +214,9 @@ def test_hostile_corpus_through_both_consumers(spark, kafka, topic, tmp_path, pi
     elapsed = time.monotonic() - started
 
     # every hostile record dead-lettered once per stage, with its reason; nothing valid dead-lettered
-    dead = [(len(r.value), orjson.loads(r.value)) for r in read_topic(kafka, settings.topic_dlq,
-                                                                        expected=2 * n_hostile)]
+    dead = [
+        (len(r.value), orjson.loads(r.value)) for r in read_topic(kafka, settings.topic_dlq, expected=2 * n_hostile)
+    ]
     assert all(size < RECORD_LIMIT for size, _ in dead), max(size for size, _ in dead)
     per_stage = Counter((d["stage"], d["partition"], d["offset"]) for _, d in dead)
     problems = []
@@ -202,13 +224,17 @@ def test_hostile_corpus_through_both_consumers(spark, kafka, topic, tmp_path, pi
         for position in dead_at[stage]:
             if per_stage[(stage, *position)] != 1:
                 record = hostile[position]
-                problems.append(f"{stage}: {record.key.decode()} at {position} dead-lettered "
-                                f"{per_stage[(stage, *position)]} times: {(record.value or b'')[:80]!r}")
+                problems.append(
+                    f"{stage}: {record.key.decode()} at {position} dead-lettered "
+                    f"{per_stage[(stage, *position)]} times: {(record.value or b'')[:80]!r}"
+                )
     for (stage, *position), count in per_stage.items():
         if tuple(position) not in dead_at[stage]:
             record = valid.get(tuple(position)) or hostile.get(tuple(position))
-            problems.append(f"{stage}: an event it should answer, at {tuple(position)}, dead-lettered {count} times: "
-                            f"{record and (record.value or b'')[:120]!r}")
+            problems.append(
+                f"{stage}: an event it should answer, at {tuple(position)}, dead-lettered {count} times: "
+                f"{record and (record.value or b'')[:120]!r}"
+            )
     for _, record in dead:
         original = hostile.get((record["partition"], record["offset"]))
         if original is None:
@@ -218,16 +244,20 @@ def test_hostile_corpus_through_both_consumers(spark, kafka, topic, tmp_path, pi
         if not record["error"] or not any(w in record["error"] for w in words):
             problems.append(f"{record['stage']}: h-{n} reason {record['error']!r} lacks {words!r}")
         raw = original.value or b""
-        if (record["topic"], record["raw_size"], record["raw_sha256"]) != (topic, len(raw),
-                                                                         hashlib.sha256(raw).hexdigest()):
+        if (record["topic"], record["raw_size"], record["raw_sha256"]) != (
+            topic,
+            len(raw),
+            hashlib.sha256(raw).hexdigest(),
+        ):
             problems.append(f"{record['stage']}: h-{n} record does not describe its event: {record}")
         if not raw.startswith(original_bytes(record)):
             problems.append(f"{record['stage']}: h-{n} raw is not a prefix of the event")
     assert not problems, "\n".join(problems)
 
     # every valid record predicted once (a duplicate id once per record), nothing else predicted
-    predictions = [orjson.loads(r.value) for r in read_topic(kafka, settings.topic_predictions,
-                                                                  expected=sum(predicted.values()))]
+    predictions = [
+        orjson.loads(r.value) for r in read_topic(kafka, settings.topic_predictions, expected=sum(predicted.values()))
+    ]
     assert Counter(p["id"] for p in predictions) == predicted
     assert all(np.isfinite(p["probabilities"]).all() and p["model_version"] == 1 for p in predictions)
     assert inference.reporter.metrics.registry.get_sample_value("streamfit_predict_rows_total") == len(records)
