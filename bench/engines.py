@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -78,9 +79,11 @@ def main() -> None:
             bundle = ModelBundle(spec, engine=engine)
             for rows in (1, 1000):
                 x = rng.normal(size=(rows, spec.n_features)).astype(np.float32)
-                predict[f"{name}/{engine}/{rows}"] = median_ms(lambda: bundle.predict_proba(x), args.repeats)
+                predict[f"{name}/{engine}/{rows}"] = median_ms(functools.partial(bundle.predict_proba, x), args.repeats)
             x, y = rng.normal(size=(64, spec.n_features)).astype(np.float32), rng.integers(0, 2, 64)
-            train[f"{name}/{engine}/64"] = median_ms(lambda: bundle.train_on_batch(x, y), max(args.repeats // 4, 10))
+            train[f"{name}/{engine}/64"] = median_ms(
+                functools.partial(bundle.train_on_batch, x, y), max(args.repeats // 4, 10)
+            )
     print(json.dumps({"rss_mb": rss, "predict_ms": predict, "train_ms": train}, indent=1))
 
 

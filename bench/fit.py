@@ -6,8 +6,9 @@ model on the same seeded higgs-like rows (a tenth held out) with ``streamfit fit
 ADAG, DOWNPOUR, DynSGD, AEASGD, EAMSGD and synchronous averaging with two. Each algorithm starts
 from the same initial weights and trains one epoch at a time; after each epoch the held-out
 accuracy is measured outside the timed part. An untimed warm-up fit first loads TensorFlow and the
-model in Spark's Python workers, so no algorithm pays that cost for the others. Prints one JSON object (accuracy, wall time, updates,
-the curve, ratios to sequential) and writes a PNG of held-out accuracy against training time.
+model in Spark's Python workers, so no algorithm pays that cost for the others. Prints one JSON
+object (accuracy, wall time, updates, the curve, ratios to sequential) and writes a PNG of held-out
+accuracy against training time.
 """
 
 from __future__ import annotations

@@ -101,7 +101,10 @@ def run_workers(port: int, workers: int, seconds: float, tensor_bytes: int) -> d
         process.join()
     pulls = np.array([t for p, _ in outcome for t in p])
     commits = np.array([t for _, c in outcome for t in c])
-    ms = lambda values, q: round(float(np.percentile(values, q)) * 1000, 2)
+
+    def ms(values, q):
+        return round(float(np.percentile(values, q)) * 1000, 2)
+
     return {
         "workers": workers,
         "pulls_per_s": round(len(pulls) / seconds, 1),
@@ -154,7 +157,7 @@ def main() -> None:
                     break
                 except OSError:
                     if server.poll() is not None or time.monotonic() > deadline:
-                        raise SystemExit(f"streamfit ps did not start: {server.stderr.read().decode()}")
+                        raise SystemExit(f"streamfit ps did not start: {server.stderr.read().decode()}") from None
                     time.sleep(0.1)
             raw = raw_bytes_per_s(tensor_bytes, args.seconds)
             runs = [run_workers(port, n, args.seconds, tensor_bytes) for n in (1, 2, 4)]

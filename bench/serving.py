@@ -240,7 +240,7 @@ def _wait_ready(port: int, path: str, process: subprocess.Popen, timeout: float 
             if process.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(
                     f"server on port {port} did not become ready: {process.stderr.read().decode()[-2000:]}"
-                )
+                ) from None
             time.sleep(0.25)
 
 

@@ -6,7 +6,8 @@ home, its embedded broker) for ``--minutes`` after start-up, with:
 - a champion move every 20 s through serving's admin API (promote the newest version when it is not
   champion, else roll back), on top of the gate's own auto-promotions;
 - serving load from a separate process (multiprocessing, spawn): single-row predictions at
-  ``--load-rate`` requests/s (4 paced client threads), every status code and error kind counted, every change of the answering
+  ``--load-rate`` requests/s (4 paced client threads), every status code and error kind counted,
+  every change of the answering
   ``model_version`` counted (a swap seen by a client: the most any one client saw);
 - every ~10 s: the resident memory and open file descriptors of every process of the run, by role
   (``up`` driver, broker, ps, serve, Spark JVM, Spark Python workers, producer), and both queries'

@@ -27,10 +27,10 @@ import numpy as np
 from pipeline.bundle import has_identity_standardisation
 from pipeline.ps.algorithms import algorithm_class
 from pipeline.ps.server import CenterState, ParameterServer
+from pipeline.publishing import register_trained
 from pipeline.registry import Registry
 from pipeline.settings import Settings
 from pipeline.spec import ModelSpec
-from pipeline.publishing import register_trained
 from pipeline.training import REPORT_DDL, TrainingPlan, arrow_trainer, rows_of
 
 READERS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".ndjson": "json"}

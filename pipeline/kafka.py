@@ -161,8 +161,6 @@ def producer(bootstrap_servers: str, timeout_s: float = 15.0, **overrides) -> Ka
         return KafkaProducer(**config)
     except KafkaError:
         raise KafkaUnavailable(f"no Kafka broker answers at {bootstrap_servers}") from None
-    except KafkaError as exc:
-        raise KafkaUnavailable(f"cannot connect to Kafka at {bootstrap_servers}: {exc}") from None
 
 
 def fast_producer(

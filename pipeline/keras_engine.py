@@ -15,10 +15,10 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import tensorflow as tf
 
-from pipeline.spec import ModelSpec  # noqa: E402
+from pipeline.spec import ModelSpec
 
 
 def _bulk_access(variables: list):

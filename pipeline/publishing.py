@@ -164,6 +164,6 @@ class ShardedPublishing:
             self._publish(weights, counter, {"commits": commits})
             self.published_at = counter
             return True
-        except Exception:  # noqa: BLE001 - a failed round is logged and retried; the shards keep serving
+        except Exception:  # a failed round is logged and retried; the shards keep serving
             log.exception("publishing from the shards failed")
             return False

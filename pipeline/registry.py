@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.durable import fsync_dir, replace_atomically, write_synced
 from pipeline.bundle import check_weights, weights_from_bytes, weights_to_bytes
+from pipeline.durable import fsync_dir, replace_atomically, write_synced
 from pipeline.spec import NAME_PATTERN, ModelSpec
 
 WEIGHTS, META, SPEC, ALIASES, LOCK = "weights.safetensors", "meta.json", "spec.json", "aliases.json", ".lock"
@@ -326,7 +326,10 @@ class Registry:
         return self._announce(model, "champion", aliases["champion"])
 
     def retain(self, model: str, keep: int) -> list[int]:
-        """Delete all but the newest ``keep`` versions, never an aliased one or a rollback target; returns the deleted."""
+        """Delete all but the newest ``keep`` versions, never an aliased one or a rollback target.
+
+        Returns the deleted versions.
+        """
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         with self._store.lock(self._model(model)):

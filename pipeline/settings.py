@@ -79,12 +79,14 @@ class Settings(BaseSettings):
         16 * 1024,
         ge=256,
         le=24 * 1024,
-        description="a dead letter keeps this many bytes of its event (with the full size and sha256), so every DLQ record stays under 64 KiB",
+        description="a dead letter keeps this many bytes of its event (with the full size and sha256), "
+        "so every DLQ record stays under 64 KiB",
     )
     kafka_timeout_s: float = Field(15.0, gt=0, description="bounded wait for an unreachable cluster or a send")
     kafka_client: KafkaClient = Field(
         "auto",
-        description="client of the hot write path (streamfit produce, the Spark writer); auto: confluent-kafka (librdkafka) if installed, else kafka-python",
+        description="client of the hot write path (streamfit produce, the Spark writer); "
+        "auto: confluent-kafka (librdkafka) if installed, else kafka-python",
     )
 
     # producer

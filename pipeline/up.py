@@ -290,7 +290,10 @@ class Pipeline:
         """Why the run cannot go on (a child exited, a query stopped), or None; a failed query is restarted."""
         for child in self.children:
             if not child.alive:
-                return f"{child.name} exited with status {child.process.returncode}; the end of {child.log}:\n{child.tail()}"
+                return (
+                    f"{child.name} exited with status {child.process.returncode}; "
+                    f"the end of {child.log}:\n{child.tail()}"
+                )
         for supervisor in queries:
             if not supervisor.poll():
                 return f"Spark query {supervisor.name} stopped"

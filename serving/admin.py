@@ -60,7 +60,7 @@ def admin_router(host: ModelHost, registry: Registry, token: SecretStr | None) -
             await asyncio.wrap_future(swap)
         except RegistryError as exc:
             raise HTTPException(409, str(exc)) from None
-        except Exception as exc:  # the load failed: the swap thread logged it, the previous version serves
+        except Exception as exc:  # noqa: BLE001 - the load failed: the swap thread logged it, the previous version serves
             raise HTTPException(409, f"{exc}; still serving {_version(host, model)}") from None
         champion = await run_in_threadpool(champion_of, registry, model)
         served, _, _, pinned = host.state(model)

@@ -150,7 +150,7 @@ class Batcher:
             for request in batch:
                 request.future.cancel()
             raise
-        except Exception as exc:  # handed to each waiting request: its handler decides the answer
+        except Exception as exc:  # noqa: BLE001 - handed to each waiting request: its handler decides the answer
             for request in batch:
                 if not request.future.done():
                     request.future.set_exception(exc)

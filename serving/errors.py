@@ -4,8 +4,8 @@ Validation failures are 400 (TF Serving's status for a bad argument), with pydan
 error locations turned into the paths a client wrote (``instances[2][5]``,
 ``inputs.f3[0]``) and the offending value shown.
 
->>> describe([{"type": "float_type", "loc": ("body", "instances", 0, "list", 3), "msg": "Input should be a valid number",
-...            "input": "abc"}])
+>>> describe([{"type": "float_type", "loc": ("body", "instances", 0, "list", 3),
+...            "msg": "Input should be a valid number", "input": "abc"}])
 "instances[0][3]: Input should be a valid number, got 'abc'"
 """
 

@@ -248,7 +248,10 @@ class ModelHost:
         return None
 
     def _retire(self, model: str, served: Served) -> None:
-        """Keep ``served`` for reuse; beyond ``SPARES`` idle instances the oldest are dropped (caller holds the lock)."""
+        """Keep ``served`` for reuse; beyond ``SPARES`` idle instances the oldest are dropped.
+
+        The caller holds the lock.
+        """
         retired = self._retired[model]
         retired.append(served)
         idle = [s for s in retired if s.leases == 0]

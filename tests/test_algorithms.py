@@ -8,28 +8,27 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from pipeline.ps import algorithms
-from pipeline.ps import softmax as softmax_module
+from pipeline.ps import algorithms, softmax as softmax_module
 from pipeline.ps.algorithms import (
     ADAG,
     AEASGD,
+    ALGORITHMS,
     EAMSGD,
+    STREAMABLE,
     Downpour,
     DynSGD,
     Ensemble,
+    ReplicaSlots,
     Sequential,
     SynchronousAveraging,
-    ALGORITHMS,
-    STREAMABLE,
-    ReplicaSlots,
     SynchronousRound,
     algorithm_class,
     from_settings,
 )
 from pipeline.ps.client import Client, LocalClient
 from pipeline.ps.protocol import CommitTag
-from pipeline.ps.softmax import SoftmaxRegression
 from pipeline.ps.server import CenterState, ParameterServer
+from pipeline.ps.softmax import SoftmaxRegression
 from pipeline.settings import Settings
 
 FEATURES, CLASSES = 10, 3

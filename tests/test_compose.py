@@ -48,7 +48,6 @@ from deploy.check import (
 )
 from pipeline.spec import BUILTIN_SPECS
 
-
 # ------------------------------------------------------------------------------------------------
 # the tests: the real files pass
 

@@ -49,7 +49,9 @@ def test_up_runs_the_whole_pipeline(first_run):
     output = "\n".join(run.output)
     assert status == 0, output
     assert "curl -s -H 'Content-Type: application/json' http://127.0.0.1:" in output, output
-    last = dict(item.split("=", 1) for item in [l for l in run.output if l.startswith("status ")][-1].split()[1:])
+    last = dict(
+        item.split("=", 1) for item in [line for line in run.output if line.startswith("status ")][-1].split()[1:]
+    )
     assert int(last["predictions"]) > 0 and int(last["dlq"]) > 0 and last["accuracy"] != "-", last
     assert int(last["champion"]) > 1 and int(last["served"]) > 1, last
     _no_process_left(run)

@@ -14,7 +14,6 @@ from producers.sender import Sender, synthetic_events
 from producers.synthetic import synthetic_rows
 from tests.kafka_reader import read_topic
 
-
 CLIENTS = pytest.mark.parametrize("client", ["confluent", "kafka-python"])
 
 

@@ -18,10 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from pipeline.ps import client as client_module
-from pipeline.ps import meta as meta_module
-from pipeline.ps import server as server_module
-from pipeline.ps import sharding
+from pipeline.ps import client as client_module, meta as meta_module, server as server_module, sharding
 from pipeline.ps.algorithms import ReplicaSlots, StalenessScaled, SynchronousRound, UpdateRule
 from pipeline.ps.checkpoint import Checkpoint, CheckpointError
 from pipeline.ps.client import Client, ServerError, ShardedClient

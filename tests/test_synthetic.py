@@ -26,7 +26,10 @@ def test_drift_changes_the_concept():
     y = np.array([label for _, label in rows])
     before, after = slice(0, 5000), slice(5000, 10000)
     w, *_ = np.linalg.lstsq(np.c_[x[before], np.ones(5000)], y[before] * 2 - 1, rcond=None)
-    accuracy = lambda part: ((np.c_[x[part], np.ones(5000)] @ w > 0) == y[part]).mean()
+
+    def accuracy(part):
+        return ((np.c_[x[part], np.ones(5000)] @ w > 0) == y[part]).mean()
+
     assert accuracy(before) - accuracy(after) > 0.1
 
 

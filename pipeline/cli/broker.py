@@ -37,7 +37,8 @@ def run(args) -> int:
             print(f"using Kafka at {bootstrap} (STREAMFIT_KAFKA_BOOTSTRAP); topics are ready, nothing embedded started")
             return 0
         print(
-            f"{settings.broker_impl} broker ready at {bootstrap} (recorded in {broker_file(settings)}); Ctrl-C stops it",
+            f"{settings.broker_impl} broker ready at {bootstrap} (recorded in {broker_file(settings)}); "
+            "Ctrl-C stops it",
             flush=True,
         )
         stop.wait()

@@ -74,7 +74,8 @@ def _create(registry, args) -> int:
 
     if not re.fullmatch(NAME_PATTERN, args.name):
         raise ValueError(
-            f"bad model name {args.name!r}: up to 128 letters, digits, '.', '_' or '-', not starting with '.', '_' or '-'"
+            f"bad model name {args.name!r}: up to 128 letters, digits, '.', '_' or '-', "
+            "not starting with '.', '_' or '-'"
         )
     spec = ModelSpec.model_validate(BUILTIN_SPECS[args.spec].model_dump() | {"name": args.name})
     if args.exist_ok and args.name in registry.models():

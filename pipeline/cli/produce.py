@@ -7,7 +7,7 @@ import sys
 import time
 
 from pipeline.events import FeatureSchema
-from pipeline.kafka import KafkaUnavailable, bootstrap, fast_producer
+from pipeline.kafka import bootstrap, fast_producer
 from producers import synthetic
 from producers.files import Columns, file_rows
 from producers.sender import Sender, file_events, synthetic_events

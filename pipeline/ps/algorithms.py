@@ -4,8 +4,9 @@ commits without knowing which algorithm sent them.
 
 A worker drives any :class:`LocalModel` (a model bundle, or the numpy
 :class:`pipeline.ps.softmax.SoftmaxRegression`) against any client with ``pull``/``commit`` (TCP,
-sharded, or in-process). Every commit carries the caller's tag (query id, batch id, worker id) and a sequence number counted from ``tag.seq``, so a
-replayed Spark micro-batch is recognised by the server and not trained twice.
+sharded, or in-process). Every commit carries the caller's tag (query id, batch id, worker id) and a
+sequence number counted from ``tag.seq``, so a replayed Spark micro-batch is recognised by the server and
+not trained twice.
 
 Learned from dist-keras (``distkeras/workers.py``, ``parameter_servers.py``), with its bugs fixed:
 DOWNPOUR there measured the delta before training the batch in hand and dropped the last partial

@@ -21,8 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
+from safetensors.numpy import load as st_load, save as st_save
 
 from pipeline.durable import fsync_dir, replace_atomically
 

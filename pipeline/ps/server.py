@@ -324,7 +324,7 @@ class _Periodic:
         """Run now; a failure is logged and scheduled for a retry."""
         try:
             self._run()
-        except Exception:  # noqa: BLE001 - any failure of a plug-in action is logged, then retried
+        except Exception:  # any failure of a plug-in action is logged, then retried
             log.exception(
                 "%s failed at update %d (attempt %d); retrying in %gs",
                 self.name,
@@ -540,7 +540,7 @@ class ParameterServer:
                 continue
             try:
                 self._admit(conn, f"{peer[0]}:{peer[1]}")
-            except Exception:  # noqa: BLE001 - e.g. no thread can be started: drop this one, keep accepting
+            except Exception:  # e.g. no thread can be started: drop this one, keep accepting
                 log.exception("could not serve a connection from %s:%d", *peer[:2])
                 with self._lock:
                     self._connections.discard(conn)
@@ -570,7 +570,7 @@ class ParameterServer:
             self._converse(conn, peer)
         except OSError as exc:
             log.info("connection with %s lost: %s", peer, exc)
-        except Exception:  # noqa: BLE001 - a bug must cost this connection only
+        except Exception:  # a bug must cost this connection only
             log.exception("connection with %s failed", peer)
         finally:
             with self._lock:
@@ -635,7 +635,7 @@ class ParameterServer:
             return error_frame("rejected", str(exc)), True
         except PullTimeout as exc:
             return error_frame("pull_timeout", str(exc)), True
-        except Exception:  # noqa: BLE001 - a bug in one request must not take the server down
+        except Exception:  # a bug in one request must not take the server down
             log.exception("%s: request %s failed", peer, request.type.name)
             return error_frame("internal", "internal server error; see the server log"), False
 
@@ -645,7 +645,7 @@ class ParameterServer:
             return error_frame("no_checkpoint", "this server has no checkpoint directory")
         try:
             written = self._checkpointing.run_now()
-        except Exception as exc:  # noqa: BLE001 - the caller must learn that its updates are not durable
+        except Exception as exc:  # the caller must learn that its updates are not durable
             log.exception("%s: checkpoint on request failed", peer)
             return error_frame("checkpoint_failed", f"{type(exc).__name__}: {exc}"[:500])
         durable = self._durable

@@ -22,8 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.settings import Settings
-from pipeline.spark.source import NAME as PYTHON_SOURCE
-from pipeline.spark.source import KafkaDataSource
+from pipeline.spark.source import NAME as PYTHON_SOURCE, KafkaDataSource
 
 
 class SparkSetupError(RuntimeError):
@@ -115,7 +114,7 @@ def native_kafka_available(spark) -> bool:
     try:
         spark.sparkContext._jvm.java.lang.Class.forName("org.apache.spark.sql.kafka010.KafkaSourceProvider")
         return True
-    except Exception:  # py4j raises a generic Py4JJavaError for ClassNotFoundException
+    except Exception:  # noqa: BLE001 - py4j raises a generic Py4JJavaError for ClassNotFoundException
         return False
 
 

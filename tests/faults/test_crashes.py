@@ -5,7 +5,8 @@ The pipeline runs as separate real processes (the embedded broker, ``streamfit p
 each of ``KILLS_PER_PART`` rounds every part is killed once, in a random order at random moments (a
 part is started again right after its kill, so several can be down or starting at once); a round
 ends when every part is up again. The consumers go first in a round: their restarts (a Spark driver,
-TensorFlow in the workers) take longest and overlap the other kills. Afterwards, from the topics and the parameter server's own record:
+TensorFlow in the workers) take longest and overlap the other kills. Afterwards, from the topics and the
+parameter server's own record:
 
 - every valid event has a prediction (at-least-once; duplicates are counted and reported),
 - the labelled valid events were trained exactly once: the rows the parameter server applied for the
@@ -28,10 +29,12 @@ import pytest
 from pipeline.events import Event, FeatureSchema, validate
 from pipeline.ps.client import Client
 from pipeline.spec import BUILTIN_SPECS
-from tests.faults.harness import STREAMFIT, ServingLoad, cluster  # noqa: F401 - cluster is a fixture
+from tests.faults import harness
+from tests.faults.harness import STREAMFIT, ServingLoad
 from tests.kafka_reader import read_topic
 
 pytestmark = pytest.mark.slow
+cluster = harness.cluster  # the fixture, requested by name below
 
 KILLS_PER_PART = 3
 RATE = 150  # events/s
