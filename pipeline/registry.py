@@ -223,10 +223,10 @@ class Registry:
             version = int(ref)
             self.meta(model, version)
             return version
-        version = self.aliases(model).get(ref)
-        if version is None:
+        aliased = self.aliases(model).get(ref)
+        if aliased is None:
             raise RegistryError(f"model {model!r} has no {ref!r} alias")
-        return version
+        return aliased
 
     def uri(self, model: str, version: int) -> str:
         return self._store.uri(f"{self._model(model)}/versions/{int(version)}")

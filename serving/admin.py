@@ -10,7 +10,7 @@ the endpoints are disabled (403).
 
 import asyncio
 import secrets
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path
 from fastapi.concurrency import run_in_threadpool
@@ -23,7 +23,7 @@ from serving.swap import ModelHost, UnknownModel
 
 _bearer = HTTPBearer(auto_error=False, description="the server's admin_token (STREAMFIT_ADMIN_TOKEN)")
 
-ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Error, "description": "missing or wrong bearer token"},
     403: {"model": Error, "description": "admin disabled: no admin_token configured"},
     404: {"model": Error, "description": "unknown model or version"},

@@ -10,7 +10,7 @@ route functions only delegate. ``run`` serves it with uvicorn, as ``streamfit se
 
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import uvicorn
 from fastapi import Body, FastAPI, HTTPException, Path, Response
@@ -64,13 +64,14 @@ TAGS = [
     {"name": "health", "description": "liveness, readiness, Prometheus metrics"},
 ]
 
-BAD_REQUEST = {
+Responses = dict[int | str, dict[str, Any]]  # FastAPI's `responses=`
+BAD_REQUEST: Responses = {
     400: {"model": Error, "description": "the request does not fit the API or the model"},
     413: {"model": Error, "description": "body over max_request_bytes"},
 }
-UNKNOWN = {404: {"model": Error, "description": "this server does not serve the model"}}
-NOT_READY = {503: {"model": Error, "description": "the model has no version loaded yet; retry"}}
-OVERLOADED = {
+UNKNOWN: Responses = {404: {"model": Error, "description": "this server does not serve the model"}}
+NOT_READY: Responses = {503: {"model": Error, "description": "the model has no version loaded yet; retry"}}
+OVERLOADED: Responses = {
     503: {
         "model": Error,
         "description": "the model has no version loaded yet, or max_queued_rows rows "
@@ -279,8 +280,9 @@ def _document_400_not_422(app: FastAPI) -> None:
     """Validation errors answer 400 (see :mod:`serving.errors`); the schema should say so, not FastAPI's 422."""
     build = app.openapi
 
-    def openapi() -> dict:
-        if app.openapi_schema is None:
+    def openapi() -> dict[str, Any]:
+        schema = app.openapi_schema
+        if schema is None:
             schema = build()
             for path in schema["paths"].values():
                 for operation in path.values():
@@ -295,6 +297,6 @@ def _document_400_not_422(app: FastAPI) -> None:
                         )
             for name in ("HTTPValidationError", "ValidationError"):
                 schema.get("components", {}).get("schemas", {}).pop(name, None)
-        return app.openapi_schema
+        return schema
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema

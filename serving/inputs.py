@@ -42,6 +42,7 @@ def to_matrix(
     elif isinstance(request.inputs, Mapping):
         matrix = _columns(request.inputs, spec)
     else:
+        assert request.inputs is not None  # the schema requires instances or inputs
         matrix = _rows(request.inputs, spec, "inputs")
     if standardisation is not None:
         problems = standardisation_problems(matrix, *standardisation, spec.feature_names)
@@ -96,7 +97,7 @@ def _columns(columns: Mapping[str, Sequence[float]], spec: ModelSpec) -> np.ndar
     return np.ascontiguousarray(matrix)
 
 
-def _check_names(row: Mapping[str, float], spec: ModelSpec, where: str) -> None:
+def _check_names(row: Mapping[str, object], spec: ModelSpec, where: str) -> None:
     missing = [name for name in spec.feature_names if name not in row]
     known = set(spec.feature_names)
     unknown = [name for name in row if name not in known]

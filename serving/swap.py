@@ -81,7 +81,7 @@ class ModelHost:
         self._retired: dict[str, list[Served]] = {m: [] for m in self.models}
         self._pinned: dict[str, int] = {}
         self._loading: dict[str, int] = {}
-        self._failed: dict[str, tuple[int, str]] = {}
+        self._failed: dict[str, tuple[int | None, str]] = {}
         self._queued: dict[str, Future] = {}
         self._swapper = ThreadPoolExecutor(1, thread_name_prefix="streamfit-swap")
 
@@ -111,7 +111,7 @@ class ModelHost:
     def ready(self) -> bool:
         return all(model in self._current for model in self.models)
 
-    def state(self, model: str) -> tuple[Served | None, int | None, tuple[int, str] | None, int | None]:
+    def state(self, model: str) -> tuple[Served | None, int | None, tuple[int | None, str] | None, int | None]:
         """The served version, the version loading now, the last failure (version, reason), the pin."""
         return self.current(model), self._loading.get(model), self._failed.get(model), self._pinned.get(model)
 

@@ -169,11 +169,12 @@ class ReplicaSlots(UpdateRule):
         return {f"{w}/{name}": value for w, slot in self._slots.items() for name, value in slot.items()}, {}
 
     def restore(self, tensors, state):
-        self._slots = {}
+        slots: dict[int, dict[str, np.ndarray]] = {}
         for key, value in tensors.items():
             worker, name = key.split("/", 1)
             value.flags.writeable = False
-            self._slots.setdefault(int(worker), {})[name] = value
+            slots.setdefault(int(worker), {})[name] = value
+        self._slots = {**slots}
 
 
 def _added(center: Weights, delta: Weights, scale: float = 1.0) -> dict[str, np.ndarray]:

@@ -55,7 +55,7 @@ class Checkpoint:
     def save(self, snapshot: Snapshot) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         token = f"{snapshot.counter}-{uuid.uuid4().hex[:8]}"
-        state = {
+        state: dict[str, Any] = {
             "format": FORMAT,
             "counter": snapshot.counter,
             "guard": snapshot.guard,

@@ -176,6 +176,7 @@ class Client:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._sock = sock
             self._reader = FrameReader(sock, secret=self._secret, max_frame_bytes=self._max_frame_bytes)
+        assert self._reader is not None  # set and cleared together with _sock
         return self._sock, self._reader
 
     def _disconnect(self) -> None:
@@ -216,7 +217,8 @@ class ShardedClient:
     @property
     def pulled(self) -> int | None:
         counters = [c.pulled for c in self.clients]
-        return None if None in counters else min(counters)
+        known = [c for c in counters if c is not None]
+        return min(known) if len(known) == len(counters) else None
 
     def pull(
         self, *, worker_id: int = 0, min_counter: int = 0, wait_s: float = 0.0
@@ -238,6 +240,7 @@ class ShardedClient:
         if not delta:
             raise ValueError("a commit needs at least one tensor")
         owner = self._layout()
+        assert self._smallest is not None  # learnt with the layout
         parts: list[dict[str, np.ndarray]] = [{} for _ in self.clients]
         for name, value in delta.items():
             if name not in owner:
@@ -286,6 +289,7 @@ class ShardedClient:
                     for s in self._each(lambda c, _: c.stats())
                 ]
             )
+        assert self._owner is not None  # set by _learn_layout
         return self._owner
 
     def _learn_layout(self, shapes: list[dict[str, tuple[int, ...]]]) -> None:

@@ -78,7 +78,7 @@ def least_advanced(records: Iterable[Mapping[str, Mapping[str, Any]]]) -> dict[s
     records = list(records)
     empty = QueryRecord().model_dump()
     return {
-        query: min((shard.get(query, empty) for shard in records), key=lambda r: (r["batch"], r["rows"]))
+        query: dict(min((shard.get(query, empty) for shard in records), key=lambda r: (r["batch"], r["rows"])))
         for query in sorted({q for shard in records for q in shard})
     }
 

@@ -48,7 +48,7 @@ MAX_NDIM = 8
 DEFAULT_MAX_FRAME_BYTES = 256 << 20
 _ALIGN = 8
 _IOV_MAX = 512  # below the kernel's 1024 iovec limit per sendmsg
-_DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<f8"), 3: np.dtype("<i4"), 4: np.dtype("<i8")}
+_DTYPES: dict[int, np.dtype] = {1: np.dtype("<f4"), 2: np.dtype("<f8"), 3: np.dtype("<i4"), 4: np.dtype("<i8")}
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 _NAME_LEN = struct.Struct("<H")
 _DTYPE_NDIM = struct.Struct("<BB")
@@ -195,7 +195,7 @@ def encode(frame: Frame, secret: bytes | None = None) -> list[memoryview]:
         table += _NAME_LEN.pack(len(raw)) + raw + _DTYPE_NDIM.pack(_CODES[dtype], array.ndim)
         table += struct.pack(f"<{array.ndim}Q", *array.shape)
         if array.nbytes:
-            parts.append(memoryview(array.reshape(-1).view(np.uint8)))
+            parts.append(array.reshape(-1).view(np.uint8).data)
         pad = -array.nbytes % _ALIGN
         if pad:
             parts.append(memoryview(bytes(pad)))
@@ -316,13 +316,13 @@ class FrameReader:
         table_meta = bytearray(table_len + meta_len)
         self._recv_exact(memoryview(table_meta), deadline)
         data = self._data_buffer(data_len)
-        self._recv_exact(memoryview(data), deadline)
+        self._recv_exact(data.data, deadline)
         if mac_len:
             mac = bytearray(MAC_SIZE)
             self._recv_exact(memoryview(mac), deadline)
             if self._secret:
                 expected = hmac.new(self._secret, digestmod=hashlib.sha256)
-                for part in (preamble, header_mac, table_meta, data):
+                for part in (preamble, header_mac, table_meta, data.data):
                     expected.update(part)
                 if not hmac.compare_digest(expected.digest(), mac):
                     raise AuthenticationError("frame HMAC does not match: wrong shared secret or a corrupted frame")

@@ -500,13 +500,14 @@ class ParameterServer:
 
     def stop(self) -> None:
         """Stop accepting, close every connection, then write the final checkpoint and publication."""
-        if self._stopping.is_set() or self._accept_thread is None:
+        listener = self._listener
+        if self._stopping.is_set() or self._accept_thread is None or listener is None:
             return
         address = self.address
         self._stopping.set()
-        _shutdown(self._listener)
+        _shutdown(listener)
         self._accept_thread.join()
-        self._listener.close()
+        listener.close()
         with self._lock:
             for conn in self._connections:
                 _shutdown(conn)
@@ -528,9 +529,11 @@ class ParameterServer:
         return stats
 
     def _accept_loop(self) -> None:
+        listener = self._listener
+        assert listener is not None  # start() binds it before starting this thread
         while not self._stopping.is_set():
             try:
-                conn, peer = self._listener.accept()
+                conn, peer = listener.accept()
             except TimeoutError:
                 continue
             except OSError as exc:
