@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install java test demo bench clean
+.PHONY: install java check test demo bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "streamfit needs Python 3.11, found " + sys.version.split()[0]'
@@ -21,7 +21,13 @@ java:
 	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for Spark (openjdk-17-jre-headless)"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq openjdk-17-jre-headless; }
 
-test: $(STAMP) java
+# lint, format and types (configured in pyproject.toml); `make test` runs it first, so CI fails on a lint error
+check: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: $(STAMP) java check
 	$(BIN)/python -m pytest
 
 # the whole pipeline on the embedded broker until Ctrl-C; `make demo DURATION=120` stops by itself
@@ -32,4 +38,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.produce
 
 clean:
-	rm -rf $(VENV) .streamfit .pytest_cache
+	rm -rf $(VENV) .streamfit .pytest_cache .ruff_cache .mypy_cache
