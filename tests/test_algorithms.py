@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import doctest
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from pipeline.ps import algorithms, softmax as softmax_module
 from pipeline.ps.algorithms import (
     ADAG,
     AEASGD,
@@ -70,11 +68,6 @@ class Quadratic:
 
 def target(value: float, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(np.full(1, value, np.float32), np.zeros(1, np.int64))] * count
-
-
-def test_docstring_examples_run():
-    assert doctest.testmod(algorithms).failed == 0
-    assert doctest.testmod(softmax_module).failed == 0
 
 
 @pytest.mark.parametrize(

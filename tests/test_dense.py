@@ -4,7 +4,6 @@ TensorFlow (training's own tests: tests/test_dense_training.py)."""
 
 from __future__ import annotations
 
-import doctest
 import subprocess
 import sys
 import textwrap
@@ -218,10 +217,3 @@ def test_processes_that_predict_and_train_never_import_tensorflow(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout
-
-
-def test_module_docstring_examples_run():
-    import pipeline.bundle
-
-    for module in (dense, pipeline.bundle):
-        assert doctest.testmod(module).failed == 0, module.__name__

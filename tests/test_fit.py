@@ -151,11 +151,3 @@ def test_fit_command_names_a_missing_label_column(tmp_path, cli_env):
         timeout=300,
     )
     assert done.returncode == 1 and "no label column 'label'" in done.stderr
-
-
-def test_training_module_docstring_example_runs():
-    import doctest
-
-    import pipeline.training
-
-    assert doctest.testmod(pipeline.training).failed == 0
