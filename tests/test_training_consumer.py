@@ -197,13 +197,16 @@ def test_abrupt_drift_is_flagged_and_accuracy_recovers(spark, kafka, topic, tmp_
     history = list(run(spark, settings, registry, kafka, tmp_path / "ck").history)
 
     flagged = [r["drift_at_event"] for r in history if r.get("drift")]
-    after = [at for at in flagged if at >= drift_at]
+    # drift_at_event counts labelled events in the order micro-batches score them, and a micro-batch takes
+    # a share of each partition rather than events in number order: the count at which the first
+    # relabelled events are scored can be up to one micro-batch below drift_at (CI saw 9,983)
+    after = [at for at in flagged if at >= drift_at - settings.max_offsets_per_trigger]
     assert after and after[0] - drift_at <= 2000, flagged
     before = next(r for r in history if r["batch_id"] == drift_at // 1000 - 1)["window_accuracy"]
     assert history[-1]["window_accuracy"] >= before - 0.05, [(r["batch_id"], r["window_accuracy"]) for r in history]
     boosted = [r["batch_id"] for r in history if r["learning_rate"] > SPEC.optimizer.learning_rate]
     # from the drift on, until drift_boost_events labelled events after the (last) flagged point have trained
-    assert boosted and min(boosted) >= drift_at // 1000, boosted
+    assert boosted and min(boosted) >= after[0] // 1000, boosted
     assert max(boosted) <= (max(flagged) + settings.drift_boost_events) // 1000 < history[-1]["batch_id"], boosted
 
 
