@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -65,16 +63,6 @@ def test_higgs_size_and_fast_path_match_the_keras_model(higgs):
     assert np.allclose(higgs.predict_proba(x), keras_model(x, training=False).numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="expects rows of 30 features, got an array of shape \\(2, 29\\)"):
         higgs.predict_proba(rows(2, 29))
-
-
-def test_single_row_prediction_is_fast(higgs):
-    x = rows(1, 30)
-    timings = []
-    for _ in range(50):
-        start = time.perf_counter()
-        higgs.predict_proba(x)
-        timings.append(time.perf_counter() - start)
-    assert np.median(timings) < 0.005  # ~0.7 ms measured; bound loose for a shared CPU
 
 
 def test_initial_weights_are_deterministic_per_seed():
