@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
-import time
 from collections.abc import Mapping
 
 import numpy as np
 
+from pipeline.ps.periodic import Periodic, PolledProgress
 from pipeline.registry import Registry
 from pipeline.training import evaluate
 
@@ -114,10 +113,11 @@ class CandidatePublisher:
 
 class ShardedPublishing:
     """Publication for a sharded server, run next to the shards: each shard holds only some tensors,
-    so this thread watches the shards' counters (``stats``), and when ``every_updates`` updates or
-    ``every_s`` seconds with changes have passed, gathers the weights with one sharded pull and hands
-    them to ``publish``. ``counter`` is where the shards started (already in the registry). A failure
-    (registry down) is logged and retried at the next round."""
+    so this thread watches the shards' counters (``stats``, every ``poll_s``), and when
+    ``every_updates`` updates or ``every_s`` seconds with changes have passed, gathers the weights with
+    one sharded pull and hands them to ``publish`` (a :class:`~pipeline.ps.periodic.Periodic`).
+    ``counter`` is where the shards started (already in the registry). A failure (registry down) is
+    logged and retried with back-off."""
 
     def __init__(
         self,
@@ -130,40 +130,20 @@ class ShardedPublishing:
         poll_s: float = 0.5,
     ):
         self._client, self._publish = client, publish
-        self._every_updates, self._every_s, self._poll_s = every_updates, every_s, poll_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="ps-publish", daemon=True)
-        self.published_at = counter
+        progress = PolledProgress(lambda: client.stats()["counter"], counter=counter, poll_s=poll_s)
+        self._periodic = Periodic("ps-publish", progress, self._round, every_updates, every_s)
 
     def start(self) -> ShardedPublishing:
-        self._thread.start()
+        self._periodic.start()
         return self
 
     def stop(self, *, final: bool) -> None:
         """Stop the thread; with ``final``, publish once more if anything changed (shards still up)."""
-        self._stop.set()
-        self._thread.join()
-        if final:
-            self._round(force=True)
+        self._periodic.stop(final=final)
 
-    def _loop(self) -> None:
-        last = time.monotonic()
-        while not self._stop.wait(self._poll_s):
-            if self._round(force=time.monotonic() >= last + self._every_s):
-                last = time.monotonic()
-
-    def _round(self, *, force: bool) -> bool:
-        try:
-            stats = self._client.stats()
-            counter = stats["counter"]
-            due = counter - self.published_at >= self._every_updates or (force and counter != self.published_at)
-            if not due:
-                return False
-            weights, counter = self._client.pull()
-            commits = {query: meta for shard in stats["shards"] for query, meta in shard.get("queries", {}).items()}
-            self._publish(weights, counter, {"commits": commits})
-            self.published_at = counter
-            return True
-        except Exception:  # a failed round is logged and retried; the shards keep serving
-            log.exception("publishing from the shards failed")
-            return False
+    def _round(self) -> int:
+        stats = self._client.stats()
+        weights, counter = self._client.pull()
+        commits = {query: meta for shard in stats["shards"] for query, meta in shard.get("queries", {}).items()}
+        self._publish(weights, counter, {"commits": commits})
+        return counter

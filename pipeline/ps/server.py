@@ -29,6 +29,7 @@ import numpy as np
 from pipeline.ps.algorithms import CommitRejected, UpdateRule
 from pipeline.ps.checkpoint import Checkpoint, CheckpointError, Snapshot
 from pipeline.ps.meta import CommitMeta, QueryRecord
+from pipeline.ps.periodic import Periodic
 from pipeline.ps.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     Ack,
@@ -280,107 +281,6 @@ def _frozen(array: np.ndarray) -> np.ndarray:
     return array
 
 
-class _Periodic:
-    """Runs ``action`` in its own thread after ``every_updates`` updates, or once ``every_s`` seconds
-    passed since the last run with any change in between; a slow or failing action (registry down,
-    disk full) is logged and retried, it never blocks or breaks a request.
-
-    Only a successful run counts as done: a failed one is retried after a back-off (doubling from
-    ``RETRY_FIRST_S`` up to ``RETRY_MAX_S``) even while no new update arrives, and ``stop(final=True)``
-    runs again unless the last success covers every change. Runs never overlap (:meth:`run_now` may
-    be called from a request thread)."""
-
-    RETRY_FIRST_S = 0.5
-    RETRY_MAX_S = 30.0
-
-    def __init__(self, name: str, state: CenterState, action: Callable[[], None], every_updates: int, every_s: float):
-        self.name = name
-        self._state = state
-        self._action = action
-        self._every_updates = every_updates
-        self._every_s = every_s
-        self._done_counter = state.counter
-        self._done_changes = state.changes
-        self._last = time.monotonic()
-        self._failures = 0
-        self._retry_at = 0.0
-        self._run_lock = threading.RLock()
-        self._stopping = False
-        self.info: dict[str, Any] = {"runs": 0, "counter": None, "at": None, "error": None}
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, *, final: bool) -> None:
-        """Stop the thread; with ``final``, run once more unless the last success covers every change."""
-        self._stopping = True
-        self._state.wake()
-        self._thread.join()
-        if final and self._state.changes != self._done_changes:
-            self.run_once()
-
-    def run_once(self) -> None:
-        """Run now; a failure is logged and scheduled for a retry."""
-        try:
-            self._run()
-        except Exception:  # any failure of a plug-in action is logged, then retried
-            log.exception(
-                "%s failed at update %d (attempt %d); retrying in %gs",
-                self.name,
-                self._state.counter,
-                self._failures,
-                self._retry_at - time.monotonic(),
-            )
-
-    def run_now(self) -> bool:
-        """Run synchronously unless the last success covers every change; True if it ran. Raises what
-        the action raised (the failure is also scheduled for a retry)."""
-        with self._run_lock:
-            if self._state.changes == self._done_changes:
-                return False
-            self._run()
-            return True
-
-    def _run(self) -> None:
-        with self._run_lock:
-            counter, changes = self._state.counter, self._state.changes  # read before the action's snapshot
-            self._last = time.monotonic()
-            try:
-                self._action()
-            except Exception as exc:
-                self._failures += 1
-                self._retry_at = self._last + min(self.RETRY_FIRST_S * 2 ** (self._failures - 1), self.RETRY_MAX_S)
-                self.info["error"] = f"{type(exc).__name__}: {exc}"
-                raise
-            self._failures = 0
-            self._done_counter, self._done_changes = counter, changes
-            self.info.update(runs=self.info["runs"] + 1, counter=counter, at=time.time(), error=None)
-
-    def _next_at(self) -> float:
-        """When pending changes become due by time alone."""
-        return self._retry_at if self._failures else self._last + self._every_s
-
-    def _due(self, state: CenterState) -> bool:
-        if self._stopping:
-            return True
-        if state.changes == self._done_changes:
-            return False
-        return time.monotonic() >= self._next_at() or (
-            not self._failures and state.counter - self._done_counter >= self._every_updates
-        )
-
-    def _loop(self) -> None:
-        while True:
-            pending = self._state.changes != self._done_changes
-            timeout = max(self._next_at() - time.monotonic(), 0.01) if pending else self._every_s
-            if not self._state.wait(self._due, timeout):
-                continue
-            if self._stopping:
-                return
-            self.run_once()
-
-
 class ParameterServer:
     """Serves one :class:`CenterState` over TCP, one thread per connection.
 
@@ -430,21 +330,21 @@ class ParameterServer:
         self._io_timeout = io_timeout_s
         self._idle_timeout = idle_timeout_s
         self._max_connections = max_connections
-        self._periodic: list[_Periodic] = []
-        self._checkpointing: _Periodic | None = None
+        self._periodic: list[Periodic] = []
+        self._checkpointing: Periodic | None = None
         if checkpoint is not None:
             self._checkpoint = checkpoint
             self._durable = Checkpointed(state.counter, state.stats()["queries"], written=False)
-            self._checkpointing = _Periodic(
+            self._checkpointing = Periodic(
                 "checkpoint", state, self._save_checkpoint, checkpoint_every_updates, checkpoint_every_s
             )
             self._periodic.append(self._checkpointing)
         if on_publish is not None:
-            self._periodic.append(
-                _Periodic(
-                    "publish", state, lambda: on_publish(*state.publication()), publish_every_updates, publish_every_s
-                )
-            )
+
+            def publish() -> None:  # what on_publish returns is not a counter it covered
+                on_publish(*state.publication())
+
+            self._periodic.append(Periodic("publish", state, publish, publish_every_updates, publish_every_s))
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._stopping = threading.Event()
