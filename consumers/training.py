@@ -45,7 +45,7 @@ from pipeline.policies.prequential import BatchScore, Prequential
 from pipeline.policies.promotion import PromotionGate
 from pipeline.ps.algorithms import ALGORITHMS, STREAMABLE, WorkerReport, algorithm_class
 from pipeline.ps.client import ServerError
-from pipeline.ps.protocol import CommitTag
+from pipeline.ps.protocol import CommitTag, settings_secret
 from pipeline.settings import Settings
 from pipeline.training import Scores, TrainingPlan, local_model, poisonous_rows, report_fields, rows_of, train_rows
 
@@ -620,7 +620,7 @@ def micro_batch_plan(
         epochs=s.epochs,
         seed=s.seed + batch_id,
         io_timeout_s=s.ps_io_timeout_s,
-        secret=s.ps_secret.get_secret_value() if s.ps_secret else None,
+        secret=secret.decode() if (secret := settings_secret(s)) else None,  # a plan carries text
         query_id=query_id,
         batch_id=batch_id,
     )

@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from pipeline.model_updates import announcing_registry
 from pipeline.ps.algorithms import ALGORITHMS, from_settings
 from pipeline.ps.checkpoint import Checkpoint, CheckpointError
-from pipeline.ps.client import ShardedClient
+from pipeline.ps.client import connect
 from pipeline.ps.server import CenterState, ParameterServer
 from pipeline.ps.sharding import plan
 from pipeline.publishing import CandidatePublisher, ShardedPublishing
@@ -187,12 +187,12 @@ def _sharded_publishing(settings, addresses: list[tuple[str, int]] | None, count
     publisher, _ = _publisher(settings) if addresses else (None, None)
     if publisher is None:
         return None
-    secret = settings.ps_secret.get_secret_value().encode() if settings.ps_secret else None
-    client = ShardedClient(
-        addresses, secret=secret, timeout_s=settings.ps_io_timeout_s, max_frame_bytes=settings.ps_max_frame_bytes
-    )
     return ShardedPublishing(
-        client, publisher, counter, every_updates=settings.ps_publish_every_updates, every_s=settings.ps_publish_every_s
+        connect(settings, at=addresses),
+        publisher,
+        counter,
+        every_updates=settings.ps_publish_every_updates,
+        every_s=settings.ps_publish_every_s,
     ).start()
 
 

@@ -30,6 +30,7 @@ from pipeline.ps.protocol import (
     ProtocolError,
     checked_secret,
     send_frame,
+    settings_secret,
 )
 from pipeline.ps.server import CenterState
 from pipeline.ps.sharding import addresses
@@ -340,22 +341,27 @@ class LocalClient:
         raise ServerError("no_checkpoint", "an in-process state has no checkpoint directory", "local")
 
 
-def connect(settings, *, timeout_s: float | None = None) -> Client | ShardedClient:
+def client_for(
+    addresses: list[tuple[str, int]],
+    *,
+    secret: bytes | None = None,
+    timeout_s: float = 60.0,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+) -> Client | ShardedClient:
+    """A :class:`Client` for one address, a :class:`ShardedClient` over several (shard order)."""
+    if len(addresses) == 1:
+        return Client(*addresses[0], secret=secret, timeout_s=timeout_s, max_frame_bytes=max_frame_bytes)
+    return ShardedClient(addresses, secret=secret, timeout_s=timeout_s, max_frame_bytes=max_frame_bytes)
+
+
+def connect(
+    settings, *, timeout_s: float | None = None, at: list[tuple[str, int]] | None = None
+) -> Client | ShardedClient:
     """The client for the parameter server the settings describe (``ps_host``, ``ps_port``,
-    ``ps_shards``, ``ps_secret``)."""
-    secret = settings.ps_secret.get_secret_value().encode() if settings.ps_secret else None
-    timeout = settings.ps_io_timeout_s if timeout_s is None else timeout_s
-    if settings.ps_shards == 1:
-        return Client(
-            settings.ps_host,
-            settings.ps_port,
-            secret=secret,
-            timeout_s=timeout,
-            max_frame_bytes=settings.ps_max_frame_bytes,
-        )
-    return ShardedClient(
-        addresses(settings.ps_host, settings.ps_port, settings.ps_shards),
-        secret=secret,
-        timeout_s=timeout,
+    ``ps_shards``, ``ps_secret``); ``at`` overrides the addresses (shards bound to free ports)."""
+    return client_for(
+        addresses(settings.ps_host, settings.ps_port, settings.ps_shards) if at is None else at,
+        secret=settings_secret(settings),
+        timeout_s=settings.ps_io_timeout_s if timeout_s is None else timeout_s,
         max_frame_bytes=settings.ps_max_frame_bytes,
     )

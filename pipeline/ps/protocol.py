@@ -174,6 +174,11 @@ def checked_secret(secret: bytes | None) -> bytes | None:
     return secret
 
 
+def settings_secret(settings) -> bytes | None:
+    """The shared HMAC secret of ``pipeline.settings.Settings`` (``ps_secret``), None when it has none."""
+    return settings.ps_secret.get_secret_value().encode() if settings.ps_secret else None
+
+
 def error_frame(code: str, message: str) -> Frame:
     return Frame(MsgType.ERROR, meta={"code": code, "error": message})
 

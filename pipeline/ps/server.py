@@ -43,6 +43,7 @@ from pipeline.ps.protocol import (
     checked_secret,
     error_frame,
     send_frame,
+    settings_secret,
 )
 
 log = logging.getLogger(__name__)
@@ -355,12 +356,11 @@ class ParameterServer:
     @classmethod
     def from_settings(cls, state: CenterState, settings, *, port: int | None = None, **kwargs: Any) -> ParameterServer:
         """A server configured from ``pipeline.settings.Settings`` (``port`` overrides ``ps_port``)."""
-        secret = settings.ps_secret.get_secret_value().encode() if settings.ps_secret else None
         return cls(
             state,
             host=settings.ps_host,
             port=settings.ps_port if port is None else port,
-            secret=secret,
+            secret=settings_secret(settings),
             max_frame_bytes=settings.ps_max_frame_bytes,
             io_timeout_s=settings.ps_io_timeout_s,
             idle_timeout_s=settings.ps_idle_timeout_s,
