@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install java check test demo bench clean
+.PHONY: install java check test test-fast demo bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "streamfit needs Python 3.11, found " + sys.version.split()[0]'
@@ -29,6 +29,10 @@ check: $(STAMP)
 
 test: $(STAMP) java check
 	$(BIN)/python -m pytest
+
+# the fast tier: in-process tests and the doctests, no broker, Spark or CLI subprocess (tests marked slow are left out)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
 
 # the whole pipeline on the embedded broker until Ctrl-C; `make demo DURATION=120` stops by itself
 demo: $(STAMP) java

@@ -1,17 +1,30 @@
-"""Session-wide real infrastructure: one embedded broker per implementation, shared by all tests."""
+"""Session-wide real infrastructure: one embedded broker per implementation, shared by all tests.
+
+Tests in tiers: a test that uses a real broker or Spark (through these fixtures, even indirectly) or
+runs the ``streamfit`` command (``cli_env``) is marked ``slow`` here; tests that start their own
+broker or ``streamfit up`` carry the mark themselves. ``make test-fast`` runs ``pytest -m "not slow"``.
+Helpers the test modules import live in ``tests.helpers`` and ``tests.waiting``, not here.
+"""
 
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
 from pipeline.broker import EmbeddedBroker
+from tests.helpers import ROOT, STREAMFIT  # noqa: F401 (still imported from here by test_serving and test_fit)
 
-ROOT = Path(__file__).resolve().parents[1]
+SLOW_FIXTURES = frozenset({"kafka", "tansu", "any_kafka", "spark", "cli_env"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``slow`` every test that requests (directly or through another fixture) a broker, Spark or the CLI."""
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -58,16 +71,6 @@ def cli_env(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMFIT_")}
     env["STREAMFIT_HOME"] = str(tmp_path / "home")
     return env
-
-
-STREAMFIT = [sys.executable, "-m", "pipeline.cli"]
-
-
-def uncommit(checkpoint: Path, batch_id: int) -> None:
-    """The state a crash leaves after micro-batch ``batch_id`` wrote its output but before Spark
-    committed it: no entry in the commit log, so a query restarted from ``checkpoint`` replays it."""
-    (checkpoint / "commits" / str(batch_id)).unlink()
-    (checkpoint / "commits" / f".{batch_id}.crc").unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")

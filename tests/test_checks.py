@@ -6,7 +6,7 @@ import shutil
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 CLEAN_MODULE = ROOT / "pipeline" / "policies" / "drift_boost.py"
 

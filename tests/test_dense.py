@@ -15,7 +15,7 @@ from pipeline import dense
 from pipeline.bundle import ModelBundle
 from pipeline.events import probability_problems, standardisation_problems
 from pipeline.spec import BUILTIN_SPECS, ModelSpec
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 TIGHT = {"rtol": 1e-5, "atol": 1e-6}  # float32: the engines differ only in summation order
 

@@ -13,6 +13,7 @@ import pytest
 
 from bench.e2e import UpRun, processes_of
 from pipeline.registry import Registry
+from tests.waiting import wait_until
 
 ENV = {
     "STREAMFIT_PS_PUBLISH_EVERY_S": "4",
@@ -30,10 +31,12 @@ def _finish(run: UpRun, timeout_s: float) -> int:
 
 
 def _no_process_left(run: UpRun) -> None:
-    deadline = time.monotonic() + 15
-    while (left := processes_of(run.home)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not left, f"processes left behind: {left}"
+    wait_until(
+        lambda: not processes_of(run.home),
+        15,
+        interval_s=0.5,
+        message=lambda: f"processes left behind: {processes_of(run.home)}",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +47,7 @@ def first_run(tmp_path_factory):
     return run, status
 
 
+@pytest.mark.slow
 def test_up_runs_the_whole_pipeline(first_run):
     run, status = first_run
     output = "\n".join(run.output)
@@ -90,6 +94,7 @@ def test_up_runs_the_whole_pipeline(first_run):
     assert not run.request_errors, run.request_errors[:5]
 
 
+@pytest.mark.slow
 def test_a_second_up_resumes_where_the_first_stopped(first_run):
     first, status = first_run
     assert status == 0

@@ -8,6 +8,7 @@ from pipeline.broker import BrokerError, EmbeddedBroker
 from pipeline.kafka import describe
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["noida", "tansu"])
 def test_start_answers_metadata_then_stop_leaves_no_child(impl, tmp_path):
     with EmbeddedBroker(impl, data_dir=tmp_path) as broker:

@@ -20,6 +20,8 @@ from producers.sender import Sender, synthetic_events
 from producers.synthetic import synthetic_rows
 from tests.kafka_reader import read_topic
 
+pytestmark = pytest.mark.slow
+
 CLIENTS = ["confluent", "kafka-python"]
 
 

@@ -20,8 +20,9 @@ from pipeline.settings import load_settings
 from pipeline.spec import BUILTIN_SPECS
 from producers.sender import Outgoing, Sender, synthetic_events
 from producers.synthetic import synthetic_rows
-from tests.conftest import uncommit
+from tests.helpers import uncommit
 from tests.kafka_reader import read_topic
+from tests.waiting import wait_until
 
 BAD = [  # (value, the reason the DLQ record must give)
     (orjson.dumps({"id": "x", "ts": 1, "features": [1.0], "label": 0}), "expected 10 features, got 1"),
@@ -155,11 +156,10 @@ def test_restart_from_checkpoint_loses_nothing_duplicates_at_most_one_batch(spar
     _produce(kafka, topic, n)
     job = InferenceJob(spark, settings, kafka)
     query = _run(job, tmp_path / "ck", processingTime="0 seconds")
-    deadline = time.monotonic() + 180
-    while len(job.versions) < 4 and time.monotonic() < deadline:  # batches 0-2 committed, batch 3 under way
-        time.sleep(0.02)
-    query.stop()
-    assert len(job.versions) >= 4, "the query never got going"
+    try:  # batches 0-2 committed, batch 3 under way
+        wait_until(lambda: len(job.versions) >= 4, 180, interval_s=0.02, message="the query never got going")
+    finally:
+        query.stop()
     before = len(read_topic(kafka, topic + ".pred", expected=0, timeout_s=10))
     assert 3 * 1500 <= before < n, f"not stopped mid-stream ({before} predictions)"
 

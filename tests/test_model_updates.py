@@ -25,6 +25,7 @@ def _move(version: int) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_after_kafka_fails_moves_go_unannounced_for_a_while_and_close_does_not_wait(tmp_path, topic):
     broker = EmbeddedBroker("noida", data_dir=tmp_path)
     broker.start()

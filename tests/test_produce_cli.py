@@ -13,8 +13,9 @@ import orjson
 
 from pipeline.dlq import original_bytes
 from pipeline.kafka import ensure_topics
-from tests.conftest import STREAMFIT
+from tests.helpers import STREAMFIT
 from tests.kafka_reader import read_topic
+from tests.waiting import wait_until
 
 
 def _write_csv(path, rows: int, bad_every: int) -> set[int]:
@@ -81,11 +82,13 @@ def test_broker_command_stops_cleanly_leaving_no_process(cli_env, tmp_path):
         [*STREAMFIT, "broker"], env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     record_path = tmp_path / "home" / "broker.json"
-    deadline = time.monotonic() + 60
-    while not record_path.exists():
-        assert process.poll() is None, process.stderr.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+
+    def started() -> bool:
+        exists = record_path.exists()
+        assert exists or process.poll() is None, process.stderr.read()
+        return exists
+
+    wait_until(started, 60, message=f"streamfit broker wrote no {record_path} within 60 s")
     record = json.loads(record_path.read_text())
     env = {**cli_env}
     produced = subprocess.run(

@@ -23,6 +23,7 @@ from pipeline.ps.checkpoint import Checkpoint
 from pipeline.ps.client import Client
 from pipeline.ps.protocol import FLAG_MAC, HEADER, MAGIC, VERSION, CommitTag, Frame, FrameReader, MsgType, encode
 from pipeline.ps.server import CenterState, ParameterServer
+from tests.waiting import wait_until
 
 SECRET = b"hostile-test-secret"
 WEIGHTS = {"kernel": np.zeros((3, 4), np.float32), "bias": np.zeros(4, np.float32)}
@@ -194,7 +195,7 @@ def test_hostile_corpus_and_flood_leave_the_server_serving(tmp_path, escaped):
     good.start()
     started = time.monotonic()
     try:
-        wait_for(lambda: good.commits > 0)
+        wait_until(lambda: good.commits > 0, 15, interval_s=0.02, message="the good client never committed")
         for case, (payload, code) in CORPUS.items():
             reply, sock = answer(server.address, payload, hang_up=code is None)
             with sock:
@@ -225,7 +226,12 @@ def test_hostile_corpus_and_flood_leave_the_server_serving(tmp_path, escaped):
         assert busy >= 4 * MAX_CONNECTIONS - MAX_CONNECTIONS
         for sock in flood:
             sock.close()
-        wait_for(lambda: server.stats()["connections"] <= 2)  # the good client (and none of the flood)
+        wait_until(
+            lambda: server.stats()["connections"] <= 2,
+            15,
+            interval_s=0.02,
+            message=lambda: f"{server.stats()['connections']} connections still open after the flood",
+        )  # the good client (and none of the flood)
         with Client(*server.address, secret=SECRET) as newcomer:
             stats = newcomer.stats()
         json.dumps(stats, allow_nan=False)
@@ -246,10 +252,3 @@ def test_hostile_corpus_and_flood_leave_the_server_serving(tmp_path, escaped):
         assert client.pull()[1] == counter
         assert client.commit({"bias": np.ones(4, np.float32)}, tag=CommitTag("good", 0, 0, 0)).status == "skipped"
         assert client.commit({"bias": np.ones(4, np.float32)}, tag=CommitTag("good", 1, 0, 0)).status == "applied"
-
-
-def wait_for(condition, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)

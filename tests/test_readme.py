@@ -8,7 +8,7 @@ import shlex
 import pytest
 
 from pipeline.cli import build_parser
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 COMMAND = re.compile(r"^((?:STREAMFIT_[A-Z_]+=\S+ )*)\.venv/bin/streamfit (.*)$")
 

@@ -15,7 +15,7 @@ from pipeline.bundle import WeightsError
 from pipeline.cli import main
 from pipeline.registry import Registry, RegistryError
 from pipeline.spec import BUILTIN_SPECS
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 SMALL = BUILTIN_SPECS["small"]
 

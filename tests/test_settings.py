@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from pipeline.settings import SettingsError, load_settings
-from tests.conftest import STREAMFIT
+from tests.helpers import STREAMFIT
 
 
 def test_precedence_flags_over_env_over_yaml_over_defaults(tmp_path, monkeypatch):

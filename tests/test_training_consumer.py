@@ -23,7 +23,7 @@ from pipeline.settings import load_settings
 from pipeline.spec import BUILTIN_SPECS
 from producers.sender import Outgoing, Sender, synthetic_events
 from producers.synthetic import synthetic_rows
-from tests.conftest import uncommit
+from tests.helpers import uncommit
 from tests.kafka_reader import read_topic
 
 SPEC = BUILTIN_SPECS["small"]

@@ -7,7 +7,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bench.e2e import UpRun, processes_of
+import pytest
+
+from tests.up_process import UpProcess, processes_of
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.slow
 
 
 def _descendants(root: int) -> dict[int, str]:
@@ -45,7 +50,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_sigkilled_up_takes_every_process_it_started_with_it(tmp_path):
-    run = UpRun(tmp_path / "home", 900, rate=200, args=("--drift-at", "0"))
+    run = UpProcess(tmp_path / "home", 900, rate=200, args=("--drift-at", "0"))
     try:
         assert run.ready.wait(400) and run.process.poll() is None, "\n".join(run.output)
         time.sleep(5)  # the first micro-batches start Spark's Python workers
@@ -55,10 +60,16 @@ def test_a_sigkilled_up_takes_every_process_it_started_with_it(tmp_path):
             assert part in commands, (part, started)
         run.process.kill()
         run.process.wait(30)
-        deadline = time.monotonic() + 60
-        while (left := {pid: cmd for pid, cmd in started.items() if _alive(pid)}) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not left, f"still running 60 s after up was SIGKILLed: {left}"
+
+        def left() -> dict[int, str]:
+            return {pid: cmd for pid, cmd in started.items() if _alive(pid)}
+
+        wait_until(
+            lambda: not left(),
+            60,
+            interval_s=0.5,
+            message=lambda: f"still running 60 s after up was SIGKILLed: {left()}",
+        )
         assert not [pid for pid in processes_of(run.home) if _alive(pid)]
     finally:
         run.kill()

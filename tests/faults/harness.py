@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from pipeline.broker import free_port
+from tests.waiting import wait_until
 
 STREAMFIT = [sys.executable, "-m", "pipeline.cli"]
 
@@ -52,13 +53,17 @@ class Part:
             )
 
     def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
             assert self.process.poll() is None, f"{self.name} exited ({self.process.returncode}):\n{self.tail()}"
-            if self.ready(self):
-                return
-            time.sleep(0.25)
-        raise AssertionError(f"{self.name} not ready within {timeout_s:g} s:\n{self.tail()}")
+            return self.ready(self)
+
+        wait_until(
+            ready,
+            timeout_s,
+            interval_s=0.25,
+            message=lambda: f"{self.name} not ready within {timeout_s:g} s:\n{self.tail()}",
+        )
 
     def kill(self) -> None:
         try:
