@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -28,6 +29,20 @@ def members_of(published: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.nd
         member, tensor = (head, rest) if re.fullmatch(r"member\d+", head) else ("", name)
         members.setdefault(member, {})[tensor] = value
     return members
+
+
+@dataclass(frozen=True)
+class ScoredMember:
+    """One member of the published weights (``""``: the whole model) and its metrics on the held-out rows."""
+
+    member: str
+    weights: Mapping[str, np.ndarray]
+    metrics: dict
+
+    @property
+    def accuracy(self) -> float:
+        """What orders the members: the held-out accuracy, 0 when there was no holdout."""
+        return self.metrics.get("accuracy", 0.0)
 
 
 def register_trained(
@@ -49,30 +64,28 @@ def register_trained(
     scored = []
     for member, weights in members_of(published).items():
         bundle.set_weights(weights)
-        metrics = evaluate(bundle, *holdout) if holdout is not None else {}
-        scored.append([metrics.get("accuracy", 0.0), member, weights, metrics])
+        scored.append(ScoredMember(member, weights, evaluate(bundle, *holdout) if holdout is not None else {}))
     if len(scored) > 1 and holdout is not None:  # the ensemble's own score: mean of the members' probabilities
         probabilities = []
-        for _, _, weights, _ in scored:
-            bundle.set_weights(weights)
+        for entry in scored:
+            bundle.set_weights(entry.weights)
             probabilities.append(bundle.predict_proba(holdout[0]))
         accuracy = float(np.mean(np.mean(probabilities, axis=0).argmax(axis=1) == holdout[1]))
-        for entry in scored:
-            entry[3] = {**entry[3], "ensemble_accuracy": accuracy}
-    scored.sort(key=lambda entry: -entry[0])
+        scored = [replace(entry, metrics={**entry.metrics, "ensemble_accuracy": accuracy}) for entry in scored]
+    scored.sort(key=lambda entry: -entry.accuracy)
     versions = [
         registry.register(
             model,
-            weights,
+            entry.weights,
             parent=parent,
             algorithm=algorithm,
             updates=updates,
             offsets=offsets,
-            metrics={**metrics, **({"member": member} if member else {})},
+            metrics={**entry.metrics, **({"member": entry.member} if entry.member else {})},
         )
-        for _, member, weights, metrics in scored
+        for entry in scored
     ]
-    return versions, scored[0][3]
+    return versions, scored[0].metrics
 
 
 def trained_offsets(commits: Mapping[str, Mapping]) -> dict[str, dict[str, int]]:

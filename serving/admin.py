@@ -63,8 +63,10 @@ def admin_router(host: ModelHost, registry: Registry, token: SecretStr | None) -
         except Exception as exc:  # noqa: BLE001 - the load failed: the swap thread logged it, the previous version serves
             raise HTTPException(409, f"{exc}; still serving {_version(host, model)}") from None
         champion = await run_in_threadpool(champion_of, registry, model)
-        served, _, _, pinned = host.state(model)
-        return AdminResult(model=model, serving=served.version if served else None, champion=champion, pinned=pinned)
+        state = host.state(model)
+        return AdminResult(
+            model=model, serving=state.served.version if state.served else None, champion=champion, pinned=state.pinned
+        )
 
     async def move(model: str, action) -> AdminResult:
         try:

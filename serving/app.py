@@ -42,7 +42,7 @@ from serving.schemas import (
     Status,
     VersionStatus,
 )
-from serving.swap import ModelHost, NotReady, Served, UnknownModel
+from serving.swap import HostState, ModelHost, NotReady, Served, UnknownModel
 
 DESCRIPTION = """\
 Predictions from the registry's **champion** version of each served model, in TensorFlow
@@ -145,22 +145,22 @@ def create_app(settings: Settings, models: Sequence[str] | None = None) -> FastA
 
     @app.get("/v1/models/{model}", tags=["models"], responses=UNKNOWN, summary="Version status (TF Serving's)")
     async def status(model: Model) -> ModelStatus:
-        served, loading, failed, pinned = _state(host, model)
+        state = _state(host, model)
         versions = []
-        if loading is not None:
-            versions.append(VersionStatus(version=str(loading), state="LOADING"))
-        if served is not None:
-            versions.append(VersionStatus(version=str(served.version), state="AVAILABLE"))
-        if failed is not None:
+        if state.loading is not None:
+            versions.append(VersionStatus(version=str(state.loading), state="LOADING"))
+        if state.served is not None:
+            versions.append(VersionStatus(version=str(state.served.version), state="AVAILABLE"))
+        if state.failure is not None:
             versions.append(
                 VersionStatus(
-                    version=str(failed[0] or ""),
+                    version=str(state.failure.version or ""),
                     state="END",
-                    status=Status(error_code="UNKNOWN", error_message=failed[1]),
+                    status=Status(error_code="UNKNOWN", error_message=state.failure.reason),
                 )
             )
         champion = await run_in_threadpool(champion_of, registry, model)
-        return ModelStatus(model_version_status=versions, champion=champion, pinned=pinned)
+        return ModelStatus(model_version_status=versions, champion=champion, pinned=state.pinned)
 
     @app.get(
         "/v1/models/{model}/metadata",
@@ -169,7 +169,7 @@ def create_app(settings: Settings, models: Sequence[str] | None = None) -> FastA
         summary="Feature schema, classes, version and size of the served version",
     )
     async def metadata(model: Model) -> ModelMetadata:
-        served = _state(host, model)[0]
+        served = _state(host, model).served
         if served is None:
             raise HTTPException(
                 503, f"model {model!r} has no version loaded yet", headers={"Retry-After": str(RETRY_AFTER_S)}
@@ -205,15 +205,17 @@ def create_app(settings: Settings, models: Sequence[str] | None = None) -> FastA
     )
     async def readyz(response: Response) -> Readiness:
         states = {m: host.state(m) for m in host.models}
-        ready = all(state[0] is not None for state in states.values())
+        ready = all(state.served is not None for state in states.values())
         response.status_code = 200 if ready else 503
         return Readiness(
             ready=ready,
             models={
                 m: ModelReadiness(
-                    version=served.version if served else None, loading=loading, error=failed[1] if failed else None
+                    version=state.served.version if state.served else None,
+                    loading=state.loading,
+                    error=state.failure.reason if state.failure else None,
                 )
-                for m, (served, loading, failed, _) in states.items()
+                for m, state in states.items()
             },
         )
 
@@ -252,7 +254,7 @@ def _lease(host: ModelHost, model: str) -> Served:
         raise HTTPException(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
 
-def _state(host: ModelHost, model: str):
+def _state(host: ModelHost, model: str) -> HostState:
     try:
         return host.state(model)
     except UnknownModel as exc:

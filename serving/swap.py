@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 
@@ -66,6 +67,22 @@ class Served:
             self.leases -= 1
 
 
+class LoadFailure(NamedTuple):
+    """Why a model could not be brought to ``version`` (None: the target itself was not found)."""
+
+    version: int | None
+    reason: str
+
+
+class HostState(NamedTuple):
+    """Where one model stands on this host."""
+
+    served: Served | None  # the version answering requests
+    loading: int | None  # the version being loaded now
+    failure: LoadFailure | None  # the last failure, until a swap succeeds
+    pinned: int | None  # the version pinned by an admin, whatever the champion
+
+
 class ModelHost:
     """The served version of each of ``models``, kept on the champion (or a pinned version).
 
@@ -81,7 +98,7 @@ class ModelHost:
         self._retired: dict[str, list[Served]] = {m: [] for m in self.models}
         self._pinned: dict[str, int] = {}
         self._loading: dict[str, int] = {}
-        self._failed: dict[str, tuple[int | None, str]] = {}
+        self._failed: dict[str, LoadFailure] = {}
         self._queued: dict[str, Future] = {}
         self._swapper = ThreadPoolExecutor(1, thread_name_prefix="streamfit-swap")
 
@@ -100,7 +117,7 @@ class ModelHost:
         failed = self._failed.get(model)
         raise NotReady(
             f"model {model!r} has no version loaded yet"
-            + (f" (loading version {loading})" if loading else f" ({failed[1]})" if failed else "")
+            + (f" (loading version {loading})" if loading else f" ({failed.reason})" if failed else "")
         )
 
     def current(self, model: str) -> Served | None:
@@ -111,9 +128,11 @@ class ModelHost:
     def ready(self) -> bool:
         return all(model in self._current for model in self.models)
 
-    def state(self, model: str) -> tuple[Served | None, int | None, tuple[int | None, str] | None, int | None]:
-        """The served version, the version loading now, the last failure (version, reason), the pin."""
-        return self.current(model), self._loading.get(model), self._failed.get(model), self._pinned.get(model)
+    def state(self, model: str) -> HostState:
+        """The served version, the version loading now, the last failure, the pin."""
+        return HostState(
+            self.current(model), self._loading.get(model), self._failed.get(model), self._pinned.get(model)
+        )
 
     # ----------------------------------------------------------------------------------- control
 
@@ -163,7 +182,8 @@ class ModelHost:
         except RegistryError as exc:
             self._fail(model, None, str(exc))
             raise
-        failed_before = self._failed.get(model, (None,))[0] == target
+        failure = self._failed.get(model)
+        failed_before = failure is not None and failure.version == target
         if not reload and ((current is not None and current.version == target) or (failed_before and not retry)):
             return current.version if current else None
         self._swap(model, target)
@@ -171,10 +191,11 @@ class ModelHost:
 
     def _fail(self, model: str, version: int | None, reason: str) -> None:
         """Record why ``model`` cannot be brought to ``version``; logged once per distinct reason."""
-        if self._failed.get(model) != (version, reason):
+        failure = LoadFailure(version, reason)
+        if self._failed.get(model) != failure:
             served = self._current.get(model)
             log.error("%s: %s; serving %s", model, reason, f"v{served.version}" if served else "nothing yet")
-        self._failed[model] = (version, reason)
+        self._failed[model] = failure
 
     def _swap(self, model: str, version: int) -> None:
         started = time.perf_counter()

@@ -23,7 +23,9 @@ import signal
 import socket
 import sys
 import threading
+from dataclasses import dataclass
 
+import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from pipeline.model_updates import announcing_registry
@@ -126,15 +128,45 @@ def _loopback(host: str) -> bool:
     return bool(found) and all(ipaddress.ip_address(address.split("%")[0]).is_loopback for address in found)
 
 
-def _initial(settings, init_path: str | None) -> tuple[tuple[str, str | int], dict[str, int]]:
-    """Where fresh shards start, ``("file", path)`` or ``("registry", version)``, and the tensor sizes."""
+@dataclass(frozen=True)
+class InitFile:
+    """Fresh shards start from a safetensors file (``--init-weights``)."""
+
+    path: str
+
+    def load(self, settings, names: list[str] | None) -> dict[str, np.ndarray]:
+        """This shard's tensors (``names``; None: all)."""
+        with safe_open(self.path, framework="numpy") as weights:
+            return {name: weights.get_tensor(name) for name in (weights.keys() if names is None else names)}
+
+    def __str__(self) -> str:
+        return f"file {self.path}"
+
+
+@dataclass(frozen=True)
+class InitVersion:
+    """Fresh shards start from a registry version of the model (the champion when the command started)."""
+
+    version: int
+
+    def load(self, settings, names: list[str] | None) -> dict[str, np.ndarray]:
+        """This shard's tensors (``names``; None: all)."""
+        weights = announcing_registry(settings)[0].weights(settings.model, self.version)[1]
+        return {name: weights[name] for name in (weights if names is None else names)}
+
+    def __str__(self) -> str:
+        return f"registry {self.version}"
+
+
+def _initial(settings, init_path: str | None) -> tuple[InitFile | InitVersion, dict[str, int]]:
+    """Where fresh shards start and the tensor sizes."""
     from pipeline.cli import CommandError
 
     if init_path:
         try:
             with safe_open(init_path, framework="numpy") as weights:
                 sizes = {name: math.prod(weights.get_slice(name).get_shape()) for name in weights.keys()}
-            return ("file", init_path), sizes
+            return InitFile(init_path), sizes
         except (OSError, ValueError, SafetensorError) as exc:
             raise CommandError(f"--init-weights {init_path}: {exc}") from exc
     try:
@@ -144,7 +176,7 @@ def _initial(settings, init_path: str | None) -> tuple[tuple[str, str | int], di
             f"no checkpoint under {settings.home / 'ps' / settings.model}, no --init-weights, "
             f"and no champion in the registry to start from ({exc})"
         ) from exc
-    return ("registry", version), {name: value.size for name, value in weights.items()}
+    return InitVersion(version), {name: value.size for name, value in weights.items()}
 
 
 def _checkpoint(settings, index: int) -> Checkpoint:
@@ -196,7 +228,9 @@ def _sharded_publishing(settings, addresses: list[tuple[str, int]] | None, count
     ).start()
 
 
-def _shard_main(settings, index: int, names: list[str] | None, init_source, listening) -> None:
+def _shard_main(
+    settings, index: int, names: list[str] | None, init_source: InitFile | InitVersion | None, listening
+) -> None:
     """Entry point of a shard process."""
     from pipeline.cli import CommandError
 
@@ -223,7 +257,7 @@ def _serve(
     settings,
     index: int,
     names: list[str] | None,
-    init_source,
+    init_source: InitFile | InitVersion | None,
     stop: threading.Event,
     *,
     publish: bool,
@@ -237,19 +271,14 @@ def _serve(
                 f"no checkpoint in {checkpoint.directory} (other shards have one): restore it or "
                 f"move all of {checkpoint.directory.parent} away"
             )
-        kind, where = init_source
-        if kind == "registry":
-            weights = announcing_registry(settings)[0].weights(settings.model, where)[1]
-            return {name: weights[name] for name in names}
-        with safe_open(where, framework="numpy") as weights:
-            return {name: weights.get_tensor(name) for name in names}
+        return init_source.load(settings, names)
 
     checkpoint = _checkpoint(settings, index)
     try:
         state, resumed = CenterState.resume(checkpoint, from_settings(settings).rule(), initial_weights)
     except CheckpointError as exc:
         raise CommandError(f"{exc}; move it away to start from the initial weights") from exc
-    source = f"checkpoint {checkpoint.directory}" if resumed else "{} {}".format(*init_source)
+    source = f"checkpoint {checkpoint.directory}" if resumed else str(init_source)
     port = settings.ps_port + index if settings.ps_port else 0
     publisher, announcer = _publisher(settings) if publish else (None, None)
     try:

@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -121,6 +122,33 @@ class ReplayGuard:
         }
 
 
+@dataclass(frozen=True)
+class WorkerStaleness:
+    """One worker's accepted commits and how stale they were (updates landed since its pull)."""
+
+    commits: int = 0
+    total: int = 0
+    max: int = 0
+    last: int = 0
+
+    def after(self, staleness: int) -> WorkerStaleness:
+        """These counts with one more commit of ``staleness``.
+
+        >>> WorkerStaleness().after(3).after(1)
+        WorkerStaleness(commits=2, total=4, max=3, last=1)
+        """
+        return WorkerStaleness(self.commits + 1, self.total + staleness, max(self.max, staleness), staleness)
+
+    def stats(self) -> dict[str, float]:
+        """STATS' entry for this worker."""
+        return {
+            "commits": self.commits,
+            "staleness_mean": self.total / self.commits,
+            "staleness_max": self.max,
+            "staleness_last": self.last,
+        }
+
+
 class CenterState:
     """The center variable (name -> read-only float32 array), the update counter and the bookkeeping
     a commit changes, all behind one lock. Usable in-process (:class:`~pipeline.ps.client.LocalClient`)
@@ -141,7 +169,7 @@ class CenterState:
         self._cond = threading.Condition()
         self._changes = 0
         self._tally = {"applied": 0, "pending": 0, "skipped": 0}
-        self._workers: dict[int, list[int]] = {}  # worker id -> [commits, staleness sum, max, last]
+        self._workers: dict[int, WorkerStaleness] = {}
 
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot, rule: UpdateRule) -> CenterState:
@@ -202,11 +230,7 @@ class CenterState:
             staleness = max(self._counter - pulled, 0)
             new = self.rule.apply(self._center, delta, worker_id=tag.worker_id, staleness=staleness)
             self._guard.record(tag, checked_meta)
-            stats = self._workers.setdefault(tag.worker_id, [0, 0, 0, 0])
-            stats[0] += 1
-            stats[1] += staleness
-            stats[2] = max(stats[2], staleness)
-            stats[3] = staleness
+            self._workers[tag.worker_id] = self._workers.get(tag.worker_id, WorkerStaleness()).after(staleness)
             self._changes += 1
             if new is None:
                 status = "pending"
@@ -246,10 +270,7 @@ class CenterState:
                 "queries": self._guard.queries(),
                 "tensors": {name: list(shape) for name, shape in self.shapes.items()},
                 "parameters": sum(int(np.prod(shape)) for shape in self.shapes.values()),
-                "workers": {
-                    str(w): {"commits": c, "staleness_mean": total / c, "staleness_max": top, "staleness_last": last}
-                    for w, (c, total, top, last) in sorted(self._workers.items())
-                },
+                "workers": {str(w): staleness.stats() for w, staleness in sorted(self._workers.items())},
             }
 
     def wait(self, predicate: Callable[[CenterState], bool], timeout: float) -> bool:
