@@ -35,6 +35,7 @@ from pipeline.dlq import dead_letter
 from pipeline.dlq_fence import DeadLetterFence, Source
 from pipeline.events import Event, FeatureSchema, Rejection, probability_problems, standardisation_problems, validate
 from pipeline.settings import Settings
+from pipeline.spark.ddl import ddl
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,9 @@ is on every prediction's latency on average."""
 OUTPUT_SCHEMA = pa.schema(
     [("topic", pa.string()), ("key", pa.binary()), ("value", pa.binary()), ("partition", pa.int32())]
 )
-OUTPUT_DDL = "topic string, key binary, value binary, partition int"
-SENT_DDL = "records long"
+OUTPUT_DDL = ddl(OUTPUT_SCHEMA)
+SENT_SCHEMA = pa.schema([("records", pa.int64())])
+SENT_DDL = ddl(SENT_SCHEMA)
 _loaded: dict[tuple, object] = {}  # per Python worker: (registry, model, version) -> bundle
 loads = 0
 """Model versions this Python worker has loaded: one per version while Spark keeps reusing it."""
@@ -139,7 +141,7 @@ def predict_and_send(batches: Iterator[pa.RecordBatch], bootstrap: str, client: 
     from pipeline.spark.source import send_rows
 
     sent = send_rows(bootstrap, None, predict_partition(batches, *args), client)
-    yield pa.RecordBatch.from_pydict({"records": [sent.records]}, schema=pa.schema([("records", pa.int64())]))
+    yield pa.RecordBatch.from_pydict({"records": [sent.records]}, schema=SENT_SCHEMA)
 
 
 def _prediction(event: Event, model: str, version: int, probabilities: list[float], now_ms: int) -> bytes:

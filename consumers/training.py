@@ -47,6 +47,7 @@ from pipeline.ps.algorithms import ALGORITHMS, STREAMABLE, WorkerReport, algorit
 from pipeline.ps.client import ServerError
 from pipeline.ps.protocol import CommitTag, settings_secret
 from pipeline.settings import Settings
+from pipeline.spark.ddl import ddl
 from pipeline.training import Scores, TrainingPlan, local_model, poisonous_rows, report_fields, rows_of, train_rows
 
 log = logging.getLogger(__name__)
@@ -67,13 +68,13 @@ CHECK_SCHEMA = pa.schema(
         ("dead", pa.binary()),
     ]
 )
-CHECK_DDL = "kind string, features array<float>, label long, partition int, offset long, arrival_us long, dead binary"
+CHECK_DDL = ddl(CHECK_SCHEMA)
 ARRIVAL_ORDER = [("arrival_us", "ascending"), ("partition", "ascending"), ("offset", "ascending")]
 # a worker's output: its events (scored if labelled) and one row of kind "report" (its WorkerReport as JSON)
 STEP_SCHEMA = pa.schema(
     [*CHECK_SCHEMA, ("correct", pa.bool_()), ("label_probability", pa.float32()), ("report", pa.string())]
 )
-STEP_DDL = CHECK_DDL + ", correct boolean, label_probability float, report string"
+STEP_DDL = ddl(STEP_SCHEMA)
 Standardisation = tuple[np.ndarray, np.ndarray]  # the model's (mean, std), as its first layer applies them
 STANDARDISE_WORKER = 2**32 - 1  # the worker id of the driver's one standardisation commit (workers are partitions)
 

@@ -23,6 +23,7 @@ models train in numpy (:mod:`pipeline.dense`), so a worker never imports TensorF
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import fields
 from typing import Any
 
 import numpy as np
@@ -32,13 +33,14 @@ from pydantic import BaseModel, ConfigDict
 from pipeline.ps.algorithms import ALGORITHMS, Algorithm, WorkerReport, algorithm_class
 from pipeline.ps.client import Client, ShardedClient
 from pipeline.ps.protocol import CommitTag
+from pipeline.spark.ddl import ddl
 from pipeline.spec import ModelSpec
 
 # what a worker reports per partition (a DDL string: mapInArrow wants one)
-REPORT_DDL = (
-    "worker_id long, rows long, steps long, commits long, skipped long, max_staleness long, "
-    "total_staleness long, counter long"
+REPORT_SCHEMA = pa.schema(
+    [(name, pa.int64()) for name in ("worker_id", "rows", *(field.name for field in fields(WorkerReport)))]
 )
+REPORT_DDL = ddl(REPORT_SCHEMA)
 
 _bundles: dict[str, Any] = {}  # per Python worker: one model (and its optimizer's momentum) per (spec, optimizer)
 

@@ -42,6 +42,7 @@ from pyspark.sql.datasource import (
 )
 from pyspark.sql.streaming.datasource import ReadAllAvailable, ReadLimit, ReadMaxRows, SupportsTriggerAvailableNow
 
+from pipeline.spark.ddl import ddl
 from pipeline.spark.offsets import (
     KafkaOffsetReader,
     OffsetError,
@@ -58,7 +59,6 @@ from pipeline.spark.offsets import (
 log = logging.getLogger(__name__)
 
 NAME = "streamfit-kafka"
-SCHEMA = "key binary, value binary, topic string, partition int, offset long, timestamp timestamp, timestampType int"
 ARROW_SCHEMA = pa.schema(
     [
         ("key", pa.binary()),
@@ -70,6 +70,7 @@ ARROW_SCHEMA = pa.schema(
         ("timestampType", pa.int32()),
     ]
 )
+SCHEMA = ddl(ARROW_SCHEMA)
 ROWS_PER_BATCH = 8192
 
 
