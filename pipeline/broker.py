@@ -24,6 +24,7 @@ from pathlib import Path
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
 
+from pipeline.errors import StreamfitError
 from pipeline.kafka import broker_file, ensure_topics, topic_specs
 from pipeline.lifetime import die_with_parent
 from pipeline.settings import Settings
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 IMPLEMENTATIONS = ("noida", "tansu")
 
 
-class BrokerError(RuntimeError):
+class BrokerError(StreamfitError, RuntimeError):
     """The embedded broker could not be started; the message carries its log tail."""
 
 

@@ -24,6 +24,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import IllegalStateError, KafkaError, KafkaTimeoutError, TopicAlreadyExistsError, for_code
 
+from pipeline.errors import StreamfitError
 from pipeline.settings import KafkaClient, Settings
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ BROKER_FILE = "broker.json"
 KAFKA_CLIENTS = get_args(KafkaClient)
 
 
-class KafkaUnavailable(RuntimeError):
+class KafkaUnavailable(StreamfitError, RuntimeError):
     """No Kafka cluster could be reached or found; the message says what to do."""
 
 

@@ -40,6 +40,7 @@ import numpy as np
 
 from pipeline.bundle import check_weights, weights_from_bytes, weights_to_bytes
 from pipeline.durable import fsync_dir, replace_atomically, write_synced
+from pipeline.errors import StreamfitError
 from pipeline.spec import NAME_PATTERN, ModelSpec
 
 WEIGHTS, META, SPEC, ALIASES, LOCK = "weights.safetensors", "meta.json", "spec.json", "aliases.json", ".lock"
@@ -47,7 +48,7 @@ HISTORY_LENGTH = 20
 """Previous champions remembered for rollback (and kept by retention)."""
 
 
-class RegistryError(LookupError):
+class RegistryError(StreamfitError, LookupError):
     """Unknown model, version or alias, a corrupt version, or an unusable registry; the message names it."""
 
 

@@ -16,11 +16,13 @@ import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from pipeline.errors import StreamfitError
+
 ENV_PREFIX = "STREAMFIT_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 
 
-class SettingsError(ValueError):
+class SettingsError(StreamfitError, ValueError):
     """A setting is missing, malformed or unknown; the message names it."""
 
 

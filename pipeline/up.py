@@ -39,6 +39,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from pipeline.broker import kafka_cluster, port_is_free
+from pipeline.errors import StreamfitError
 from pipeline.lifetime import die_with_parent
 from pipeline.settings import Settings
 from pipeline.spec import BUILTIN_SPECS
@@ -47,7 +48,7 @@ from producers.synthetic import synthetic_rows
 log = logging.getLogger(__name__)
 
 
-class UpError(RuntimeError):
+class UpError(StreamfitError, RuntimeError):
     """The pipeline cannot start or a part of it failed; the message says which and where its log is."""
 
 

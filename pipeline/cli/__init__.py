@@ -16,14 +16,13 @@ import sys
 import threading
 from collections.abc import Callable
 
-from pipeline.broker import BrokerError
-from pipeline.kafka import KafkaUnavailable
+from pipeline.errors import StreamfitError
 from pipeline.settings import CONFIG_ENV, Settings, SettingsError, load_settings
 
 COMMANDS = ("broker", "topics", "produce", "ps", "fit", "train", "predict", "models", "serve", "up")
 
 
-class CommandError(RuntimeError):
+class CommandError(StreamfitError, RuntimeError):
     """A failure the user can act on: printed without a traceback, exit code 1."""
 
 
@@ -65,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"streamfit: {exc}", file=sys.stderr)
         return 2
-    except (CommandError, KafkaUnavailable, BrokerError) as exc:
+    except StreamfitError as exc:  # what the user can act on; anything else is a bug and keeps its traceback
         print(f"streamfit {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -47,8 +47,7 @@ def run(args) -> int:
     from consumers.inference import InferenceJob
     from pipeline.cli import CommandError, run_until_stopped, settings_from
     from pipeline.kafka import bootstrap, ensure_topics, topic_specs
-    from pipeline.registry import RegistryError
-    from pipeline.spark.session import SparkSetupError, spark_session, stop_between_batches
+    from pipeline.spark.session import spark_session, stop_between_batches
     from pipeline.spark.supervisor import QuerySupervisor
 
     logging.getLogger("py4j").setLevel(logging.WARNING)  # its callback server logs every connection at INFO
@@ -56,12 +55,9 @@ def run(args) -> int:
     servers = bootstrap(settings)
     ensure_topics(servers, topic_specs(settings), settings.kafka_timeout_s)
     with contextlib.ExitStack() as down:  # Spark (and with it the query) and the metrics server end on every path
-        try:
-            spark = spark_session(settings, "streamfit-predict")
-            down.callback(spark.stop)
-            job = InferenceJob(spark, settings, servers)
-        except (SparkSetupError, RegistryError) as exc:
-            raise CommandError(str(exc)) from None
+        spark = spark_session(settings, "streamfit-predict")
+        down.callback(spark.stop)
+        job = InferenceJob(spark, settings, servers)
         metrics = job.reporter.metrics.serve(settings.predict_metrics_port) if settings.predict_metrics_port else None
         if metrics:
             down.callback(metrics.shutdown)

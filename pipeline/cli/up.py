@@ -65,11 +65,8 @@ UP_DEFAULTS = {"model": "small", "auto_promote": True}
 
 
 def run(args) -> int:
-    from pipeline.broker import BrokerError
-    from pipeline.cli import CommandError, settings_from
-    from pipeline.registry import RegistryError
-    from pipeline.spark.session import SparkSetupError
-    from pipeline.up import Pipeline, Traffic, UpError
+    from pipeline.cli import settings_from
+    from pipeline.up import Pipeline, Traffic
 
     for name, default in UP_DEFAULTS.items():
         if getattr(args, name) is None and f"STREAMFIT_{name.upper()}" not in os.environ:
@@ -83,10 +80,7 @@ def run(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     pipeline = Pipeline(settings, traffic, say=lambda text: print(text, flush=True))
-    try:
-        status = pipeline.run(stop, args.duration, _show_live if sys.stdout.isatty() else _show_lines)
-    except (UpError, SparkSetupError, RegistryError, BrokerError) as exc:
-        raise CommandError(str(exc)) from None
+    status = pipeline.run(stop, args.duration, _show_live if sys.stdout.isatty() else _show_lines)
     print(
         f"stopped; registry, checkpoints and broker data are under {settings.home}: `streamfit up` resumes from them",
         flush=True,

@@ -21,11 +21,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline.errors import StreamfitError
 from pipeline.settings import Settings
 from pipeline.spark.source import NAME as PYTHON_SOURCE, KafkaDataSource
 
 
-class SparkSetupError(RuntimeError):
+class SparkSetupError(StreamfitError, RuntimeError):
     """Spark cannot start here; the message says what is missing."""
 
 
