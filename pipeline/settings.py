@@ -239,6 +239,16 @@ class Settings(BaseSettings):
     def registry_url(self) -> str:
         return self.registry or str(self.home / "registry")
 
+    @property
+    def predict_checkpoint_dir(self) -> str:
+        """The inference query's checkpoint: ``predict_checkpoint``, else ``<home>/checkpoints/inference``."""
+        return self.predict_checkpoint or str(self.home / "checkpoints" / "inference")
+
+    @property
+    def train_checkpoint_dir(self) -> str:
+        """The training query's checkpoint: ``train_checkpoint``, else ``<home>/checkpoints/training``."""
+        return self.train_checkpoint or str(self.home / "checkpoints" / "training")
+
     @classmethod
     def settings_customise_sources(
         cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings

@@ -248,7 +248,6 @@ class Pipeline:
             inference = InferenceJob(spark, s, bootstrap)
             training = TrainingJob(spark, s, bootstrap, registry)
             down.callback(training.close)
-            home = s.home / "checkpoints"
             queries = []  # each restarted from its checkpoint when it fails (broker or parameter server down)
 
             def run_query(pool: str, start: Callable, restart: Callable, checkpoint: str) -> None:
@@ -261,9 +260,9 @@ class Pipeline:
                 down.callback(lambda supervisor=queries[-1]: stop_between_batches(supervisor.query))
 
             # predictions first: training (its workers' warm-up, its first micro-batch) joins once they flow
-            run_query("predict", inference.start, inference.start, s.predict_checkpoint or str(home / "inference"))
+            run_query("predict", inference.start, inference.start, s.predict_checkpoint_dir)
             _wait_for_first_batch(queries[0].query, stop, timeout_s=60)
-            run_query("train", training.start, training.start_query, s.train_checkpoint or str(home / "training"))
+            run_query("train", training.start, training.start_query, s.train_checkpoint_dir)
             self.say(
                 f"Spark {s.spark_master}: inference and training queries on {s.topic_events} "
                 f"(auto-promote {'on' if s.auto_promote else 'off'})"

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from pipeline.settings import SettingsError, load_settings
+from pipeline.settings import Settings, SettingsError, load_settings
 from tests.helpers import STREAMFIT
 
 
@@ -51,3 +51,22 @@ def test_cli_reports_bad_setting_without_traceback(cli_env):
     )
     assert done.returncode == 2
     assert "events_partitions" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_checkpoint_directories_default_under_home_and_follow_their_settings(tmp_path):
+    settings = load_settings(home=tmp_path)
+    assert settings.predict_checkpoint_dir == str(tmp_path / "checkpoints" / "inference")
+    assert settings.train_checkpoint_dir == str(tmp_path / "checkpoints" / "training")
+    moved = load_settings(home=tmp_path, predict_checkpoint="/ck/p", train_checkpoint="/ck/t")
+    assert (moved.predict_checkpoint_dir, moved.train_checkpoint_dir) == ("/ck/p", "/ck/t")
+
+
+def test_cli_help_shows_the_settings_defaults(capsys):
+    from pipeline.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    defaults = Settings.model_fields
+    for name in ("serve_host", "serve_port", "max_batch_size", "max_batch_wait_ms"):
+        assert f"(default {defaults[name].default})" in shown, name

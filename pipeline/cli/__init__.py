@@ -26,6 +26,11 @@ class CommandError(StreamfitError, RuntimeError):
     """A failure the user can act on: printed without a traceback, exit code 1."""
 
 
+def setting_default(name: str) -> object:
+    """The default of setting ``name``, for help texts: the settings object is its one source."""
+    return Settings.model_fields[name].default
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     """Settings with every flag the user passed applied on top."""
     return load_settings(**{k: v for k, v in vars(args).items() if k in Settings.model_fields})

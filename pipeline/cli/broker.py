@@ -6,6 +6,7 @@ import signal
 import threading
 
 from pipeline.broker import IMPLEMENTATIONS, kafka_cluster
+from pipeline.cli import setting_default
 from pipeline.kafka import broker_file
 
 
@@ -18,9 +19,14 @@ def register(subparsers) -> None:
         "set, only creates the topics on that cluster.",
     )
     parser.add_argument(
-        "--impl", dest="broker_impl", choices=IMPLEMENTATIONS, help="broker implementation (default noida)"
+        "--impl",
+        dest="broker_impl",
+        choices=IMPLEMENTATIONS,
+        help=f"broker implementation (default {setting_default('broker_impl')})",
     )
-    parser.add_argument("--host", dest="broker_host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument(
+        "--host", dest="broker_host", help=f"address to bind (default {setting_default('broker_host')})"
+    )
     parser.add_argument("--port", dest="broker_port", type=int, help="port (default: a free one)")
     parser.set_defaults(func=run)
 

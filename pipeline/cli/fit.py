@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from pipeline.cli import setting_default
 from pipeline.ps.algorithms import ALGORITHMS
 
 
@@ -27,9 +28,13 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", dest="batch_size", type=int)
     parser.add_argument("--learning-rate", dest="learning_rate", type=float, help="default: the model spec's")
     parser.add_argument("--communication-window", dest="communication_window", type=int)
-    parser.add_argument("--master", dest="spark_master", help="Spark master (default local[2])")
+    parser.add_argument(
+        "--master", dest="spark_master", help=f"Spark master (default {setting_default('spark_master')})"
+    )
     parser.add_argument("--label-column", default="label")
-    parser.add_argument("--holdout", type=float, default=0.1, help="fraction held out for evaluation (default 0.1)")
+    parser.add_argument(
+        "--holdout", type=float, default=0.1, help="fraction held out for evaluation (default %(default)s)"
+    )
     parser.add_argument("--promote", action="store_true", help="make the result champion, not only candidate")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(func=run)

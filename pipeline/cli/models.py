@@ -26,8 +26,10 @@ def register(subparsers) -> None:
         "create", help="a new model from a built-in spec; its random-initialised version 1 becomes champion"
     )
     create.add_argument("name", help="model name (letters, digits, . _ -)")
-    create.add_argument("--spec", choices=sorted(BUILTIN_SPECS), default="higgs", help="built-in spec (default higgs)")
-    create.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default 0)")
+    create.add_argument(
+        "--spec", choices=sorted(BUILTIN_SPECS), default="higgs", help="built-in spec (default %(default)s)"
+    )
+    create.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default %(default)s)")
     create.add_argument(
         "--exist-ok",
         action="store_true",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 
+from pipeline.cli import setting_default
+
 log = logging.getLogger("streamfit.predict")
 
 
@@ -15,8 +17,10 @@ def register(subparsers) -> None:
         description="Stream events from Kafka through the champion model and write "
         "predictions; invalid events go to the dead-letter topic.",
     )
-    parser.add_argument("--model", dest="model", help="registered model name (default higgs)")
-    parser.add_argument("--master", dest="spark_master", help="Spark master (default local[2])")
+    parser.add_argument("--model", dest="model", help=f"registered model name (default {setting_default('model')})")
+    parser.add_argument(
+        "--master", dest="spark_master", help=f"Spark master (default {setting_default('spark_master')})"
+    )
     parser.add_argument("--max-offsets-per-trigger", dest="max_offsets_per_trigger", type=int)
     parser.add_argument(
         "--trigger-interval", dest="trigger_interval_s", type=float, help="seconds between micro-batches (default 0.5)"
@@ -61,7 +65,7 @@ def run(args) -> int:
         metrics = job.reporter.metrics.serve(settings.predict_metrics_port) if settings.predict_metrics_port else None
         if metrics:
             down.callback(metrics.shutdown)
-        checkpoint = settings.predict_checkpoint or str(settings.home / "checkpoints" / "inference")
+        checkpoint = settings.predict_checkpoint_dir
         supervisor = QuerySupervisor(job.start(checkpoint), lambda: job.start(checkpoint))
         print(
             f"predicting {settings.topic_events} -> {settings.topic_predictions} with {settings.model} "

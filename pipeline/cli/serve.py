@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pipeline.cli import setting_default
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -17,17 +19,23 @@ def register(subparsers) -> None:
         dest="models",
         action="append",
         metavar="NAME",
-        help="a registry model to serve; repeat for several (default: the model setting, higgs)",
+        help=f"a registry model to serve; repeat for several (default: the model setting, {setting_default('model')})",
     )
-    parser.add_argument("--host", dest="serve_host", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", dest="serve_port", type=int, help="port (default 8000)")
+    parser.add_argument("--host", dest="serve_host", help=f"address to bind (default {setting_default('serve_host')})")
+    parser.add_argument("--port", dest="serve_port", type=int, help=f"port (default {setting_default('serve_port')})")
     parser.add_argument("--registry", dest="registry", help="registry root: a path or an fsspec URL")
-    parser.add_argument("--max-batch-size", dest="max_batch_size", type=int, help="rows per forward pass (default 64)")
+    parser.add_argument(
+        "--max-batch-size",
+        dest="max_batch_size",
+        type=int,
+        help=f"rows per forward pass (default {setting_default('max_batch_size')})",
+    )
     parser.add_argument(
         "--max-batch-wait-ms",
         dest="max_batch_wait_ms",
         type=float,
-        help="longest a request waits for others to share its forward pass (default 2)",
+        help="longest a request waits for others to share its forward pass "
+        f"(default {setting_default('max_batch_wait_ms')})",
     )
     parser.add_argument("--access-log", action="store_true", help="log every request (off: /metrics counts them)")
     parser.set_defaults(func=run)

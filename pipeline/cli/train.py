@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pipeline.cli import setting_default
 from pipeline.ps.algorithms import STREAMABLE
 
 
@@ -13,18 +14,20 @@ def register(subparsers) -> None:
         "the parameter server with them over Spark workers; watch for drift and gate promotions. "
         "Needs a running `streamfit ps` for the same model.",
     )
-    parser.add_argument("--model", dest="model", help="registered model name (default higgs)")
+    parser.add_argument("--model", dest="model", help=f"registered model name (default {setting_default('model')})")
     parser.add_argument(
         "--algorithm",
         dest="algorithm",
         choices=STREAMABLE,
-        help="worker algorithm; must match the one `streamfit ps` runs (default adag)",
+        help=f"worker algorithm; must match the one `streamfit ps` runs (default {setting_default('algorithm')})",
     )
     parser.add_argument("--workers", dest="workers", type=int, help="Spark partitions training per micro-batch")
     parser.add_argument("--learning-rate", dest="learning_rate", type=float, help="default: the model spec's")
     parser.add_argument("--batch-size", dest="batch_size", type=int)
     parser.add_argument("--communication-window", dest="communication_window", type=int)
-    parser.add_argument("--epochs", dest="epochs", type=int, help="passes over each micro-batch (default 1)")
+    parser.add_argument(
+        "--epochs", dest="epochs", type=int, help=f"passes over each micro-batch (default {setting_default('epochs')})"
+    )
     parser.add_argument(
         "--auto-promote",
         dest="auto_promote",
@@ -32,7 +35,9 @@ def register(subparsers) -> None:
         default=None,
         help="promote candidates that pass the gate (default: they wait for `models promote`)",
     )
-    parser.add_argument("--master", dest="spark_master", help="Spark master (default local[2])")
+    parser.add_argument(
+        "--master", dest="spark_master", help=f"Spark master (default {setting_default('spark_master')})"
+    )
     parser.add_argument("--max-offsets-per-trigger", dest="max_offsets_per_trigger", type=int)
     parser.add_argument(
         "--trigger-interval", dest="trigger_interval_s", type=float, help="seconds between micro-batches (default 2)"
@@ -65,7 +70,7 @@ def run(args) -> int:
     spark = spark_session(settings, "streamfit-train")
     try:
         job = TrainingJob(spark, settings, servers, registry)
-        checkpoint = settings.train_checkpoint or str(settings.home / "checkpoints" / "training")
+        checkpoint = settings.train_checkpoint_dir
         supervisor = QuerySupervisor(
             job.start(checkpoint), lambda: job.start_query(checkpoint), on_restart=job.gauges.restarts.inc
         )

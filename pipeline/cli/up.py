@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+from pipeline.cli import setting_default
 from pipeline.ps.algorithms import STREAMABLE
 
 STATUS_EVERY_S = 5.0
@@ -31,12 +32,16 @@ def register(subparsers) -> None:
         "--model",
         dest="model",
         help="model to train and serve; created from the built-in spec of "
-        "the same name when missing (default here: small)",
+        f"the same name when missing (default here: {UP_DEFAULTS['model']})",
     )
-    parser.add_argument("--source", default="synth:hyperplane", help="producer source (default synth:hyperplane)")
-    parser.add_argument("--rate", type=float, default=500.0, help="events/s the producer sends (default 500)")
-    parser.add_argument("--label-fraction", type=float, default=0.5, help="share of labelled events (default 0.5)")
-    parser.add_argument("--invalid-fraction", type=float, default=0.01, help="share of broken events (default 0.01)")
+    parser.add_argument("--source", default="synth:hyperplane", help="producer source (default %(default)s)")
+    parser.add_argument("--rate", type=float, default=500.0, help="events/s the producer sends (default %(default)g)")
+    parser.add_argument(
+        "--label-fraction", type=float, default=0.5, help="share of labelled events (default %(default)s)"
+    )
+    parser.add_argument(
+        "--invalid-fraction", type=float, default=0.01, help="share of broken events (default %(default)s)"
+    )
     parser.add_argument("--drift-at", type=int, default=60_000, help="abrupt concept drift after N events (0: none)")
     parser.add_argument("--algorithm", dest="algorithm", choices=STREAMABLE)
     parser.add_argument("--workers", dest="workers", type=int, help="Spark partitions training per micro-batch")
@@ -47,9 +52,15 @@ def register(subparsers) -> None:
         default=None,
         help="candidates wait for `streamfit models promote` (default: the gate promotes them)",
     )
-    parser.add_argument("--port", dest="serve_port", type=int, help="serving port (default 8000)")
-    parser.add_argument("--ps-port", dest="ps_port", type=int, help="parameter server port (default 5700)")
-    parser.add_argument("--master", dest="spark_master", help="Spark master (default local[2])")
+    parser.add_argument(
+        "--port", dest="serve_port", type=int, help=f"serving port (default {setting_default('serve_port')})"
+    )
+    parser.add_argument(
+        "--ps-port", dest="ps_port", type=int, help=f"parameter server port (default {setting_default('ps_port')})"
+    )
+    parser.add_argument(
+        "--master", dest="spark_master", help=f"Spark master (default {setting_default('spark_master')})"
+    )
     parser.add_argument(
         "--max-offsets-per-trigger",
         dest="max_offsets_per_trigger",
