@@ -33,9 +33,16 @@ import pyarrow as pa
 
 from pipeline.dlq import dead_letter
 from pipeline.dlq_fence import DeadLetterFence, Source
-from pipeline.events import Event, FeatureSchema, Rejection, probability_problems, standardisation_problems, validate
+from pipeline.events import (
+    Event,
+    FeatureSchema,
+    Rejection,
+    ddl,
+    probability_problems,
+    standardisation_problems,
+    validate,
+)
 from pipeline.settings import Settings
-from pipeline.spark.ddl import ddl
 
 log = logging.getLogger(__name__)
 

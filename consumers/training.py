@@ -39,7 +39,7 @@ import pyarrow as pa
 from pipeline.bundle import has_identity_standardisation
 from pipeline.dlq import MAX_RAW_BYTES, dead_letter
 from pipeline.dlq_fence import DeadLetterFence, source
-from pipeline.events import Event, FeatureSchema, Rejection, standardisation_problems, validate
+from pipeline.events import Event, FeatureSchema, Rejection, ddl, standardisation_problems, validate
 from pipeline.policies.drift_boost import DriftBoost
 from pipeline.policies.prequential import BatchScore, Prequential
 from pipeline.policies.promotion import PromotionGate
@@ -47,7 +47,6 @@ from pipeline.ps.algorithms import ALGORITHMS, STREAMABLE, WorkerReport, algorit
 from pipeline.ps.client import ServerError
 from pipeline.ps.protocol import CommitTag, settings_secret
 from pipeline.settings import Settings
-from pipeline.spark.ddl import ddl
 from pipeline.training import Scores, TrainingPlan, local_model, poisonous_rows, report_fields, rows_of, train_rows
 
 log = logging.getLogger(__name__)

@@ -28,9 +28,13 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import orjson
+
+if TYPE_CHECKING:
+    import pyarrow as pa  # type: ignore[import-untyped]
 
 FLOAT32_ROUNDS_TO_INF = 2**128 - 2**103
 """The smallest magnitude float32 rounds to infinity: half an ulp past its largest value, 2**128 - 2**104."""
@@ -262,3 +266,44 @@ def _utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+# The Arrow batches events travel in through Spark (``mapInArrow``, the Kafka data source) are built
+# with an Arrow schema, while Spark wants the same columns as a DDL string: it is derived, not rewritten.
+
+
+def ddl_type(kind: pa.DataType) -> str:
+    """The Spark SQL type of an Arrow type (those the pipeline's Arrow batches use).
+
+    >>> import pyarrow as pa
+    >>> ddl_type(pa.list_(pa.float32())), ddl_type(pa.int64())
+    ('array<float>', 'long')
+    """
+    import pyarrow as pa
+
+    simple = {
+        pa.string(): "string",
+        pa.binary(): "binary",
+        pa.int64(): "long",
+        pa.int32(): "int",
+        pa.float64(): "double",
+        pa.float32(): "float",
+        pa.bool_(): "boolean",
+    }
+    if kind in simple:
+        return simple[kind]
+    if pa.types.is_list(kind):
+        return f"array<{ddl_type(kind.value_type)}>"
+    if pa.types.is_timestamp(kind) and kind.tz is not None:
+        return "timestamp"
+    raise TypeError(f"no Spark DDL type for Arrow type {kind}")
+
+
+def ddl(schema: pa.Schema) -> str:
+    """The Spark DDL string (``name type, ...``) of an Arrow schema, fields in order.
+
+    >>> import pyarrow as pa
+    >>> ddl(pa.schema([("kind", pa.string()), ("features", pa.list_(pa.float32())), ("n", pa.int64())]))
+    'kind string, features array<float>, n long'
+    """
+    return ", ".join(f"{field.name} {ddl_type(field.type)}" for field in schema)

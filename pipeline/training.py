@@ -30,10 +30,10 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
+from pipeline.events import ddl
 from pipeline.ps.algorithms import ALGORITHMS, Algorithm, WorkerReport, algorithm_class
 from pipeline.ps.client import Client, ShardedClient
 from pipeline.ps.protocol import CommitTag
-from pipeline.spark.ddl import ddl
 from pipeline.spec import ModelSpec
 
 # what a worker reports per partition (a DDL string: mapInArrow wants one)

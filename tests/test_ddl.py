@@ -1,9 +1,9 @@
-"""pipeline.spark.ddl: the Spark DDL of an Arrow schema, so each mapInArrow output is described once."""
+"""pipeline.events.ddl: the Spark DDL of an Arrow schema, so each mapInArrow output is described once."""
 
 import pyarrow as pa
 import pytest
 
-from pipeline.spark.ddl import ddl, ddl_type
+from pipeline.events import ddl, ddl_type
 
 
 @pytest.mark.parametrize(

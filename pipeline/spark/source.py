@@ -42,7 +42,7 @@ from pyspark.sql.datasource import (
 )
 from pyspark.sql.streaming.datasource import ReadAllAvailable, ReadLimit, ReadMaxRows, SupportsTriggerAvailableNow
 
-from pipeline.spark.ddl import ddl
+from pipeline.events import ddl
 from pipeline.spark.offsets import (
     KafkaOffsetReader,
     OffsetError,
