@@ -36,7 +36,7 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from pipeline.bundle import has_identity_standardisation
+from pipeline.bundle import Standardisation, fit_standardisation, has_identity_standardisation
 from pipeline.dlq import MAX_RAW_BYTES, dead_letter
 from pipeline.dlq_fence import DeadLetterFence, source
 from pipeline.events import Event, FeatureSchema, Rejection, ddl, standardisation_problems, validate
@@ -74,7 +74,6 @@ STEP_SCHEMA = pa.schema(
     [*CHECK_SCHEMA, ("correct", pa.bool_()), ("label_probability", pa.float32()), ("report", pa.string())]
 )
 STEP_DDL = ddl(STEP_SCHEMA)
-Standardisation = tuple[np.ndarray, np.ndarray]  # the model's (mean, std), as its first layer applies them
 STANDARDISE_WORKER = 2**32 - 1  # the worker id of the driver's one standardisation commit (workers are partitions)
 
 
@@ -504,11 +503,8 @@ class TrainingJob:
             if not len(x):  # nothing to fit it on yet: the next micro-batch looks again
                 return (center["standardise/mean"], center["standardise/std"]), 0
             x = _without_outliers(x.astype(np.float64))  # float64: squares of valid float32s near its limit overflow
-            std = x.std(axis=0)
-            delta = {
-                "standardise/mean": x.mean(axis=0).astype(np.float32),
-                "standardise/std": (np.where(std > 1e-12, std, 1.0) - 1.0).astype(np.float32),
-            }
+            mean, std = fit_standardisation(x)
+            delta = {"standardise/mean": mean.astype(np.float32), "standardise/std": (std - 1.0).astype(np.float32)}
             applied = int(
                 self.client.commit(delta, tag=CommitTag(self._query_id(), batch_id, STANDARDISE_WORKER)).status
                 == "applied"

@@ -65,6 +65,37 @@ def has_identity_standardisation(weights: Mapping[str, np.ndarray]) -> bool:
     return not np.any(weights["standardise/mean"]) and bool(np.all(weights["standardise/std"] == 1.0))
 
 
+Standardisation = tuple[np.ndarray, np.ndarray]
+"""A model's (mean, std) per feature, as its first layer applies them."""
+
+
+def standardisation_from_moments(mean: np.ndarray, std: np.ndarray) -> Standardisation:
+    """The standardisation of features with these means and (population) stds: a constant feature
+    keeps std 1, so it is only centred. Every fit of the standardisation (numpy or Spark) ends here.
+
+    >>> standardisation_from_moments(np.array([2.0, 5.0]), np.array([0.5, 0.0]))[1].tolist()
+    [0.5, 1.0]
+    """
+    return mean, np.where(std > 1e-12, std, 1.0)
+
+
+def fit_standardisation(x: np.ndarray) -> Standardisation:
+    """The standardisation of the rows ``x``, computed in float64 (squares of valid float32s near its
+    limit overflow float32); float64 arrays.
+
+    >>> mean, std = fit_standardisation(np.array([[1.0, 3.0], [3.0, 3.0]], np.float32))
+    >>> mean.tolist(), std.tolist()
+    ([2.0, 3.0], [1.0, 1.0])
+    """
+    x = np.asarray(x, dtype=np.float64)
+    return standardisation_from_moments(x.mean(axis=0), x.std(axis=0))
+
+
+def standardisation_weights(mean: np.ndarray, std: np.ndarray) -> dict[str, np.ndarray]:
+    """The standardisation layer's weights (float32) for ``(mean, std)``, to merge into a model's weights."""
+    return {"standardise/mean": np.asarray(mean, np.float32), "standardise/std": np.asarray(std, np.float32)}
+
+
 ENGINES = ("auto", "numpy", "tensorflow")
 
 
@@ -146,13 +177,8 @@ class ModelBundle:
         self.predict_proba(np.zeros((1, self.spec.n_features), np.float32))
 
     def fit_standardisation(self, x: np.ndarray) -> None:
-        """Set the standardisation layer from data; a constant feature keeps std 1 (it is only centred)."""
-        x = np.asarray(x, dtype=np.float64)
-        std = x.std(axis=0)
-        self.set_weights(
-            self.get_weights()
-            | {"standardise/mean": x.mean(axis=0), "standardise/std": np.where(std > 1e-12, std, 1.0)}
-        )
+        """Set the standardisation layer from data (:func:`fit_standardisation`)."""
+        self.set_weights(self.get_weights() | standardisation_weights(*fit_standardisation(x)))
 
     def train_on_batch(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
         """One step of the spec's optimizer on ``mean_i(sample_weight_i * loss_i)``; returns that loss.

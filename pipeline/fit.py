@@ -24,7 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.bundle import has_identity_standardisation
+from pipeline.bundle import (
+    Standardisation,
+    has_identity_standardisation,
+    standardisation_from_moments,
+    standardisation_weights,
+)
 from pipeline.ps.algorithms import algorithm_class
 from pipeline.ps.server import CenterState, ParameterServer
 from pipeline.publishing import register_trained
@@ -116,15 +121,14 @@ def _features_column(raw, spec: ModelSpec, label_column: str, path: Path):
     return F.array(*(F.col(f"`{c}`").cast("float") for c in columns))
 
 
-def standardisation_of(frame, n_features: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and population std, computed by Spark; a constant feature gets std 1."""
+def standardisation_of(frame, n_features: int) -> Standardisation:
+    """Per-feature mean and population std, computed by Spark (:func:`pipeline.bundle.standardisation_from_moments`)."""
     from pyspark.sql import functions as F
 
     aggregates = [F.avg(F.col("features")[i]) for i in range(n_features)]
     aggregates += [F.stddev_pop(F.col("features")[i]) for i in range(n_features)]
     values = np.array(frame.agg(*aggregates).first(), dtype=np.float64)
-    mean, std = values[:n_features], values[n_features:]
-    return mean, np.where(std > 1e-12, std, 1.0)
+    return standardisation_from_moments(values[:n_features], values[n_features:])
 
 
 def fit(
@@ -154,9 +158,7 @@ def fit(
     if rows == 0:
         raise FitError(f"{data}: no valid labelled rows to train on ({invalid} invalid)")
     if has_identity_standardisation(weights):
-        weights["standardise/mean"], weights["standardise/std"] = (
-            v.astype(np.float32) for v in standardisation_of(train, spec.n_features)
-        )
+        weights |= standardisation_weights(*standardisation_of(train, spec.n_features))
     plan = _plan(settings, spec, rows, run_id)
     state = CenterState(weights, plan.algorithm().rule())
     secret = secrets.token_hex(16)
