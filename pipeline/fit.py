@@ -37,9 +37,7 @@ from pipeline.registry import Registry
 from pipeline.settings import Settings
 from pipeline.spec import ModelSpec
 from pipeline.training import REPORT_DDL, TrainingPlan, arrow_trainer, rows_of
-
-READERS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".ndjson": "json"}
-NON_FEATURES = ("id", "ts", "event_ts")
+from producers.files import Columns, file_format
 
 
 class FitError(ValueError):
@@ -65,9 +63,10 @@ def training_frame(spark, path: str | Path, spec: ModelSpec, label_column: str =
     from pyspark.sql import functions as F
 
     path = Path(path)
-    kind = READERS.get(path.suffix.lower())
-    if kind is None:
-        raise FitError(f"{path}: unknown file type {path.suffix!r}; use one of {', '.join(sorted(READERS))}")
+    try:
+        kind = file_format(path)
+    except ValueError as exc:
+        raise FitError(str(exc)) from None
     if not path.exists():
         raise FitError(f"{path}: no such file")
     reader = spark.read.option("header", "true").option("inferSchema", "true") if kind == "csv" else spark.read
@@ -106,12 +105,7 @@ def _features_column(raw, spec: ModelSpec, label_column: str, path: Path):
         if isinstance(kind, ArrayType):
             return F.col("features").cast("array<float>")
         raise FitError(f"{path}: column 'features' is {kind.simpleString()}, expected a list or an object")
-    named = [name for name in spec.feature_names if name in raw.columns]
-    columns = (
-        named
-        if len(named) == spec.n_features
-        else [c for c in raw.columns if c != label_column and c not in NON_FEATURES]
-    )
+    columns = Columns(label_column=label_column).features_of(raw.columns, spec.feature_names)
     if len(columns) != spec.n_features:
         raise FitError(
             f"{path}: model {spec.name!r} needs {spec.n_features} feature columns "

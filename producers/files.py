@@ -2,7 +2,9 @@
 
 Each row becomes an event document: ``id`` from ``id_column`` (else ``<file>-<row>``),
 ``ts`` from ``ts_column`` (else now), ``label`` from ``label_column`` (empty means
-unlabelled) and ``features`` from ``feature_columns`` (default: every other column).
+unlabelled) and ``features`` from ``feature_columns`` (default: every other column but
+``event_ts``). ``file_format`` (the suffixes) and ``Columns.features_of`` (the feature columns) are
+also what ``streamfit fit`` reads a file with (:mod:`pipeline.fit`).
 A JSON line that already has a ``features`` field is taken as an event as it is.
 Rows are not validated here: the producer validates every document with the same
 validator the consumers use, and sends the rejects to the dead-letter topic. Nothing a
@@ -16,13 +18,31 @@ from __future__ import annotations
 import csv
 import io
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 
 from pipeline.events import duplicate_key
+
+FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".ndjson": "json"}
+"""A file's format by its suffix (any case), for the producer's replay and ``streamfit fit`` alike."""
+RESERVED = ("event_ts",)
+"""Columns never taken as features besides the id, label and ts columns: the prediction records' timestamp."""
+
+
+def file_format(path: str | Path) -> str:
+    """``csv``, ``json`` (JSON lines) or ``parquet``, decided by the suffix; ``ValueError`` for others.
+
+    >>> file_format("rows.PQ"), file_format("events.ndjson")
+    ('parquet', 'json')
+    """
+    path = Path(path)
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(sorted(FORMATS))}")
+    return kind
 
 
 @dataclass(frozen=True)
@@ -32,13 +52,25 @@ class Columns:
     ts_column: str | None = "ts"
     feature_columns: tuple[str, ...] | None = None
 
-    def features_of(self, header: list[str]) -> tuple[str, ...]:
+    def features_of(self, header: Sequence[str], names: Sequence[str] | None = None) -> tuple[str, ...]:
+        """The feature columns of a file with columns ``header``: ``feature_columns`` if given (each must
+        be there); else ``names`` (a model's feature names) if the file has them all; else every column
+        but the id, label and ts columns and ``RESERVED``.
+
+        >>> Columns().features_of(["id", "a", "b", "label", "ts", "event_ts"])
+        ('a', 'b')
+        >>> Columns().features_of(["id", "b", "a", "extra", "label"], names=["a", "b"])
+        ('a', 'b')
+        """
         if self.feature_columns:
             missing = [c for c in self.feature_columns if c not in header]
             if missing:
                 raise ValueError(f"feature column(s) not in the file: {', '.join(missing)}")
             return self.feature_columns
-        return tuple(c for c in header if c not in (self.id_column, self.label_column, self.ts_column))
+        if names is not None and all(name in header for name in names):
+            return tuple(names)
+        other = (self.id_column, self.label_column, self.ts_column, *RESERVED)
+        return tuple(c for c in header if c not in other)
 
 
 @dataclass(frozen=True)
@@ -130,20 +162,16 @@ def _parquet_rows(path: Path) -> Iterator[tuple[dict | None, bytes, str | None]]
 
 
 READERS = {
-    ".csv": lambda p, c: _csv_rows(p, c),
-    ".jsonl": lambda p, c: _jsonl_rows(p),
-    ".json": lambda p, c: _jsonl_rows(p),
-    ".ndjson": lambda p, c: _jsonl_rows(p),
-    ".parquet": lambda p, c: _parquet_rows(p),
+    "csv": lambda p, c: _csv_rows(p, c),
+    "json": lambda p, c: _jsonl_rows(p),
+    "parquet": lambda p, c: _parquet_rows(p),
 }
 
 
 def file_rows(path: str | Path, columns: Columns = Columns()) -> Iterator[FileRow]:
     """Stream the rows of a file as event documents (or unreadable rows with their error)."""
     path = Path(path)
-    reader = READERS.get(path.suffix.lower())
-    if reader is None:
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .csv, .jsonl or .parquet")
+    reader = READERS[file_format(path)]
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     features: tuple[str, ...] | None = None
