@@ -19,7 +19,6 @@ fallback for architectures numpy cannot run, imported when such a bundle is buil
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError
@@ -150,12 +149,6 @@ class ModelBundle:
         for value in self._statistics:
             value.flags.writeable = False
 
-    def save_weights(self, path: str | Path) -> None:
-        Path(path).write_bytes(weights_to_bytes(self.get_weights()))
-
-    def load_weights(self, path: str | Path) -> None:
-        self.set_weights(weights_from_bytes(Path(path).read_bytes()))
-
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities, shape ``(n, n_classes)``, for rows ``x`` of shape ``(n, n_features)``."""
         x = np.asarray(x, dtype=np.float32)
@@ -175,10 +168,6 @@ class ModelBundle:
     def warm(self) -> None:
         """Run inference once now, so the first real request does not pay for tracing (TensorFlow)."""
         self.predict_proba(np.zeros((1, self.spec.n_features), np.float32))
-
-    def fit_standardisation(self, x: np.ndarray) -> None:
-        """Set the standardisation layer from data (:func:`fit_standardisation`)."""
-        self.set_weights(self.get_weights() | standardisation_weights(*fit_standardisation(x)))
 
     def train_on_batch(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
         """One step of the spec's optimizer on ``mean_i(sample_weight_i * loss_i)``; returns that loss.

@@ -53,10 +53,6 @@ class FeatureSchema:
     n_classes: int = 2
     max_bytes: int = 64 * 1024
 
-    @classmethod
-    def anonymous(cls, n_features: int, n_classes: int = 2, max_bytes: int = 64 * 1024) -> FeatureSchema:
-        return cls(tuple(f"f{i}" for i in range(n_features)), n_classes, max_bytes)
-
     @property
     def n_features(self) -> int:
         return len(self.names)

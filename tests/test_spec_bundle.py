@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from pipeline.bundle import ModelBundle, WeightsError, weights_from_bytes
+from pipeline.bundle import (
+    ModelBundle,
+    WeightsError,
+    fit_standardisation,
+    standardisation_weights,
+    weights_from_bytes,
+    weights_to_bytes,
+)
 from pipeline.spec import BUILTIN_SPECS, ModelSpec
 
 SMALL = BUILTIN_SPECS["small"]
@@ -73,9 +80,9 @@ def test_initial_weights_are_deterministic_per_seed():
 
 def test_safetensors_round_trip_and_unreadable_file(tmp_path):
     source, target = ModelBundle(SMALL, seed=1), ModelBundle(SMALL, seed=2)
-    source.fit_standardisation(rows(100) * 3 + 1)
-    source.save_weights(tmp_path / "w.safetensors")
-    target.load_weights(tmp_path / "w.safetensors")
+    source.set_weights(source.get_weights() | standardisation_weights(*fit_standardisation(rows(100) * 3 + 1)))
+    (tmp_path / "w.safetensors").write_bytes(weights_to_bytes(source.get_weights()))
+    target.set_weights(weights_from_bytes((tmp_path / "w.safetensors").read_bytes()))
     assert np.array_equal(source.predict_proba(rows(5)), target.predict_proba(rows(5)))
     with pytest.raises(WeightsError, match="not a readable safetensors payload"):
         weights_from_bytes(b"\x00" * 16)
@@ -96,7 +103,7 @@ def test_set_weights_checks_names_and_shapes_before_assigning_anything():
 def test_standardisation_is_part_of_the_model_and_travels_with_the_weights():
     x = rows(200) * 5 + 3
     fitted, plain = ModelBundle(SMALL, seed=1), ModelBundle(SMALL, seed=1)
-    fitted.fit_standardisation(x)
+    fitted.set_weights(fitted.get_weights() | standardisation_weights(*fit_standardisation(x)))
     standardised = (x - x.mean(axis=0)) / x.std(axis=0)
     assert np.allclose(fitted.predict_proba(x), plain.predict_proba(standardised), atol=1e-5)
     stats = {"mean": x.mean(axis=0).tolist(), "std": x.std(axis=0).tolist()}
