@@ -11,8 +11,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from bench.e2e import UpRun, processes_of
 from pipeline.registry import Registry
+from tests.up_process import WatchedUp, processes_of
 from tests.waiting import wait_until
 
 ENV = {
@@ -23,14 +23,14 @@ ENV = {
 }  # bounded micro-batches: the cold-start backlog drains in steps
 
 
-def _finish(run: UpRun, timeout_s: float) -> int:
+def _finish(run: WatchedUp, timeout_s: float) -> int:
     try:
         return run.wait(timeout_s)
     finally:
         run.kill()
 
 
-def _no_process_left(run: UpRun) -> None:
+def _no_process_left(run: WatchedUp) -> None:
     wait_until(
         lambda: not processes_of(run.home),
         15,
@@ -42,7 +42,7 @@ def _no_process_left(run: UpRun) -> None:
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     home = tmp_path_factory.mktemp("up") / "home"
-    run = UpRun(home, 120, rate=300, env=ENV, args=("--drift-at", "0", "--invalid-fraction", "0.02"))
+    run = WatchedUp(home, 120, rate=300, env=ENV, args=("--drift-at", "0", "--invalid-fraction", "0.02"))
     status = _finish(run, 600)
     return run, status
 
@@ -103,7 +103,7 @@ def test_a_second_up_resumes_where_the_first_stopped(first_run):
     predicted_before = Counter(p["id"] for p in first.values("predictions"))
     last_batch = max(m["batch_id"] for m in first.values("training-metrics"))
     started_ms = time.time() * 1000
-    run = UpRun(first.home, 30, rate=300, env=ENV, args=("--drift-at", "0"))
+    run = WatchedUp(first.home, 30, rate=300, env=ENV, args=("--drift-at", "0"))
     assert _finish(run, 400) == 0, "\n".join(run.output)
     _no_process_left(run)
     # the parameter server resumed from its checkpoint, and its candidates continue the version line

@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,9 +17,8 @@ import httpx
 import pytest
 
 from pipeline.broker import free_port
+from tests.helpers import STREAMFIT
 from tests.waiting import wait_until
-
-STREAMFIT = [sys.executable, "-m", "pipeline.cli"]
 
 
 class Part:
