@@ -12,7 +12,7 @@ import asyncio
 import secrets
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path
+from fastapi import APIRouter, Depends, HTTPException, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
@@ -34,83 +34,101 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def admin_router(host: ModelHost, registry: Registry, token: SecretStr | None) -> APIRouter:
-    """The ``/admin/models/{model}/...`` routes acting on ``host`` and ``registry``."""
+def _host(request: Request) -> ModelHost:
+    return request.app.state.host
 
-    async def authorised(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-        if token is None:
-            raise HTTPException(403, "admin endpoints are disabled: start the server with STREAMFIT_ADMIN_TOKEN set")
-        if credentials is None or not secrets.compare_digest(
-            credentials.credentials.encode(), token.get_secret_value().encode()
-        ):
-            raise HTTPException(
-                401,
-                "admin endpoints need 'Authorization: Bearer <admin token>'",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
 
-    router = APIRouter(
-        prefix="/admin/models/{model}", tags=["admin"], dependencies=[Depends(authorised)], responses=ERRORS
-    )
-    Model = Annotated[str, Path(description="a model this server serves")]
+def _registry(request: Request) -> Registry:
+    return request.app.state.registry
 
-    async def result(model: str, swap) -> AdminResult:
-        """Wait for the swap ``swap`` scheduled, then report where ``model`` stands."""
-        try:
-            await asyncio.wrap_future(swap)
-        except RegistryError as exc:
-            raise HTTPException(409, str(exc)) from None
-        except Exception as exc:  # noqa: BLE001 - the load failed: the swap thread logged it, the previous version serves
-            raise HTTPException(409, f"{exc}; still serving {_version(host, model)}") from None
-        champion = await run_in_threadpool(champion_of, registry, model)
-        state = host.state(model)
-        return AdminResult(
-            model=model, serving=state.served.version if state.served else None, champion=champion, pinned=state.pinned
+
+async def authorised(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    """Let the request through with the app's ``admin_token`` as bearer token (403 when there is none)."""
+    token: SecretStr | None = request.app.state.admin_token
+    if token is None:
+        raise HTTPException(403, "admin endpoints are disabled: start the server with STREAMFIT_ADMIN_TOKEN set")
+    if credentials is None or not secrets.compare_digest(
+        credentials.credentials.encode(), token.get_secret_value().encode()
+    ):
+        raise HTTPException(
+            401,
+            "admin endpoints need 'Authorization: Bearer <admin token>'",
+            headers={"WWW-Authenticate": "Bearer"},
         )
 
-    async def move(model: str, action) -> AdminResult:
+
+router = APIRouter(prefix="/admin/models/{model}", tags=["admin"], dependencies=[Depends(authorised)], responses=ERRORS)
+"""The ``/admin/models/{model}/...`` routes, acting on the app's ``state.host`` and ``state.registry``
+(and guarded by its ``state.admin_token``)."""
+
+Model = Annotated[str, Path(description="a model this server serves")]
+Host = Annotated[ModelHost, Depends(_host)]
+Models = Annotated[Registry, Depends(_registry)]
+
+
+async def _result(host: ModelHost, registry: Registry, model: str, swap) -> AdminResult:
+    """Wait for the swap ``swap`` scheduled, then report where ``model`` stands."""
+    try:
+        await asyncio.wrap_future(swap)
+    except RegistryError as exc:
+        raise HTTPException(409, str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - the load failed: the swap thread logged it, the previous version serves
+        raise HTTPException(409, f"{exc}; still serving {_version(host, model)}") from None
+    champion = await run_in_threadpool(champion_of, registry, model)
+    state = host.state(model)
+    return AdminResult(
+        model=model, serving=state.served.version if state.served else None, champion=champion, pinned=state.pinned
+    )
+
+
+async def _move(host: ModelHost, registry: Registry, model: str, action) -> AdminResult:
+    try:
+        await run_in_threadpool(action)
+    except RegistryError as exc:
+        raise HTTPException(409, str(exc)) from None
+    return await _result(host, registry, model, host.refresh(model, retry=True))
+
+
+@router.post("/promote", summary="Make a version champion (default: the candidate)")
+async def promote(model: Model, host: Host, registry: Models, body: PromoteRequest | None = None) -> AdminResult:
+    _served_here(host, model)
+    version = body.version if body else None
+    if version is not None:
         try:
-            await run_in_threadpool(action)
-        except RegistryError as exc:
-            raise HTTPException(409, str(exc)) from None
-        return await result(model, host.refresh(model, retry=True))
-
-    @router.post("/promote", summary="Make a version champion (default: the candidate)")
-    async def promote(model: Model, body: PromoteRequest | None = None) -> AdminResult:
-        _served_here(host, model)
-        version = body.version if body else None
-        if version is not None:
-            try:
-                await run_in_threadpool(registry.meta, model, version)
-            except RegistryError as exc:
-                raise HTTPException(404, str(exc)) from None
-        return await move(model, lambda: registry.promote(model, version))
-
-    @router.post("/rollback", summary="Move champion back to the previous champion")
-    async def rollback(model: Model) -> AdminResult:
-        _served_here(host, model)
-        return await move(model, lambda: registry.rollback(model))
-
-    @router.put("/pin", summary="Serve one version on this server, ignoring champion moves until unpinned")
-    async def pin(model: Model, body: PinRequest) -> AdminResult:
-        _served_here(host, model)
-        try:
-            swap = await run_in_threadpool(host.pin, model, body.version)
+            await run_in_threadpool(registry.meta, model, version)
         except RegistryError as exc:
             raise HTTPException(404, str(exc)) from None
-        return await result(model, swap)
+    return await _move(host, registry, model, lambda: registry.promote(model, version))
 
-    @router.delete("/pin", summary="Follow the champion again")
-    async def unpin(model: Model) -> AdminResult:
-        _served_here(host, model)
-        return await result(model, host.unpin(model))
 
-    @router.post("/reload", summary="Load the served target again from the registry (champion or pin)")
-    async def reload(model: Model) -> AdminResult:
-        _served_here(host, model)
-        return await result(model, host.refresh(model, reload=True))
+@router.post("/rollback", summary="Move champion back to the previous champion")
+async def rollback(model: Model, host: Host, registry: Models) -> AdminResult:
+    _served_here(host, model)
+    return await _move(host, registry, model, lambda: registry.rollback(model))
 
-    return router
+
+@router.put("/pin", summary="Serve one version on this server, ignoring champion moves until unpinned")
+async def pin(model: Model, host: Host, registry: Models, body: PinRequest) -> AdminResult:
+    _served_here(host, model)
+    try:
+        swap = await run_in_threadpool(host.pin, model, body.version)
+    except RegistryError as exc:
+        raise HTTPException(404, str(exc)) from None
+    return await _result(host, registry, model, swap)
+
+
+@router.delete("/pin", summary="Follow the champion again")
+async def unpin(model: Model, host: Host, registry: Models) -> AdminResult:
+    _served_here(host, model)
+    return await _result(host, registry, model, host.unpin(model))
+
+
+@router.post("/reload", summary="Load the served target again from the registry (champion or pin)")
+async def reload(model: Model, host: Host, registry: Models) -> AdminResult:
+    _served_here(host, model)
+    return await _result(host, registry, model, host.refresh(model, reload=True))
 
 
 def champion_of(registry: Registry, model: str) -> int | None:

@@ -20,8 +20,8 @@ from pipeline.model_updates import announcing_registry
 from pipeline.registry import Registry, RegistryError
 from pipeline.settings import Settings
 from pipeline.spec import BUILTIN_SPECS
-from serving import errors
-from serving.admin import admin_router, champion_of
+from serving import admin, errors
+from serving.admin import champion_of
 from serving.batching import Batcher, Overloaded
 from serving.content_type import JsonBodies
 from serving.follow import Follower
@@ -107,12 +107,12 @@ def create_app(settings: Settings, models: Sequence[str] | None = None) -> FastA
             announcer.close()
 
     app = FastAPI(title="streamfit serving", description=DESCRIPTION, version="1", openapi_tags=TAGS, lifespan=lifespan)
-    app.state.host = host
+    app.state.host, app.state.registry, app.state.admin_token = host, registry, settings.admin_token
     errors.install(app)
     app.add_middleware(JsonBodies)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
-    app.include_router(admin_router(host, registry, settings.admin_token))
+    app.include_router(admin.router)
     Model = Annotated[str, Path(description="the model's name in the registry", examples=models)]
 
     @app.post(
