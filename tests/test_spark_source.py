@@ -200,7 +200,8 @@ def test_a_partition_behind_the_query_or_gone_keeps_the_query_offset(kafka, topi
         reader.stop()
     assert end == again == {topic: {"0": 1000, "1": 20, "7": 55}}
     assert [(r.partition, r.start, r.end) for r in ranges(committed, end)] == [(1, 5, 20)]
-    warnings = [record.getMessage() for record in caplog.records]
+    # the source's own warnings: under load kafka-python also warns of a slow selector task
+    warnings = [record.getMessage() for record in caplog.records if record.name == "pipeline.spark.source"]
     assert len(warnings) == 2, warnings  # once per partition, not once per trigger
     assert any(f"{topic}[0]: the broker reports end offset 20, below the query's offset 1000" in w for w in warnings)
     assert any(f"{topic}[7]: the broker reports no such partition" in w for w in warnings)
