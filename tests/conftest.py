@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from pipeline.broker import EmbeddedBroker
-from tests.helpers import ROOT, STREAMFIT  # noqa: F401 (still imported from here by test_serving and test_fit)
 
 SLOW_FIXTURES = frozenset({"kafka", "tansu", "any_kafka", "spark", "cli_env"})
 

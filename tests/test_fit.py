@@ -18,7 +18,7 @@ from pipeline.registry import Registry
 from pipeline.settings import load_settings
 from pipeline.spec import BUILTIN_SPECS
 from pipeline.training import train_rows
-from tests.conftest import STREAMFIT
+from tests.helpers import STREAMFIT
 
 SPEC = BUILTIN_SPECS["small"]
 

@@ -29,7 +29,7 @@ from pipeline.registry import Registry
 from pipeline.settings import load_settings
 from pipeline.spec import BUILTIN_SPECS
 from serving.app import create_app
-from tests.conftest import ROOT, STREAMFIT
+from tests.helpers import ROOT, STREAMFIT
 
 SPEC = BUILTIN_SPECS["small"]
 TOKEN = "test-admin-token"
