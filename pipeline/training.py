@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pipeline.events import ddl
 from pipeline.ps.algorithms import ALGORITHMS, Algorithm, WorkerReport, algorithm_class
-from pipeline.ps.client import Client, ShardedClient
+from pipeline.ps.client import Client, ShardedClient, client_for
 from pipeline.ps.protocol import CommitTag
 from pipeline.spec import ModelSpec
 
@@ -119,9 +119,7 @@ class TrainingPlan(BaseModel):
 
     def client(self) -> Client | ShardedClient:
         secret = self.secret.encode() if self.secret else None
-        if len(self.addresses) == 1:
-            return Client(*self.addresses[0], secret=secret, timeout_s=self.io_timeout_s)
-        return ShardedClient(self.addresses, secret=secret, timeout_s=self.io_timeout_s)
+        return client_for(self.addresses, secret=secret, timeout_s=self.io_timeout_s)
 
 
 def local_model(spec: ModelSpec):
