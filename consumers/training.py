@@ -541,15 +541,22 @@ class TrainingJob:
         raise TrainingError("the training query is not active")
 
     def check_parameter_server(self) -> int:
-        """The server's update counter; a clear error when it is not reachable."""
-        try:
-            return self.client.stats()["counter"]
-        except OSError as exc:
-            s = self.settings
-            raise TrainingError(
-                f"parameter server at {s.ps_host}:{s.ps_port} ({s.ps_shards} shard(s)) is not "
-                f"reachable ({exc}): start it with `streamfit ps --model {s.model}`"
-            ) from exc
+        """The server's update counter, waiting up to ``ps_wait_s`` for one that is starting or
+        restarting; a clear error when it stays unreachable."""
+        deadline = time.monotonic() + self.settings.ps_wait_s
+        while True:
+            try:
+                return self.client.stats()["counter"]
+            except OSError as exc:
+                if time.monotonic() < deadline:
+                    log.info("parameter server not reachable yet (%s); retrying", exc)
+                    time.sleep(0.5)
+                    continue
+                s = self.settings
+                raise TrainingError(
+                    f"parameter server at {s.ps_host}:{s.ps_port} ({s.ps_shards} shard(s)) is not "
+                    f"reachable ({exc}): start it with `streamfit ps --model {s.model}`"
+                ) from exc
 
     def warm_workers(self) -> float:
         """Start Spark's Python workers and build the model in each, before the first micro-batch:

@@ -115,6 +115,12 @@ class Settings(BaseSettings):
     ps_max_connections: int = Field(64, ge=1, description="concurrent connections per shard; more get a 'busy' error")
     ps_max_frame_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     ps_io_timeout_s: float = Field(60.0, gt=0, description="a frame (or reply) must arrive completely within this")
+    ps_wait_s: float = Field(
+        30.0,
+        ge=0,
+        description="streamfit train waits this long at start for a parameter server that is not "
+        "reachable yet (one starting or restarting) before it stops with an error",
+    )
     ps_idle_timeout_s: float = Field(
         600.0, gt=0, description="connections idle this long are closed; also the longest pull wait"
     )

@@ -6,6 +6,9 @@ test_policies.py."""
 from __future__ import annotations
 
 import itertools
+import socket
+import threading
+import time
 
 import httpx
 import numpy as np
@@ -236,12 +239,36 @@ def test_ensemble_and_an_absent_parameter_server_are_clear_errors(spark, kafka, 
     registry.set_alias("small", "champion", registry.register("small", ModelBundle(SPEC).get_weights()))
     with pytest.raises(TrainingError, match="streamfit fit"):
         TrainingJob(spark, load_settings(home=tmp_path, model="small", algorithm="ensemble"), kafka, registry)
-    job = TrainingJob(
-        spark, load_settings(home=tmp_path, model="small", ps_port=1, kafka_source="python"), kafka, registry
-    )
+    settings = load_settings(home=tmp_path, model="small", ps_port=1, kafka_source="python", ps_wait_s=1)
+    job = TrainingJob(spark, settings, kafka, registry)
+    started = time.monotonic()
     with pytest.raises(TrainingError, match="streamfit ps --model small"):
         job.start(str(tmp_path / "ck"))
+    assert time.monotonic() - started >= 1, "gave up before ps_wait_s"
     job.close()
+
+
+def test_a_parameter_server_that_comes_up_while_training_starts_is_waited_for(spark, kafka, tmp_path):
+    """streamfit train started beside a parameter server that is (re)starting waits for it (ps_wait_s)."""
+    registry = Registry(tmp_path / "registry")
+    registry.create_model(SPEC)
+    registry.set_alias("small", "champion", registry.register("small", ModelBundle(SPEC).get_weights()))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = load_settings(home=tmp_path, model="small", ps_port=port, kafka_source="python", ps_wait_s=30)
+    job = TrainingJob(spark, settings, kafka, registry)
+    state = CenterState(registry.weights("small")[1], from_settings(settings).rule())
+    late = threading.Timer(2.0, lambda: servers.append(ParameterServer(state, port=port).start()))
+    servers: list = []
+    late.start()
+    try:
+        assert job.check_parameter_server() == 0
+    finally:
+        late.join()
+        for server in servers:
+            server.stop()
+        job.close()
 
 
 def test_each_minibatch_is_scored_just_before_the_worker_trains_on_it():
