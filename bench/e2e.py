@@ -20,102 +20,43 @@ prints one JSON object with, per model:
 <= 15 s, peak memory of all processes <= 3 GB, and both queries keeping up (their lag at the end of
 the window under 5 s of traffic).
 
-:class:`UpRun` is also what the end-to-end tests and ``bench.soak`` use to watch their runs.
+:class:`UpRun` (the tests' :class:`tests.up_process.WatchedUp` plus memory, CPU and lag samples) is
+also what ``bench.soak`` uses to watch its runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
-import orjson
-from kafka import TopicPartition
 
-from bench.processes import EventCount, committed_events, processes_of, snapshot
-from pipeline.broker import free_port
-from pipeline.kafka import consumer
-from pipeline.registry import Registry, RegistryError
-
-TOPICS = ("events", "events.dlq", "predictions", "training-metrics", "model-updates")
+from bench.processes import EventCount, committed_events, snapshot
+from tests.up_process import TOPICS, WatchedUp
 
 
-class UpRun:
-    """``streamfit up`` in a subprocess, plus watchers: champion vs served version, topics, memory."""
+class UpRun(WatchedUp):
+    """:class:`tests.up_process.WatchedUp` (``up`` in a subprocess; champion vs served version; topics)
+    plus what a benchmark measures: every 2 s each role's memory and CPU and each query's lag."""
 
-    def __init__(
-        self,
-        home: Path,
-        duration_s: float,
-        *,
-        rate: float = 400,
-        model: str = "small",
-        env: dict[str, str] | None = None,
-        args: tuple[str, ...] = (),
-        topics: tuple[str, ...] = TOPICS,
-    ):
-        """``topics``: the topics whose every record is kept in :attr:`records` (none for a long run: they
-        would fill this process's memory)."""
-        self.home, self.model, self.topics = home, model, topics
-        logging.getLogger("kafka").setLevel(logging.CRITICAL)  # the topic reader outlives the broker by a moment
-        self.serve_port, self.ps_port = free_port("127.0.0.1"), free_port("127.0.0.1")
-        self.url = f"http://127.0.0.1:{self.serve_port}"
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("STREAMFIT_")}
-        environment.update({"STREAMFIT_HOME": str(home), **(env or {})})
-        command = [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "up",
-            "--duration",
-            str(duration_s),
-            "--rate",
-            str(rate),
-            "--model",
-            model,
-            "--port",
-            str(self.serve_port),
-            "--ps-port",
-            str(self.ps_port),
-            *args,
-        ]
-        self.started, self.launched_at = time.monotonic(), time.time()
-        self.process = subprocess.Popen(
-            command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        self.output: list[str] = []
-        self.stopped_at: float | None = None  # when up began to stop (wall clock)
-        self.ready, self.stopping = threading.Event(), threading.Event()
-        self.champion_seen: dict[int, float] = {}
-        self.served_seen: dict[int, float] = {}
-        self.records: dict[str, list] = {topic: [] for topic in TOPICS}
+    def __init__(self, home: Path, duration_s: float, *, topics: tuple[str, ...] = TOPICS, **kwargs):
+        """``topics``: keep every record of the run's topics (``()`` for a long run: they would fill
+        this process's memory)."""
+        self.keep_records = bool(topics)
         self.samples: list[dict] = []  # every 2 s: t (s since launch), roles (bench.processes.snapshot), lag
-        self.request_errors: list[str] = []
-        self._stopped = threading.Event()
-        self._threads = [
-            threading.Thread(target=target, daemon=True)
-            for target in (self._read_output, self._watch_versions, self._read_topics, self._watch_processes)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self.stopped_at: float | None = None  # when up began to stop (wall clock)
+        self.started, self.launched_at = time.monotonic(), time.time()
+        super().__init__(home, duration_s, **kwargs)
+        self.url = f"http://127.0.0.1:{self.serve_port}"
 
-    def wait(self, timeout_s: float) -> int:
-        try:
-            return self.process.wait(timeout_s)
-        finally:
-            self._stopped.set()
-            for thread in self._threads:
-                thread.join(timeout=10)
+    def _watchers(self) -> list:
+        kept = [w for w in super()._watchers() if self.keep_records or w != self._read_topics]
+        return [*kept, self._watch_processes, self._note_stop]
 
     def stop(self, timeout_s: float) -> int:
         """Ask ``up`` to stop in order (SIGTERM: pyspark's own SIGINT handler turns a Ctrl-C into a
@@ -124,73 +65,11 @@ class UpRun:
             self.process.send_signal(signal.SIGTERM)
         return self.wait(timeout_s)
 
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        for pid in processes_of(self.home):
-            try:
-                os.kill(pid, 9)
-            except OSError:
-                pass
-
-    def _read_output(self) -> None:
-        for line in self.process.stdout:
-            self.output.append(line.rstrip("\n"))
-            if line.startswith("serving "):
-                self.ready.set()
-            elif line.startswith("stopping"):
-                self.stopped_at = self.stopped_at or time.time()
-                self.stopping.set()
-        self.ready.set()  # ended: nobody should wait for readiness any more
-
-    def _watch_versions(self) -> None:
-        """Every 20 ms: the registry's champion and the version the serving app answers with."""
-        registry = Registry(self.home / "registry")
-        row = None
-        with httpx.Client(base_url=self.url, timeout=5) as client:
-            while not self._stopped.is_set() and self.process.poll() is None:
-                now = time.monotonic()
-                try:
-                    self.champion_seen.setdefault(registry.resolve(self.model, "champion"), now)
-                    row = row or [[0.0] * registry.spec(self.model).n_features]
-                except (RegistryError, OSError, ValueError):
-                    pass
-                if self.ready.is_set() and row is not None:
-                    try:
-                        answer = client.post(f"/v1/models/{self.model}:predict", json={"instances": row})
-                        if answer.status_code == 200:
-                            self.served_seen.setdefault(answer.json()["model_version"], time.monotonic())
-                        elif self.process.poll() is None:
-                            self.request_errors.append(f"{answer.status_code} {answer.text[:200]}")
-                    except httpx.TransportError as exc:
-                        if self.process.poll() is None and not self.stopping.is_set():
-                            self.request_errors.append(repr(exc))
-                time.sleep(0.02)
-
-    def _read_topics(self) -> None:
-        """Every 0.5 s, whatever the run wrote to :attr:`topics` since (records carry their own times, so
-        reading late changes no figure, and a slow poll keeps this watcher's load on the broker small)."""
-        reader = None
-        while self.topics and not self._stopped.wait(0.5) and self.process.poll() is None:
-            if reader is None and self.ready.is_set():
-                reader = self._topic_reader()
-            for records in (reader.poll(timeout_ms=0, max_records=50_000) if reader else {}).values():
-                for record in records:
-                    self.records[record.topic].append(record)
-        if reader is not None:
-            reader.close()
-
-    def _topic_reader(self):
-        try:
-            bootstrap = json.loads((self.home / "broker.json").read_text())["bootstrap"]
-        except (OSError, ValueError, KeyError):
-            return None
-        reader = consumer(bootstrap, fetch_max_bytes=16 * 1024 * 1024)
-        reader.assign(
-            [TopicPartition(topic, p) for topic in self.topics for p in (reader.partitions_for_topic(topic) or ())]
-        )
-        reader.seek_to_beginning()
-        return reader
+    def _note_stop(self) -> None:
+        while not self._stopped.is_set():
+            if self.stopping.wait(0.5):
+                self.stopped_at = time.time()
+                return
 
     def _watch_processes(self) -> None:
         """Every 2 s: each role's memory and CPU, and how many events each query is behind."""
@@ -220,30 +99,6 @@ class UpRun:
     def peak_rss_mb(self) -> float:
         """The most memory all the run's processes held together at one sample."""
         return max((sum(r["rss_mb"] for r in sample["roles"].values()) for sample in self.samples), default=0.0)
-
-    # ----------------------------------------------------------------------------------------- figures
-
-    def values(self, topic: str) -> list[dict]:
-        out = []
-        for record in self.records[topic]:
-            try:
-                out.append(orjson.loads(record.value))
-            except orjson.JSONDecodeError:
-                pass
-        return out
-
-    def freshness(self) -> list[float]:
-        """Seconds from each champion (after the first) appearing to the server answering with it; only
-        versions that stayed champion long enough to be served (a newer one may supersede them first)."""
-        order = sorted(self.champion_seen.items(), key=lambda kv: kv[1])
-        delays = []
-        for (version, seen), following in zip(order[1:], order[2:] + [(None, float("inf"))]):
-            served = self.served_seen.get(version)
-            if served is not None:
-                delays.append(max(0.0, served - seen))
-            elif following[1] - seen > 1.0:
-                delays.append(float("inf"))  # champion for over a second and never served
-        return delays
 
 
 def rate(records: list) -> float | None:

@@ -12,22 +12,10 @@ import json
 import os
 from pathlib import Path
 
+from tests.up_process import processes_of
+
 ROLES = ("up", "broker", "ps", "serve", "spark_jvm", "spark_python_workers", "producer")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def processes_of(home: Path) -> list[int]:
-    """PIDs of live processes whose environment has ``STREAMFIT_HOME=home`` (what a run started)."""
-    marker = f"STREAMFIT_HOME={home}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if marker in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-            except OSError:  # gone meanwhile, or not ours
-                pass
-    return found
 
 
 def role_of(pid: int, up_pid: int) -> str:
