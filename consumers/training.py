@@ -31,6 +31,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterator
+from typing import TypedDict
 
 import numpy as np
 import orjson
@@ -242,6 +243,39 @@ class TrainingGauges:
         return start_http_server(port, addr=host, registry=self.registry)[0]
 
 
+class TrainingMetrics(TypedDict, total=False):
+    """One training micro-batch's record on ``training-metrics`` (JSON), as README's table documents it.
+    The score and training figures are there only when the micro-batch had labelled rows."""
+
+    model: str
+    batch_id: int
+    rows: int  # labelled rows trained
+    events: int
+    invalid: int
+    unlabelled: int
+    retries: int
+    poison: int
+    replayed_dead_letters: int
+    accuracy: float
+    log_loss: float
+    window_accuracy: float
+    drift: bool
+    drift_at_event: int | None
+    counter_before: int
+    counter_after: int
+    updates: int
+    replayed_commits: int
+    trained_rows: int
+    staleness_mean: float
+    staleness_max: int
+    learning_rate: float
+    gate: dict | None
+    versions_published: list[int]
+    seconds: float
+    phases: dict[str, float]
+    ts: int
+
+
 class TrainingJob:
     """Builds and starts the training query; ``history`` keeps the last micro-batches' metrics."""
 
@@ -272,7 +306,7 @@ class TrainingJob:
             auto_promote=settings.auto_promote,
         )
         self.producer = producer(bootstrap, settings.kafka_timeout_s, client_id="streamfit-train")
-        self.history: deque[dict] = deque(maxlen=1000)
+        self.history: deque[TrainingMetrics] = deque(maxlen=1000)
         self.gauges = TrainingGauges()
         self.boost = DriftBoost(settings.drift_boost, settings.drift_boost_events)
         self.warm_up_s = 0.0
@@ -311,7 +345,7 @@ class TrainingJob:
         futures = [self.producer.send(s.topic_dlq, value=value) for value in fresh]
         labelled = by_kind["train"]
         x, y = rows_of(labelled.to_batches(), self.spec.n_features)
-        record = {
+        record: TrainingMetrics = {
             "model": s.model,
             "batch_id": batch_id,
             "rows": len(y),

@@ -46,3 +46,12 @@ def test_the_module_table_matches_the_tree():
     }
     tree = {"pipeline/cli/<command>.py" if name.startswith("pipeline/cli/") else name for name in tree}
     assert listed == tree, {"not in the table": sorted(tree - listed), "not in the tree": sorted(listed - tree)}
+
+
+def test_the_training_metrics_table_names_every_field_of_the_record():
+    from consumers.training import TrainingMetrics
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("| field | meaning |") :].split("\n\n", 1)[0]
+    documented = {name for row in table.splitlines()[2:] for name in re.findall(r"`(\w+)`", row.split("|")[1])}
+    assert documented == set(TrainingMetrics.__annotations__)
