@@ -40,6 +40,7 @@ import pyarrow as pa
 from pipeline.bundle import Standardisation, fit_standardisation, has_identity_standardisation
 from pipeline.dlq import MAX_RAW_BYTES, dead_letter
 from pipeline.dlq_fence import DeadLetterFence, source
+from pipeline.errors import StreamfitError
 from pipeline.events import Event, FeatureSchema, Rejection, ddl, standardisation_problems, validate
 from pipeline.policies.drift_boost import DriftBoost
 from pipeline.policies.prequential import BatchScore, Prequential
@@ -78,7 +79,7 @@ STEP_DDL = ddl(STEP_SCHEMA)
 STANDARDISE_WORKER = 2**32 - 1  # the worker id of the driver's one standardisation commit (workers are partitions)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(StreamfitError, RuntimeError):
     """The training consumer cannot run as configured; the message says why."""
 
 

@@ -24,10 +24,11 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
+from pipeline.errors import StreamfitError
 from pipeline.spec import ModelSpec
 
 
-class WeightsError(ValueError):
+class WeightsError(StreamfitError, ValueError):
     """Weights that do not fit the model or cannot be read; the message names the tensor or file."""
 
 

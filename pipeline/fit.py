@@ -30,6 +30,7 @@ from pipeline.bundle import (
     standardisation_from_moments,
     standardisation_weights,
 )
+from pipeline.errors import StreamfitError
 from pipeline.ps.algorithms import algorithm_class
 from pipeline.ps.server import CenterState, ParameterServer
 from pipeline.publishing import register_trained
@@ -40,7 +41,7 @@ from pipeline.training import REPORT_DDL, TrainingPlan, arrow_trainer, rows_of
 from producers.files import Columns, file_format
 
 
-class FitError(ValueError):
+class FitError(StreamfitError, ValueError):
     """The data or the request cannot be trained on; the message says why."""
 
 

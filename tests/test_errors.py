@@ -7,10 +7,15 @@ import socket
 
 import pytest
 
+from consumers.training import TrainingError
 from pipeline import cli
 from pipeline.broker import BrokerError
+from pipeline.bundle import WeightsError
 from pipeline.errors import StreamfitError
+from pipeline.fit import FitError
 from pipeline.kafka import KafkaUnavailable
+from pipeline.ps.checkpoint import CheckpointError
+from pipeline.ps.shards import ShardError
 from pipeline.registry import RegistryError
 from pipeline.settings import SettingsError
 from pipeline.spark.session import SparkSetupError
@@ -18,7 +23,9 @@ from pipeline.up import UpError
 
 
 @pytest.mark.parametrize(
-    "error", [SettingsError, KafkaUnavailable, BrokerError, RegistryError, SparkSetupError, UpError, cli.CommandError]
+    "error",
+    [SettingsError, KafkaUnavailable, BrokerError, RegistryError, SparkSetupError, UpError, cli.CommandError]
+    + [FitError, TrainingError, WeightsError, CheckpointError, ShardError],
 )
 def test_user_errors_share_one_base_and_keep_their_builtin_one(error):
     assert issubclass(error, StreamfitError)

@@ -44,10 +44,9 @@ def run(args) -> int:
     from rich.console import Console
 
     from pipeline.cli import CommandError, settings_from
-    from pipeline.fit import FitError, fit
+    from pipeline.fit import fit
     from pipeline.model_updates import announcing_registry
-    from pipeline.registry import RegistryError
-    from pipeline.spark.session import SparkSetupError, spark_session
+    from pipeline.spark.session import spark_session
 
     if not 0 <= args.holdout < 1:
         raise CommandError(f"--holdout must be in [0, 1), got {args.holdout}")
@@ -75,8 +74,6 @@ def run(args) -> int:
                 )
         finally:
             spark.stop()
-    except (FitError, RegistryError, SparkSetupError) as exc:
-        raise CommandError(str(exc)) from None
     finally:
         announcer.close()
     if args.json:

@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from pipeline.model_updates import announcing_registry
 from pipeline.ps.algorithms import ALGORITHMS, from_settings
 from pipeline.ps.sharding import plan
-from pipeline.ps.shards import InitFile, InitVersion, ShardError, run_shards, serve_shard, shard_checkpoint
+from pipeline.ps.shards import InitFile, InitVersion, run_shards, serve_shard, shard_checkpoint
 from pipeline.registry import RegistryError
 
 
@@ -83,13 +83,10 @@ def run(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    try:
-        if shards == 1:
-            serve_shard(settings, 0, layout[0], init_source, stop, publish=True)
-        else:
-            run_shards(settings, layout, init_source, stop)
-    except ShardError as exc:
-        raise CommandError(str(exc)) from exc
+    if shards == 1:
+        serve_shard(settings, 0, layout[0], init_source, stop, publish=True)
+    else:
+        run_shards(settings, layout, init_source, stop)
     return 0
 
 

@@ -56,11 +56,11 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from consumers.training import TrainingError, TrainingJob
+    from consumers.training import TrainingJob
     from pipeline.cli import CommandError, run_until_stopped, settings_from
+    from pipeline.errors import StreamfitError
     from pipeline.kafka import bootstrap
     from pipeline.model_updates import announcing_registry
-    from pipeline.registry import RegistryError
     from pipeline.spark.session import spark_session, stop_between_batches
     from pipeline.spark.supervisor import QuerySupervisor
 
@@ -75,10 +75,10 @@ def run(args) -> int:
             job.start(checkpoint), lambda: job.start_query(checkpoint), on_restart=job.gauges.restarts.inc
         )
         metrics = job.gauges.serve(settings.train_metrics_port) if settings.train_metrics_port is not None else None
-    except (TrainingError, RegistryError) as exc:
+    except StreamfitError:  # printed by the CLI; Spark and the announcer are not left behind
         spark.stop()
         announcer.close()
-        raise CommandError(str(exc)) from None
+        raise
     print(
         f"training {settings.model} with {settings.algorithm} x{settings.workers} from {settings.topic_events} "
         f"(checkpoint {checkpoint}, auto-promote {'on' if settings.auto_promote else 'off'}); Ctrl-C stops",

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load, save as st_save
 
 from pipeline.durable import fsync_dir, replace_atomically
+from pipeline.errors import StreamfitError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ FORMAT = 1
 STATE_FILE = "state.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(StreamfitError, RuntimeError):
     """A checkpoint exists but cannot be read back faithfully (missing file, wrong hash, bad JSON)."""
 
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from safetensors import safe_open
 
+from pipeline.errors import StreamfitError
 from pipeline.model_updates import announcing_registry
 from pipeline.ps.algorithms import from_settings
 from pipeline.ps.checkpoint import Checkpoint, CheckpointError
@@ -37,7 +38,7 @@ from pipeline.publishing import CandidatePublisher, ShardedPublishing
 from pipeline.registry import RegistryError
 
 
-class ShardError(RuntimeError):
+class ShardError(StreamfitError, RuntimeError):
     """A shard cannot start, or a shard process exited: the message says why and what to do."""
 
 
