@@ -15,9 +15,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import SecretStr
 
 from pipeline.registry import Registry, RegistryError
+from serving.parts import Host, Models, parts_of
 from serving.schemas import AdminResult, Error, PinRequest, PromoteRequest
 from serving.swap import ModelHost, UnknownModel
 
@@ -34,19 +34,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _host(request: Request) -> ModelHost:
-    return request.app.state.host
-
-
-def _registry(request: Request) -> Registry:
-    return request.app.state.registry
-
-
 async def authorised(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
     """Let the request through with the app's ``admin_token`` as bearer token (403 when there is none)."""
-    token: SecretStr | None = request.app.state.admin_token
+    token = parts_of(request).admin_token
     if token is None:
         raise HTTPException(403, "admin endpoints are disabled: start the server with STREAMFIT_ADMIN_TOKEN set")
     if credentials is None or not secrets.compare_digest(
@@ -60,12 +52,10 @@ async def authorised(
 
 
 router = APIRouter(prefix="/admin/models/{model}", tags=["admin"], dependencies=[Depends(authorised)], responses=ERRORS)
-"""The ``/admin/models/{model}/...`` routes, acting on the app's ``state.host`` and ``state.registry``
-(and guarded by its ``state.admin_token``)."""
+"""The ``/admin/models/{model}/...`` routes, acting on the app's host and registry (and guarded by its
+admin token)."""
 
 Model = Annotated[str, Path(description="a model this server serves")]
-Host = Annotated[ModelHost, Depends(_host)]
-Models = Annotated[Registry, Depends(_registry)]
 
 
 async def _result(host: ModelHost, registry: Registry, model: str, swap) -> AdminResult:

@@ -13,8 +13,9 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import uvicorn
-from fastapi import Body, FastAPI, HTTPException, Path, Response
+from fastapi import APIRouter, FastAPI, HTTPException, Path, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.routing import APIRoute
 
 from pipeline.model_updates import announcing_registry
 from pipeline.registry import Registry, RegistryError
@@ -28,6 +29,7 @@ from serving.follow import Follower
 from serving.inputs import BadInput, check_answers, to_matrix
 from serving.limits import BodyLimit
 from serving.metrics import Metrics, RequestMetrics
+from serving.parts import Batching, Figures, Host, Models, Parts, store
 from serving.schemas import (
     Error,
     Health,
@@ -82,6 +84,14 @@ RETRY_AFTER_S = 1
 """What a 503 tells clients to wait: about the time a full queue takes to drain at small-model speed."""
 
 
+router = APIRouter()
+"""TF Serving's model routes and the health routes, acting on the app's :mod:`serving.parts`. The ``model``
+parameter's examples and the request examples depend on the app; :func:`create_app` adds them to its schema."""
+
+PREDICT = "/v1/models/{model}:predict"
+Model = Annotated[str, Path(description="the model's name in the registry")]
+
+
 def create_app(settings: Settings, models: Sequence[str] | None = None) -> FastAPI:
     """The serving app for ``models`` (default: ``settings.model``) from ``settings.registry_url``."""
     models = list(models or [settings.model])
@@ -107,130 +117,135 @@ def create_app(settings: Settings, models: Sequence[str] | None = None) -> FastA
             announcer.close()
 
     app = FastAPI(title="streamfit serving", description=DESCRIPTION, version="1", openapi_tags=TAGS, lifespan=lifespan)
-    app.state.host, app.state.registry, app.state.admin_token = host, registry, settings.admin_token
+    store(app, Parts(host, registry, batcher, metrics, settings.admin_token))
     errors.install(app)
     app.add_middleware(JsonBodies)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.include_router(admin.router)
-    Model = Annotated[str, Path(description="the model's name in the registry", examples=models)]
-
-    @app.post(
-        "/v1/models/{model}:predict",
-        tags=["predict"],
-        responses=BAD_REQUEST | UNKNOWN | OVERLOADED,
-        summary="Class probabilities for rows of features",
-    )
-    async def predict(
-        model: Model, body: Annotated[PredictRequest, Body(openapi_examples=_examples(registry, models[0]))]
-    ) -> PredictResponse:
-        served = _lease(host, model)
-        try:
-            x = to_matrix(body, served.spec, served.bundle.standardisation())
-        except BadInput as exc:
-            served.release()
-            raise HTTPException(400, str(exc)) from None
-        try:
-            y = await batcher.predict(served, x)  # releases the lease once computed, or at once when refused
-        except Overloaded as exc:
-            metrics.overloaded.labels(model).inc()
-            raise HTTPException(
-                503, f"overloaded: {exc}; retry after {RETRY_AFTER_S} s", headers={"Retry-After": str(RETRY_AFTER_S)}
-            ) from None
-        try:
-            check_answers(body, y)
-        except BadInput as exc:
-            raise HTTPException(400, str(exc)) from None
-        return PredictResponse(predictions=y.tolist(), model_version=served.version)
-
-    @app.get("/v1/models/{model}", tags=["models"], responses=UNKNOWN, summary="Version status (TF Serving's)")
-    async def status(model: Model) -> ModelStatus:
-        state = _state(host, model)
-        versions = []
-        if state.loading is not None:
-            versions.append(VersionStatus(version=str(state.loading), state="LOADING"))
-        if state.served is not None:
-            versions.append(VersionStatus(version=str(state.served.version), state="AVAILABLE"))
-        if state.failure is not None:
-            versions.append(
-                VersionStatus(
-                    version=str(state.failure.version or ""),
-                    state="END",
-                    status=Status(error_code="UNKNOWN", error_message=state.failure.reason),
-                )
-            )
-        champion = await run_in_threadpool(champion_of, registry, model)
-        return ModelStatus(model_version_status=versions, champion=champion, pinned=state.pinned)
-
-    @app.get(
-        "/v1/models/{model}/metadata",
-        tags=["models"],
-        responses=UNKNOWN | NOT_READY,
-        summary="Feature schema, classes, version and size of the served version",
-    )
-    async def metadata(model: Model) -> ModelMetadata:
-        served = _state(host, model).served
-        if served is None:
-            raise HTTPException(
-                503, f"model {model!r} has no version loaded yet", headers={"Retry-After": str(RETRY_AFTER_S)}
-            )
-        spec, meta = served.spec, served.meta
-        return ModelMetadata(
-            model_spec=ModelSpecRef(name=model, version=str(served.version)),
-            metadata=Signature(
-                features=spec.feature_names,
-                classes=spec.classes,
-                n_features=spec.n_features,
-                n_classes=spec.n_classes,
-                parameters=served.bundle.n_parameters,
-                builder=spec.builder,
-                builder_args=spec.builder_args,
-                created_at=meta["created_at"],
-                parent=meta["parent"],
-                algorithm=meta["algorithm"],
-                updates=meta["updates"],
-                metrics=meta["metrics"],
-            ),
-        )
-
-    @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
-    async def healthz() -> Health:
-        return Health()
-
-    @app.get(
-        "/readyz",
-        tags=["health"],
-        responses={503: {"model": Readiness, "description": "not ready"}},
-        summary="Readiness: every served model has a loaded, warmed version",
-    )
-    async def readyz(response: Response) -> Readiness:
-        states = {m: host.state(m) for m in host.models}
-        ready = all(state.served is not None for state in states.values())
-        response.status_code = 200 if ready else 503
-        return Readiness(
-            ready=ready,
-            models={
-                m: ModelReadiness(
-                    version=state.served.version if state.served else None,
-                    loading=state.loading,
-                    error=state.failure.reason if state.failure else None,
-                )
-                for m, state in states.items()
-            },
-        )
-
-    @app.get(
-        "/metrics",
-        tags=["health"],
-        response_class=Response,
-        summary="Prometheus metrics",
-        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
-    )
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=metrics.content_type)
-
-    _document_400_not_422(app)
+    app.include_router(router)
+    _finish_openapi(app, models, _examples(registry, models[0]))
     return app
+
+
+@router.post(
+    PREDICT,
+    tags=["predict"],
+    responses=BAD_REQUEST | UNKNOWN | OVERLOADED,
+    summary="Class probabilities for rows of features",
+)
+async def predict(
+    model: Model, body: PredictRequest, host: Host, batcher: Batching, metrics: Figures
+) -> PredictResponse:
+    served = _lease(host, model)
+    try:
+        x = to_matrix(body, served.spec, served.bundle.standardisation())
+    except BadInput as exc:
+        served.release()
+        raise HTTPException(400, str(exc)) from None
+    try:
+        y = await batcher.predict(served, x)  # releases the lease once computed, or at once when refused
+    except Overloaded as exc:
+        metrics.overloaded.labels(model).inc()
+        raise HTTPException(
+            503, f"overloaded: {exc}; retry after {RETRY_AFTER_S} s", headers={"Retry-After": str(RETRY_AFTER_S)}
+        ) from None
+    try:
+        check_answers(body, y)
+    except BadInput as exc:
+        raise HTTPException(400, str(exc)) from None
+    return PredictResponse(predictions=y.tolist(), model_version=served.version)
+
+
+@router.get("/v1/models/{model}", tags=["models"], responses=UNKNOWN, summary="Version status (TF Serving's)")
+async def status(model: Model, host: Host, registry: Models) -> ModelStatus:
+    state = _state(host, model)
+    versions = []
+    if state.loading is not None:
+        versions.append(VersionStatus(version=str(state.loading), state="LOADING"))
+    if state.served is not None:
+        versions.append(VersionStatus(version=str(state.served.version), state="AVAILABLE"))
+    if state.failure is not None:
+        versions.append(
+            VersionStatus(
+                version=str(state.failure.version or ""),
+                state="END",
+                status=Status(error_code="UNKNOWN", error_message=state.failure.reason),
+            )
+        )
+    champion = await run_in_threadpool(champion_of, registry, model)
+    return ModelStatus(model_version_status=versions, champion=champion, pinned=state.pinned)
+
+
+@router.get(
+    "/v1/models/{model}/metadata",
+    tags=["models"],
+    responses=UNKNOWN | NOT_READY,
+    summary="Feature schema, classes, version and size of the served version",
+)
+async def metadata(model: Model, host: Host) -> ModelMetadata:
+    served = _state(host, model).served
+    if served is None:
+        raise HTTPException(
+            503, f"model {model!r} has no version loaded yet", headers={"Retry-After": str(RETRY_AFTER_S)}
+        )
+    spec, meta = served.spec, served.meta
+    return ModelMetadata(
+        model_spec=ModelSpecRef(name=model, version=str(served.version)),
+        metadata=Signature(
+            features=spec.feature_names,
+            classes=spec.classes,
+            n_features=spec.n_features,
+            n_classes=spec.n_classes,
+            parameters=served.bundle.n_parameters,
+            builder=spec.builder,
+            builder_args=spec.builder_args,
+            created_at=meta["created_at"],
+            parent=meta["parent"],
+            algorithm=meta["algorithm"],
+            updates=meta["updates"],
+            metrics=meta["metrics"],
+        ),
+    )
+
+
+@router.get("/healthz", tags=["health"], summary="Liveness: the process answers")
+async def healthz() -> Health:
+    return Health()
+
+
+@router.get(
+    "/readyz",
+    tags=["health"],
+    responses={503: {"model": Readiness, "description": "not ready"}},
+    summary="Readiness: every served model has a loaded, warmed version",
+)
+async def readyz(response: Response, host: Host) -> Readiness:
+    states = {m: host.state(m) for m in host.models}
+    ready = all(state.served is not None for state in states.values())
+    response.status_code = 200 if ready else 503
+    return Readiness(
+        ready=ready,
+        models={
+            m: ModelReadiness(
+                version=state.served.version if state.served else None,
+                loading=state.loading,
+                error=state.failure.reason if state.failure else None,
+            )
+            for m, state in states.items()
+        },
+    )
+
+
+@router.get(
+    "/metrics",
+    tags=["health"],
+    response_class=Response,
+    summary="Prometheus metrics",
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+)
+async def prometheus(metrics: Figures) -> Response:
+    return Response(metrics.render(), media_type=metrics.content_type)
 
 
 def run(app: FastAPI, settings: Settings, *, access_log: bool = False) -> None:
@@ -278,27 +293,44 @@ def _examples(registry: Registry, model: str) -> dict:
     }
 
 
-def _document_400_not_422(app: FastAPI) -> None:
-    """Validation errors answer 400 (see :mod:`serving.errors`); the schema should say so, not FastAPI's 422."""
+def _finish_openapi(app: FastAPI, models: list[str], examples: dict) -> None:
+    """Have ``app``'s schema, built once on first use, say what its routes' declarations cannot."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         schema = app.openapi_schema
         if schema is None:
             schema = build()
-            for path in schema["paths"].values():
-                for operation in path.values():
-                    responses = operation.get("responses", {})
-                    if responses.pop("422", None) is not None:
-                        responses.setdefault(
-                            "400",
-                            {
-                                "description": "the request does not fit the API",
-                                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-                            },
-                        )
-            for name in ("HTTPValidationError", "ValidationError"):
-                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            _document_examples(schema, models, examples)
+            _document_400_not_422(schema)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema
+
+
+def _document_examples(schema: dict[str, Any], models: list[str], examples: dict) -> None:
+    """This app's model names as examples of the ``model`` parameter, and ``examples`` as predict's bodies."""
+    for route in router.routes:
+        assert isinstance(route, APIRoute)  # every route declared with @router.get or @router.post is
+        for operation in schema["paths"][route.path].values():
+            for parameter in operation.get("parameters", []):
+                if parameter["name"] == "model":
+                    parameter["schema"]["examples"] = models
+    schema["paths"][PREDICT]["post"]["requestBody"]["content"]["application/json"]["examples"] = examples
+
+
+def _document_400_not_422(schema: dict[str, Any]) -> None:
+    """Validation errors answer 400 (see :mod:`serving.errors`); the schema should say so, not FastAPI's 422."""
+    for path in schema["paths"].values():
+        for operation in path.values():
+            responses = operation.get("responses", {})
+            if responses.pop("422", None) is not None:
+                responses.setdefault(
+                    "400",
+                    {
+                        "description": "the request does not fit the API",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                    },
+                )
+    for name in ("HTTPValidationError", "ValidationError"):
+        schema.get("components", {}).get("schemas", {}).pop(name, None)
