@@ -3,7 +3,7 @@ server half, an :class:`UpdateRule` (:meth:`Algorithm.rule`) that the parameter 
 commits without knowing which algorithm sent them.
 
 A worker drives any :class:`LocalModel` (a model bundle, or the numpy
-:class:`pipeline.ps.softmax.SoftmaxRegression`) against any client with ``pull``/``commit`` (TCP,
+:class:`pipeline.ps.softmax.SoftmaxRegression`) against any :class:`~pipeline.ps.client.ClientApi` (TCP,
 sharded, or in-process). Every commit carries the caller's tag (query id, batch id, worker id) and a
 sequence number counted from ``tag.seq``, so a replayed Spark micro-batch is recognised by the server and
 not trained twice.
@@ -20,11 +20,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Protocol
 
 import numpy as np
 
 from pipeline.ps.protocol import Ack, CommitTag
+
+if TYPE_CHECKING:  # the client module builds on the update rules here
+    from pipeline.ps.client import ClientApi
 
 Weights = Mapping[str, np.ndarray]
 
@@ -47,23 +50,6 @@ class LocalModel(Protocol):
     def set_weights(self, weights: Weights) -> None: ...
 
     def train_on_batch(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> Any: ...
-
-
-class PSClient(Protocol):
-    """The client side the workers need (:mod:`pipeline.ps.client` has TCP, sharded and in-process ones)."""
-
-    def pull(
-        self, *, worker_id: int = 0, min_counter: int = 0, wait_s: float = 0.0
-    ) -> tuple[dict[str, np.ndarray], int]: ...
-
-    def commit(
-        self,
-        delta: Weights,
-        *,
-        tag: CommitTag = CommitTag(),
-        meta: Mapping[str, Any] | None = None,
-        pulled: int | None = None,
-    ) -> Ack: ...
 
 
 # ------------------------------------------------------------------------------------- server-side rules
@@ -212,7 +198,7 @@ class WorkerReport:
 class _Session:
     """One worker run: pulls into the model, tags commits with consecutive sequence numbers, tallies."""
 
-    def __init__(self, model: LocalModel, client: PSClient, tag: CommitTag, meta: Mapping[str, Any] | None):
+    def __init__(self, model: LocalModel, client: ClientApi, tag: CommitTag, meta: Mapping[str, Any] | None):
         self.model = model
         self.client = client
         self.tag = tag
@@ -281,7 +267,7 @@ class Algorithm(ABC):
     def run(
         self,
         model: LocalModel,
-        client: PSClient,
+        client: ClientApi,
         batches: Iterable[tuple[np.ndarray, np.ndarray]],
         tag: CommitTag = CommitTag(),
         meta: Mapping[str, Any] | None = None,

@@ -1,4 +1,5 @@
-"""Clients of the parameter server, all with one API: ``pull``, ``commit``, ``stats``, ``checkpoint``.
+"""Clients of the parameter server, all with one API (:class:`ClientApi`): ``pull``, ``commit``, ``stats``,
+``checkpoint``.
 
 :class:`Client` talks to one shard over TCP, :class:`ShardedClient` scatters and gathers over
 several in parallel, :class:`LocalClient` calls a :class:`~pipeline.ps.server.CenterState` in-process
@@ -12,12 +13,13 @@ import logging
 import select
 import socket
 import threading
+from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Self
 
 import numpy as np
 
-from pipeline.ps.algorithms import UpdateRule
+from pipeline.ps.algorithms import UpdateRule, Weights
 from pipeline.ps.meta import least_advanced
 from pipeline.ps.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -51,7 +53,50 @@ class ServerError(RuntimeError):
         self.code = code
 
 
-class Client:
+class ClientApi(ABC):
+    """The API every client has; each kind implements how it pulls, commits, reports and checkpoints."""
+
+    def pull(
+        self, *, worker_id: int = 0, min_counter: int = 0, wait_s: float = 0.0
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """The weights (fresh arrays the caller owns) and the update counter; waits up to ``wait_s``
+        for the counter to reach ``min_counter``."""
+        return self._pull(worker_id, min_counter, wait_s)
+
+    def commit(
+        self,
+        delta: Weights,
+        *,
+        tag: CommitTag = CommitTag(),
+        meta: Mapping[str, Any] | None = None,
+        pulled: int | None = None,
+    ) -> Ack:
+        """Send a delta, counted from the update counter ``pulled`` (default: the last pull's)."""
+        return self._commit(delta, tag, meta or {}, pulled)
+
+    @abstractmethod
+    def stats(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def checkpoint(self) -> Checkpointed: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @abstractmethod
+    def _pull(self, worker_id: int, min_counter: int, wait_s: float) -> tuple[dict[str, np.ndarray], int]: ...
+
+    @abstractmethod
+    def _commit(self, delta: Weights, tag: CommitTag, meta: Mapping[str, Any], pulled: int | None) -> Ack: ...
+
+
+class Client(ClientApi):
     """A connection to one parameter-server shard. Thread-safe (requests are serialised); reconnects
     on the next request after the server closed an idle connection.
 
@@ -84,11 +129,7 @@ class Client:
         self._lock = threading.Lock()
         self.pulled: int | None = None
 
-    def pull(
-        self, *, worker_id: int = 0, min_counter: int = 0, wait_s: float = 0.0
-    ) -> tuple[dict[str, np.ndarray], int]:
-        """The weights (fresh arrays the caller owns) and the update counter; waits up to ``wait_s``
-        for the counter to reach ``min_counter``."""
+    def _pull(self, worker_id: int, min_counter: int, wait_s: float) -> tuple[dict[str, np.ndarray], int]:
         request = Frame(
             MsgType.PULL, counter=min_counter, worker_id=worker_id, meta={"wait_s": wait_s} if wait_s else {}
         )
@@ -96,15 +137,7 @@ class Client:
         self.pulled = reply.counter
         return dict(reply.tensors), reply.counter
 
-    def commit(
-        self,
-        delta: Mapping[str, np.ndarray],
-        *,
-        tag: CommitTag = CommitTag(),
-        meta: Mapping[str, Any] | None = None,
-        pulled: int | None = None,
-    ) -> Ack:
-        """Send a delta; ``pulled`` defaults to the counter of this client's last pull."""
+    def _commit(self, delta: Weights, tag: CommitTag, meta: Mapping[str, Any], pulled: int | None) -> Ack:
         based_on = (self.pulled or 0) if pulled is None else pulled
         request = Frame(
             MsgType.COMMIT,
@@ -114,7 +147,7 @@ class Client:
             batch_id=tag.batch_id,
             seq=tag.seq,
             tensors=delta,
-            meta=meta or {},
+            meta=meta,
         )
         reply = self._request(request, MsgType.ACK)
         return Ack(str(reply.meta.get("status")), reply.counter, int(reply.meta.get("staleness", 0)))
@@ -136,12 +169,6 @@ class Client:
     def close(self) -> None:
         with self._lock:
             self._disconnect()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def _request(self, request: Frame, expect: MsgType, wait_s: float = 0.0) -> Frame:
         with self._lock:
@@ -192,7 +219,7 @@ def _still_open(sock: socket.socket) -> bool:
     return not readable
 
 
-class ShardedClient:
+class ShardedClient(ClientApi):
     """The :class:`Client` API over K shards: one connection per shard, pulls gathered and commits
     scattered in parallel threads. The returned counter is the lowest shard's; each shard is told
     the counter it served at the last pull, so staleness is measured per shard."""
@@ -221,21 +248,12 @@ class ShardedClient:
         known = [c for c in counters if c is not None]
         return min(known) if len(known) == len(counters) else None
 
-    def pull(
-        self, *, worker_id: int = 0, min_counter: int = 0, wait_s: float = 0.0
-    ) -> tuple[dict[str, np.ndarray], int]:
+    def _pull(self, worker_id: int, min_counter: int, wait_s: float) -> tuple[dict[str, np.ndarray], int]:
         parts = self._each(lambda c, _: c.pull(worker_id=worker_id, min_counter=min_counter, wait_s=wait_s))
         self._learn_layout([{name: value.shape for name, value in weights.items()} for weights, _ in parts])
         return {name: value for weights, _ in parts for name, value in weights.items()}, min(c for _, c in parts)
 
-    def commit(
-        self,
-        delta: Mapping[str, np.ndarray],
-        *,
-        tag: CommitTag = CommitTag(),
-        meta: Mapping[str, Any] | None = None,
-        pulled: int | None = None,
-    ) -> Ack:
+    def _commit(self, delta: Weights, tag: CommitTag, meta: Mapping[str, Any], pulled: int | None) -> Ack:
         """Every shard gets a commit so the shards' counters and replay guards move together: its part
         of ``delta``, or when that is empty, zeros for its smallest tensor (a shard refuses empty commits)."""
         if not delta:
@@ -276,12 +294,6 @@ class ShardedClient:
             client.close()
         self._pool.shutdown()
 
-    def __enter__(self) -> ShardedClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
     def _layout(self) -> dict[str, int]:
         if self._owner is None:
             self._learn_layout(
@@ -303,7 +315,7 @@ class ShardedClient:
         return [f.result() for f in futures]
 
 
-class LocalClient:
+class LocalClient(ClientApi):
     """The client API over an in-process :class:`~pipeline.ps.server.CenterState` (no sockets).
     Pulls return copies, as over the network, so a model can never write into the center."""
 
@@ -316,21 +328,12 @@ class LocalClient:
         """A client over a fresh state holding ``weights`` with ``rule`` (default: add deltas)."""
         return cls(CenterState(weights, rule or UpdateRule()))
 
-    def pull(
-        self, *, worker_id: int = 0, min_counter: int = 0, wait_s: float = 0.0
-    ) -> tuple[dict[str, np.ndarray], int]:
+    def _pull(self, worker_id: int, min_counter: int, wait_s: float) -> tuple[dict[str, np.ndarray], int]:
         weights, counter = self.state.pull(worker_id, min_counter, wait_s)
         self.pulled = counter
         return {name: value.copy() for name, value in weights.items()}, counter
 
-    def commit(
-        self,
-        delta: Mapping[str, np.ndarray],
-        *,
-        tag: CommitTag = CommitTag(),
-        meta: Mapping[str, Any] | None = None,
-        pulled: int | None = None,
-    ) -> Ack:
+    def _commit(self, delta: Weights, tag: CommitTag, meta: Mapping[str, Any], pulled: int | None) -> Ack:
         return self.state.commit(delta, pulled=(self.pulled or 0) if pulled is None else pulled, tag=tag, meta=meta)
 
     def stats(self) -> dict[str, Any]:
@@ -339,6 +342,9 @@ class LocalClient:
     def checkpoint(self) -> Checkpointed:
         """An in-process state has no checkpoint directory: always ``no_checkpoint``, as from such a server."""
         raise ServerError("no_checkpoint", "an in-process state has no checkpoint directory", "local")
+
+    def close(self) -> None:
+        """An in-process state holds no connection."""
 
 
 def client_for(
