@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import get_args
+from typing import Any, Callable, TypeVar, get_args
 
 try:
     import confluent_kafka
@@ -33,6 +33,8 @@ BROKER_FILE = "broker.json"
 
 
 KAFKA_CLIENTS = get_args(KafkaClient)
+
+_Client = TypeVar("_Client")
 
 
 class KafkaUnavailable(StreamfitError, RuntimeError):
@@ -76,13 +78,19 @@ def topic_specs(settings: Settings) -> dict[str, int]:
 
 
 def admin(bootstrap_servers: str, timeout_s: float) -> KafkaAdminClient:
+    return _reached(
+        KafkaAdminClient,
+        bootstrap_servers,
+        request_timeout_ms=int(timeout_s * 1000),
+        bootstrap_timeout_ms=int(timeout_s * 1000),
+        client_id="streamfit-admin",
+    )
+
+
+def _reached(client: Callable[..., _Client], bootstrap_servers: str, **config: Any) -> _Client:
+    """A kafka-python ``client`` of ``bootstrap_servers`` (its constructor fails when no broker answers)."""
     try:
-        return KafkaAdminClient(
-            bootstrap_servers=bootstrap_servers,
-            request_timeout_ms=int(timeout_s * 1000),
-            bootstrap_timeout_ms=int(timeout_s * 1000),
-            client_id="streamfit-admin",
-        )
+        return client(bootstrap_servers=bootstrap_servers, **config)
     except KafkaError:
         raise KafkaUnavailable(f"no Kafka broker answers at {bootstrap_servers}") from None
 
@@ -144,7 +152,6 @@ def producer(bootstrap_servers: str, timeout_s: float = 15.0, **overrides) -> Ka
     """A producer that waits for full acknowledgement, retries through a broker restart, and fails a
     send only once ``timeout_s`` (+5 s) passed without an acknowledgement."""
     config = dict(
-        bootstrap_servers=bootstrap_servers,
         acks="all",
         linger_ms=5,
         batch_size=BATCH_BYTES,
@@ -157,11 +164,7 @@ def producer(bootstrap_servers: str, timeout_s: float = 15.0, **overrides) -> Ka
         delivery_timeout_ms=int(timeout_s * 1000) + 5000,
         client_id="streamfit-producer",
     )
-    config.update(overrides)
-    try:
-        return KafkaProducer(**config)
-    except KafkaError:
-        raise KafkaUnavailable(f"no Kafka broker answers at {bootstrap_servers}") from None
+    return _reached(KafkaProducer, bootstrap_servers, **(config | overrides))
 
 
 def fast_producer(
@@ -375,14 +378,9 @@ class ConfluentProducer:
 def consumer(bootstrap_servers: str, timeout_s: float = 15.0, **overrides) -> KafkaConsumer:
     """A consumer with manual offset control; callers assign partitions themselves."""
     config = dict(
-        bootstrap_servers=bootstrap_servers,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         bootstrap_timeout_ms=int(timeout_s * 1000),
         client_id="streamfit-consumer",
     )
-    config.update(overrides)
-    try:
-        return KafkaConsumer(**config)
-    except KafkaError:
-        raise KafkaUnavailable(f"no Kafka broker answers at {bootstrap_servers}") from None
+    return _reached(KafkaConsumer, bootstrap_servers, **(config | overrides))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -50,6 +50,9 @@ class _YamlSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
 
+Port = Annotated[int, Field(ge=0, le=65535)]
+"""A TCP port number, checked once for every port setting."""
+
 KafkaClient = Literal["auto", "confluent", "kafka-python"]
 """Client of the hot Kafka write path (:func:`pipeline.kafka.fast_producer`)."""
 
@@ -68,7 +71,7 @@ class Settings(BaseSettings):
     )
     broker_impl: Literal["noida", "tansu"] = "noida"
     broker_host: str = "127.0.0.1"
-    broker_port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
+    broker_port: Port = Field(0, description="0 picks a free port")
     broker_start_timeout_s: float = Field(30.0, gt=0)
     topic_events: str = "events"
     topic_dlq: str = "events.dlq"
@@ -102,7 +105,7 @@ class Settings(BaseSettings):
 
     # parameter server
     ps_host: str = "127.0.0.1"
-    ps_port: int = Field(5700, ge=0, le=65535)
+    ps_port: Port = 5700
     ps_shards: int = Field(1, ge=1)
     ps_secret: SecretStr | None = Field(
         None,
@@ -168,11 +171,8 @@ class Settings(BaseSettings):
     train_checkpoint: str | None = Field(
         None, description="checkpoint of streamfit train; default <home>/checkpoints/training"
     )
-    train_metrics_port: int | None = Field(
-        None,
-        ge=0,
-        le=65535,
-        description="serve streamfit train's Prometheus metrics on this port (e.g. 9109); unset: off",
+    train_metrics_port: Port | None = Field(
+        None, description="serve streamfit train's Prometheus metrics on this port (e.g. 9109); unset: off"
     )
 
     # Spark
@@ -196,16 +196,13 @@ class Settings(BaseSettings):
     predict_checkpoint: str | None = Field(
         None, description="checkpoint of streamfit predict; default <home>/checkpoints/inference"
     )
-    predict_metrics_port: int | None = Field(
-        None,
-        ge=0,
-        le=65535,
-        description="serve streamfit predict's Prometheus metrics on this port (e.g. 9108); unset: off",
+    predict_metrics_port: Port | None = Field(
+        None, description="serve streamfit predict's Prometheus metrics on this port (e.g. 9108); unset: off"
     )
 
     # serving
     serve_host: str = "127.0.0.1"
-    serve_port: int = Field(8000, ge=0, le=65535)
+    serve_port: Port = 8000
     admin_token: SecretStr | None = None
     max_batch_size: int = Field(64, ge=1)
     max_batch_wait_ms: float = Field(2.0, ge=0)

@@ -13,6 +13,7 @@ counts under ``<unmatched>``, an unknown method (``PURGE``, ``FOO``) under ``oth
 from __future__ import annotations
 
 import time
+from functools import partial
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -43,69 +44,60 @@ class Metrics:
     def __init__(self):
         self.registry = registry = CollectorRegistry()
         ProcessCollector(registry=registry)
+        # every metric lives in this app's own registry
+        counter = partial(Counter, registry=registry)
+        gauge = partial(Gauge, registry=registry)
+        histogram = partial(Histogram, registry=registry)
         labels = ["route", "method", "status"]
-        self.requests = Counter("streamfit_http_requests", "HTTP requests answered", labels, registry=registry)
-        self.latency = Histogram(
+        self.requests = counter("streamfit_http_requests", "HTTP requests answered", labels)
+        self.latency = histogram(
             "streamfit_http_request_duration_seconds",
             "time to answer a request",
             labels,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
-            registry=registry,
         )
-        self.batch_rows = Histogram(
+        self.batch_rows = histogram(
             "streamfit_batch_rows",
             "rows per forward pass (coalesced requests)",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096),
-            registry=registry,
         )
-        self.batch_requests = Histogram(
+        self.batch_requests = histogram(
             "streamfit_batch_requests",
             "requests coalesced into one forward pass",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
-            registry=registry,
         )
-        self.inference = Histogram(
+        self.inference = histogram(
             "streamfit_inference_duration_seconds",
             "one forward pass on the inference thread",
             buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
-            registry=registry,
         )
-        self.version = Gauge("streamfit_model_version", "the version being served", ["model"], registry=registry)
-        self.swaps = Counter(
-            "streamfit_model_swaps", "completed swaps to another version", ["model"], registry=registry
+        self.version = gauge("streamfit_model_version", "the version being served", ["model"])
+        self.swaps = counter("streamfit_model_swaps", "completed swaps to another version", ["model"])
+        self.swap_failures = counter(
+            "streamfit_model_swap_failures", "versions that could not be loaded; the previous one stayed", ["model"]
         )
-        self.swap_failures = Counter(
-            "streamfit_model_swap_failures",
-            "versions that could not be loaded; the previous one stayed",
-            ["model"],
-            registry=registry,
-        )
-        self.swap_duration = Histogram(
+        self.swap_duration = histogram(
             "streamfit_model_swap_duration_seconds",
             "read, load and warm a version, then replace the served reference",
             ["model"],
             buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30),
-            registry=registry,
         )
-        self.bundles = Gauge(
+        self.bundles = gauge(
             "streamfit_model_bundles",
             "model instances in memory: serving, draining in-flight requests, or kept spare for the next swap",
             ["model"],
-            registry=registry,
         )
-        self.queued_rows = Gauge(
-            "streamfit_batch_queue_rows", "rows waiting for a forward pass (at most max_queued_rows)", registry=registry
+        self.queued_rows = gauge(
+            "streamfit_batch_queue_rows", "rows waiting for a forward pass (at most max_queued_rows)"
         )
-        self.overloaded = Counter(
+        self.overloaded = counter(
             "streamfit_requests_overloaded",
             "predict requests refused with 503 because max_queued_rows rows were already waiting",
             ["model"],
-            registry=registry,
         )
-        self.updates_connected = Gauge(
+        self.updates_connected = gauge(
             "streamfit_model_updates_connected",
             "1 while following model-updates on Kafka, 0 while only polling the registry",
-            registry=registry,
         )
 
     def observe_batch(self, rows: int, requests: int, seconds: float) -> None:
