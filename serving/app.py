@@ -1,12 +1,13 @@
 """The FastAPI app: TensorFlow Serving's REST API over hot-swapped, dynamically batched models.
 
-``create_app(settings)`` wires the parts -- :class:`~serving.swap.ModelHost` (what is
+``create_app(settings)`` builds the parts -- :class:`~serving.swap.ModelHost` (what is
 served), :class:`~serving.follow.Follower` (champion moves), :class:`~serving.batching.Batcher`
-(one forward pass for concurrent requests), the metrics and the admin routes -- and the
-route functions only delegate. ``run`` serves it with uvicorn, as ``streamfit serve`` does.
+(one forward pass for concurrent requests), the metrics -- and includes the routers: ``router``
+here and :mod:`serving.admin`'s, whose routes get the parts as dependencies (:mod:`serving.parts`)
+and only delegate. ``run`` serves it with uvicorn, as ``streamfit serve`` does.
 """
 
-# No `from __future__ import annotations`: FastAPI evaluates the route signatures, whose types are local names.
+# No `from __future__ import annotations`: FastAPI evaluates the route signatures.
 
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
