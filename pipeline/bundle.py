@@ -19,13 +19,19 @@ fallback for architectures numpy cannot run, imported when such a bundle is buil
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
+from pipeline import dense
 from pipeline.errors import StreamfitError
 from pipeline.spec import ModelSpec
+
+if TYPE_CHECKING:  # importing it imports TensorFlow
+    from pipeline.keras_engine import KerasEngine
 
 
 class WeightsError(StreamfitError, ValueError):
@@ -91,7 +97,7 @@ def fit_standardisation(x: np.ndarray) -> Standardisation:
     return standardisation_from_moments(x.mean(axis=0), x.std(axis=0))
 
 
-def standardisation_weights(mean: np.ndarray, std: np.ndarray) -> dict[str, np.ndarray]:
+def standardisation_weights(mean: npt.ArrayLike, std: npt.ArrayLike) -> dict[str, np.ndarray]:
     """The standardisation layer's weights (float32) for ``(mean, std)``, to merge into a model's weights."""
     return {"standardise/mean": np.asarray(mean, np.float32), "standardise/std": np.asarray(std, np.float32)}
 
@@ -107,14 +113,13 @@ class ModelBundle:
     """
 
     def __init__(self, spec: ModelSpec, seed: int = 0, version: int | None = None, engine: str = "auto"):
-        from pipeline import dense
-
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
         self.spec, self.version = spec, version
         if engine == "auto":
             engine = "numpy" if dense.supports(spec) else "tensorflow"
         self.engine = engine
+        self._engine: dense.DenseEngine | KerasEngine
         if self.engine == "numpy":
             self._engine = dense.DenseEngine(spec, seed)
         else:
@@ -123,13 +128,13 @@ class ModelBundle:
             self._engine = KerasEngine(spec, seed)
         weights = dense.initial_weights(spec, seed) if dense.supports(spec) else self._engine.get_weights()
         if spec.standardisation:
-            weights |= {"standardise/mean": spec.standardisation.mean, "standardise/std": spec.standardisation.std}
+            weights |= standardisation_weights(spec.standardisation.mean, spec.standardisation.std)
         self.set_weights(weights)
 
     @property
     def model(self):
         """The Keras model (the TensorFlow engine's only)."""
-        if self.engine != "tensorflow":
+        if isinstance(self._engine, dense.DenseEngine):
             raise AttributeError(f"a {self.engine} bundle has no Keras model; build it with engine='tensorflow'")
         return self._engine.model
 
@@ -146,7 +151,7 @@ class ModelBundle:
         """Copy every tensor in; all or nothing, as names and shapes are checked first."""
         checked = check_weights(self.spec, weights)
         self._engine.set_weights(checked)
-        self._statistics = tuple(checked[f"standardise/{name}"].copy() for name in ("mean", "std"))
+        self._statistics = (checked["standardise/mean"].copy(), checked["standardise/std"].copy())
         for value in self._statistics:
             value.flags.writeable = False
 
@@ -160,7 +165,7 @@ class ModelBundle:
             )
         return self._engine.predict_proba(x)
 
-    def standardisation(self) -> tuple[np.ndarray, np.ndarray]:
+    def standardisation(self) -> Standardisation:
         """The standardisation layer's ``(mean, std)`` as float32 arrays: what inputs are checked against
         (:func:`pipeline.events.standardisation_problems`) so none turns infinite inside the model.
         Training leaves them alone, so they are kept from the last ``set_weights``, read-only."""

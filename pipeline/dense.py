@@ -70,7 +70,7 @@ class DenseEngine:
             raise ValueError(f"numpy cannot run builder {spec.builder!r}; use the tensorflow engine")
         shapes = spec.weight_shapes
         self.spec, self._shapes = spec, shapes
-        self._flat = np.zeros(sum(math.prod(s) for s in shapes.values()), dtype)
+        self._flat: np.ndarray = np.zeros(sum(math.prod(s) for s in shapes.values()), dtype)
         self._weights = _views(self._flat, shapes)
         names = [*(f"hidden_{i}" for i in range(len(spec.architecture.hidden))), "output"]
         self._layers = [(self._weights[f"{n}/kernel"], self._weights[f"{n}/bias"]) for n in names]

@@ -18,7 +18,7 @@ from typing import Any, Callable, TypeVar, get_args
 try:
     import confluent_kafka
 except ImportError:  # pragma: no cover - kafka-python then does the hot path too
-    confluent_kafka = None
+    confluent_kafka = None  # type: ignore[assignment]  # fast_producer checks for None and uses kafka-python
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic

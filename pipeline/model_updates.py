@@ -12,6 +12,7 @@ import logging
 import time
 
 import orjson
+from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from pipeline.kafka import KafkaUnavailable, bootstrap, producer
@@ -34,7 +35,7 @@ class Announcer:
     def __init__(self, settings: Settings, *, required: bool = False):
         self.settings = settings
         self.required = required
-        self._producer = None
+        self._producer: KafkaProducer | None = None
         self._failed_at: float | None = None
 
     def __call__(self, event: dict) -> None:
