@@ -25,8 +25,9 @@ from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
 
 from pipeline.errors import StreamfitError
-from pipeline.kafka import broker_file, ensure_topics, topic_specs
+from pipeline.kafka import broker_file
 from pipeline.lifetime import die_with_parent
+from pipeline.retention import ensure_streamfit_topics
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -215,14 +216,14 @@ def running_broker(settings: Settings) -> dict | None:
 
 @contextlib.contextmanager
 def kafka_cluster(settings: Settings) -> Iterator[str]:
-    """The cluster streamfit should use, with its topics created; yields the bootstrap string.
+    """The cluster streamfit should use, with its topics created and their retention set
+    (:mod:`pipeline.retention`); yields the bootstrap string.
 
     With ``STREAMFIT_KAFKA_BOOTSTRAP`` set nothing is started; otherwise an embedded
     broker runs for the duration and is recorded in ``<home>/broker.json``.
     """
-    topics = topic_specs(settings)
     if settings.kafka_bootstrap:
-        ensure_topics(settings.kafka_bootstrap, topics, settings.kafka_timeout_s)
+        ensure_streamfit_topics(settings.kafka_bootstrap, settings)
         yield settings.kafka_bootstrap
         return
     other = running_broker(settings)
@@ -240,7 +241,7 @@ def kafka_cluster(settings: Settings) -> Iterator[str]:
     )
     record = broker_file(settings)
     with broker:
-        ensure_topics(broker.bootstrap, topics, settings.kafka_timeout_s)
+        ensure_streamfit_topics(broker.bootstrap, settings)
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(
             json.dumps(

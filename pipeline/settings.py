@@ -79,6 +79,13 @@ class Settings(BaseSettings):
     topic_model_updates: str = "model-updates"
     topic_training_metrics: str = "training-metrics"
     events_partitions: int = Field(3, ge=1)
+    topic_retention_ms: int = Field(
+        240_000,
+        ge=-1,
+        description="how long events, predictions and training metrics are kept (Kafka's retention.ms; "
+        "-1: forever): how far a consumer may fall behind before it loses records. The embedded broker "
+        "holds them in memory, about 1 MB per second of data at 1,000 events/s",
+    )
     max_event_bytes: int = Field(64 * 1024, ge=256, description="larger events go to the DLQ")
     dlq_max_raw_bytes: int = Field(
         16 * 1024,

@@ -50,14 +50,15 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from consumers.inference import InferenceJob
     from pipeline.cli import CommandError, run_until_stopped, settings_from
-    from pipeline.kafka import bootstrap, ensure_topics, topic_specs
+    from pipeline.kafka import bootstrap
+    from pipeline.retention import ensure_streamfit_topics
     from pipeline.spark.session import spark_session, stop_between_batches
     from pipeline.spark.supervisor import QuerySupervisor
 
     logging.getLogger("py4j").setLevel(logging.WARNING)  # its callback server logs every connection at INFO
     settings = settings_from(args)
     servers = bootstrap(settings)
-    ensure_topics(servers, topic_specs(settings), settings.kafka_timeout_s)
+    ensure_streamfit_topics(servers, settings)
     with contextlib.ExitStack() as down:  # Spark (and with it the query) and the metrics server end on every path
         spark = spark_session(settings, "streamfit-predict")
         down.callback(spark.stop)

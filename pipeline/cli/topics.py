@@ -1,8 +1,9 @@
-"""``streamfit topics``: list the cluster's topics, creating streamfit's own when missing."""
+"""``streamfit topics``: list the cluster's topics, creating streamfit's own when missing (with their retention)."""
 
 from __future__ import annotations
 
-from pipeline.kafka import bootstrap, describe, ensure_topics, topic_specs
+from pipeline.kafka import bootstrap, describe
+from pipeline.retention import ensure_streamfit_topics
 
 
 def register(subparsers) -> None:
@@ -15,7 +16,7 @@ def run(args) -> int:
 
     settings = settings_from(args)
     servers = bootstrap(settings)
-    created = ensure_topics(servers, topic_specs(settings), settings.kafka_timeout_s)
+    created = ensure_streamfit_topics(servers, settings)
     for name, partitions in sorted(describe(servers, settings.kafka_timeout_s).items()):
         print(f"{name:24s} partitions={partitions}{'  (created)' if name in created else ''}")
     return 0

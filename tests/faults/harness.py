@@ -177,6 +177,7 @@ def cluster(tmp_path, cli_env):
         "STREAMFIT_WORKERS": "2",
         "STREAMFIT_PS_PUBLISH_EVERY_S": "5",
         "STREAMFIT_KAFKA_TIMEOUT_S": "10",
+        "STREAMFIT_TOPIC_RETENTION_MS": "-1",  # the test audits every topic from its start when it ends
     }
     broker_env = {**env, "STREAMFIT_BROKER_PORT": str(broker_port)}
     env["STREAMFIT_KAFKA_BOOTSTRAP"] = bootstrap
