@@ -43,6 +43,7 @@ from pipeline.events import (
     validate,
 )
 from pipeline.settings import Settings
+from pipeline.spark import worker_heap
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def predict_partition(
 ) -> Iterator[pa.RecordBatch]:
     """Validate and predict one partition's Arrow batches (runs in a Spark Python worker); an event
     in ``dead_lettered`` (an earlier attempt of this micro-batch wrote its dead letter) gets none."""
+    worker_heap.freeze()
     bundle = _bundle(registry_url, model, version)
     mean, std = bundle.standardisation()
     for batch in batches:

@@ -49,6 +49,7 @@ from pipeline.ps.algorithms import ALGORITHMS, STREAMABLE, WorkerReport, algorit
 from pipeline.ps.client import ServerError
 from pipeline.ps.protocol import CommitTag, settings_secret
 from pipeline.settings import Settings
+from pipeline.spark import worker_heap
 from pipeline.training import Scores, TrainingPlan, local_model, poisonous_rows, report_fields, rows_of, train_rows
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ def check_partition(
     (features and label), ``unlabelled`` (nothing else kept) or ``dead`` (its DLQ record). With the
     model's ``standardisation`` (mean, std), a labelled event it makes non-finite is dead too: the
     same rule as prediction and serving."""
+    worker_heap.freeze()
     for batch in batches:
         rows = {"kind": [], "features": [], "label": [], "partition": [], "offset": [], "arrival_us": [], "dead": []}
         columns = [batch.column(c).to_pylist() for c in ("value", "topic", "partition", "offset")]
@@ -180,6 +182,7 @@ def score_and_train(
 def warm_worker(batches: Iterator[pa.RecordBatch], spec) -> Iterator[pa.RecordBatch]:
     """Build this Python worker's model and trace its inference and training steps (a training step
     with zero sample weight changes nothing), passing the rows on."""
+    worker_heap.freeze()
     model = local_model(spec)
     zeros = np.zeros((1, spec.n_features), np.float32)
     model.predict_proba(zeros)

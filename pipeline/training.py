@@ -34,6 +34,7 @@ from pipeline.events import ddl
 from pipeline.ps.algorithms import ALGORITHMS, Algorithm, WorkerReport, algorithm_class
 from pipeline.ps.client import Client, ShardedClient, client_for
 from pipeline.ps.protocol import CommitTag
+from pipeline.spark import worker_heap
 from pipeline.spec import ModelSpec
 
 # what a worker reports per partition (a DDL string: mapInArrow wants one)
@@ -231,6 +232,7 @@ def arrow_trainer(plan: TrainingPlan):
     def train_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
 
+        worker_heap.freeze()
         worker_id = TaskContext.get().partitionId()
         x, y = rows_of(batches, plan.spec.n_features)
         report = train_rows(plan, x, y, worker_id) if len(x) else WorkerReport()

@@ -229,12 +229,16 @@ def test_promotion_mid_stream_switches_versions_between_micro_batches(spark, kaf
 def test_a_warm_worker_is_reused_across_micro_batches_loading_the_model_once(spark, kafka, topic, tmp_path, setup):
     """Spark reuses Python workers, and a reused worker keeps its model and Kafka clients: after 6
     micro-batches, live workers still hold the model and their Kafka clients (loads counts every
-    test's models: workers outlive tests in one Spark session). The predictions' writer is the
-    client that setting ``kafka_client`` names (kafka-python here; auto would be librdkafka)."""
+    test's models: workers outlive tests in one Spark session), frozen out of the collection PySpark
+    runs after each task (``worker_heap``). The predictions' writer is the client that setting
+    ``kafka_client`` names (kafka-python here; auto would be librdkafka). The checkpoint is written
+    by the plain local file system: no ``.crc`` files, no ``chmod`` process per file."""
     settings, _, _ = setup
 
     def worker_state(_):
-        """In a Spark Python worker: its pid, how many models it loaded, and the Kafka clients it keeps."""
+        """In a Spark Python worker: its pid, how many models it loaded, the Kafka clients it keeps, and
+        how many objects are frozen out of the collections."""
+        import gc
         import os
 
         import pyarrow as pa
@@ -249,6 +253,7 @@ def test_a_warm_worker_is_reused_across_micro_batches_loading_the_model_once(spa
                 "loads": [inference.loads],
                 "clients": [len(source._clients)],
                 "writer": [",".join(writers)],
+                "frozen": [gc.get_freeze_count()],
             }
         )
 
@@ -258,13 +263,16 @@ def test_a_warm_worker_is_reused_across_micro_batches_loading_the_model_once(spa
     )
     _finish(_run(job, tmp_path / "ck"))
     assert len(job.versions) == 6, job.versions
+    assert (tmp_path / "ck" / "offsets" / "5").is_file()
+    assert not list((tmp_path / "ck").rglob("*.crc")), sorted((tmp_path / "ck").rglob("*"))
     slots = spark.sparkContext.defaultParallelism
     states = (
         spark.range(4 * slots, numPartitions=4 * slots)
-        .mapInArrow(worker_state, "pid long, loads long, clients long, writer string")
+        .mapInArrow(worker_state, "pid long, loads long, clients long, writer string, frozen long")
         .collect()
     )
     warm = [s for s in states if s.loads]
     assert warm, f"no worker kept the model from the micro-batches: {states}"
     assert all(s.clients >= 1 for s in warm), states  # a reused worker keeps its Kafka client(s) too
     assert "kafka-python" in {s.writer for s in warm}, states
+    assert all(s.frozen > 10_000 for s in warm), states  # imports, model and clients: not rescanned per task

@@ -43,6 +43,7 @@ from pyspark.sql.datasource import (
 from pyspark.sql.streaming.datasource import ReadAllAvailable, ReadLimit, ReadMaxRows, SupportsTriggerAvailableNow
 
 from pipeline.events import ddl
+from pipeline.spark import worker_heap
 from pipeline.spark.offsets import (
     KafkaOffsetReader,
     OffsetError,
@@ -142,6 +143,7 @@ def _client(role: str, bootstrap: str, make: Callable[[], object], kind: str = "
 
 def _read(options: _Options, part: OffsetRange) -> Iterator[pa.RecordBatch]:
     """Read one range as Arrow record batches (no per-row Python objects cross into Spark)."""
+    worker_heap.freeze()
     from pipeline.kafka import consumer
 
     make = functools.partial(
@@ -273,6 +275,7 @@ def send_rows(
     ``client`` picks the Kafka client (``pipeline.kafka.fast_producer``)."""
     from pipeline.kafka import fast_producer
 
+    worker_heap.freeze()
     futures = []
     make = functools.partial(fast_producer, bootstrap, client=client, client_id="streamfit-spark-writer")
     with _client("writer", bootstrap, make, client) as kafka:
