@@ -113,8 +113,10 @@ class TrainingPlan(BaseModel):
         """Whether the workers run in barrier rounds (a Spark barrier stage, equal step counts).
 
         >>> from pipeline.spec import BUILTIN_SPECS
-        >>> TrainingPlan.create(BUILTIN_SPECS["small"], algorithm="sync", addresses=[]).synchronous
-        True
+        >>> def plan(algorithm):
+        ...     return TrainingPlan.create(BUILTIN_SPECS["small"], algorithm=algorithm, addresses=[])
+        >>> [name for name in ALGORITHMS if plan(algorithm=name).synchronous]
+        ['sync']
         """
         return ALGORITHMS[self.algorithm_name].synchronous
 

@@ -187,22 +187,24 @@ class Pipeline:
                     f"{what} port {host}:{port} is in use (another `streamfit up`?): stop it or pass another port"
                 )
         self.logs.mkdir(parents=True, exist_ok=True)
-        with kafka_cluster(s) as bootstrap:
+        from pipeline.spark.session import spark_in_background
+
+        with spark_in_background(s, "streamfit-up") as spark, kafka_cluster(s) as bootstrap:
             self.say(f"Kafka at {bootstrap}; logs in {self.logs}")
             self.say(ensure_model(s, self.traffic.source))
             self.env = child_env(s, bootstrap)
             try:
-                return self._run(bootstrap, stop, duration_s, show)
+                return self._run(bootstrap, spark, stop, duration_s, show)
             except StoppedDuringStart:
                 return 130
             finally:
                 self._stop_children()
 
-    def _run(self, bootstrap: str, stop: threading.Event, duration_s, show) -> int:
+    def _run(self, bootstrap: str, spark_session: Callable, stop: threading.Event, duration_s, show) -> int:
         from consumers.inference import InferenceJob
         from consumers.training import TrainingJob
         from pipeline.model_updates import announcing_registry
-        from pipeline.spark.session import spark_session, stop_between_batches
+        from pipeline.spark.session import stop_between_batches
         from pipeline.spark.supervisor import QuerySupervisor
         from pipeline.status import StatusBoard
 
@@ -241,10 +243,8 @@ class Pipeline:
         with contextlib.ExitStack() as down:  # unwound in reverse order, every step even if an earlier one fails
             registry, announcer = announcing_registry(s)
             down.callback(announcer.close)
-            ctrl_c = signal.getsignal(signal.SIGINT)
-            spark = spark_session(s, "streamfit-up")
-            signal.signal(signal.SIGINT, ctrl_c)  # pyspark's own handler would cancel the queries mid-batch
-            down.callback(spark.stop)
+            spark = spark_session()  # started in the background with the broker
+            down.callback(spark.stop)  # before the broker stops (stopping it again at the end does nothing)
             inference = InferenceJob(spark, s, bootstrap)
             training = TrainingJob(spark, s, bootstrap, registry)
             down.callback(training.close)

@@ -60,7 +60,7 @@ def run(args) -> int:
     servers = bootstrap(settings)
     ensure_streamfit_topics(servers, settings)
     with contextlib.ExitStack() as down:  # Spark (and with it the query) and the metrics server end on every path
-        spark = spark_session(settings, "streamfit-predict")
+        spark = spark_session(settings, "streamfit-predict", streaming=True)
         down.callback(spark.stop)
         job = InferenceJob(spark, settings, servers)
         metrics = job.reporter.metrics.serve(settings.predict_metrics_port) if settings.predict_metrics_port else None

@@ -67,7 +67,7 @@ def run(args) -> int:
     settings = settings_from(args)
     servers = bootstrap(settings)
     registry, announcer = announcing_registry(settings)
-    spark = spark_session(settings, "streamfit-train")
+    spark = spark_session(settings, "streamfit-train", streaming=True)
     try:
         job = TrainingJob(spark, settings, servers, registry)
         checkpoint = settings.train_checkpoint_dir

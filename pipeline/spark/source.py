@@ -72,7 +72,10 @@ ARROW_SCHEMA = pa.schema(
     ]
 )
 SCHEMA = ddl(ARROW_SCHEMA)
-ROWS_PER_BATCH = 8192
+ROWS_PER_BATCH = 2048
+"""Rows per Arrow batch from the reader, and into the Python UDFs (Spark's maxRecordsPerBatch): small
+enough that a micro-batch's first predictions leave while the rest is still read (a large first
+micro-batch after start-up would otherwise answer nothing for seconds)."""
 
 
 class KafkaRangePartition(InputPartition):
