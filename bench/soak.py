@@ -15,7 +15,8 @@ home, its embedded broker) for ``--minutes`` after start-up, with:
   processed (the ``events`` offsets of its last committed micro-batch, read from its checkpoint).
 
 It prints one JSON object: memory and descriptors per role after warm-up (5 minutes in, or 1/6 of a
-shorter run) and at the end, RSS growth % per role, the lag series and its quarter means, request
+shorter run) and at the end, RSS growth % per role (the median of the last five one-minute samples over
+the median of the five right after warm-up), the lag series and its quarter means, request
 counts and errors, swaps (seen by the load, and serving's ``streamfit_model_swaps`` counter), and
 targets with a ``met`` flag each: RSS growth < 10 % per role, descriptors end - start <= 10 per role,
 lag without an upward trend (mean over the last quarter <= 1.5 x the mean over the second quarter,
@@ -30,6 +31,7 @@ import argparse
 import json
 import multiprocessing
 import random
+import statistics
 import sys
 import tempfile
 import threading
@@ -48,6 +50,8 @@ ADMIN_TOKEN = "soak-admin"
 SAMPLE_EVERY_S = 10.0
 PROMOTE_EVERY_S = 20.0
 RSS_GROWTH_TARGET_PCT = 10.0
+RSS_WINDOW = 5
+"""Memory samples (one a minute) whose median stands for the start and the end of the run."""
 FD_SLACK = 10
 LAG_TREND_FACTOR = 1.5
 
@@ -249,11 +253,27 @@ def lag_trend(series: list[tuple], index: int, duration_s: float, floor: float) 
     }
 
 
-def figures(start: dict, end: dict) -> dict:
+def rss_window(memory: list[dict], warm_up_s: float) -> tuple[list[dict], list[dict]]:
+    """The one-minute memory samples RSS growth compares: up to :data:`RSS_WINDOW` right after warm-up
+    and as many at the end (fewer on a short run, never overlapping)."""
+    after = [m for m in memory if m["t"] >= warm_up_s]
+    n = max(1, min(RSS_WINDOW, len(after) // 4))
+    return after[:n], after[-n:]
+
+
+def figures(start: dict, end: dict, memory: list[dict], warm_up_s: float) -> dict:
+    """Per role: the snapshots after warm-up and at the end, descriptor delta, and RSS growth as the
+    median of the last samples over the median of the first (one snapshot alone would compare, say,
+    the broker in the middle of writing its log snapshot with the broker between two)."""
+    first, last = rss_window(memory, warm_up_s)
     per_role = {}
     for role in sorted(set(start) | set(end), key=lambda r: (r not in ROLES, ROLES.index(r) if r in ROLES else 0)):
         a, b = start.get(role), end.get(role)
-        growth = round(100 * (b["rss_mb"] / a["rss_mb"] - 1), 1) if a and b and a["rss_mb"] else None
+        before = [m[role] for m in first if m.get(role)]
+        after = [m[role] for m in last if m.get(role)]
+        growth = (
+            round(100 * (statistics.median(after) / statistics.median(before) - 1), 1) if before and after else None
+        )
         fd_delta = b["fds"] - a["fds"] if a and b else None
         per_role[role] = {"start": a, "end": b, "rss_growth_pct": growth, "fd_delta": fd_delta}
     return per_role
@@ -339,7 +359,7 @@ def soak(run: UpRun, args, duration: float, warm_up: float) -> dict:
     if start is None or end is None:
         sys.exit(f"{failed or 'the run ended early'}:\n" + "\n".join(run.output[-30:]))
 
-    per_role = figures(start["roles"], end["roles"])
+    per_role = figures(start["roles"], end["roles"], memory, warm_up)
     floor = args.rate  # one second of events: a lag below it is noise, not a trend
     trends = {"predict": lag_trend(lag, 2, duration, floor), "train": lag_trend(lag, 3, duration, floor)}
     rss_met = {
