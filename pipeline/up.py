@@ -22,6 +22,7 @@ taking its Python workers with it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -43,7 +44,7 @@ from pipeline.errors import StreamfitError
 from pipeline.lifetime import die_with_parent
 from pipeline.settings import Settings
 from pipeline.spec import BUILTIN_SPECS
-from producers.synthetic import synthetic_rows
+from producers.synthetic import GENERATORS, n_features, synthetic_rows
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ class StoppedDuringStart(Exception):
 class Traffic:
     """What the producer streams: a synthetic source with drift, partial labels and some broken events."""
 
-    source: str = "synth:hyperplane"
+    source: str | None = None
+    """A producer source; None picks the synthetic stream that fits the model's features."""
     rate: float = 500.0
     label_fraction: float = 0.5
     invalid_fraction: float = 0.01
@@ -120,8 +122,9 @@ def child_env(settings: Settings, bootstrap: str) -> dict[str, str]:
     return env
 
 
-def ensure_model(settings: Settings, source: str) -> str:
-    """Create ``settings.model`` from its built-in spec when missing; check the source fits its features."""
+def ensure_model(settings: Settings, source: str | None) -> tuple[str, str]:
+    """Create ``settings.model`` from its built-in spec when missing; check the source fits its features
+    (None: pick a synthetic one that does). Returns what to tell the user and the source."""
     from pipeline.model_updates import announcing_registry
     from pipeline.registry import RegistryError
 
@@ -147,14 +150,20 @@ def ensure_model(settings: Settings, source: str) -> str:
             made = f" (created: version {version} is champion)"
     finally:
         announcer.close()
-    if source.startswith("synth:"):
-        width = len(next(synthetic_rows(source.removeprefix("synth:")))[0])
-        if width != spec.n_features:
+    fitting = [f"synth:{name}" for name in GENERATORS if n_features(name) == spec.n_features]
+    if source is None:
+        if not fitting:
             raise UpError(
-                f"{source} has {width} features but model {settings.model!r} takes {spec.n_features}: "
-                f"pick a source that fits (synth:higgs for higgs, synth:hyperplane for small)"
+                f"no synthetic source has the {spec.n_features} features of model {settings.model!r}: "
+                "pass --source with a CSV or Parquet file of its features"
             )
-    return f"model {settings.model} ({spec.n_features} features){made}"
+        source = fitting[0]
+    elif source.startswith("synth:") and source not in fitting:
+        raise UpError(
+            f"{source} has {n_features(source.removeprefix('synth:'))} features but model {settings.model!r} "
+            f"takes {spec.n_features}: pick a source that fits ({', '.join(fitting) or 'a file of its features'})"
+        )
+    return f"model {settings.model} ({spec.n_features} features){made}", source
 
 
 def curl_line(settings: Settings, source: str) -> str:
@@ -191,7 +200,9 @@ class Pipeline:
 
         with spark_in_background(s, "streamfit-up") as spark, kafka_cluster(s) as bootstrap:
             self.say(f"Kafka at {bootstrap}; logs in {self.logs}")
-            self.say(ensure_model(s, self.traffic.source))
+            said, source = ensure_model(s, self.traffic.source)
+            self.say(said)
+            self.traffic = dataclasses.replace(self.traffic, source=source)
             self.env = child_env(s, bootstrap)
             try:
                 return self._run(bootstrap, spark, stop, duration_s, show)

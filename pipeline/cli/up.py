@@ -34,7 +34,10 @@ def register(subparsers) -> None:
         help="model to train and serve; created from the built-in spec of "
         f"the same name when missing (default here: {UP_DEFAULTS['model']})",
     )
-    parser.add_argument("--source", default="synth:hyperplane", help="producer source (default %(default)s)")
+    parser.add_argument(
+        "--source",
+        help="producer source (default: the synthetic stream that fits the model, synth:hyperplane for small)",
+    )
     parser.add_argument("--rate", type=float, default=500.0, help="events/s the producer sends (default %(default)g)")
     parser.add_argument(
         "--label-fraction", type=float, default=0.5, help="share of labelled events (default %(default)s)"
