@@ -59,11 +59,7 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
         settings.topic_events: stream,
         settings.topic_predictions: stream,
         settings.topic_training_metrics: stream,
-        settings.topic_dlq: {
-            "cleanup.policy": "delete",
-            "retention.ms": str(DLQ_RETENTION_MS),
-            "segment.ms": str(DLQ_RETENTION_MS // SEGMENTS_PER_RETENTION),
-        },
+        settings.topic_dlq: stream_configs(DLQ_RETENTION_MS),
         settings.topic_model_updates: {"cleanup.policy": "compact"},
     }
 
