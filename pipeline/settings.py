@@ -141,6 +141,9 @@ class Settings(BaseSettings):
 
     # training
     algorithm: str = "adag"
+    ps_metrics_port: Port | None = Field(
+        None, description="serve streamfit ps's Prometheus metrics on this port (shard i: +i; e.g. 9110); unset: off"
+    )
     workers: int = Field(2, ge=1)
     learning_rate: float | None = Field(None, gt=0, description="worker learning rate; default: the model spec's")
     batch_size: int = Field(64, ge=1)

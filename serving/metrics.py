@@ -22,18 +22,17 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
-    disable_created_metrics,
     generate_latest,
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import pipeline.metrics  # noqa: F401  (no *_created series)
 
 UNMATCHED = "<unmatched>"
 """The route label of requests no route matched: unknown paths, and bodies refused before routing (413)."""
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 """Methods labelled as themselves; any other is ``other``."""
-
-disable_created_metrics()  # no ``*_created`` series: they double the output and no dashboard reads them
 
 
 class Metrics:

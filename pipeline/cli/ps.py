@@ -52,6 +52,12 @@ def register(subparsers) -> None:
     parser.add_argument("--host", dest="ps_host", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", dest="ps_port", type=int, help="port of shard 0; shard i uses PORT+i (0: free ports)")
     parser.add_argument("--shards", dest="ps_shards", type=int, help="number of server processes (default 1)")
+    parser.add_argument(
+        "--metrics-port",
+        dest="ps_metrics_port",
+        type=int,
+        help="serve Prometheus metrics on this port (shard i on PORT+i; 0: a free port; default off)",
+    )
     parser.set_defaults(func=run)
 
 

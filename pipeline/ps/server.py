@@ -30,6 +30,7 @@ import numpy as np
 from pipeline.ps.algorithms import CommitRejected, UpdateRule
 from pipeline.ps.checkpoint import Checkpoint, CheckpointError, Snapshot
 from pipeline.ps.meta import CommitMeta, QueryRecord
+from pipeline.ps.metrics import ServerMetrics
 from pipeline.ps.periodic import Periodic
 from pipeline.ps.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -352,13 +353,18 @@ class ParameterServer:
         self._io_timeout = io_timeout_s
         self._idle_timeout = idle_timeout_s
         self._max_connections = max_connections
+        self.metrics = ServerMetrics(self.stats)
         self._periodic: list[Periodic] = []
         self._checkpointing: Periodic | None = None
         if checkpoint is not None:
             self._checkpoint = checkpoint
             self._durable = Checkpointed(state.counter, state.stats()["queries"], written=False)
             self._checkpointing = Periodic(
-                "checkpoint", state, self._save_checkpoint, checkpoint_every_updates, checkpoint_every_s
+                "checkpoint",
+                state,
+                self.metrics.timed("checkpoint", self._save_checkpoint),
+                checkpoint_every_updates,
+                checkpoint_every_s,
             )
             self._periodic.append(self._checkpointing)
         if on_publish is not None:
@@ -366,7 +372,11 @@ class ParameterServer:
             def publish() -> None:  # what on_publish returns is not a counter it covered
                 on_publish(*state.publication())
 
-            self._periodic.append(Periodic("publish", state, publish, publish_every_updates, publish_every_s))
+            self._periodic.append(
+                Periodic(
+                    "publish", state, self.metrics.timed("publish", publish), publish_every_updates, publish_every_s
+                )
+            )
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -476,6 +486,7 @@ class ParameterServer:
             if not busy:
                 self._connections.add(conn)
         if busy:
+            self.metrics.refused.labels("busy").inc()
             log.warning("%s refused: %d connections already open (ps_max_connections)", peer, self._max_connections)
             try:
                 conn.settimeout(1.0)  # a fresh socket's send buffer is empty: this does not block
@@ -508,9 +519,11 @@ class ParameterServer:
             try:
                 request = reader.read(idle_timeout=idle_timeout, frame_timeout=self._io_timeout)
             except TruncatedFrame:
+                self.metrics.refused.labels("truncated").inc()
                 log.warning("%s closed the connection in the middle of a frame", peer)
                 return
             except ProtocolError as exc:
+                self.metrics.refused.labels(exc.code).inc()
                 log.warning("%s sent a bad frame (%s); closing the connection", peer, exc)
                 self._send(conn, error_frame(exc.code, str(exc)))
                 _linger(conn)
@@ -536,10 +549,13 @@ class ParameterServer:
                 if not isinstance(wait_s, (int, float)) or not wait_s >= 0:
                     raise ProtocolError("wait_s must be a non-negative number of seconds")
                 weights, counter = self.state.pull(request.worker_id, request.counter, min(wait_s, self._idle_timeout))
+                self.metrics.pulls.inc()
                 return Frame(MsgType.WEIGHTS, counter=counter, worker_id=request.worker_id, tensors=weights), True
             if request.type == MsgType.COMMIT:
                 tag = CommitTag(request.query_id, request.batch_id, request.worker_id, request.seq)
                 ack = self.state.commit(request.tensors, pulled=request.counter, tag=tag, meta=request.meta)
+                if ack.status != "skipped":
+                    self.metrics.staleness.observe(ack.staleness)
                 return Frame(
                     MsgType.ACK,
                     counter=ack.counter,
@@ -552,14 +568,17 @@ class ParameterServer:
                 return self._checkpoint_now(peer), True
             raise ProtocolError(f"a client may not send {request.type.name} frames")
         except ProtocolError as exc:
+            self.metrics.refused.labels(exc.code).inc()
             log.warning("%s: %s; closing the connection", peer, exc)
             return error_frame(exc.code, str(exc)), False
         except CommitRejected as exc:
+            self.metrics.refused.labels("rejected").inc()
             log.warning("%s: commit rejected: %s", peer, exc)
             return error_frame("rejected", str(exc)), True
         except PullTimeout as exc:
             return error_frame("pull_timeout", str(exc)), True
         except Exception:  # a bug in one request must not take the server down
+            self.metrics.refused.labels("internal").inc()
             log.exception("%s: request %s failed", peer, request.type.name)
             return error_frame("internal", "internal server error; see the server log"), False
 

@@ -4,7 +4,8 @@ under a supervisor that publishes from next to them.
 Each shard resumes from its checkpoint under ``<home>/ps/<model>/shard-<i>-of-<K>`` when there is
 one, else starts from its :class:`InitFile` or :class:`InitVersion` (the tensors of its part of the
 layout, :func:`pipeline.ps.sharding.plan`). Shard ``i`` listens on ``ps_port + i`` (any free port
-when 0). When the model is in the registry, the center variable is published as a new
+when 0) and, with ``ps_metrics_port`` set, serves its Prometheus metrics on ``ps_metrics_port + i``
+(:mod:`pipeline.ps.metrics`). When the model is in the registry, the center variable is published as a new
 ``candidate`` version every ``ps_publish_every_updates`` updates or ``ps_publish_every_s`` seconds
 with changes (and on shutdown): by the only shard's server itself, or, sharded, by the supervisor
 with one sharded pull (:class:`~pipeline.publishing.ShardedPublishing`).
@@ -29,6 +30,7 @@ import numpy as np
 from safetensors import safe_open
 
 from pipeline.errors import StreamfitError
+from pipeline.metrics import serve as serve_metrics
 from pipeline.model_updates import announcing_registry
 from pipeline.ps.algorithms import from_settings
 from pipeline.ps.checkpoint import Checkpoint, CheckpointError
@@ -146,15 +148,29 @@ def serve_shard(
     except OSError as exc:
         raise ShardError(f"shard {index}: cannot listen on {settings.ps_host}:{port} ({exc.strerror or exc})") from exc
     host, port = server.address
+    exporter = None
+    if settings.ps_metrics_port is not None:
+        metrics_port = settings.ps_metrics_port + index if settings.ps_metrics_port else 0
+        try:
+            exporter = serve_metrics(server.metrics.registry, metrics_port, settings.ps_host)
+        except OSError as exc:
+            server.stop()
+            raise ShardError(
+                f"shard {index}: cannot serve metrics on {settings.ps_host}:{metrics_port} ({exc.strerror or exc})"
+            ) from exc
     print(
         f"parameter server shard {index}/{settings.ps_shards} listening on {host}:{port} "
-        f"(counter {state.counter}, {len(state.shapes)} tensors, from {source}); Ctrl-C stops it",
+        f"(counter {state.counter}, {len(state.shapes)} tensors, from {source}"
+        + (f", metrics on {host}:{exporter.server_port}/metrics" if exporter else "")
+        + "); Ctrl-C stops it",
         flush=True,
     )
     if on_listening is not None:
         on_listening(host, port, state.counter)
     stop.wait()
     server.stop()
+    if exporter is not None:
+        exporter.shutdown()
     if announcer is not None:
         announcer.close()
     print(f"parameter server shard {index} stopped at counter {state.counter}", flush=True)
