@@ -42,6 +42,7 @@ from pipeline.events import (
     standardisation_problems,
     validate,
 )
+from pipeline.kafka_properties import java_options
 from pipeline.settings import Settings
 from pipeline.spark import worker_heap
 
@@ -144,12 +145,14 @@ def predict_partition(
         )
 
 
-def predict_and_send(batches: Iterator[pa.RecordBatch], bootstrap: str, client: str, *args) -> Iterator[pa.RecordBatch]:
+def predict_and_send(
+    batches: Iterator[pa.RecordBatch], bootstrap: str, client: str, properties, *args
+) -> Iterator[pa.RecordBatch]:
     """``predict_partition`` whose output is sent (and acknowledged) from the same worker with Kafka
-    client ``client`` (setting ``kafka_client``); yields the count."""
+    client ``client`` (setting ``kafka_client``) and the ``kafka`` setting's ``properties``; yields the count."""
     from pipeline.spark.source import send_rows
 
-    sent = send_rows(bootstrap, None, predict_partition(batches, *args), client)
+    sent = send_rows(bootstrap, None, predict_partition(batches, *args), client, properties)
     yield pa.RecordBatch.from_pydict({"records": [sent.records]}, schema=SENT_SCHEMA)
 
 
@@ -182,7 +185,7 @@ class InferenceJob:
         spec = self.registry.spec(settings.model)
         self.schema = FeatureSchema(tuple(spec.feature_names), spec.n_classes, settings.max_event_bytes)
         self.format = kafka_format(spark, settings)
-        topics = describe(bootstrap, settings.kafka_timeout_s)
+        topics = describe(bootstrap, settings.kafka_timeout_s, settings.kafka)
         self.copartitioned = topics.get(settings.topic_events) == topics.get(settings.topic_predictions)
         self.versions: dict[int, int] = {}
         self.fence: DeadLetterFence | None = None  # set by start(): it lives in the query's checkpoint
@@ -210,13 +213,16 @@ class InferenceJob:
         )
         events = frame.select("value", "topic", "partition", "offset")
         if self.format == PYTHON_SOURCE:
-            bootstrap, client = self.bootstrap, self.settings.kafka_client
-            events.mapInArrow(lambda batches: predict_and_send(batches, bootstrap, client, *args), SENT_DDL).collect()
+            bootstrap, client, kafka = self.bootstrap, s.kafka_client, s.kafka
+            events.mapInArrow(
+                lambda batches: predict_and_send(batches, bootstrap, client, kafka, *args), SENT_DDL
+            ).collect()
         else:
             (
                 events.mapInArrow(lambda batches: predict_partition(batches, *args), OUTPUT_DDL)
                 .write.format(self.format)
                 .option("kafka.bootstrap.servers", self.bootstrap)
+                .options(**java_options(s.kafka))
                 .mode("append")
                 .save()
             )
@@ -235,7 +241,9 @@ class InferenceJob:
         writer = writer.trigger(**(trigger or every(s, TRIGGER_S)))
         if self.fence is not None:  # a restarted query gets a new fence
             self.fence.close()
-        self.fence = DeadLetterFence(checkpoint, self.bootstrap, s.topic_dlq, "predict", timeout_s=s.kafka_timeout_s)
+        self.fence = DeadLetterFence(
+            checkpoint, self.bootstrap, s.topic_dlq, "predict", timeout_s=s.kafka_timeout_s, properties=s.kafka
+        )
         query = writer.start()
         self.reporter.query_id = str(query.id)
         return query

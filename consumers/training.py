@@ -309,7 +309,7 @@ class TrainingJob:
             margin=settings.promotion_margin,
             auto_promote=settings.auto_promote,
         )
-        self.producer = producer(bootstrap, settings.kafka_timeout_s, client_id="streamfit-train")
+        self.producer = producer(bootstrap, settings.kafka_timeout_s, settings.kafka, client_id="streamfit-train")
         self.history: deque[TrainingMetrics] = deque(maxlen=1000)
         self.gauges = TrainingGauges()
         self.boost = DriftBoost(settings.drift_boost, settings.drift_boost_events)
@@ -627,7 +627,9 @@ class TrainingJob:
         )
         if self.fence is not None:  # a restarted query gets a new fence
             self.fence.close()
-        self.fence = DeadLetterFence(checkpoint, self.bootstrap, s.topic_dlq, "train", timeout_s=s.kafka_timeout_s)
+        self.fence = DeadLetterFence(
+            checkpoint, self.bootstrap, s.topic_dlq, "train", timeout_s=s.kafka_timeout_s, properties=s.kafka
+        )
         return writer.trigger(**(trigger or every(s, TRIGGER_S))).start()
 
     def close(self) -> None:

@@ -226,6 +226,11 @@ def kafka_cluster(settings: Settings) -> Iterator[str]:
         ensure_streamfit_topics(settings.kafka_bootstrap, settings)
         yield settings.kafka_bootstrap
         return
+    if settings.kafka.get("security.protocol", "PLAINTEXT") != "PLAINTEXT":
+        raise BrokerError(
+            f"kafka security.protocol={settings.kafka['security.protocol']} needs a cluster that speaks it "
+            "(set kafka_bootstrap): the embedded broker listens in plaintext only"
+        )
     other = running_broker(settings)
     if other:
         raise BrokerError(

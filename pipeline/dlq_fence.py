@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -60,10 +61,19 @@ class DeadLetterFence:
     letters of ``stage`` to ``topic``."""
 
     def __init__(
-        self, checkpoint: str, bootstrap: str, topic: str, stage: str, *, keep: int = KEEP, timeout_s: float = 15.0
+        self,
+        checkpoint: str,
+        bootstrap: str,
+        topic: str,
+        stage: str,
+        *,
+        keep: int = KEEP,
+        timeout_s: float = 15.0,
+        properties: Mapping[str, str] | None = None,
     ):
         self.directory = _local_path(checkpoint) / "dlq-fence"
         self.bootstrap, self.topic, self.stage, self.keep, self.timeout_s = bootstrap, topic, stage, keep, timeout_s
+        self.properties = properties
         self._offsets: KafkaOffsetReader | None = None  # kept across micro-batches: a new client costs ~8 ms
 
     def close(self) -> None:
@@ -101,7 +111,7 @@ class DeadLetterFence:
         """The DLQ's partitions, from the kept reader; none for a topic not created yet (the reader is
         then dropped, so the next micro-batch asks with fresh metadata)."""
         if self._offsets is None:
-            self._offsets = KafkaOffsetReader(self.bootstrap, [self.topic], self.timeout_s)
+            self._offsets = KafkaOffsetReader(self.bootstrap, [self.topic], self.timeout_s, self.properties)
         try:
             partitions = sorted(self._offsets.consumer.partitions_for_topic(self.topic) or ())
         except Exception:
@@ -130,7 +140,9 @@ class DeadLetterFence:
         except Exception:
             self.close()
             raise
-        kafka = consumer(self.bootstrap, self.timeout_s, auto_offset_reset="none", client_id="streamfit-dlq-fence")
+        kafka = consumer(
+            self.bootstrap, self.timeout_s, self.properties, auto_offset_reset="none", client_id="streamfit-dlq-fence"
+        )
         written = set()
         try:
             for part in ranges(fence, end):

@@ -290,6 +290,8 @@ def ddl_type(kind: pa.DataType) -> str:
         return simple[kind]
     if pa.types.is_list(kind):
         return f"array<{ddl_type(kind.value_type)}>"
+    if pa.types.is_struct(kind):
+        return f"struct<{', '.join(f'{field.name}: {ddl_type(field.type)}' for field in kind)}>"
     if pa.types.is_timestamp(kind) and kind.tz is not None:
         return "timestamp"
     raise TypeError(f"no Spark DDL type for Arrow type {kind}")

@@ -5,13 +5,20 @@ embedded broker and a real Apache Kafka cluster. kafka-python does the reads, ad
 and the small producers; the hot write path (``streamfit produce``, the Spark writer)
 uses :func:`fast_producer`: librdkafka (confluent-kafka) when installed, whose producer
 costs 2.9 µs of CPU per record here against kafka-python's 34 µs.
+
+Every client takes ``properties``: the ``kafka`` setting's Kafka client properties (TLS, SASL,
+compression, producer tuning; :mod:`pipeline.kafka_properties` maps them to each client). A cluster that
+cannot be reached over TLS is named as such (:class:`KafkaTlsError`), not as one that does not answer.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
+import ssl
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, TypeVar, get_args
 
@@ -25,6 +32,7 @@ from kafka.admin import NewTopic
 from kafka.errors import IllegalStateError, KafkaError, KafkaTimeoutError, TopicAlreadyExistsError, for_code
 
 from pipeline.errors import StreamfitError
+from pipeline.kafka_properties import KafkaProperties, Role, librdkafka_config, python_kwargs
 from pipeline.settings import KafkaClient, Settings
 
 log = logging.getLogger(__name__)
@@ -39,6 +47,11 @@ _Client = TypeVar("_Client")
 
 class KafkaUnavailable(StreamfitError, RuntimeError):
     """No Kafka cluster could be reached or found; the message says what to do."""
+
+
+class KafkaTlsError(KafkaUnavailable):
+    """The TLS handshake with the cluster failed (a CA that did not sign the broker's certificate, a
+    name the certificate does not cover, a listener that does not speak TLS); the message says which."""
 
 
 class DeliveryError(KafkaError):
@@ -70,37 +83,99 @@ def topic_specs(settings: Settings) -> dict[str, int]:
     """Topic name -> partition count for every topic streamfit uses."""
     return {
         settings.topic_events: settings.events_partitions,
-        settings.topic_dlq: 1,
+        settings.topic_dlq: settings.topic_partitions,
         settings.topic_predictions: settings.events_partitions,
-        settings.topic_model_updates: 1,
-        settings.topic_training_metrics: 1,
+        settings.topic_model_updates: settings.topic_partitions,
+        settings.topic_training_metrics: settings.topic_partitions,
     }
 
 
-def admin(bootstrap_servers: str, timeout_s: float) -> KafkaAdminClient:
+def admin(bootstrap_servers: str, timeout_s: float, properties: Mapping[str, str] | None = None) -> KafkaAdminClient:
     return _reached(
         KafkaAdminClient,
         bootstrap_servers,
+        properties,
+        "admin",
         request_timeout_ms=int(timeout_s * 1000),
         bootstrap_timeout_ms=int(timeout_s * 1000),
         client_id="streamfit-admin",
     )
 
 
-def _reached(client: Callable[..., _Client], bootstrap_servers: str, **config: Any) -> _Client:
-    """A kafka-python ``client`` of ``bootstrap_servers`` (its constructor fails when no broker answers)."""
+def _reached(
+    client: Callable[..., _Client],
+    bootstrap_servers: str,
+    properties: Mapping[str, str] | None,
+    role: Role,
+    **config: Any,
+) -> _Client:
+    """A kafka-python ``client`` of ``bootstrap_servers`` with the ``role``'s ``properties`` over ``config``
+    (its constructor fails when no broker answers)."""
     try:
-        return client(bootstrap_servers=bootstrap_servers, **config)
+        return client(bootstrap_servers=bootstrap_servers, **(config | python_kwargs(properties or {}, role)))
     except KafkaError:
-        raise KafkaUnavailable(f"no Kafka broker answers at {bootstrap_servers}") from None
+        raise unreachable(bootstrap_servers, properties) from None
 
 
-def ensure_topics(bootstrap_servers: str, topics: dict[str, int], timeout_s: float = 15.0) -> list[str]:
-    """Create the missing topics; returns the names created. Existing topics are left as they are."""
-    client = admin(bootstrap_servers, timeout_s)
+def unreachable(bootstrap_servers: str, properties: Mapping[str, str] | None) -> KafkaUnavailable:
+    """The error for a cluster no client could reach: :class:`KafkaTlsError` naming the cause when a TLS
+    handshake with it fails, else :class:`KafkaUnavailable`."""
+    problem = tls_problem(bootstrap_servers, KafkaProperties(properties))
+    if problem:
+        return KafkaTlsError(problem)
+    return KafkaUnavailable(f"no Kafka broker answers at {bootstrap_servers}")
+
+
+def tls_problem(bootstrap_servers: str, properties: KafkaProperties, timeout_s: float = 5.0) -> str | None:
+    """Why a TLS client with ``properties`` cannot talk to ``bootstrap_servers``, or None (no TLS configured,
+    a handshake that succeeds, or no server answering at all). Python's own TLS says what the clients'
+    logs bury: an unknown CA, a certificate for another name, a plaintext listener."""
+    if properties.get("security.protocol", "PLAINTEXT") not in ("SSL", "SASL_SSL"):
+        return None
+    cafile = properties.get("ssl.cafile")
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+        if "ssl.certfile" in properties:
+            context.load_cert_chain(
+                properties["ssl.certfile"], properties.get("ssl.keyfile"), properties.get("ssl.password")
+            )
+    except (OSError, ssl.SSLError) as exc:
+        return f"cannot load the TLS files of the kafka settings (ssl.cafile={cafile}): {exc}"
+    context.check_hostname = properties.get("ssl.check.hostname", "true") == "true"
+    for server in bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+                with context.wrap_socket(sock, server_hostname=host):
+                    return None
+        except ssl.SSLError as exc:
+            return (
+                f"TLS handshake with the Kafka broker at {server.strip()} failed: {exc.reason or exc} "
+                f"(verify_message: {getattr(exc, 'verify_message', None) or '-'}); "
+                f"check kafka ssl.cafile ({cafile or 'the system CAs'}) and that the broker listens with TLS there"
+            )
+        except OSError:
+            continue
+    return None
+
+
+def ensure_topics(
+    bootstrap_servers: str,
+    topics: dict[str, int],
+    timeout_s: float = 15.0,
+    properties: Mapping[str, str] | None = None,
+    replication_factor: int = -1,
+) -> list[str]:
+    """Create the missing topics (``replication_factor`` -1: the broker's default); returns the names
+    created. Existing topics are left as they are."""
+    client = admin(bootstrap_servers, timeout_s, properties)
     try:
         existing = set(client.list_topics())
-        missing = [NewTopic(name, partitions, 1) for name, partitions in topics.items() if name not in existing]
+        missing = [
+            NewTopic(name, partitions, replication_factor)
+            for name, partitions in topics.items()
+            if name not in existing
+        ]
         if missing:
             try:
                 client.create_topics(missing, timeout_ms=int(timeout_s * 1000))
@@ -128,12 +203,14 @@ def _wait_for_topics(client: KafkaAdminClient, names: list[str], timeout_s: floa
         time.sleep(0.1)
 
 
-def describe(bootstrap_servers: str, timeout_s: float = 15.0) -> dict[str, int]:
+def describe(
+    bootstrap_servers: str, timeout_s: float = 15.0, properties: Mapping[str, str] | None = None
+) -> dict[str, int]:
     """Topic name -> partition count of every topic on the cluster, asked again until ``timeout_s`` passes
     when the broker drops the connection meanwhile (a consumer starting while its broker restarts)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        client = admin(bootstrap_servers, max(1.0, deadline - time.monotonic()))
+        client = admin(bootstrap_servers, max(1.0, deadline - time.monotonic()), properties)
         try:
             return {t["name"]: len(t["partitions"]) for t in client.describe_topics(client.list_topics())}
         except KafkaError:
@@ -148,9 +225,12 @@ BATCH_BYTES = 256 * 1024
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 
-def producer(bootstrap_servers: str, timeout_s: float = 15.0, **overrides) -> KafkaProducer:
+def producer(
+    bootstrap_servers: str, timeout_s: float = 15.0, properties: Mapping[str, str] | None = None, **overrides
+) -> KafkaProducer:
     """A producer that waits for full acknowledgement, retries through a broker restart, and fails a
-    send only once ``timeout_s`` (+5 s) passed without an acknowledgement."""
+    send only once ``timeout_s`` (+5 s) passed without an acknowledgement. ``properties`` (the ``kafka``
+    setting) come last: a user's ``acks`` or ``linger.ms`` wins."""
     config = dict(
         acks="all",
         linger_ms=5,
@@ -164,7 +244,7 @@ def producer(bootstrap_servers: str, timeout_s: float = 15.0, **overrides) -> Ka
         delivery_timeout_ms=int(timeout_s * 1000) + 5000,
         client_id="streamfit-producer",
     )
-    return _reached(KafkaProducer, bootstrap_servers, **(config | overrides))
+    return _reached(KafkaProducer, bootstrap_servers, properties, "producer", **(config | overrides))
 
 
 def fast_producer(
@@ -173,27 +253,35 @@ def fast_producer(
     client: KafkaClient = "auto",
     linger_ms: int = 5,
     client_id: str = "streamfit-producer",
+    properties: Mapping[str, str] | None = None,
 ):
-    """The hot write path's producer: ``send(topic, key=, value=, partition=)`` returning a future
+    """The hot write path's producer: ``send(topic, key=, value=, partition=, headers=)`` returning a future
     (``is_done``, ``get(timeout)``), ``flush(timeout)``, ``close(timeout)``, with :func:`producer`'s
     guarantees. ``auto``: librdkafka if confluent-kafka is installed, else kafka-python."""
     if client not in KAFKA_CLIENTS:
         raise ValueError(f"unknown Kafka client {client!r}; choose one of {', '.join(KAFKA_CLIENTS)}")
     if client == "kafka-python" or (client == "auto" and confluent_kafka is None):
-        return producer(bootstrap_servers, timeout_s, linger_ms=linger_ms, client_id=client_id)
+        return producer(bootstrap_servers, timeout_s, properties, linger_ms=linger_ms, client_id=client_id)
     if confluent_kafka is None:
         raise KafkaUnavailable(
             "kafka_client=confluent, but confluent-kafka is not installed "
             "(pip install confluent-kafka, or set kafka_client=kafka-python)"
         )
-    return ConfluentProducer(confluent_config(bootstrap_servers, timeout_s, linger_ms, client_id), timeout_s)
+    return ConfluentProducer(
+        confluent_config(bootstrap_servers, timeout_s, linger_ms, client_id, properties), timeout_s, properties
+    )
 
 
 def confluent_config(
-    bootstrap_servers: str, timeout_s: float = 15.0, linger_ms: int = 5, client_id: str = "streamfit-producer"
+    bootstrap_servers: str,
+    timeout_s: float = 15.0,
+    linger_ms: int = 5,
+    client_id: str = "streamfit-producer",
+    properties: Mapping[str, str] | None = None,
 ) -> dict:
     """librdkafka's settings for :func:`producer`'s guarantees (idempotence retries until the delivery
-    timeout); Kafka's murmur2 partitioner, so a key lands where kafka-python and Java put it."""
+    timeout); Kafka's murmur2 partitioner, so a key lands where kafka-python and Java put it. The
+    ``properties`` (the ``kafka`` setting) come last."""
     return {
         "bootstrap.servers": bootstrap_servers,
         "client.id": client_id,
@@ -206,7 +294,7 @@ def confluent_config(
         "message.timeout.ms": int(timeout_s * 1000) + 5000,
         "partitioner": "murmur2_random",
         "logger": logging.getLogger("librdkafka"),
-    }
+    } | librdkafka_config(properties or {})
 
 
 def _delivery_error(err, where: str) -> KafkaError:
@@ -290,8 +378,8 @@ class ConfluentProducer:
     Sender) carries on, as it does with kafka-python.
     """
 
-    def __init__(self, config: dict, timeout_s: float):
-        self.config, self.timeout_s = config, timeout_s
+    def __init__(self, config: dict, timeout_s: float, properties: Mapping[str, str] | None = None):
+        self.config, self.timeout_s, self.properties = config, timeout_s, properties
         self._closed = False
         self._handle = self._connect()
 
@@ -300,7 +388,7 @@ class ConfluentProducer:
         try:
             kafka.list_topics(timeout=self.timeout_s)  # as kafka-python: an unreachable cluster fails here
         except confluent_kafka.KafkaException:
-            raise KafkaUnavailable(f"no Kafka broker answers at {self.config['bootstrap.servers']}") from None
+            raise unreachable(self.config["bootstrap.servers"], self.properties) from None
         return _Handle(kafka)
 
     def _serve(self, handle: _Handle, call, *args):
@@ -327,7 +415,12 @@ class ConfluentProducer:
         self._serve(self._handle, confluent_kafka.Producer.poll, timeout)
 
     def send(
-        self, topic: str, value: bytes | None = None, key: bytes | None = None, partition: int | None = None
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: list[tuple[str, bytes | None]] | None = None,
     ) -> Delivery:
         if self._closed:
             raise IllegalStateError("producer closed")
@@ -339,7 +432,9 @@ class ConfluentProducer:
             handle = self._handle
             delivery = Delivery(self, handle)
             try:
-                handle.kafka.produce(topic, value, key, -1 if partition is None else partition, delivery)
+                handle.kafka.produce(
+                    topic, value, key, -1 if partition is None else partition, delivery, headers=headers
+                )
             except BufferError:  # librdkafka's queue is full: wait for acknowledgements, as kafka-python's max_block_ms
                 blocked_until = blocked_until or time.monotonic() + self.timeout_s
                 if time.monotonic() > blocked_until:
@@ -375,7 +470,9 @@ class ConfluentProducer:
         self._serve(handle, confluent_kafka.Producer.close)
 
 
-def consumer(bootstrap_servers: str, timeout_s: float = 15.0, **overrides) -> KafkaConsumer:
+def consumer(
+    bootstrap_servers: str, timeout_s: float = 15.0, properties: Mapping[str, str] | None = None, **overrides
+) -> KafkaConsumer:
     """A consumer with manual offset control; callers assign partitions themselves."""
     config = dict(
         enable_auto_commit=False,
@@ -383,4 +480,4 @@ def consumer(bootstrap_servers: str, timeout_s: float = 15.0, **overrides) -> Ka
         bootstrap_timeout_ms=int(timeout_s * 1000),
         client_id="streamfit-consumer",
     )
-    return _reached(KafkaConsumer, bootstrap_servers, **(config | overrides))
+    return _reached(KafkaConsumer, bootstrap_servers, properties, "consumer", **(config | overrides))

@@ -56,7 +56,10 @@ class Announcer:
         try:
             if self._producer is None:
                 self._producer = producer(
-                    bootstrap(self.settings), self.settings.kafka_timeout_s, client_id="streamfit-model-updates"
+                    bootstrap(self.settings),
+                    self.settings.kafka_timeout_s,
+                    self.settings.kafka,
+                    client_id="streamfit-model-updates",
                 )
             future = self._producer.send(
                 self.settings.topic_model_updates, key=event["model"].encode(), value=orjson.dumps(event)

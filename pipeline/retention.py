@@ -28,6 +28,7 @@ in-memory engine accepts the configs and keeps everything anyway (it implements 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.errors import KafkaError
@@ -64,10 +65,15 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
     }
 
 
-def apply_topic_configs(bootstrap_servers: str, configs: dict[str, dict[str, str]], timeout_s: float = 15.0) -> None:
+def apply_topic_configs(
+    bootstrap_servers: str,
+    configs: dict[str, dict[str, str]],
+    timeout_s: float = 15.0,
+    properties: Mapping[str, str] | None = None,
+) -> None:
     """Set ``configs`` on existing topics (only the keys given; others keep their values). A broker that
     refuses logs a warning: retention is then the broker's own, and streamfit runs on."""
-    client = admin(bootstrap_servers, timeout_s)
+    client = admin(bootstrap_servers, timeout_s, properties)
     try:
         resources = [ConfigResource(ConfigResourceType.TOPIC, name, dict(values)) for name, values in configs.items()]
         results = client.alter_configs(resources, raise_on_unknown=False, incremental=True).get("topic", {})
@@ -83,6 +89,12 @@ def apply_topic_configs(bootstrap_servers: str, configs: dict[str, dict[str, str
 
 def ensure_streamfit_topics(bootstrap_servers: str, settings: Settings) -> list[str]:
     """Create streamfit's topics if missing and set their configs; returns the names created."""
-    created = ensure_topics(bootstrap_servers, topic_specs(settings), settings.kafka_timeout_s)
-    apply_topic_configs(bootstrap_servers, topic_configs(settings), settings.kafka_timeout_s)
+    created = ensure_topics(
+        bootstrap_servers,
+        topic_specs(settings),
+        settings.kafka_timeout_s,
+        settings.kafka,
+        settings.topic_replication_factor,
+    )
+    apply_topic_configs(bootstrap_servers, topic_configs(settings), settings.kafka_timeout_s, settings.kafka)
     return created

@@ -17,9 +17,12 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pipeline.errors import StreamfitError
+from pipeline.kafka_properties import KafkaProperties
 
 ENV_PREFIX = "STREAMFIT_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
+KAFKA_ENV = ENV_PREFIX + "KAFKA__"
+"""``STREAMFIT_KAFKA__SSL_CAFILE=/ca.pem`` sets the Kafka client property ``ssl.cafile``."""
 
 
 class SettingsError(StreamfitError, ValueError):
@@ -45,6 +48,17 @@ class _YamlSource(PydanticBaseSettingsSource):
         if unknown:
             raise SettingsError(f"{CONFIG_ENV}={path}: unknown setting(s) {', '.join(unknown)}")
         return data
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ does the work
+        return None, field_name, False
+
+
+class _KafkaEnvSource(PydanticBaseSettingsSource):
+    """Reads ``STREAMFIT_KAFKA__<NAME>`` variables into the ``kafka`` mapping (merged over the YAML's)."""
+
+    def __call__(self) -> dict[str, Any]:
+        found = {k[len(KAFKA_ENV) :]: v for k, v in os.environ.items() if k.startswith(KAFKA_ENV)}
+        return {"kafka": found} if found else {}
 
     def get_field_value(self, field, field_name):  # pragma: no cover - __call__ does the work
         return None, field_name, False
@@ -78,7 +92,17 @@ class Settings(BaseSettings):
     topic_predictions: str = "predictions"
     topic_model_updates: str = "model-updates"
     topic_training_metrics: str = "training-metrics"
-    events_partitions: int = Field(3, ge=1)
+    kafka: KafkaProperties = Field(
+        default_factory=KafkaProperties,
+        description="Kafka client properties by Kafka's names (security.protocol, ssl.cafile, sasl.mechanism, "
+        "sasl.plain.username, sasl.plain.password, compression.type, acks, linger.ms, batch.size, ...) for every "
+        "client streamfit opens; YAML mapping `kafka:`, or STREAMFIT_KAFKA__<NAME> with _ for each dot",
+    )
+    events_partitions: int = Field(3, ge=1, description="partitions of events and predictions")
+    topic_partitions: int = Field(1, ge=1, description="partitions of events.dlq, model-updates, training-metrics")
+    topic_replication_factor: int = Field(
+        -1, ge=-1, description="replicas of each topic streamfit creates; -1: the broker's default.replication.factor"
+    )
     topic_retention_ms: int = Field(
         240_000,
         ge=-1,
@@ -266,7 +290,7 @@ class Settings(BaseSettings):
     def settings_customise_sources(
         cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
     ):
-        return init_settings, env_settings, _YamlSource(settings_cls)
+        return init_settings, env_settings, _KafkaEnvSource(settings_cls), _YamlSource(settings_cls)
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -275,7 +299,9 @@ def load_settings(**overrides: Any) -> Settings:
     Raises :class:`SettingsError` naming the first bad setting.
     """
     known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | {CONFIG_ENV}
-    unknown = sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k not in known)
+    unknown = sorted(
+        k for k in os.environ if k.startswith(ENV_PREFIX) and k not in known and not k.startswith(KAFKA_ENV)
+    )
     if unknown:
         raise SettingsError(f"unknown setting(s) in the environment: {', '.join(unknown)}")
     try:

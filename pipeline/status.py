@@ -54,7 +54,7 @@ class StatusBoard:
     ):
         self.settings, self.serve_url, self.training_history = settings, serve_url, training_history
         self.topics = [settings.topic_events, settings.topic_predictions, settings.topic_dlq]
-        self.offsets = KafkaOffsetReader(bootstrap, self.topics, settings.kafka_timeout_s)
+        self.offsets = KafkaOffsetReader(bootstrap, self.topics, settings.kafka_timeout_s, settings.kafka)
         self.registry = Registry(settings.registry_url)
         self.http = httpx.Client(timeout=2.0)
         self.previous: Figures | None = None

@@ -41,8 +41,9 @@ from pydantic import SecretStr
 
 from pipeline.broker import kafka_cluster, port_is_free
 from pipeline.errors import StreamfitError
+from pipeline.kafka_properties import KafkaProperties
 from pipeline.lifetime import die_with_parent
-from pipeline.settings import Settings
+from pipeline.settings import KAFKA_ENV, Settings
 from pipeline.spec import BUILTIN_SPECS
 from producers.synthetic import GENERATORS, n_features, synthetic_rows
 
@@ -110,6 +111,9 @@ def child_env(settings: Settings, bootstrap: str) -> dict[str, str]:
     for name in Settings.model_fields:
         value = getattr(settings, name)
         if value is None:
+            continue
+        if isinstance(value, KafkaProperties):
+            env.update(value.environment(KAFKA_ENV))
             continue
         if isinstance(value, SecretStr):
             value = value.get_secret_value()

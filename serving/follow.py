@@ -83,6 +83,7 @@ class Follower:
         reader = consumer(
             servers,
             self.settings.kafka_timeout_s,
+            self.settings.kafka,
             client_id="streamfit-serve",
             fetch_max_wait_ms=100,
             request_timeout_ms=int(self.settings.kafka_timeout_s * 1000) + 1000,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 
 import pytest
 from kafka import KafkaAdminClient, TopicPartition
@@ -275,3 +276,65 @@ def test_a_worker_keeps_its_kafka_clients_across_tasks_and_drops_one_whose_task_
     other = "kafka-python" if client == "confluent" else "confluent"  # one writer per worker: another kind replaces it
     assert source.send_rows(kafka, topic, iter([rows]), other).records == 2
     assert second._closed and source._clients[writer][0] == other
+
+
+def _batch(spark, bootstrap: str, **options):
+    reader = spark.read.format(NAME).option("kafka.bootstrap.servers", bootstrap)
+    for key, value in options.items():
+        reader = reader.option(key, str(value))
+    return reader.load().collect()
+
+
+def test_assign_subscribe_pattern_and_offsets_by_timestamp(spark, kafka, topic):
+    other = topic + "-b"
+    ensure_topics(kafka, {topic: 2, other: 1})
+    kafka_producer = producer(kafka)
+    for i in range(10):  # partition 0 stamped 1000..1009, partition 1 stamped 2000..2009
+        kafka_producer.send(topic, value=b"p0-%d" % i, partition=0, timestamp_ms=1000 + i)
+        kafka_producer.send(topic, value=b"p1-%d" % i, partition=1, timestamp_ms=2000 + i)
+        kafka_producer.send(other, value=b"b-%d" % i, partition=0, timestamp_ms=3000 + i)
+    kafka_producer.flush()
+    kafka_producer.close()
+
+    rows = _batch(spark, kafka, assign=json.dumps({topic: [1], other: [0]}))
+    assert sorted(bytes(r.value) for r in rows) == sorted(
+        [b"p1-%d" % i for i in range(10)] + [b"b-%d" % i for i in range(10)]
+    )
+    rows = _batch(spark, kafka, subscribePattern=re.escape(topic) + "(-b)?")
+    assert len(rows) == 30 and {r.topic for r in rows} == {topic, other}
+    rows = _batch(
+        spark,
+        kafka,
+        subscribe=topic,
+        startingOffsetsByTimestamp=json.dumps({topic: {"0": 1005, "1": 2003}}),
+        endingOffsetsByTimestamp=json.dumps({topic: {"0": 1008, "1": 99_999}}),  # none at or after: the end
+    )
+    assert sorted(bytes(r.value) for r in rows) == sorted(
+        [b"p0-%d" % i for i in range(5, 8)] + [b"p1-%d" % i for i in range(3, 10)]
+    )
+    with pytest.raises(Exception, match=r"startingOffsetsByTimestamp: .*\[1\] has no record at or after 99999 ms"):
+        _batch(spark, kafka, subscribe=topic, startingOffsetsByTimestamp=json.dumps({topic: {"0": 0, "1": 99_999}}))
+    with pytest.raises(Exception, match="give exactly one of the options"):
+        _batch(spark, kafka, subscribe=topic, assign=json.dumps({topic: [0]}))
+    with pytest.raises(Exception, match="unknown option.*'startingtimestamp'"):
+        _batch(spark, kafka, subscribe=topic, startingTimestamp=1000)
+
+
+def test_headers_are_written_and_read_like_spark_s(spark, kafka, topic, tmp_path):
+    ensure_topics(kafka, {topic: 1})
+    header = "array<struct<key: string, value: binary>>"
+    frame = spark.createDataFrame(
+        [("a", [("trace", b"\x01"), ("empty", None)]), ("b", []), ("c", None)], f"value string, headers {header}"
+    )
+    frame.write.format(NAME).option("kafka.bootstrap.servers", kafka).option("topic", topic).mode("append").save()
+    read = spark.read.format(NAME).option("kafka.bootstrap.servers", kafka).option("subscribe", topic)
+    assert "headers" not in read.load().columns
+    with_headers = read.option("includeHeaders", "true").load()
+    assert with_headers.schema["headers"].dataType.simpleString() == "array<struct<key:string,value:binary>>"
+    got = {
+        bytes(r.value): [(h.key, None if h.value is None else bytes(h.value)) for h in r.headers]
+        for r in with_headers.collect()
+    }
+    assert got == {b"a": [("trace", b"\x01"), ("empty", None)], b"b": [], b"c": []}
+    rows, _ = _stream(spark, kafka, topic, tmp_path / "ck", startingOffsets="earliest", includeHeaders="true")
+    assert sorted(len(r.headers) for r in rows) == [0, 0, 2]

@@ -96,7 +96,11 @@ def run(args) -> int:
     try:
         messages, total = _messages(args, settings)
         kafka = fast_producer(
-            bootstrap(settings), settings.kafka_timeout_s, settings.kafka_client, linger_ms=settings.produce_linger_ms
+            bootstrap(settings),
+            settings.kafka_timeout_s,
+            settings.kafka_client,
+            linger_ms=settings.produce_linger_ms,
+            properties=settings.kafka,
         )
     except (ValueError, FileNotFoundError) as exc:
         raise CommandError(str(exc)) from None

@@ -17,6 +17,6 @@ def run(args) -> int:
     settings = settings_from(args)
     servers = bootstrap(settings)
     created = ensure_streamfit_topics(servers, settings)
-    for name, partitions in sorted(describe(servers, settings.kafka_timeout_s).items()):
+    for name, partitions in sorted(describe(servers, settings.kafka_timeout_s, settings.kafka).items()):
         print(f"{name:24s} partitions={partitions}{'  (created)' if name in created else ''}")
     return 0

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import OffsetOutOfRangeError
+from kafka.errors import KafkaError, OffsetOutOfRangeError
+
+from pipeline.kafka_properties import KafkaProperties, python_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -53,26 +56,91 @@ def parse_topics(subscribe: str) -> list[str]:
     return topics
 
 
-class KafkaOffsetReader:
-    """Partition discovery and earliest/latest offsets for a set of topics."""
+@dataclass(frozen=True)
+class Subscription:
+    """What a source reads, as Spark's Kafka source says it: named ``topics`` (``subscribe``), every topic
+    whose whole name matches ``pattern`` (``subscribePattern``), or the ``assigned`` partitions (``assign``)."""
 
-    def __init__(self, bootstrap: str, topics: list[str], timeout_s: float = 15.0):
-        self.topics = topics
-        self.consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap,
-            enable_auto_commit=False,
-            fetch_max_wait_ms=20,
-            max_poll_records=1,
-            request_timeout_ms=int(timeout_s * 1000) + 1000,
-            bootstrap_timeout_ms=int(timeout_s * 1000),
-            client_id="streamfit-offsets",
-        )
+    topics: tuple[str, ...] = ()
+    pattern: str | None = None
+    assigned: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def of(cls, subscribe: str | None, pattern: str | None, assign: str | None) -> Subscription:
+        """From the three options, exactly one of which must be given.
+
+        >>> Subscription.of(None, None, '{"a": [1, 0], "b": [2]}').assigned
+        (('a', 0), ('a', 1), ('b', 2))
+        >>> Subscription.of("a", "b.*", None)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        pipeline.spark.offsets.OffsetError: give exactly one of the options ...; got 'subscribe', 'subscribePattern'
+        """
+        options = (("subscribe", subscribe), ("subscribePattern", pattern), ("assign", assign))
+        given = [name for name, value in options if value is not None]
+        if len(given) != 1:
+            raise OffsetError(
+                "give exactly one of the options 'subscribe', 'subscribePattern', 'assign'; got "
+                + (", ".join(repr(name) for name in given) or "none")
+            )
+        if subscribe is not None:
+            return cls(topics=tuple(parse_topics(subscribe)))
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise OffsetError(f"subscribePattern {pattern!r} is not a regular expression: {exc}") from None
+            return cls(pattern=pattern)
+        try:
+            wanted = json.loads(assign or "")
+            pairs = sorted((topic, int(p)) for topic, parts in wanted.items() for p in parts)
+        except (ValueError, TypeError, AttributeError):
+            raise OffsetError(f'assign must be JSON like {{"topicA": [0, 1]}}, got {assign!r}') from None
+        if not pairs:
+            raise OffsetError("option 'assign' names no partition")
+        return cls(assigned=tuple(pairs))
+
+
+class KafkaOffsetReader:
+    """Partition discovery and earliest/latest offsets for a set of topics (or any :class:`Subscription`)."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: list[str] | Subscription,
+        timeout_s: float = 15.0,
+        properties: Mapping[str, str] | None = None,
+    ):
+        self.subscription = topics if isinstance(topics, Subscription) else Subscription(topics=tuple(topics))
+        try:
+            self.consumer = KafkaConsumer(
+                bootstrap_servers=bootstrap,
+                enable_auto_commit=False,
+                fetch_max_wait_ms=20,
+                max_poll_records=1,
+                request_timeout_ms=int(timeout_s * 1000) + 1000,
+                bootstrap_timeout_ms=int(timeout_s * 1000),
+                client_id="streamfit-offsets",
+                **python_kwargs(properties or {}, "consumer"),
+            )
+        except KafkaError:
+            from pipeline.kafka import KafkaTlsError, tls_problem
+
+            problem = tls_problem(bootstrap, KafkaProperties(properties))
+            if problem:
+                raise KafkaTlsError(problem) from None
+            raise
         self.timeout_s = timeout_s
 
     def partitions(self) -> list[TopicPartition]:
         found = []
         deadline = time.monotonic() + self.timeout_s
-        for topic in self.topics:
+        subscription = self.subscription
+        if subscription.pattern is not None:
+            matching = sorted(t for t in self.consumer.topics() if re.fullmatch(subscription.pattern, t))
+            return [TopicPartition(t, p) for t in matching for p in sorted(self.consumer.partitions_for_topic(t) or ())]
+        topics = subscription.topics or tuple(dict.fromkeys(t for t, _ in subscription.assigned))
+        for topic in topics:
             ids = self.consumer.partitions_for_topic(topic)
             while not ids and time.monotonic() < deadline:
                 time.sleep(0.2)
@@ -80,6 +148,11 @@ class KafkaOffsetReader:
                 ids = self.consumer.partitions_for_topic(topic)
             if not ids:
                 raise OffsetError(f"topic {topic!r} does not exist")
+            if subscription.assigned:
+                wanted = {p for t, p in subscription.assigned if t == topic}
+                if wanted - ids:
+                    raise OffsetError(f"assign: topic {topic!r} has no partition(s) {sorted(wanted - ids)}")
+                ids = wanted
             found.extend(TopicPartition(topic, p) for p in sorted(ids))
         return found
 
@@ -99,32 +172,66 @@ class KafkaOffsetReader:
         self.consumer.assign([])
         return _as_offsets(ends)
 
-    def starting(self, spec: str) -> Offsets:
+    def starting(self, spec: str, option: str = "startingOffsets") -> Offsets:
         """``earliest``, ``latest`` or JSON ``{"topic": {"0": 23, "1": -2}}`` (-2 earliest, -1 latest)."""
         if spec == "earliest":
             return self.earliest()
         if spec == "latest":
             return self.latest()
-        try:
-            wanted = json.loads(spec)
-        except ValueError:
-            raise OffsetError(f"startingOffsets must be earliest, latest or JSON, got {spec!r}") from None
         earliest, latest = self.earliest(), self.latest()
+        wanted = _per_partition(spec, earliest, option, "earliest, latest or JSON")
+        return {
+            topic: {p: {-2: earliest[topic][p], -1: latest[topic][p]}.get(given, given) for p, given in parts.items()}
+            for topic, parts in wanted.items()
+        }
+
+    def by_timestamp(self, spec: str, option: str, missing: str) -> Offsets:
+        """Per partition, the offset of its first record stamped at or after the JSON's epoch-ms timestamp
+        (``{"topic": {"0": 1700000000000}}``, Kafka's ListOffsets by time). A partition with no such record
+        takes its end offset (``missing="latest"``) or fails naming it (``missing="error"``), as Spark's
+        ``endingOffsetsByTimestamp`` and ``startingOffsetsByTimestamp`` do."""
+        latest = self.latest()
+        wanted = _per_partition(spec, latest, option, "JSON")
+        found = self.consumer.offsets_for_times(
+            {TopicPartition(t, int(p)): ts for t, parts in wanted.items() for p, ts in parts.items()}
+        )
         result: Offsets = {}
-        for topic, partitions in earliest.items():
-            given = wanted.get(topic)
-            if given is None:
-                raise OffsetError(f"startingOffsets has no entry for subscribed topic {topic!r}")
-            missing = set(partitions) - set(given)
-            if missing:
-                raise OffsetError(f"startingOffsets for {topic!r} misses partition(s) {sorted(missing)}")
-            result[topic] = {
-                p: {-2: earliest[topic][p], -1: latest[topic][p]}.get(int(given[p]), int(given[p])) for p in partitions
-            }
+        for tp, hit in found.items():
+            if hit is None and missing == "error":
+                raise OffsetError(
+                    f"{option}: {tp.topic}[{tp.partition}] has no record at or after "
+                    f"{wanted[tp.topic][str(tp.partition)]} ms"
+                )
+            result.setdefault(tp.topic, {})[str(tp.partition)] = (
+                latest[tp.topic][str(tp.partition)] if hit is None else hit.offset
+            )
         return result
 
     def close(self) -> None:
         self.consumer.close()
+
+
+def _per_partition(spec: str, partitions: Offsets, option: str, expected: str) -> Offsets:
+    """``spec``, JSON ``{"topic": {"partition": n}}``, checked to give an integer for each of ``partitions``."""
+    try:
+        wanted = json.loads(spec)
+        if not isinstance(wanted, dict):
+            raise ValueError
+    except ValueError:
+        raise OffsetError(f"{option} must be {expected}, got {spec!r}") from None
+    result: Offsets = {}
+    for topic, parts in partitions.items():
+        given = wanted.get(topic)
+        if not isinstance(given, dict):
+            raise OffsetError(f"{option} has no entry for subscribed topic {topic!r}")
+        missing = set(parts) - set(given)
+        if missing:
+            raise OffsetError(f"{option} for {topic!r} misses partition(s) {sorted(missing)}")
+        try:
+            result[topic] = {p: int(given[p]) for p in parts}
+        except (TypeError, ValueError):
+            raise OffsetError(f"{option} for {topic!r}: every value must be an integer, got {given}") from None
+    return result
 
 
 def _as_offsets(by_partition: dict[TopicPartition, int]) -> Offsets:

@@ -197,9 +197,14 @@ def events_stream(
     spark, settings: Settings, bootstrap: str, starting_offsets: str | None = None, min_partitions: int | None = None
 ):
     """The events topic as a streaming DataFrame, read alike by both consumers (Spark's Kafka columns)."""
+    from pipeline.kafka_properties import java_options, spark_options
+
+    kafka = kafka_format(spark, settings)
+    properties = (java_options if kafka == "kafka" else spark_options)(settings.kafka, "consumer")
     reader = (
-        spark.readStream.format(kafka_format(spark, settings))
+        spark.readStream.format(kafka)
         .option("kafka.bootstrap.servers", bootstrap)
+        .options(**properties)
         .option("subscribe", settings.topic_events)
         .option("startingOffsets", starting_offsets or settings.starting_offsets)
         .option("failOnDataLoss", str(settings.fail_on_data_loss).lower())

@@ -1,12 +1,16 @@
 """Spark 4 Python Data Source ``streamfit-kafka``: Kafka reader (batch and streaming) and writer.
 
 Used where Spark's JVM Kafka connector is not on the classpath (a pip-installed
-pyspark). Same output columns as Spark's own Kafka source; options
-``kafka.bootstrap.servers``, ``subscribe``, ``startingOffsets``, ``endingOffsets``
-(batch), ``maxOffsetsPerTrigger``, ``minPartitions``, ``failOnDataLoss``; the writer takes ``topic``
-(or a ``topic`` column) and ``kafkaClient`` (``auto``, ``confluent``, ``kafka-python``: see
+pyspark). Same output columns and options as Spark's own Kafka source: ``kafka.bootstrap.servers``
+and the ``kafka.*`` client properties of :mod:`pipeline.kafka_properties` (TLS, SASL, compression,
+producer tuning); one of ``subscribe``, ``subscribePattern``, ``assign``; ``startingOffsets``,
+``startingOffsetsByTimestamp``, ``endingOffsets`` and ``endingOffsetsByTimestamp`` (batch),
+``maxOffsetsPerTrigger`` (streaming), ``minPartitions``, ``failOnDataLoss``, ``includeHeaders`` (a
+``headers`` column); the writer takes ``topic`` (or a ``topic`` column), an optional ``headers``
+column, and ``kafkaClient`` (``auto``, ``confluent``, ``kafka-python``: see
 ``pipeline.kafka.fast_producer``; auto writes with librdkafka, ~10x less CPU per record than
-kafka-python). Offsets live in Spark's checkpoint, so a restarted query reads only what it has
+kafka-python). An option it does not understand is refused, naming it, rather than ignored.
+Offsets live in Spark's checkpoint, so a restarted query reads only what it has
 not read, and they never move backwards (see ``pipeline.spark.offsets``; a partition the broker
 reports behind the query is logged at WARNING). ``failOnDataLoss``
 (default true, as Spark's) decides whether records gone before they were read fail the
@@ -43,15 +47,16 @@ from pyspark.sql.datasource import (
 from pyspark.sql.streaming.datasource import ReadAllAvailable, ReadLimit, ReadMaxRows, SupportsTriggerAvailableNow
 
 from pipeline.events import ddl
+from pipeline.kafka_properties import KafkaProperties, KafkaPropertyError, from_options
 from pipeline.spark import worker_heap
 from pipeline.spark.offsets import (
     KafkaOffsetReader,
     OffsetError,
     OffsetRange,
     Offsets,
+    Subscription,
     behind,
     limit_end,
-    parse_topics,
     ranges,
     read_range,
     split,
@@ -71,7 +76,10 @@ ARROW_SCHEMA = pa.schema(
         ("timestampType", pa.int32()),
     ]
 )
+HEADERS = pa.field("headers", pa.list_(pa.struct([("key", pa.string()), ("value", pa.binary())])))
+"""Spark's Kafka ``headers`` column: array<struct<key: string, value: binary>>."""
 SCHEMA = ddl(ARROW_SCHEMA)
+HEADERS_SCHEMA = ARROW_SCHEMA.append(HEADERS)
 ROWS_PER_BATCH = 2048
 """Rows per Arrow batch from the reader, and into the Python UDFs (Spark's maxRecordsPerBatch): small
 enough that a micro-batch's first predictions leave while the rest is still read (a large first
@@ -84,53 +92,103 @@ class KafkaRangePartition(InputPartition):
         self.part = part
 
 
-class _Options:
-    """The reader/writer options, checked once with errors that name the option."""
+READ = ("subscribe", "subscribePattern", "assign", "startingOffsets", "startingOffsetsByTimestamp")
+READ += ("failOnDataLoss", "minPartitions", "includeHeaders")
+OPTIONS = {
+    "stream": (*READ, "maxOffsetsPerTrigger"),
+    "batch": (*READ, "endingOffsets", "endingOffsetsByTimestamp"),
+    "write": ("topic", "kafkaClient"),
+}
+"""The options each use understands, besides ``kafka.bootstrap.servers`` and the ``kafka.*`` properties."""
+SPARK_OWN = ("path", "checkpointLocation")
+"""Options Spark hands every source and sink along with the user's; they mean nothing here."""
 
-    def __init__(self, options: dict):
-        self.bootstrap = options.get("kafka.bootstrap.servers")
+
+class _Options:
+    """The options of one use (``stream``, ``batch`` read, ``write``), checked once with errors that name
+    the option; one this source does not understand is refused (Spark's option names are case-insensitive)."""
+
+    def __init__(self, options: dict, use: str):
+        given = {str(key).lower(): value for key, value in options.items()}
+        known = {name.lower(): name for name in (*OPTIONS[use], *SPARK_OWN)}
+        unknown = sorted(k for k in given if k not in known and not k.startswith("kafka."))
+        if unknown:
+            raise OffsetError(
+                f"{NAME}: unknown option(s) {', '.join(repr(k) for k in unknown)} for "
+                f"{'writing' if use == 'write' else use + ' reading'}; it understands kafka.bootstrap.servers, "
+                f"kafka.<Kafka client property>, {', '.join(OPTIONS[use])}"
+            )
+        self.bootstrap = given.get("kafka.bootstrap.servers")
         if not self.bootstrap:
             raise OffsetError(f"{NAME}: option 'kafka.bootstrap.servers' is required")
-        self.options = options
-        fail_on_data_loss = str(options.get("failOnDataLoss", "true")).lower()
-        if fail_on_data_loss not in ("true", "false"):
-            raise OffsetError(f"{NAME}: failOnDataLoss must be true or false, got {fail_on_data_loss!r}")
-        self.fail_on_data_loss = fail_on_data_loss == "true"
-        max_rows = options.get("maxOffsetsPerTrigger")
+        try:
+            self.properties: KafkaProperties = from_options(given)
+        except KafkaPropertyError as exc:
+            raise OffsetError(f"{NAME}: option kafka.*: {exc}") from None
+        self.options = {known[k]: v for k, v in given.items() if k in known}
+        self.fail_on_data_loss = self._boolean("failOnDataLoss", "true")
+        self.include_headers = self._boolean("includeHeaders", "false")
+        max_rows = self.options.get("maxOffsetsPerTrigger")
         if max_rows is not None and (not str(max_rows).isdigit() or int(max_rows) < 1):
             raise OffsetError(f"{NAME}: maxOffsetsPerTrigger must be a positive integer, got {max_rows!r}")
         self.max_rows = int(max_rows) if max_rows else None
-        min_parts = options.get("minPartitions", "1")
+        min_parts = self.options.get("minPartitions", "1")
         if not str(min_parts).isdigit() or int(min_parts) < 1:
             raise OffsetError(f"{NAME}: minPartitions must be a positive integer, got {min_parts!r}")
         self.min_parts = int(min_parts)
         from pipeline.kafka import KAFKA_CLIENTS
 
-        self.client = options.get("kafkaClient", "auto")
+        self.client = self.options.get("kafkaClient", "auto")
         if self.client not in KAFKA_CLIENTS:
             raise OffsetError(f"{NAME}: kafkaClient must be one of {', '.join(KAFKA_CLIENTS)}, got {self.client!r}")
 
+    def _boolean(self, name: str, default: str) -> bool:
+        value = str(self.options.get(name, default)).lower()
+        if value not in ("true", "false"):
+            raise OffsetError(f"{NAME}: {name} must be true or false, got {value!r}")
+        return value == "true"
+
     @property
-    def topics(self) -> list[str]:
-        subscribe = self.options.get("subscribe")
-        if not subscribe:
-            raise OffsetError(f"{NAME}: option 'subscribe' is required for reading")
-        return parse_topics(subscribe)
+    def subscription(self) -> Subscription:
+        o = self.options
+        return Subscription.of(o.get("subscribe"), o.get("subscribePattern"), o.get("assign"))
 
     def offset_reader(self) -> KafkaOffsetReader:
-        return KafkaOffsetReader(self.bootstrap, self.topics)
+        return KafkaOffsetReader(self.bootstrap, self.subscription, properties=self.properties)
+
+    def start(self, offsets: KafkaOffsetReader, default: str) -> Offsets:
+        """Where reading starts: ``startingOffsetsByTimestamp`` if given (no record at or after a
+        partition's time fails, as Spark's default strategy), else ``startingOffsets``."""
+        by_time = self.options.get("startingOffsetsByTimestamp")
+        if by_time is not None:
+            return offsets.by_timestamp(by_time, "startingOffsetsByTimestamp", missing="error")
+        return offsets.starting(self.options.get("startingOffsets", default))
+
+    def end(self, offsets: KafkaOffsetReader) -> Offsets:
+        """Where a batch read ends: ``endingOffsetsByTimestamp`` if given (no record at or after a partition's
+        time: its end), else ``endingOffsets`` (``latest`` or JSON)."""
+        by_time = self.options.get("endingOffsetsByTimestamp")
+        if by_time is not None:
+            return offsets.by_timestamp(by_time, "endingOffsetsByTimestamp", missing="latest")
+        ending = self.options.get("endingOffsets", "latest")
+        if ending == "earliest":
+            raise OffsetError(f"{NAME}: endingOffsets cannot be earliest (as in Spark)")
+        return offsets.latest() if ending == "latest" else offsets.starting(ending, "endingOffsets")
 
 
-_clients: dict[tuple[str, str], tuple[str, object]] = {}
-"""This Python worker's Kafka clients, by (role, bootstrap servers), with their kind: kept from task to task."""
+_clients: dict[tuple, tuple[str, object]] = {}
+"""This Python worker's Kafka clients, by (role, bootstrap servers, properties), with their kind: kept from
+task to task."""
 
 
 @contextlib.contextmanager
-def _client(role: str, bootstrap: str, make: Callable[[], object], kind: str = "") -> Iterator:
-    """The worker's ``role`` client for ``bootstrap`` (made on first use, or again when another ``kind``
-    is asked for: one client per role); closed and forgotten if the work with it fails, so a broken
-    connection or a half-sent batch never carries into the next task."""
-    key = (role, bootstrap)
+def _client(
+    role: str, bootstrap: str, properties: KafkaProperties, make: Callable[[], object], kind: str = ""
+) -> Iterator:
+    """The worker's ``role`` client for ``bootstrap`` and ``properties`` (made on first use, or again when
+    another ``kind`` is asked for: one client per role); closed and forgotten if the work with it fails, so
+    a broken connection or a half-sent batch never carries into the next task."""
+    key = (role, bootstrap, tuple(sorted(properties.items())))
     made_as, client = _clients.pop(key, (kind, None))
     if client is not None and made_as != kind:
         client.close()
@@ -149,17 +207,19 @@ def _read(options: _Options, part: OffsetRange) -> Iterator[pa.RecordBatch]:
     worker_heap.freeze()
     from pipeline.kafka import consumer
 
+    schema = HEADERS_SCHEMA if options.include_headers else ARROW_SCHEMA
     make = functools.partial(
         consumer,
         options.bootstrap,
+        properties=options.properties,
         fetch_max_bytes=32 * 1024 * 1024,
         max_partition_fetch_bytes=16 * 1024 * 1024,
         max_poll_records=ROWS_PER_BATCH,
         auto_offset_reset="none",
         client_id="streamfit-spark-reader",
     )
-    with _client("reader", options.bootstrap, make) as kafka:
-        columns: list[list] = [[] for _ in ARROW_SCHEMA]
+    with _client("reader", options.bootstrap, options.properties, make) as kafka:
+        columns: list[list] = [[] for _ in schema]
         for record in read_range(kafka, part, options.fail_on_data_loss):
             for column, value in zip(
                 columns,
@@ -174,21 +234,18 @@ def _read(options: _Options, part: OffsetRange) -> Iterator[pa.RecordBatch]:
                 ),
             ):
                 column.append(value)
+            if options.include_headers:
+                columns[-1].append([{"key": k, "value": v} for k, v in record.headers or ()])
             if len(columns[0]) >= ROWS_PER_BATCH:
-                yield pa.RecordBatch.from_arrays(
-                    [pa.array(c, t.type) for c, t in zip(columns, ARROW_SCHEMA)], schema=ARROW_SCHEMA
-                )
-                columns = [[] for _ in ARROW_SCHEMA]
+                yield pa.RecordBatch.from_arrays([pa.array(c, t.type) for c, t in zip(columns, schema)], schema=schema)
+                columns = [[] for _ in schema]
         if columns[0]:
-            yield pa.RecordBatch.from_arrays(
-                [pa.array(c, t.type) for c, t in zip(columns, ARROW_SCHEMA)], schema=ARROW_SCHEMA
-            )
+            yield pa.RecordBatch.from_arrays([pa.array(c, t.type) for c, t in zip(columns, schema)], schema=schema)
 
 
 class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
     def __init__(self, options: dict):
-        self.options = _Options(options)
-        self.starting = options.get("startingOffsets", "latest")
+        self.options = _Options(options, "stream")
         self._offsets: KafkaOffsetReader | None = None
         self._target: Offsets | None = None  # Trigger.AvailableNow: never read past what existed at start
         self._behind: dict[tuple[str, str], int | None] = {}  # partitions last logged as behind the query
@@ -200,7 +257,7 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         return self._offsets
 
     def initialOffset(self) -> dict:
-        return self.offsets.starting(self.starting)
+        return self.options.start(self.offsets, "latest")
 
     def getDefaultReadLimit(self) -> ReadLimit:
         return ReadMaxRows(self.options.max_rows) if self.options.max_rows else ReadAllAvailable()
@@ -247,12 +304,11 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
 
 class KafkaBatchReader(DataSourceReader):
     def __init__(self, options: dict):
-        self.options = _Options(options)
+        self.options = _Options(options, "batch")
         offsets = self.options.offset_reader()
         try:
-            start: Offsets = offsets.starting(options.get("startingOffsets", "earliest"))
-            ending = options.get("endingOffsets", "latest")
-            end: Offsets = offsets.latest() if ending == "latest" else offsets.starting(ending)
+            start: Offsets = self.options.start(offsets, "earliest")
+            end: Offsets = self.options.end(offsets)
         finally:
             offsets.close()
         self.parts = split(ranges(start, end), self.options.min_parts)
@@ -270,18 +326,26 @@ class SentCount(WriterCommitMessage):
 
 
 def send_rows(
-    bootstrap: str, default_topic: str | None, iterator: Iterator[pa.RecordBatch], client: str = "auto"
+    bootstrap: str,
+    default_topic: str | None,
+    iterator: Iterator[pa.RecordBatch],
+    client: str = "auto",
+    properties: KafkaProperties | None = None,
 ) -> SentCount:
-    """Send every row (``value`` required; ``key``, ``partition`` and a ``topic`` column optional, as in
-    Spark's Kafka sink); return only after the broker acknowledged all of them, so the task fails
-    rather than loses rows. A null partition means Kafka's default partitioner (murmur2 of the key).
-    ``client`` picks the Kafka client (``pipeline.kafka.fast_producer``)."""
+    """Send every row (``value`` required; ``key``, ``partition``, ``headers`` and a ``topic`` column
+    optional, as in Spark's Kafka sink); return only after the broker acknowledged all of them, so the
+    task fails rather than loses rows. A null partition means Kafka's default partitioner (murmur2 of the
+    key). ``client`` picks the Kafka client (``pipeline.kafka.fast_producer``), ``properties`` are the
+    ``kafka.*`` client properties (TLS, compression, ...)."""
     from pipeline.kafka import fast_producer
 
     worker_heap.freeze()
+    properties = properties or KafkaProperties()
     futures = []
-    make = functools.partial(fast_producer, bootstrap, client=client, client_id="streamfit-spark-writer")
-    with _client("writer", bootstrap, make, client) as kafka:
+    make = functools.partial(
+        fast_producer, bootstrap, client=client, client_id="streamfit-spark-writer", properties=properties
+    )
+    with _client("writer", bootstrap, properties, make, client) as kafka:
         for batch in iterator:
             names = batch.schema.names
             if "value" not in names:
@@ -291,10 +355,19 @@ def send_rows(
             keys = batch.column("key").to_pylist() if "key" in names else nothing
             topics = batch.column("topic").to_pylist() if "topic" in names else [default_topic] * len(values)
             partitions = batch.column("partition").to_pylist() if "partition" in names else nothing
-            for topic, key, value, partition in zip(topics, keys, values, partitions):
+            headers = batch.column("headers").to_pylist() if "headers" in names else nothing
+            for topic, key, value, partition, pairs in zip(topics, keys, values, partitions, headers):
                 if topic is None:
                     raise OffsetError(f"{NAME} writer: no 'topic' option and no topic in the row")
-                futures.append(kafka.send(topic, key=_bytes(key), value=_bytes(value), partition=partition))
+                futures.append(
+                    kafka.send(
+                        topic,
+                        key=_bytes(key),
+                        value=_bytes(value),
+                        partition=partition,
+                        headers=[(h["key"], _bytes(h["value"])) for h in pairs] if pairs else None,
+                    )
+                )
         kafka.flush()
         for future in futures:
             future.get()
@@ -305,10 +378,11 @@ class KafkaStreamWriter(DataSourceStreamArrowWriter):
     """Streaming sink; a micro-batch commits only after all its rows are acknowledged (at-least-once)."""
 
     def __init__(self, options: dict):
-        self.options = _Options(options)
+        self.options = _Options(options, "write")
 
     def write(self, iterator: Iterator[pa.RecordBatch]) -> SentCount:
-        return send_rows(self.options.bootstrap, self.options.options.get("topic"), iterator, self.options.client)
+        o = self.options
+        return send_rows(o.bootstrap, o.options.get("topic"), iterator, o.client, o.properties)
 
     def commit(self, messages: list, batchId: int) -> None:
         """Nothing to do: every row was acknowledged before its task returned."""
@@ -321,10 +395,11 @@ class KafkaBatchWriter(DataSourceArrowWriter):
     """Batch sink (``df.write``), used from ``foreachBatch``; same guarantees as the stream writer."""
 
     def __init__(self, options: dict):
-        self.options = _Options(options)
+        self.options = _Options(options, "write")
 
     def write(self, iterator: Iterator[pa.RecordBatch]) -> SentCount:
-        return send_rows(self.options.bootstrap, self.options.options.get("topic"), iterator, self.options.client)
+        o = self.options
+        return send_rows(o.bootstrap, o.options.get("topic"), iterator, o.client, o.properties)
 
 
 def _bytes(value) -> bytes | None:
@@ -337,7 +412,9 @@ class KafkaDataSource(DataSource):
         return NAME
 
     def schema(self) -> str:
-        return SCHEMA
+        """Spark's Kafka columns, with ``headers`` when ``includeHeaders`` is true."""
+        include = str(self.options.get("includeHeaders", "false")).lower() == "true"
+        return ddl(HEADERS_SCHEMA) if include else SCHEMA
 
     def reader(self, schema) -> KafkaBatchReader:
         return KafkaBatchReader(self.options)
