@@ -244,16 +244,40 @@ def component_metrics() -> dict[str, tuple[str, set[str]]]:
     """Per metrics-serving command: the setting holding its port, and the series it exports,
     read from the very registries the components build."""
     from consumers.training import TrainingGauges
+    from pipeline.ps.metrics import ServerMetrics
     from pipeline.spark.progress import ProgressMetrics
+    from producers.metrics import producer_registry
+    from producers.sender import Summary
     from serving.metrics import Metrics
 
-    prefix = re.search(r'ProgressMetrics\("([\w:]+)"\)', (ROOT / "consumers" / "inference.py").read_text())
+    prefix = re.search(r'ProgressMetrics\(\s*"([\w:]+)"', (ROOT / "consumers" / "inference.py").read_text())
     assert prefix, 'consumers/inference.py no longer builds ProgressMetrics("<prefix>"): update component_metrics'
     return {
         "serve": ("serve_port", exported_names(Metrics().registry)),
         "predict": ("predict_metrics_port", exported_names(ProgressMetrics(prefix.group(1)).registry)),
         "train": ("train_metrics_port", exported_names(TrainingGauges().registry)),
+        "ps": ("ps_metrics_port", exported_names(ServerMetrics(lambda: PS_STATS).registry)),
+        "produce": ("produce_metrics_port", exported_names(producer_registry(Summary()))),
     }
+
+
+PS_STATS = {
+    "counter": 0,
+    "commits": {"applied": 0, "pending": 0, "skipped": 0},
+    "bytes_in": 0,
+    "bytes_out": 0,
+    "connections": 0,
+}
+"""What a parameter server's ``stats()`` says before its first request (its metrics read it)."""
+
+
+def metrics_ports(command: str, settings: Settings, metrics: dict[str, tuple[str, set[str]]]) -> list[int]:
+    """The ports ``command`` serves ``/metrics`` on with ``settings`` (a parameter-server shard i on +i);
+    ``metrics`` is :func:`component_metrics`."""
+    port = getattr(settings, metrics[command][0])
+    if port is None:
+        return []
+    return list(range(port, port + settings.ps_shards)) if command == "ps" else [port]
 
 
 PROMQL_WORDS = {
@@ -429,12 +453,12 @@ def check_ports(compose: dict) -> list[str]:
                     f"{inv}: the parameter server binds {s.ps_host}, training workers in other "
                     f"containers cannot reach it (--host 0.0.0.0)"
                 )
-        if inv.name in ("predict", "train"):
+        if inv.name in metrics and inv.name != "serve":
             setting = metrics[inv.name][0]
             if getattr(s, setting) is None:
                 problems.append(f"{inv}: {setting} is not set, so it exports no metrics (--metrics-port)")
             else:
-                ports.add(getattr(s, setting))
+                ports.update(metrics_ports(inv.name, s, metrics))
     servers = by_command(invs, "ps")
     for inv in by_command(invs, "train"):
         s = inv.settings
@@ -568,8 +592,7 @@ def check_prometheus(compose: dict, prometheus: dict, root: Path = ROOT) -> list
     expected = {}
     for inv in invocations(compose):
         if inv.settings is not None and inv.args.command in metrics:
-            port = getattr(inv.settings, metrics[inv.args.command][0])
-            if port is not None:
+            for port in metrics_ports(inv.args.command, inv.settings, metrics):
                 expected[f"{inv.service}:{port}"] = "/metrics"
     scraped = {}
     for job in prometheus.get("scrape_configs") or []:

@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     # producer
     produce_batch: int = Field(2000, ge=1, description="sends between acknowledgement checks")
     produce_linger_ms: int = Field(5, ge=0)
+    produce_metrics_port: Port | None = Field(
+        None, description="serve streamfit produce's Prometheus metrics on this port (e.g. 9111); unset: off"
+    )
 
     # models and registry
     model: str = "higgs"
@@ -138,6 +141,9 @@ class Settings(BaseSettings):
     ps_host: str = "127.0.0.1"
     ps_port: Port = 5700
     ps_shards: int = Field(1, ge=1)
+    ps_metrics_port: Port | None = Field(
+        None, description="serve streamfit ps's Prometheus metrics on this port (shard i: +i; e.g. 9110); unset: off"
+    )
     ps_secret: SecretStr | None = Field(
         None,
         description="shared HMAC secret; unset means frames are not "
@@ -165,9 +171,6 @@ class Settings(BaseSettings):
 
     # training
     algorithm: str = "adag"
-    ps_metrics_port: Port | None = Field(
-        None, description="serve streamfit ps's Prometheus metrics on this port (shard i: +i; e.g. 9110); unset: off"
-    )
     workers: int = Field(2, ge=1)
     learning_rate: float | None = Field(None, gt=0, description="worker learning rate; default: the model spec's")
     batch_size: int = Field(64, ge=1)

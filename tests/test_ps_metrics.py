@@ -5,14 +5,9 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
-import sys
-import threading
 
-import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from safetensors.numpy import save_file
 
 from pipeline.metrics import serve
@@ -21,6 +16,7 @@ from pipeline.ps.checkpoint import Checkpoint
 from pipeline.ps.client import Client, ServerError
 from pipeline.ps.protocol import HEADER, CommitTag, FrameReader, MsgType
 from pipeline.ps.server import CenterState, ParameterServer
+from tests.helpers import STREAMFIT, scrape, start_with_metrics
 from tests.waiting import wait_until
 
 SECRET = b"metrics-test-secret"
@@ -28,18 +24,8 @@ WEIGHTS = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
 DELTA = {name: np.full_like(value, 0.5) for name, value in WEIGHTS.items()}
 
 
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    """``/metrics`` over HTTP: ``{(sample name, sorted labels): value}``."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
 def refused(samples: dict, reason: str) -> float:
-    return samples[("streamfit_ps_refused_frames_total", (("reason", reason),))]
+    return samples[f'streamfit_ps_refused_frames_total{{reason="{reason}"}}']
 
 
 @pytest.fixture
@@ -70,7 +56,7 @@ def served(tmp_path):
 def test_counters_move_by_exactly_what_the_clients_did(served):
     server, port, published = served
     before = scrape(port)
-    assert before[("streamfit_ps_commits_total", ())] == 0 and refused(before, "auth") == 0
+    assert before["streamfit_ps_commits_total"] == 0 and refused(before, "auth") == 0
 
     with Client(*server.address, secret=SECRET) as client:
         client.pull()
@@ -83,7 +69,7 @@ def test_counters_move_by_exactly_what_the_clients_did(served):
         client.checkpoint()
         wait_until(lambda: len(published) == 2, 10)  # the first publication failed, its retry worked
         during = scrape(port)
-        assert during[("streamfit_ps_connections", ())] == 1
+        assert during["streamfit_ps_connections"] == 1
     closed(port)  # one connection at a time: the next would be refused as busy
     with Client(*server.address) as stranger, pytest.raises(ServerError, match="auth"):  # no secret
         stranger.pull()
@@ -92,23 +78,23 @@ def test_counters_move_by_exactly_what_the_clients_did(served):
     closed(port)
     after = scrape(port)
 
-    assert after[("streamfit_ps_pulls_total", ())] == 2
-    assert after[("streamfit_ps_commits_total", ())] == 5
-    assert after[("streamfit_ps_updates_total", ())] == 5 == after[("streamfit_ps_update_counter", ())]
-    assert after[("streamfit_ps_replayed_commits_total", ())] == 1
+    assert after["streamfit_ps_pulls_total"] == 2
+    assert after["streamfit_ps_commits_total"] == 5
+    assert after["streamfit_ps_updates_total"] == 5 == after["streamfit_ps_update_counter"]
+    assert after["streamfit_ps_replayed_commits_total"] == 1
     assert refused(after, "rejected") == 1 and refused(after, "protocol") == 1 and refused(after, "auth") == 1
     assert refused(after, "busy") == 0
-    assert after[("streamfit_ps_commit_staleness_count", ())] == 5
-    assert after[("streamfit_ps_commit_staleness_sum", ())] == 0 + 1 + 2 + 3 + 4
-    assert after[("streamfit_ps_commit_staleness_bucket", (("le", "0.0"),))] == 1
+    assert after["streamfit_ps_commit_staleness_count"] == 5
+    assert after["streamfit_ps_commit_staleness_sum"] == 0 + 1 + 2 + 3 + 4
+    assert after['streamfit_ps_commit_staleness_bucket{le="0.0"}'] == 1
     stats = server.stats()
-    assert after[("streamfit_ps_received_bytes_total", ())] == stats["bytes_in"] > 5 * 60
-    assert after[("streamfit_ps_sent_bytes_total", ())] == stats["bytes_out"] > 2 * 60
-    assert after[("streamfit_ps_checkpoint_duration_seconds_count", ())] == 1
-    assert after[("streamfit_ps_checkpoint_failures_total", ())] == 0
-    assert after[("streamfit_ps_publish_duration_seconds_count", ())] == 2
-    assert after[("streamfit_ps_publish_failures_total", ())] == 1
-    assert after[("streamfit_ps_connections", ())] == 0
+    assert after["streamfit_ps_received_bytes_total"] == stats["bytes_in"] > 5 * 60
+    assert after["streamfit_ps_sent_bytes_total"] == stats["bytes_out"] > 2 * 60
+    assert after["streamfit_ps_checkpoint_duration_seconds_count"] == 1
+    assert after["streamfit_ps_checkpoint_failures_total"] == 0
+    assert after["streamfit_ps_publish_duration_seconds_count"] == 2
+    assert after["streamfit_ps_publish_failures_total"] == 1
+    assert after["streamfit_ps_connections"] == 0
 
 
 def test_a_connection_past_the_bound_counts_as_busy(served):
@@ -121,7 +107,7 @@ def test_a_connection_past_the_bound_counts_as_busy(served):
 
 def closed(port: int) -> None:
     """Wait until the server has no connection open, as its metrics say."""
-    wait_until(lambda: scrape(port)[("streamfit_ps_connections", ())] == 0, 10)
+    wait_until(lambda: scrape(port)["streamfit_ps_connections"] == 0, 10)
 
 
 def error_code(address: tuple[str, int], payload: bytes) -> str:
@@ -136,27 +122,18 @@ def error_code(address: tuple[str, int], payload: bytes) -> str:
 def test_streamfit_ps_serves_its_metrics_on_the_metrics_port(cli_env, tmp_path):
     init = tmp_path / "init.safetensors"
     save_file(WEIGHTS, str(init))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "ps", "--model", "m", "--init-weights", str(init)]
-        + ["--port", "0", "--metrics-port", "0"],
-        env=cli_env | {"STREAMFIT_REGISTRY": str(tmp_path / "registry")},
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+    argv = [*STREAMFIT, "ps", "--model", "m", "--init-weights", str(init), "--port", "0", "--metrics-port", "0"]
+    env = cli_env | {"STREAMFIT_REGISTRY": str(tmp_path / "registry")}
+    process, line, metrics_port = start_with_metrics(argv, env, "stdout")
     try:
-        wait_until(lambda: any("metrics on" in line for line in lines), 60)
-        line = next(line for line in lines if "metrics on" in line)
         ps_port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
-        metrics_port = int(line.split("metrics on ")[1].split("/")[0].rsplit(":", 1)[1])
         with Client("127.0.0.1", ps_port) as client:
             client.pull()
             for seq in range(3):
                 client.commit(DELTA, tag=CommitTag("cli", 1, 0, seq))
         samples = scrape(metrics_port)
-        assert samples[("streamfit_ps_commits_total", ())] == 3 == samples[("streamfit_ps_updates_total", ())]
-        assert samples[("streamfit_ps_pulls_total", ())] == 1
+        assert samples["streamfit_ps_commits_total"] == 3 == samples["streamfit_ps_updates_total"]
+        assert samples["streamfit_ps_pulls_total"] == 1
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0

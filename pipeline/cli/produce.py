@@ -8,8 +8,10 @@ import time
 
 from pipeline.events import FeatureSchema
 from pipeline.kafka import bootstrap, fast_producer
+from pipeline.metrics import serve as serve_metrics
 from producers import synthetic
 from producers.files import Columns, file_rows
+from producers.metrics import producer_registry
 from producers.sender import Sender, file_events, synthetic_events
 
 
@@ -48,6 +50,12 @@ def register(subparsers) -> None:
         "--feature-columns", default=None, help="file: comma-separated feature columns (default: all others)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--metrics-port",
+        dest="produce_metrics_port",
+        type=int,
+        help="serve Prometheus metrics on this port while producing (0: a free port; default off)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -105,6 +113,14 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError) as exc:
         raise CommandError(str(exc)) from None
     sender = Sender(kafka, settings.topic_events, settings.topic_dlq, rate=args.rate)
+    exporter = None
+    if settings.produce_metrics_port is not None:
+        try:
+            exporter = serve_metrics(producer_registry(sender.summary), settings.produce_metrics_port)
+        except OSError as exc:
+            kafka.close(timeout=5)
+            raise CommandError(f"cannot serve metrics on port {settings.produce_metrics_port}: {exc}") from None
+        print(f"metrics on :{exporter.server_port}/metrics", file=sys.stderr, flush=True)
     progress = None
     if not args.no_progress and sys.stderr.isatty():
         from rich.progress import Progress
@@ -128,6 +144,8 @@ def run(args) -> int:
             summary = sender.close(settings.kafka_timeout_s)
         finally:
             kafka.close(timeout=5)
+            if exporter is not None:
+                exporter.shutdown()
     print(
         f"sent={summary.sent} acknowledged={summary.acknowledged} failed={summary.failed} resent={summary.resent} "
         f"dead_lettered={summary.dead_lettered} elapsed={summary.elapsed_s:.2f}s events/s={summary.events_per_s:.0f}"
