@@ -177,6 +177,8 @@ class InferenceJob:
     def __init__(self, spark, settings: Settings, bootstrap: str):
         from pipeline.kafka import describe
         from pipeline.registry import Registry
+        from pipeline.spark.lag import LAG_TIMEOUT_S
+        from pipeline.spark.offsets import KafkaOffsetReader
         from pipeline.spark.progress import ProgressMetrics, ProgressReporter
         from pipeline.spark.session import kafka_format
 
@@ -189,7 +191,11 @@ class InferenceJob:
         self.copartitioned = topics.get(settings.topic_events) == topics.get(settings.topic_predictions)
         self.versions: dict[int, int] = {}
         self.fence: DeadLetterFence | None = None  # set by start(): it lives in the query's checkpoint
-        self.reporter = ProgressReporter(QUERY_NAME, ProgressMetrics("streamfit_predict"), self.versions.get)
+        metrics = ProgressMetrics(
+            "streamfit_predict",
+            lambda: KafkaOffsetReader(bootstrap, [settings.topic_events], LAG_TIMEOUT_S, settings.kafka),
+        )
+        self.reporter = ProgressReporter(QUERY_NAME, metrics, self.versions.get)
         spark.streams.addListener(self.reporter)
 
     def _process(self, frame, batch_id: int) -> None:

@@ -30,8 +30,8 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator
-from typing import TypedDict
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 import orjson
@@ -51,6 +51,9 @@ from pipeline.ps.protocol import CommitTag, settings_secret
 from pipeline.settings import Settings
 from pipeline.spark import worker_heap
 from pipeline.training import Scores, TrainingPlan, local_model, poisonous_rows, report_fields, rows_of, train_rows
+
+if TYPE_CHECKING:
+    from pipeline.spark.offsets import KafkaOffsetReader
 
 log = logging.getLogger(__name__)
 
@@ -191,23 +194,23 @@ def warm_worker(batches: Iterator[pa.RecordBatch], spec) -> Iterator[pa.RecordBa
 
 
 class TrainingGauges:
-    """Each ``training-metrics`` record as Prometheus series (``streamfit_train_*``), in their own registry."""
+    """Each ``training-metrics`` record as Prometheus series (``streamfit_train_*``), in their own
+    registry: counters wherever a scrape could miss a micro-batch (prequential accuracy is
+    ``rate(_correct_events_total) / rate(_scored_events_total)``, mean log loss
+    ``rate(_log_loss_total) / rate(_scored_events_total)``), gauges for what is a state (the sliding
+    window's accuracy, the learning rate), and the query's lag measured with ``reader`` (:mod:`pipeline.spark.lag`)."""
 
     GAUGES = {
-        "batch_id": "id of the last trained micro-batch",
-        "rows": "labelled events in the last micro-batch",
-        "accuracy": "prequential accuracy of the last micro-batch (before training on it)",
-        "log_loss": "prequential log loss of the last micro-batch",
-        "window_accuracy": "prequential accuracy over the sliding window",
-        "updates": "updates the last micro-batch applied",
-        "staleness_mean": "mean staleness of its commits",
-        "staleness_max": "largest staleness of its commits",
-        "learning_rate": "workers' learning rate",
-        "seconds": "wall time of the last micro-batch",
+        "batch_id": ("batch_id", "id of the last trained micro-batch"),
+        "window_accuracy_ratio": ("window_accuracy", "prequential accuracy over the sliding window"),
+        "learning_rate": ("learning_rate", "workers' learning rate"),
     }
     COUNTERS = {
         "events": ("events", "events consumed"),
         "trained_rows": ("rows", "labelled events trained on"),
+        "scored_events": ("scored", "labelled events scored before training on them (prequential)"),
+        "correct_events": ("correct", "scored events the model predicted right"),
+        "log_loss": ("log_loss_sum", "log loss summed over the scored events"),
         "invalid_events": ("invalid", "events dead-lettered"),
         "unlabelled_events": ("unlabelled", "unlabelled events skipped"),
         "applied_updates": ("updates", "updates applied"),
@@ -217,34 +220,49 @@ class TrainingGauges:
         "poison_events": ("poison", "events dead-lettered because training on them broke the model"),
     }
 
-    def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge
+    def __init__(self, reader: Callable[[], KafkaOffsetReader] | None = None):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-        self.registry = CollectorRegistry()
-        self.gauges = {k: Gauge(f"streamfit_train_{k}", doc, registry=self.registry) for k, doc in self.GAUGES.items()}
+        import pipeline.metrics  # noqa: F401  (no *_created series)
+        from pipeline.spark.lag import QueryLag
+
+        self.registry = registry = CollectorRegistry()
+        self.gauges = {
+            name: Gauge(f"streamfit_train_{name}", doc, registry=registry) for name, (_, doc) in self.GAUGES.items()
+        }
         self.counters = {
-            field: Counter(f"streamfit_train_{name}", doc, registry=self.registry)
+            field: Counter(f"streamfit_train_{name}", doc, registry=registry)
             for name, (field, doc) in self.COUNTERS.items()
         }
+        self.batch_duration = Histogram(
+            "streamfit_train_batch_duration_seconds",
+            "wall time of a training micro-batch",
+            buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+            registry=registry,
+        )
         self.restarts = Counter(
             "streamfit_train_query_restarts",
             "restarts of the training query after a failure (broker or parameter server unreachable)",
-            registry=self.registry,
+            registry=registry,
         )
+        self.lag = QueryLag("streamfit_train", reader)
+        registry.register(self.lag)
 
     def update(self, record: dict) -> None:
-        for name, gauge in self.gauges.items():
-            if record.get(name) is not None:
-                gauge.set(record[name])
-        values = {**record, "promoted": bool(record.get("gate") and record["gate"]["promoted"])}
+        for (field, _), gauge in zip(self.GAUGES.values(), self.gauges.values()):
+            if record.get(field) is not None:
+                gauge.set(record[field])
+        scored = record["rows"] if "accuracy" in record else 0
+        values = {
+            **record,
+            "promoted": bool(record.get("gate") and record["gate"]["promoted"]),
+            "scored": scored,
+            "correct": round(record.get("accuracy", 0) * scored),
+            "log_loss_sum": record.get("log_loss", 0) * scored,
+        }
         for field, counter in self.counters.items():
             counter.inc(float(values.get(field) or 0))
-
-    def serve(self, port: int, host: str = "0.0.0.0"):
-        """Serve ``/metrics`` on ``port``; returns the HTTP server (``shutdown()`` stops it)."""
-        from prometheus_client import start_http_server
-
-        return start_http_server(port, addr=host, registry=self.registry)[0]
+        self.batch_duration.observe(record["seconds"])
 
 
 class TrainingMetrics(TypedDict, total=False):
@@ -288,6 +306,9 @@ class TrainingJob:
         from pipeline.kafka import producer
         from pipeline.ps.client import connect
         from pipeline.registry import Registry
+        from pipeline.spark.lag import LAG_TIMEOUT_S
+        from pipeline.spark.offsets import KafkaOffsetReader
+        from pipeline.spark.progress import ProgressReporter
 
         algorithm = ALGORITHMS.get(settings.algorithm)  # an unknown one is reported when the first plan is made
         if algorithm is not None and not algorithm.streamable:
@@ -311,7 +332,11 @@ class TrainingJob:
         )
         self.producer = producer(bootstrap, settings.kafka_timeout_s, settings.kafka, client_id="streamfit-train")
         self.history: deque[TrainingMetrics] = deque(maxlen=1000)
-        self.gauges = TrainingGauges()
+        self.gauges = TrainingGauges(
+            lambda: KafkaOffsetReader(bootstrap, [settings.topic_events], LAG_TIMEOUT_S, settings.kafka)
+        )
+        self.reporter = ProgressReporter(QUERY_NAME, self.gauges.lag, lambda _: None)
+        spark.streams.addListener(self.reporter)
         self.boost = DriftBoost(settings.drift_boost, settings.drift_boost_events)
         self.warm_up_s = 0.0
         self._standardisation_of: tuple[str, Standardisation] | None = None  # (server incarnation, its value)
@@ -630,11 +655,14 @@ class TrainingJob:
         self.fence = DeadLetterFence(
             checkpoint, self.bootstrap, s.topic_dlq, "train", timeout_s=s.kafka_timeout_s, properties=s.kafka
         )
-        return writer.trigger(**(trigger or every(s, TRIGGER_S))).start()
+        query = writer.trigger(**(trigger or every(s, TRIGGER_S))).start()
+        self.reporter.query_id = str(query.id)
+        return query
 
     def close(self) -> None:
         self.producer.close(timeout=self.settings.kafka_timeout_s)
         self.client.close()
+        self.gauges.lag.close()
         if self.fence is not None:
             self.fence.close()
 

@@ -51,6 +51,7 @@ def run(args) -> int:
     from consumers.inference import InferenceJob
     from pipeline.cli import CommandError, run_until_stopped, settings_from
     from pipeline.kafka import bootstrap
+    from pipeline.metrics import serve as serve_metrics
     from pipeline.retention import ensure_streamfit_topics
     from pipeline.spark.session import spark_session, stop_between_batches
     from pipeline.spark.supervisor import QuerySupervisor
@@ -63,7 +64,11 @@ def run(args) -> int:
         spark = spark_session(settings, "streamfit-predict", streaming=True)
         down.callback(spark.stop)
         job = InferenceJob(spark, settings, servers)
-        metrics = job.reporter.metrics.serve(settings.predict_metrics_port) if settings.predict_metrics_port else None
+        metrics = (
+            serve_metrics(job.reporter.metrics.registry, settings.predict_metrics_port)
+            if settings.predict_metrics_port is not None
+            else None
+        )
         if metrics:
             down.callback(metrics.shutdown)
         checkpoint = settings.predict_checkpoint_dir
@@ -71,7 +76,7 @@ def run(args) -> int:
         print(
             f"predicting {settings.topic_events} -> {settings.topic_predictions} with {settings.model} "
             f"(checkpoint {checkpoint}"
-            + (f", metrics on :{settings.predict_metrics_port}/metrics" if metrics else "")
+            + (f", metrics on :{metrics.server_port}/metrics" if metrics else "")
             + "); Ctrl-C stops",
             flush=True,
         )

@@ -60,6 +60,7 @@ def run(args) -> int:
     from pipeline.cli import CommandError, run_until_stopped, settings_from
     from pipeline.errors import StreamfitError
     from pipeline.kafka import bootstrap
+    from pipeline.metrics import serve as serve_metrics
     from pipeline.model_updates import announcing_registry
     from pipeline.spark.session import spark_session, stop_between_batches
     from pipeline.spark.supervisor import QuerySupervisor
@@ -74,14 +75,20 @@ def run(args) -> int:
         supervisor = QuerySupervisor(
             job.start(checkpoint), lambda: job.start_query(checkpoint), on_restart=job.gauges.restarts.inc
         )
-        metrics = job.gauges.serve(settings.train_metrics_port) if settings.train_metrics_port is not None else None
+        metrics = (
+            serve_metrics(job.gauges.registry, settings.train_metrics_port)
+            if settings.train_metrics_port is not None
+            else None
+        )
     except StreamfitError:  # printed by the CLI; Spark and the announcer are not left behind
         spark.stop()
         announcer.close()
         raise
     print(
         f"training {settings.model} with {settings.algorithm} x{settings.workers} from {settings.topic_events} "
-        f"(checkpoint {checkpoint}, auto-promote {'on' if settings.auto_promote else 'off'}); Ctrl-C stops",
+        f"(checkpoint {checkpoint}, auto-promote {'on' if settings.auto_promote else 'off'}"
+        + (f", metrics on :{metrics.server_port}/metrics" if metrics else "")
+        + "); Ctrl-C stops",
         flush=True,
     )
     run_until_stopped(supervisor.poll)

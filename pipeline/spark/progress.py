@@ -1,9 +1,10 @@
-"""Per-micro-batch progress of a streaming query: one log line and Prometheus gauges.
+"""Per-micro-batch progress of a streaming query: one log line and Prometheus series.
 
 Spark reports every micro-batch to its query listeners; this listener turns that report
-into a log line (rows, rows/s, batch duration, lag, model version) and into gauges that a
-Prometheus server can scrape (``serve`` starts the HTTP endpoint). Lag is the number of
-records between the batch's end offsets and the latest offsets the source saw.
+into a log line (rows, rows/s, batch duration, lag, model version) and into series that a
+Prometheus server can scrape (:func:`pipeline.metrics.serve`). The log line's lag is the number
+of records between the batch's end offsets and the latest offsets the source saw; the exported
+lag is measured against Kafka at scrape time (:mod:`pipeline.spark.lag`).
 
 >>> progress_line({"batchId": 3, "numInputRows": 500, "processedRowsPerSecond": 1000.0,
 ...                "durationMs": {"triggerExecution": 480},
@@ -17,9 +18,13 @@ import json
 import logging
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pyspark.sql.streaming import StreamingQueryListener
 from pyspark.sql.streaming.listener import JStreamingQueryListener
+
+import pipeline.metrics  # noqa: F401  (no *_created series)
+from pipeline.spark.lag import QueryLag, source_offsets
+from pipeline.spark.offsets import KafkaOffsetReader
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +33,7 @@ def lag(progress: dict) -> int:
     """Records between where the batch ended and the latest offsets, over every source and partition."""
     behind = 0
     for source in progress.get("sources", []):
-        end, latest = _offsets(source.get("endOffset")), _offsets(source.get("latestOffset"))
+        end, latest = source_offsets(source.get("endOffset")), source_offsets(source.get("latestOffset"))
         behind += sum(max(0, latest[k] - end.get(k, 0)) for k in latest)
     return behind
 
@@ -38,45 +43,38 @@ def progress_line(progress: dict, version: int | None) -> str:
         f"batch {progress['batchId']}: rows={progress['numInputRows']} "
         f"rows/s={progress.get('processedRowsPerSecond', 0):.0f} "
         f"duration_ms={progress.get('durationMs', {}).get('triggerExecution', 0)} "
-        f"lag={lag(progress)} version={version}"
+        f"lag={lag(progress)}" + (f" version={version}" if version is not None else "")
     )
 
 
-def _offsets(value) -> dict:
-    if not value:
-        return {}
-    doc = json.loads(value) if isinstance(value, str) else value
-    return {(t, p): o for t, parts in doc.items() if isinstance(parts, dict) for p, o in parts.items()}
-
-
 class ProgressMetrics:
-    """The gauges of one streaming query, in their own registry (``prefix`` e.g. ``streamfit_predict``)."""
+    """The series of one streaming query, in their own registry (``prefix`` e.g. ``streamfit_predict``):
+    a counter and a histogram that no scrape misses a micro-batch of, the query's lag
+    (:class:`~pipeline.spark.lag.QueryLag`, measured with ``reader``), the last batch id and model version."""
 
-    def __init__(self, prefix: str):
-        self.registry = CollectorRegistry()
-        gauge = lambda name, doc: Gauge(f"{prefix}_{name}", doc, registry=self.registry)  # noqa: E731
-        self.batch_id = gauge("batch_id", "id of the last completed micro-batch")
-        self.batch_rows = gauge("batch_rows", "input rows of the last micro-batch")
-        self.rows_per_second = gauge("rows_per_second", "rows processed per second in the last micro-batch")
-        self.batch_duration = gauge("batch_duration_seconds", "wall time of the last micro-batch")
-        self.lag = gauge("lag_records", "records between the last batch's end offsets and the latest offsets")
-        self.model_version = gauge("model_version", "model version used by the last micro-batch")
-        self.rows = Counter(f"{prefix}_rows", "input rows processed", registry=self.registry)
+    def __init__(self, prefix: str, reader: Callable[[], KafkaOffsetReader] | None = None):
+        self.registry = registry = CollectorRegistry()
+        self.rows = Counter(f"{prefix}_rows", "input rows processed", registry=registry)
+        self.batch_duration = Histogram(
+            f"{prefix}_batch_duration_seconds",
+            "wall time of a micro-batch (Spark's triggerExecution)",
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+            registry=registry,
+        )
+        self.batch_id = Gauge(f"{prefix}_batch_id", "id of the last completed micro-batch", registry=registry)
+        self.model_version = Gauge(
+            f"{prefix}_model_version", "model version used by the last micro-batch", registry=registry
+        )
+        self.lag = QueryLag(prefix, reader)
+        registry.register(self.lag)
 
     def update(self, progress: dict, version: int | None) -> None:
+        self.rows.inc(progress["numInputRows"])
+        self.batch_duration.observe(progress.get("durationMs", {}).get("triggerExecution", 0) / 1000)
         self.batch_id.set(progress["batchId"])
-        self.batch_rows.set(progress["numInputRows"])
-        self.rows_per_second.set(progress.get("processedRowsPerSecond") or 0)
-        self.batch_duration.set(progress.get("durationMs", {}).get("triggerExecution", 0) / 1000)
-        self.lag.set(lag(progress))
         if version is not None:
             self.model_version.set(version)
-        self.rows.inc(progress["numInputRows"])
-
-    def serve(self, port: int, host: str = "0.0.0.0"):
-        """Serve ``/metrics`` on ``port``; returns the HTTP server (``shutdown()`` stops it)."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
-        return server
+        self.lag.update(progress)
 
 
 class _JsonProgress(JStreamingQueryListener):
@@ -93,7 +91,7 @@ class ProgressReporter(StreamingQueryListener):
     ``query_id`` is set, of that query run only: listeners outlive queries in a session);
     ``version_of(batch_id)`` names the model version that batch used."""
 
-    def __init__(self, query_name: str, metrics: ProgressMetrics, version_of: Callable[[int], int | None]):
+    def __init__(self, query_name: str, metrics: ProgressMetrics | QueryLag, version_of: Callable[[int], int | None]):
         self.query_name, self.metrics, self.version_of = query_name, metrics, version_of
         self.query_id: str | None = None
         self._wrapper = None
