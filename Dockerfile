@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1
 # The streamfit image: every component (`streamfit topics|models|ps|train|predict|serve|produce`)
-# runs from it; docker-compose.yml picks the command. Spark runs in local mode inside the
-# container, on a Debian JRE, with Spark's own Kafka connector added to pyspark's jars so
-# `kafka_source=native` (format("kafka")) works and nothing is downloaded at run time.
+# runs from it, and so do the Spark standalone master and workers (`spark-class ...Master|Worker`);
+# docker-compose.yml picks the command. Spark runs on a Debian JRE, with Spark's own Kafka connector
+# added to pyspark's jars (on every driver's and executor's classpath) so `kafka_source=native`
+# (format("kafka")) works and nothing is downloaded at run time.
 
 FROM python:3.11.13-slim-bookworm
 

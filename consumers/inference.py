@@ -207,7 +207,7 @@ class InferenceJob:
         self.versions[batch_id] = version
         s = self.settings
         args = (
-            s.registry_url,
+            self.registry.url,  # absolute: executors run in their own working directories
             s.model,
             version,
             self.schema,

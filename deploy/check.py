@@ -2,12 +2,13 @@
 
 No Docker engine is needed, so this proves what the files can prove: every ``streamfit`` command
 in docker-compose.yml parses with the real CLI parser, every ``STREAMFIT_*`` variable is a real
-setting and each service's settings validate, ports and hosts agree between services, volumes are
-declared and shared where state is, Prometheus scrapes exactly the components that serve
-``/metrics``, the Grafana dashboard only queries series the code really exports, and the
-Dockerfile adds the Spark Kafka connector of the pinned pyspark (with deploy/fetch_kafka_connector.py).
-Each ``check_*`` function takes the parsed files and returns the problems it found (empty: all
-good), so tests/test_compose.py can also feed them broken copies and see them complain.
+setting and each service's settings validate, ports and hosts agree between services, Spark runs
+as a standalone cluster the consumers submit to, volumes are declared and shared where state is,
+Prometheus scrapes exactly the components that serve ``/metrics``, the Grafana dashboard only
+queries series the code really exports, and the Dockerfile adds the Spark Kafka connector of the
+pinned pyspark (with deploy/fetch_kafka_connector.py). Each ``check_*`` function takes the parsed
+files and returns the problems it found (empty: all good), so tests/test_compose.py can also feed
+them broken copies and see them complain.
 
 ``python -m deploy.check [--root DIR]`` runs every check on the deployment files under DIR (the
 repository by default: docker-compose.yml, Dockerfile, .dockerignore, pyproject.toml and deploy/)
@@ -534,6 +535,109 @@ def check_volumes(compose: dict, root: Path = ROOT) -> list[str]:
     return problems
 
 
+SPARK_MASTER_CLASS = "org.apache.spark.deploy.master.Master"
+SPARK_WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
+
+
+def _spark_daemon(service: dict, main_class: str) -> dict[str, str] | None:
+    """The arguments of a ``spark-class <main_class> ...`` command (``--flag value`` pairs; the
+    master URL of a worker under ``url``), or None when the service runs something else."""
+    cmd = command(service)
+    if main_class not in cmd:
+        return None
+    args, rest = {}, cmd[cmd.index(main_class) + 1 :]
+    while rest:
+        if rest[0].startswith("--") and len(rest) > 1:
+            args[rest[0][2:]] = rest[1]
+            rest = rest[2:]
+        else:
+            args["url"] = rest.pop(0)
+    return args
+
+
+def _megabytes(size: str) -> float:
+    """Spark's memory strings (``512m``, ``2g``) in MB."""
+    match = re.fullmatch(r"(\d+)([kmgt]?)b?", size.strip().lower())
+    if not match:
+        return float("nan")
+    return int(match.group(1)) * {"k": 1 / 1024, "": 1 / 1024**2, "m": 1, "g": 1024, "t": 1024**2}[match.group(2)]
+
+
+def check_spark(compose: dict) -> list[str]:
+    """Spark runs as a standalone cluster: one master (web UI published, health-checked) and workers
+    on streamfit's image that register with it and hold the registry where the consumers do (their
+    executors load models from it); predict and train submit to the master, tell the executors how
+    to reach the driver (its service name), and each takes a share of the cores that leaves the
+    other some (without ``spark.cores.max`` the first application takes every core)."""
+    problems = []
+    services = compose.get("services") or {}
+    masters = {n: a for n, s in services.items() if (a := _spark_daemon(s, SPARK_MASTER_CLASS)) is not None}
+    workers = {n: a for n, s in services.items() if (a := _spark_daemon(s, SPARK_WORKER_CLASS)) is not None}
+    if len(masters) != 1:
+        return [
+            f"expected one service running the Spark standalone master ({SPARK_MASTER_CLASS}), found {sorted(masters)}"
+        ]
+    ((master, args),) = masters.items()
+    url = f"spark://{args.get('host', master)}:{args.get('port', '7077')}"
+    if args.get("host", master) not in {master, services[master].get("hostname")}:
+        problems.append(f"service {master!r}: the master binds --host {args['host']}, not its service name")
+    ui = int(args.get("webui-port", 8080))
+    if not any(container == ui for _, container in published(services[master])):
+        problems.append(f"service {master!r}: the Spark web UI (port {ui}) is not published")
+    if not (services[master].get("healthcheck") or {}).get("test"):
+        problems.append(f"service {master!r}: no healthcheck, so the consumers cannot wait for the cluster")
+    if not workers:
+        problems.append(f"no service runs a Spark standalone worker ({SPARK_WORKER_CLASS})")
+    invs = invocations(compose)
+    consumers = [inv for inv in invs if inv.name in {"predict", "train"} and inv.settings is not None]
+    image = {services[inv.service].get("image") for inv in consumers}
+    cores = memory = 0.0
+    for name, args in workers.items():
+        service = services[name]
+        replicas = int((service.get("deploy") or {}).get("replicas", 1))
+        cores += replicas * int(args.get("cores", 0))
+        memory = max(memory, _megabytes(args.get("memory", "0")))
+        if args.get("url") != url:
+            problems.append(f"service {name!r}: the worker registers with {args.get('url')}, not the master {url}")
+        if "cores" not in args or "memory" not in args:
+            problems.append(f"service {name!r}: set the worker's --cores and --memory (the defaults are the host's)")
+        if "work-dir" not in args:
+            problems.append(f"service {name!r}: no --work-dir (the default, under pyspark, is not writable)")
+        if {service.get("image")} != image:
+            problems.append(f"service {name!r}: image {service.get('image')!r} is not the consumers' {image}")
+        for inv in consumers:
+            if inv.name == "predict" and volume_for(service, inv.settings.registry_url) != volume_for(
+                services[inv.service], inv.settings.registry_url
+            ):
+                problems.append(
+                    f"service {name!r}: the registry {inv.settings.registry_url} is not the volume {inv} reads "
+                    f"(executors load models from it)"
+                )
+    wanted = 0.0
+    for inv in consumers:
+        s = inv.settings
+        conf = s.spark_conf
+        if s.spark_master != url:
+            problems.append(f"{inv}: spark_master is {s.spark_master!r}, not the cluster's master {url}")
+        if conf.get("spark.driver.host") != inv.service:
+            problems.append(
+                f"{inv}: spark.driver.host in spark_conf is {conf.get('spark.driver.host')!r}: executors reach "
+                f"the driver by its service name {inv.service!r}"
+            )
+        if "spark.cores.max" not in conf:
+            problems.append(f"{inv}: no spark.cores.max in spark_conf: the first application would take every core")
+        wanted += int(conf.get("spark.cores.max", cores))
+        if _megabytes(conf.get("spark.executor.memory", "1g")) > memory:
+            problems.append(
+                f"{inv}: spark.executor.memory {conf.get('spark.executor.memory', '1g')} is more than a worker has"
+            )
+        if (master, "service_healthy") not in depends_on(services[inv.service]).items():
+            problems.append(f"{inv}: does not wait for the Spark master ({master!r}: service_healthy)")
+    if wanted > cores:
+        problems.append(f"predict and train ask for {wanted:g} cores (spark.cores.max); the workers have {cores:g}")
+    return problems
+
+
 def check_dependencies(compose: dict) -> list[str]:
     problems = []
     services = compose.get("services") or {}
@@ -812,7 +916,7 @@ def run_checks(root: Path = ROOT) -> dict[str, list[str]]:
         compose = load_compose(root / COMPOSE_FILE)
     except Exception as exc:  # noqa: BLE001 - an unreadable compose file is the one problem reported
         return {"compose file": [f"{COMPOSE_FILE} could not be read: {type(exc).__name__}: {exc}"]}
-    for check in (check_commands, check_environment, check_kafka, check_ports, check_dependencies):
+    for check in (check_commands, check_environment, check_kafka, check_ports, check_spark, check_dependencies):
         run(check.__name__, check, compose)
     for check in (check_images, check_volumes):
         run(check.__name__, check, compose, root=root)

@@ -2,10 +2,11 @@
 
 The file (CSV or Parquet with one column per feature, or JSON lines in the ``events`` shape) becomes a
 DataFrame of ``features``/``label``; rows that fail the model's schema are counted and left out. A
-parameter server runs in this process, seeded with the registry's ``champion`` (whose
-standardisation is fitted to the data when it has none yet); the DataFrame is repartitioned into
-``workers`` partitions, each trained by :func:`pipeline.training.arrow_trainer`; the center variable
-is then registered as a new version and becomes the ``candidate``.
+parameter server runs in this process (on a cluster, on the driver's address), seeded with the
+registry's ``champion`` (whose standardisation is fitted to the data when it has none yet); the
+DataFrame is repartitioned into ``workers`` partitions, each trained by
+:func:`pipeline.training.arrow_trainer`; the center variable is then registered as a new version and
+becomes the ``candidate``.
 
 Commits are tagged like a streaming query's: query id = the run's id, batch id 0 (the whole file
 is one batch), worker id = partition, and a sequence number, so a Spark task that is retried (or
@@ -71,7 +72,7 @@ def training_frame(spark, path: str | Path, spec: ModelSpec, label_column: str =
     if not path.exists():
         raise FitError(f"{path}: no such file")
     reader = spark.read.option("header", "true").option("inferSchema", "true") if kind == "csv" else spark.read
-    raw = getattr(reader, kind)(str(path))
+    raw = getattr(reader, kind)(str(path.absolute()))  # executors read it from their own directories
     if label_column not in raw.columns:
         raise FitError(f"{path}: no label column {label_column!r} (columns: {', '.join(raw.columns)})")
     features = _features_column(raw, spec, label_column, path)
@@ -158,7 +159,11 @@ def fit(
     state = CenterState(weights, plan.algorithm().rule())
     secret = secrets.token_hex(16)
     with ParameterServer(
-        state, host=settings.ps_host, port=0, secret=secret.encode(), max_frame_bytes=settings.ps_max_frame_bytes
+        state,
+        host=_ps_host(spark, settings),
+        port=0,
+        secret=secret.encode(),
+        max_frame_bytes=settings.ps_max_frame_bytes,
     ) as server:
         plan = plan.model_copy(update={"addresses": [server.address], "secret": secret})
         job = train.mapInArrow(arrow_trainer(plan), REPORT_DDL, barrier=plan.synchronous)
@@ -183,6 +188,14 @@ def fit(
         seconds=time.monotonic() - started,
         workers=sorted(reports, key=lambda r: r["worker_id"]),
     )
+
+
+def _ps_host(spark, settings: Settings) -> str:
+    """Where the in-process parameter server listens: ``ps_host`` on a local master; on a cluster the
+    driver's address, which Spark's executors reach (the frames carry the run's random HMAC secret)."""
+    if settings.spark_master.startswith("local"):
+        return settings.ps_host
+    return spark.sparkContext.getConf().get("spark.driver.host")
 
 
 def _plan(settings: Settings, spec: ModelSpec, rows: int, run_id: str) -> TrainingPlan:

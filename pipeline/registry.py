@@ -191,6 +191,12 @@ class Registry:
         self.on_alias_change = on_alias_change
         self._store = _store(root)
 
+    @property
+    def url(self) -> str:
+        """Where another process opens this registry from any directory (a Spark executor on a cluster
+        runs in its worker's directory, maybe on another machine): the absolute path, or the URL."""
+        return self._store.uri("").rstrip("/") or "/"
+
     # ------------------------------------------------------------------------------------------ reading
 
     def models(self) -> list[str]:

@@ -214,6 +214,11 @@ class Settings(BaseSettings):
 
     # Spark
     spark_master: str = "local[2]"
+    spark_conf: dict[str, str] = Field(
+        default_factory=dict,
+        description="Spark properties for every session, over streamfit's own (YAML mapping, or JSON in "
+        "STREAMFIT_SPARK_CONF): what a cluster needs, e.g. spark.executor.memory, spark.cores.max, spark.driver.host",
+    )
     kafka_source: Literal["auto", "native", "python"] = "auto"
     max_offsets_per_trigger: int | None = Field(None, ge=1)
     trigger_interval_s: float | None = Field(

@@ -39,6 +39,7 @@ from deploy.check import (
     check_kafka,
     check_ports,
     check_prometheus,
+    check_spark,
     check_volumes,
     dockerfile_args,
     dockerignored,
@@ -59,7 +60,16 @@ def compose() -> dict:
 
 @pytest.mark.parametrize(
     "check",
-    [check_commands, check_environment, check_kafka, check_images, check_ports, check_volumes, check_dependencies],
+    [
+        check_commands,
+        check_environment,
+        check_kafka,
+        check_images,
+        check_ports,
+        check_spark,
+        check_volumes,
+        check_dependencies,
+    ],
     ids=lambda check: check.__name__,
 )
 def test_the_compose_file_passes(compose, check):
@@ -258,6 +268,32 @@ def _no_wait_for_ps(c):
     _service(c, "train")["depends_on"] = {"kafka": {"condition": "service_healthy"}}
 
 
+def _local_spark(c):
+    _service(c, "predict")["environment"]["STREAMFIT_SPARK_MASTER"] = "local[2]"
+
+
+def _greedy_train(c):
+    environment = _service(c, "train")["environment"]
+    conf = json.loads(environment["STREAMFIT_SPARK_CONF"])
+    del conf["spark.cores.max"]
+    environment["STREAMFIT_SPARK_CONF"] = json.dumps(conf)
+
+
+def _driver_unreachable(c):
+    environment = _service(c, "predict")["environment"]
+    conf = json.loads(environment["STREAMFIT_SPARK_CONF"])
+    del conf["spark.driver.host"]
+    environment["STREAMFIT_SPARK_CONF"] = json.dumps(conf)
+
+
+def _worker_without_registry(c):
+    del c["services"]["spark-worker"]["volumes"]
+
+
+def _no_spark_ui(c):
+    del c["services"]["spark-master"]["ports"]
+
+
 @pytest.mark.parametrize(
     "mutate, check, expected",
     [
@@ -271,6 +307,11 @@ def _no_wait_for_ps(c):
         (_undeclared_volume, check_volumes, "volume 'registry'"),
         (_latest_kafka, check_images, "'apache/kafka:latest' is not pinned"),
         (_no_wait_for_ps, check_dependencies, "does not wait for the parameter server"),
+        (_local_spark, check_spark, "spark_master is 'local[2]', not the cluster's master spark://spark-master:7077"),
+        (_greedy_train, check_spark, "no spark.cores.max in spark_conf"),
+        (_driver_unreachable, check_spark, "executors reach the driver by its service name 'predict'"),
+        (_worker_without_registry, check_spark, "is not the volume"),
+        (_no_spark_ui, check_spark, "the Spark web UI (port 8080) is not published"),
     ],
     ids=lambda v: v.__name__ if callable(v) else None,
 )
@@ -362,7 +403,7 @@ def _deploy_check(*args: str) -> subprocess.CompletedProcess:
 def test_deploy_check_passes_on_the_repository():
     result = _deploy_check()
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "deploy.check: all 10 checks pass" in result.stdout, result.stdout
+    assert "deploy.check: all 11 checks pass" in result.stdout, result.stdout
 
 
 def _break_compose(root: Path) -> None:
@@ -392,4 +433,4 @@ def test_deploy_check_refuses_a_broken_copy(tmp_path, mutate, expected):
     result = _deploy_check("--root", str(root))
     assert result.returncode == 1, result.stdout + result.stderr
     assert expected in result.stderr, result.stderr
-    assert "deploy.check: 1 problem(s) in 1 of 10 checks" in result.stderr, result.stderr
+    assert "deploy.check: 1 problem(s) in 1 of 11 checks" in result.stderr, result.stderr

@@ -150,6 +150,7 @@ def spark_session(settings: Settings, app_name: str = "streamfit", *, streaming:
         .config("spark.sql.streaming.checkpointFileManagerClass", LOCAL_CHECKPOINTS)
         .config("spark.hadoop.fs.file.impl", "org.apache.hadoop.fs.RawLocalFileSystem")
         .config("spark.driver.extraJavaOptions", " ".join(java_options))
+        .config(map=settings.spark_conf)  # the user's word last: a cluster's executor sizes, cores, driver host
         .getOrCreate()
     )
     spark.sparkContext.setLogLevel("WARN")

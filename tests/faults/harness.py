@@ -26,8 +26,8 @@ class Part:
     ``kill()`` is a crash: SIGKILL to the whole group (the command and what it started, e.g. the
     Spark JVM and its Python workers, or the broker binary)."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path, ready):
-        self.name, self.args, self.env, self.ready = name, args, env, ready
+    def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path, ready, cwd: Path | None = None):
+        self.name, self.args, self.env, self.ready, self.cwd = name, args, env, ready, cwd
         self.log = logs / f"{name}.log"
         self.process: subprocess.Popen | None = None
         self.kills = 0
@@ -44,6 +44,7 @@ class Part:
             self.process = subprocess.Popen(
                 [*STREAMFIT, *self.args],
                 env=self.env,
+                cwd=self.cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=sink,
                 stderr=subprocess.STDOUT,
