@@ -15,8 +15,8 @@ home, its embedded broker) for ``--minutes`` after start-up, with:
   processed (the ``events`` offsets of its last committed micro-batch, read from its checkpoint).
 
 It prints one JSON object: memory and descriptors per role after warm-up (5 minutes in, or 1/6 of a
-shorter run) and at the end, RSS growth % per role (the median of the last five one-minute samples over
-the median of the five right after warm-up), the lag series and its quarter means, request
+shorter run) and at the end, RSS growth % per role (the median of the samples of the last five minutes
+over the median of those of the five minutes right after warm-up), the lag series and its quarter means, request
 counts and errors, swaps (seen by the load, and serving's ``streamfit_model_swaps`` counter), and
 targets with a ``met`` flag each: RSS growth < 10 % per role, descriptors end - start <= 10 per role,
 lag without an upward trend (mean over the last quarter <= 1.5 x the mean over the second quarter,
@@ -50,8 +50,11 @@ ADMIN_TOKEN = "soak-admin"
 SAMPLE_EVERY_S = 10.0
 PROMOTE_EVERY_S = 20.0
 RSS_GROWTH_TARGET_PCT = 10.0
-RSS_WINDOW = 5
-"""Memory samples (one a minute) whose median stands for the start and the end of the run."""
+RSS_WINDOW_S = 300.0
+"""Seconds of memory samples (one every :data:`SAMPLE_EVERY_S`) whose median stands for the start and for
+the end of the run. The embedded broker's RSS swings by half a gigabyte as it snapshots its log and
+drops expired segments, a few minutes apart: five one-minute samples (this bench's first estimator)
+put its growth anywhere from -1 % to +19 % between runs that ended alike."""
 FD_SLACK = 10
 LAG_TREND_FACTOR = 1.5
 
@@ -254,10 +257,10 @@ def lag_trend(series: list[tuple], index: int, duration_s: float, floor: float) 
 
 
 def rss_window(memory: list[dict], warm_up_s: float) -> tuple[list[dict], list[dict]]:
-    """The one-minute memory samples RSS growth compares: up to :data:`RSS_WINDOW` right after warm-up
-    and as many at the end (fewer on a short run, never overlapping)."""
+    """The memory samples RSS growth compares: those of :data:`RSS_WINDOW_S` right after warm-up and as
+    many at the end (a quarter of the run after warm-up each on a short run, never overlapping)."""
     after = [m for m in memory if m["t"] >= warm_up_s]
-    n = max(1, min(RSS_WINDOW, len(after) // 4))
+    n = max(1, min(round(RSS_WINDOW_S / SAMPLE_EVERY_S), len(after) // 4))
     return after[:n], after[-n:]
 
 
@@ -338,10 +341,7 @@ def soak(run: UpRun, args, duration: float, warm_up: float) -> dict:
                     produced - training if produced is not None and training is not None else None,
                 )
             )
-            if len(lag) % 6 == 1:  # memory every minute or so, for the shape of any growth
-                memory.append(
-                    {"t": round(now), **{r: v["rss_mb"] for r, v in snapshot(run.home, run.process.pid).items()}}
-                )
+            memory.append({"t": round(now), **{r: v["rss_mb"] for r, v in snapshot(run.home, run.process.pid).items()}})
             if start is None and now >= warm_up:
                 start = {"t": round(now, 1), "roles": snapshot(run.home, run.process.pid)}
                 swaps_at_start = served_swaps(run.url, args.model)
@@ -376,7 +376,7 @@ def soak(run: UpRun, args, duration: float, warm_up: float) -> dict:
         "up_exit_status": status,
         "up_output_tail": run.output[-8:] if status != 0 else None,
         "processes": per_role,
-        "rss_mb_over_time": memory,
+        "rss_mb_over_time": memory[:: round(60 / SAMPLE_EVERY_S)],  # one a minute: the shape of any growth
         "lag": {
             "definition": "events produced (end offsets of 'events') minus events the query processed (the "
             "'events' offsets of its last committed micro-batch); sampled every "
