@@ -3,14 +3,15 @@
 Throughput and the dead-letter count come from the topics' end offsets (what the broker holds,
 not what a component claims), prequential accuracy and drift from the training consumer's
 records, champion and candidate from the registry, the served version and request rate from
-the serving app's ``/metrics``. Every source may be briefly unavailable (a component starting
-or stopping): its figures then show as ``-`` instead of stopping the display.
+the serving app's ``/metrics``, each query's lag in events and seconds from Kafka
+(:mod:`pipeline.spark.lag`). Every source may be briefly unavailable (a component starting or
+stopping): its figures then show as ``-`` instead of stopping the display.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import httpx
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.registry import Registry, RegistryError
 from pipeline.settings import Settings
+from pipeline.spark.lag import QueryLag
 from pipeline.spark.offsets import KafkaOffsetReader, OffsetError
 
 PREDICT_ROUTE = "/v1/models/{model}:predict"
@@ -43,6 +45,7 @@ class Figures:
     served: int | None = None
     serve_requests: float | None = None
     serve_requests_per_s: float | None = None
+    lag: dict[str, tuple[int, float] | None] = field(default_factory=dict)  # query: (records, seconds) behind
     notes: list[str] = field(default_factory=list)
 
 
@@ -50,9 +53,15 @@ class StatusBoard:
     """Samples :class:`Figures`; ``training_history`` returns the training consumer's recent records."""
 
     def __init__(
-        self, settings: Settings, bootstrap: str, serve_url: str, training_history: Callable[[], Sequence[dict]] = tuple
+        self,
+        settings: Settings,
+        bootstrap: str,
+        serve_url: str,
+        training_history: Callable[[], Sequence[dict]] = tuple,
+        lags: Mapping[str, QueryLag] | None = None,
     ):
         self.settings, self.serve_url, self.training_history = settings, serve_url, training_history
+        self.lags = lags or {}
         self.topics = [settings.topic_events, settings.topic_predictions, settings.topic_dlq]
         self.offsets = KafkaOffsetReader(bootstrap, self.topics, settings.kafka_timeout_s, settings.kafka)
         self.registry = Registry(settings.registry_url)
@@ -67,6 +76,7 @@ class StatusBoard:
         self._training(figures)
         self._registry(figures)
         self._serving(figures)
+        figures.lag = {query: lag.measure() for query, lag in self.lags.items()}
         if self.previous is not None:
             elapsed = figures.at - self.previous.at
             for total, rate in (
@@ -153,9 +163,16 @@ def render(figures: Figures, title: str):
         "serving requests",
         f"{_show(figures.serve_requests, '{:,.0f}')} ({_show(figures.serve_requests_per_s, '{:,.1f}')}/s)",
     )
+    if figures.lag:
+        table.add_row("lag", ", ".join(f"{query} {_lag(behind)}" for query, behind in figures.lag.items()))
     for note in figures.notes:
         table.add_row("[yellow]note", f"[yellow]{note}")
     return table
+
+
+def _lag(behind: tuple[int, float] | None) -> str:
+    """``12 events (0.3 s)``, or ``-`` before the query's first micro-batch."""
+    return "-" if behind is None else f"{behind[0]:,} events ({behind[1]:.1f} s)"
 
 
 def one_line(figures: Figures) -> str:
@@ -169,4 +186,5 @@ def one_line(figures: Figures) -> str:
         f"champion={_show(figures.champion, '{}')} candidate={_show(figures.candidate, '{}')} "
         f"served={_show(figures.served, '{}')} "
         f"serve_requests/s={_show(figures.serve_requests_per_s, '{:.1f}')}"
+        + "".join(f" lag_{query}_s={_show(b and b[1], '{:.1f}')}" for query, b in figures.lag.items())
     )

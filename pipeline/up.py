@@ -263,6 +263,7 @@ class Pipeline:
             inference = InferenceJob(spark, s, bootstrap)
             training = TrainingJob(spark, s, bootstrap, registry)
             down.callback(training.close)
+            self._serve_metrics(down, inference.reporter.metrics.registry, training.gauges.registry)
             queries = []  # each restarted from its checkpoint when it fails (broker or parameter server down)
 
             def run_query(pool: str, start: Callable, restart: Callable, checkpoint: str) -> None:
@@ -282,12 +283,19 @@ class Pipeline:
                 f"Spark {s.spark_master}: inference and training queries on {s.topic_events} "
                 f"(auto-promote {'on' if s.auto_promote else 'off'})"
             )
+            ui = spark.sparkContext.uiWebUrl
+            self.say(
+                f"Spark UI {ui}"
+                if ui
+                else 'Spark UI off (STREAMFIT_SPARK_CONF=\'{"spark.ui.enabled": "true"}\' turns it on)'
+            )
             down.callback(self._stop_child, "produce", signal.SIGINT)
             down.callback(self.say, "stopping in order: producer, queries, parameter server, serving, broker")
             url = f"http://{s.serve_host}:{s.serve_port}"
             self._wait(serve, lambda: _ready(url), "was not ready", stop, timeout_s=180)
             self.say(f"serving {s.model} on {url} (docs {url}/docs); try:\n  {curl_line(s, t.source)}")
-            board = StatusBoard(s, bootstrap, url, lambda: tuple(training.history))
+            lags = {"predict": inference.reporter.metrics.lag, "train": training.gauges.lag}
+            board = StatusBoard(s, bootstrap, url, lambda: tuple(training.history), lags)
             down.callback(board.close)
             deadline = time.monotonic() + duration_s if duration_s else None
             show(board, deadline, stop, lambda: self._failure(queries))
@@ -295,6 +303,25 @@ class Pipeline:
         if failure:
             raise UpError(failure)
         return 0
+
+    def _serve_metrics(self, down: contextlib.ExitStack, predict, train) -> None:
+        """Serve the queries' metrics registries where their ports are set, and say where every part's are
+        (ps and the producer, children, serve their own from the same settings)."""
+        from pipeline.metrics import serve
+
+        s = self.settings
+        served = {"serve": s.serve_port, "ps": s.ps_metrics_port, "produce": s.produce_metrics_port}
+        for part, port, registry in (
+            ("predict", s.predict_metrics_port, predict),
+            ("train", s.train_metrics_port, train),
+        ):
+            if port is not None:
+                exporter = serve(registry, port)
+                down.callback(exporter.shutdown)
+                served[part] = exporter.server_port
+        self.say(
+            "Prometheus metrics at /metrics: " + ", ".join(f"{p} :{n}" for p, n in served.items() if n is not None)
+        )
 
     def _start(self, name: str, args: list[str]) -> Child:
         child = Child(name, args, self.env, self.logs)

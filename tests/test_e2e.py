@@ -5,6 +5,7 @@ that resumes from the first."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 
@@ -20,7 +21,9 @@ ENV = {
     "STREAMFIT_GATE_WINDOW": "1000",
     "STREAMFIT_PREQUENTIAL_WINDOW": "1000",
     "STREAMFIT_MAX_OFFSETS_PER_TRIGGER": "4000",
-}  # bounded micro-batches: the cold-start backlog drains in steps
+    "STREAMFIT_PREDICT_METRICS_PORT": "0",
+    "STREAMFIT_TRAIN_METRICS_PORT": "0",
+}  # bounded micro-batches: the cold-start backlog drains in steps; the queries' metrics on free ports
 
 
 def _finish(run: WatchedUp, timeout_s: float) -> int:
@@ -53,11 +56,14 @@ def test_up_runs_the_whole_pipeline(first_run):
     output = "\n".join(run.output)
     assert status == 0, output
     assert "curl -s -H 'Content-Type: application/json' http://127.0.0.1:" in output, output
+    assert re.search(r"Prometheus metrics at /metrics: serve :\d+, predict :[1-9]\d*, train :[1-9]\d*", output), output
+    assert "Spark UI " in output, output
     last = dict(
         item.split("=", 1) for item in [line for line in run.output if line.startswith("status ")][-1].split()[1:]
     )
     assert int(last["predictions"]) > 0 and int(last["dlq"]) > 0 and last["accuracy"] != "-", last
     assert int(last["champion"]) > 1 and int(last["served"]) > 1, last
+    assert float(last["lag_predict_s"]) >= 0 and float(last["lag_train_s"]) >= 0, last  # measured, not "-"
     _no_process_left(run)
 
     # every prediction answers a produced event, and the events produced early are all predicted
@@ -150,6 +156,7 @@ def test_the_live_status_table_shows_every_figure():
                 served=4,
                 serve_requests=30,
                 serve_requests_per_s=2.5,
+                lag={"predict": (12, 0.34), "train": None},
                 notes=["serving: not answering yet"],
             ),
             "streamfit up",
@@ -164,6 +171,7 @@ def test_the_live_status_table_shows_every_figure():
         "0.912",
         "v4 / v5",
         "30 (2.5/s)",
+        "predict 12 events (0.3 s), train -",
         "serving: not answering yet",
     ):
         assert shown in text, (shown, text)

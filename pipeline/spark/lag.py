@@ -22,6 +22,7 @@ from kafka import TopicPartition
 from kafka.errors import KafkaError
 from prometheus_client.core import GaugeMetricFamily
 
+from pipeline.kafka import KafkaUnavailable
 from pipeline.spark.offsets import KafkaOffsetReader, OffsetError
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class QueryLag:
                 if self._reader is None:
                     self._reader = self._open()
                 return lag(self._reader, at)
-            except (KafkaError, OffsetError, OSError) as exc:
+            except (KafkaError, KafkaUnavailable, OffsetError, OSError) as exc:  # KafkaTlsError too
                 log.warning("%s lag not measured: %s", self.prefix, exc)
                 if self._reader is not None:
                     self._reader.close()
