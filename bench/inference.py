@@ -12,6 +12,10 @@ measured in the same run, on the default higgs model (~1.02 M parameters) and Sp
 ``speedup_vs_rowwise`` (target >= 100) and ``efficiency`` = end-to-end / compute limit (target >= 0.3).
 The Python workers are warmed on a small topic first (model loaded), as they are
 in a consumer that has been running for a while.
+
+``--cluster`` adds a ``cluster`` row: the same end-to-end run with ``--master spark://...`` on a Spark
+standalone cluster of two one-core workers started here (:mod:`pipeline.spark.standalone`): executors
+in their own JVMs, each with its own Python workers, the same two cores as ``local[2]``.
 """
 
 from __future__ import annotations
@@ -55,6 +59,43 @@ def topic_size(bootstrap: str, topic: str) -> int:
         return sum(reader.latest()[topic].values())
     finally:
         reader.close()
+
+
+def consumer_seconds(spark, settings, bootstrap: str, home: Path, tag: str) -> float:
+    """Seconds for the consumer to answer all of ``topic_events`` once its Python workers are warm
+    (three runs on the small ``warm`` topic: worker processes are pooled, and each may load the model)."""
+    warm = settings.model_copy(update={"topic_events": "warm", "topic_predictions": "warm.pred"})
+    for round_ in range(3):
+        end_to_end(spark, warm, bootstrap, home / f"ck-{tag}-warm{round_}")
+    elapsed = end_to_end(spark, settings, bootstrap, home / f"ck-{tag}")
+    events, predicted = (topic_size(bootstrap, t) for t in (settings.topic_events, settings.topic_predictions))
+    assert predicted == events, f"{predicted} predictions for {events} events"
+    return elapsed
+
+
+def on_cluster(settings, bootstrap: str, home: Path, events: int) -> dict:
+    """The end-to-end run on a standalone cluster of two one-core workers (started and stopped here)."""
+    from pipeline.spark.session import spark_session
+    from pipeline.spark.standalone import StandaloneCluster
+
+    with StandaloneCluster(workers=2, cores=1, memory="1g", directory=home / "standalone") as cluster:
+        on = settings.model_copy(
+            update={
+                "spark_master": cluster.url,
+                "spark_conf": cluster.app_conf,
+                "topic_predictions": "predictions.cluster",
+            }
+        )
+        spark = spark_session(on, "streamfit-bench-inference-cluster")
+        try:
+            elapsed = consumer_seconds(spark, on, bootstrap, home, "cluster")
+        finally:
+            spark.stop()
+    return {
+        "spark_master": "standalone: 2 workers x 1 core, executors of 1g",
+        "elapsed_s": round(elapsed, 2),
+        "events_per_s": round(events / elapsed),
+    }
 
 
 def end_to_end(spark, settings, bootstrap: str, checkpoint: Path) -> float:
@@ -144,6 +185,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--rowwise-sample", type=int, default=300)
     parser.add_argument("--impl", default="noida", choices=["noida", "tansu"])
+    parser.add_argument("--cluster", action="store_true", help="also run the consumer on a standalone cluster")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from pipeline.bundle import ModelBundle
@@ -161,23 +203,19 @@ def main() -> None:
         n_parameters = bundle.n_parameters
         del bundle
         topics = {"warm": 3, "warm.pred": 3, "events": 3, "predictions": 3, "events.dlq": 1, "rowwise.pred": 3}
-        ensure_topics(bootstrap, topics)
+        ensure_topics(bootstrap, topics | ({"predictions.cluster": 3} if args.cluster else {}))
         produce(bootstrap, "warm", 5_000, seed=1)
         features = produce(bootstrap, "events", args.events, seed=2)
 
         spark = spark_session(settings, "streamfit-bench-inference")
         try:
-            warm = settings.model_copy(update={"topic_events": "warm", "topic_predictions": "warm.pred"})
-            for round_ in range(3):  # worker processes are pooled: each may run the predictor and load the model
-                end_to_end(spark, warm, bootstrap, Path(home) / f"ck-warm{round_}")
-            elapsed = end_to_end(spark, settings, bootstrap, Path(home) / "ck")
-            predicted = topic_size(bootstrap, "predictions")
-            assert predicted == args.events, f"{predicted} predictions for {args.events} events"
+            elapsed = consumer_seconds(spark, settings, bootstrap, Path(home), "local")
             per_partition = args.rowwise_sample // settings.events_partitions
             rowwise(spark, settings, bootstrap, "warm", 5, "rowwise.pred")  # load the Keras model in each worker
             rowwise_eps = rowwise(spark, settings, bootstrap, "events", per_partition, "rowwise.pred")
         finally:
             spark.stop()
+        cluster = on_cluster(settings, bootstrap, Path(home), args.events) if args.cluster else None
         limit = compute_limit(settings.registry_url, "higgs", features)
 
     eps = args.events / elapsed
@@ -198,6 +236,9 @@ def main() -> None:
                 "target_speedup": 100,
                 "efficiency": round(eps / limit, 3),
                 "target_efficiency": 0.3,
+                **(
+                    {"cluster": {**cluster, "efficiency": round(cluster["events_per_s"] / limit, 3)}} if cluster else {}
+                ),
             }
         )
     )

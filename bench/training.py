@@ -12,6 +12,10 @@ In the same process, on the same events, river's logistic regression (standardis
 adaptive tree and adaptive random forest learn one event at a time, test-then-train. Prints one
 JSON object (final and mean prequential accuracy and events/s of each; the ratios the targets
 name, against ARF) and writes a PNG of prequential accuracy over events.
+
+``--cluster`` runs the streamfit side once more on a Spark standalone cluster of two one-core workers
+(:mod:`pipeline.spark.standalone`; executors in their own JVMs) and reports it beside ``local[2]``
+(``<algorithm>@cluster`` rows; the comparison with river stays on the ``local[2]`` rows).
 """
 
 from __future__ import annotations
@@ -58,19 +62,20 @@ def run_river(model, rows: list) -> dict:
 
 
 @contextlib.contextmanager
-def spark_and_broker(name: str):
-    """``(spark, bootstrap, home)``: a local Spark session and an embedded broker in a temporary home,
-    both stopped on the way out."""
+def spark_and_broker(name: str, cluster=None):
+    """``(spark, bootstrap, home)``: a Spark session (local, or on the started standalone ``cluster``)
+    and an embedded broker in a temporary home, both stopped on the way out."""
     from pipeline.broker import EmbeddedBroker
     from pipeline.settings import load_settings
     from pipeline.spark.session import spark_session
 
+    on = {"spark_master": cluster.url, "spark_conf": cluster.app_conf} if cluster is not None else {}
     with tempfile.TemporaryDirectory(prefix=f"{name}-") as tmp:
         home = Path(tmp)
         broker = EmbeddedBroker("noida", data_dir=home / "broker")
         broker.start()
         try:
-            spark = spark_session(load_settings(home=home), name)
+            spark = spark_session(load_settings(home=home, **on), name)
             try:
                 yield spark, broker.bootstrap, home
             finally:
@@ -196,13 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="wide", help="built-in spec streamfit trains")
     parser.add_argument("--micro-batch", type=int, default=20_000, help="maxOffsetsPerTrigger of the training query")
     parser.add_argument("--png", type=Path, default=Path("bench/training.png"))
+    parser.add_argument("--cluster", action="store_true", help="also train on a Spark standalone cluster")
     args = parser.parse_args(argv)
 
-    results: dict[str, dict] = {}
+    streams = {
+        stream: list(itertools.islice(synthetic_rows(stream, seed=7, drift_at=args.events // 2), args.events))
+        for stream in STREAMS
+    }
+    results: dict[str, dict] = {stream: {} for stream in STREAMS}
     with spark_and_broker("bench-training") as (spark, bootstrap, home):
-        for stream in STREAMS:
-            rows = list(itertools.islice(synthetic_rows(stream, seed=7, drift_at=args.events // 2), args.events))
-            learners = results[stream] = {}
+        for stream, rows in streams.items():
+            learners = results[stream]
             for algorithm in args.algorithms.split(","):
                 print(f"bench.training: {stream} streamfit {algorithm}", file=sys.stderr, flush=True)
                 learners[f"streamfit_{algorithm}"] = run_streamfit(
@@ -211,15 +220,34 @@ def main(argv: list[str] | None = None) -> int:
             for name, model in river_models().items():
                 print(f"bench.training: {stream} {name}", file=sys.stderr, flush=True)
                 learners[name] = run_river(model, rows)
+    if args.cluster:
+        from pipeline.spark.standalone import StandaloneCluster
+
+        with (
+            StandaloneCluster(workers=2, cores=1, memory="1g") as cluster,
+            spark_and_broker("bench-training-cluster", cluster) as (spark, bootstrap, home),
+        ):
+            for stream, rows in streams.items():
+                for algorithm in args.algorithms.split(","):
+                    print(f"bench.training: {stream} streamfit {algorithm} on the cluster", file=sys.stderr, flush=True)
+                    results[stream][f"streamfit_{algorithm}@cluster"] = run_streamfit(
+                        spark, bootstrap, home, stream, rows, algorithm, args.micro_batch, args.model
+                    )
     summary = {}
     for stream, learners in results.items():
-        best = max((n for n in learners if n.startswith("streamfit_")), key=lambda n: learners[n]["mean_accuracy"])
+        local = [n for n in learners if n.startswith("streamfit_") and "@" not in n]
+        best = max(local, key=lambda n: learners[n]["mean_accuracy"])
         arf = learners["river_arf"]
         summary[stream] = {
             "best_streamfit": best,
             "mean_accuracy_minus_arf": round(learners[best]["mean_accuracy"] - arf["mean_accuracy"], 4),
             "events_per_s_vs_arf": round(learners[best]["events_per_s"] / arf["events_per_s"], 2),
         }
+        if args.cluster:
+            summary[stream]["cluster_events_per_s_vs_local"] = {
+                name: round(learners[f"{name}@cluster"]["events_per_s"] / learners[name]["events_per_s"], 2)
+                for name in local
+            }
     args.png.parent.mkdir(parents=True, exist_ok=True)
     plot(results, args.png)
     for learners in results.values():
