@@ -117,13 +117,22 @@ def _reached(
         raise unreachable(bootstrap_servers, properties) from None
 
 
-def unreachable(bootstrap_servers: str, properties: Mapping[str, str] | None) -> KafkaUnavailable:
+def unreachable(bootstrap_servers: str, properties: Mapping[str, str] | None, cause: str = "") -> KafkaUnavailable:
     """The error for a cluster no client could reach: :class:`KafkaTlsError` naming the cause when a TLS
-    handshake with it fails, else :class:`KafkaUnavailable`."""
-    problem = tls_problem(bootstrap_servers, KafkaProperties(properties))
+    handshake with it fails, else :class:`KafkaUnavailable` (with the client's ``cause`` when it gave one,
+    and the SASL settings to check when SASL is on)."""
+    checked = KafkaProperties(properties)
+    problem = tls_problem(bootstrap_servers, checked)
     if problem:
         return KafkaTlsError(problem)
-    return KafkaUnavailable(f"no Kafka broker answers at {bootstrap_servers}")
+    message = f"no Kafka broker answers at {bootstrap_servers}" + (f": {cause}" if cause else "")
+    if checked.get("security.protocol", "").startswith("SASL"):
+        message += (
+            f" (or none accepts SASL {checked.get('sasl.mechanism', 'PLAIN')} user "
+            f"{checked.get('sasl.plain.username')!r}: check kafka sasl.mechanism, sasl.plain.username and "
+            "sasl.plain.password)"
+        )
+    return KafkaUnavailable(message)
 
 
 def tls_problem(bootstrap_servers: str, properties: KafkaProperties, timeout_s: float = 5.0) -> str | None:
@@ -387,8 +396,8 @@ class ConfluentProducer:
         kafka = confluent_kafka.Producer(self.config)
         try:
             kafka.list_topics(timeout=self.timeout_s)  # as kafka-python: an unreachable cluster fails here
-        except confluent_kafka.KafkaException:
-            raise unreachable(self.config["bootstrap.servers"], self.properties) from None
+        except confluent_kafka.KafkaException as exc:
+            raise unreachable(self.config["bootstrap.servers"], self.properties, exc.args[0].str()) from None
         return _Handle(kafka)
 
     def _serve(self, handle: _Handle, call, *args):

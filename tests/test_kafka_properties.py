@@ -161,6 +161,8 @@ BASE = {"kafka.bootstrap.servers": "127.0.0.1:1"}
         (KafkaStreamReader, {"subscribe": "t", "endingOffsets": "latest"}, "'endingoffsets' for stream reading"),
         (KafkaStreamReader, {"subscribe": "t", "kafka.security.protokol": "SSL"}, "'security.protokol'"),
         (KafkaStreamWriter, {"topic": "t", "includeHeaders": "true"}, "'includeheaders' for writing"),
+        (KafkaStreamReader, {"subscribe": "t", "assign": '{"t": [0]}'}, "exactly one of .*; got 'subscribe', 'assign'"),
+        (KafkaStreamReader, {"assign": '["t"]'}, "assign must be JSON like"),
         (KafkaBatchWriter, {"topic": "t", "kafka.compression.type": "brotli"}, "compression.type='brotli'"),
     ],
 )

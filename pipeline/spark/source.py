@@ -126,6 +126,10 @@ class _Options:
         except KafkaPropertyError as exc:
             raise OffsetError(f"{NAME}: option kafka.*: {exc}") from None
         self.options = {known[k]: v for k, v in given.items() if k in known}
+        o = self.options
+        self.subscription = (
+            None if use == "write" else Subscription.of(o.get("subscribe"), o.get("subscribePattern"), o.get("assign"))
+        )
         self.fail_on_data_loss = self._boolean("failOnDataLoss", "true")
         self.include_headers = self._boolean("includeHeaders", "false")
         max_rows = self.options.get("maxOffsetsPerTrigger")
@@ -148,12 +152,8 @@ class _Options:
             raise OffsetError(f"{NAME}: {name} must be true or false, got {value!r}")
         return value == "true"
 
-    @property
-    def subscription(self) -> Subscription:
-        o = self.options
-        return Subscription.of(o.get("subscribe"), o.get("subscribePattern"), o.get("assign"))
-
     def offset_reader(self) -> KafkaOffsetReader:
+        assert self.subscription is not None, "a writer reads no offsets"
         return KafkaOffsetReader(self.bootstrap, self.subscription, properties=self.properties)
 
     def start(self, offsets: KafkaOffsetReader, default: str) -> Offsets:
