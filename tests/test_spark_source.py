@@ -6,6 +6,7 @@ import itertools
 import json
 import logging
 import re
+import time
 
 import pytest
 from kafka import KafkaAdminClient, TopicPartition
@@ -257,7 +258,7 @@ def test_a_worker_keeps_its_kafka_clients_across_tasks_and_drops_one_whose_task_
     from pipeline.spark import source
 
     ensure_topics(kafka, {topic: 1})
-    writer = ("writer", kafka)
+    writer = ("writer", kafka, ())  # role, cluster, Kafka client properties (none here)
     rows = pa.RecordBatch.from_pydict({"value": [b"a", b"b"]})
     assert source.send_rows(kafka, topic, iter([rows]), client).records == 2
     kind, first = source._clients[writer]
@@ -289,12 +290,14 @@ def test_assign_subscribe_pattern_and_offsets_by_timestamp(spark, kafka, topic):
     other = topic + "-b"
     ensure_topics(kafka, {topic: 2, other: 1})
     kafka_producer = producer(kafka)
-    for i in range(10):  # partition 0 stamped 1000..1009, partition 1 stamped 2000..2009
-        kafka_producer.send(topic, value=b"p0-%d" % i, partition=0, timestamp_ms=1000 + i)
-        kafka_producer.send(topic, value=b"p1-%d" % i, partition=1, timestamp_ms=2000 + i)
-        kafka_producer.send(other, value=b"b-%d" % i, partition=0, timestamp_ms=3000 + i)
+    at = int(time.time() * 1000) - 60_000  # recent: the broker's time retention drops records stamped long ago
+    for i in range(10):  # partition 0 stamped at+0..9, partition 1 at+1000..1009
+        kafka_producer.send(topic, value=b"p0-%d" % i, partition=0, timestamp_ms=at + i)
+        kafka_producer.send(topic, value=b"p1-%d" % i, partition=1, timestamp_ms=at + 1000 + i)
+        kafka_producer.send(other, value=b"b-%d" % i, partition=0, timestamp_ms=at + 2000 + i)
     kafka_producer.flush()
     kafka_producer.close()
+    later = at + 86_400_000  # no record at or after it
 
     rows = _batch(spark, kafka, assign=json.dumps({topic: [1], other: [0]}))
     assert sorted(bytes(r.value) for r in rows) == sorted(
@@ -306,18 +309,19 @@ def test_assign_subscribe_pattern_and_offsets_by_timestamp(spark, kafka, topic):
         spark,
         kafka,
         subscribe=topic,
-        startingOffsetsByTimestamp=json.dumps({topic: {"0": 1005, "1": 2003}}),
-        endingOffsetsByTimestamp=json.dumps({topic: {"0": 1008, "1": 99_999}}),  # none at or after: the end
+        startingOffsetsByTimestamp=json.dumps({topic: {"0": at + 5, "1": at + 1003}}),
+        endingOffsetsByTimestamp=json.dumps({topic: {"0": at + 8, "1": later}}),  # none at or after: the end
     )
     assert sorted(bytes(r.value) for r in rows) == sorted(
         [b"p0-%d" % i for i in range(5, 8)] + [b"p1-%d" % i for i in range(3, 10)]
     )
-    with pytest.raises(Exception, match=r"startingOffsetsByTimestamp: .*\[1\] has no record at or after 99999 ms"):
-        _batch(spark, kafka, subscribe=topic, startingOffsetsByTimestamp=json.dumps({topic: {"0": 0, "1": 99_999}}))
+    with pytest.raises(Exception, match=rf"startingOffsetsByTimestamp: .*\[1\] has no record at or after {later} ms"):
+        _batch(spark, kafka, subscribe=topic, startingOffsetsByTimestamp=json.dumps({topic: {"0": at, "1": later}}))
     with pytest.raises(Exception, match="give exactly one of the options"):
         _batch(spark, kafka, subscribe=topic, assign=json.dumps({topic: [0]}))
     with pytest.raises(Exception, match="unknown option.*'startingtimestamp'"):
-        _batch(spark, kafka, subscribe=topic, startingTimestamp=1000)
+        _batch(spark, kafka, subscribe=topic, startingTimestamp=at)
+    assert _batch(spark, kafka, assign=json.dumps({topic: [0]}), startingOffsets="latest") == []  # nothing to read
 
 
 def test_headers_are_written_and_read_like_spark_s(spark, kafka, topic, tmp_path):

@@ -294,8 +294,9 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
     def partitions(self, start: dict, end: dict) -> list[InputPartition]:
         return [KafkaRangePartition(part) for part in split(ranges(start, end), self.options.min_parts)]
 
-    def read(self, partition: KafkaRangePartition) -> Iterator[pa.RecordBatch]:
-        return _read(self.options, partition.part)
+    def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
+        """The range's records; nothing for the placeholder partition Spark reads when there are no ranges."""
+        return _read(self.options, partition.part) if isinstance(partition, KafkaRangePartition) else iter(())
 
     def stop(self) -> None:
         if self._offsets is not None:
@@ -316,8 +317,9 @@ class KafkaBatchReader(DataSourceReader):
     def partitions(self) -> list[InputPartition]:
         return [KafkaRangePartition(part) for part in self.parts]
 
-    def read(self, partition: KafkaRangePartition) -> Iterator[pa.RecordBatch]:
-        return _read(self.options, partition.part)
+    def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
+        """The range's records; nothing for the placeholder partition Spark reads when there are no ranges."""
+        return _read(self.options, partition.part) if isinstance(partition, KafkaRangePartition) else iter(())
 
 
 class SentCount(WriterCommitMessage):
