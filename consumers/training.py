@@ -623,15 +623,13 @@ class TrainingJob:
 
     def warm_workers(self) -> float:
         """Start Spark's Python workers and build the model in each, before the first micro-batch:
-        otherwise the first micro-batches wait ~4-8 s per worker for TensorFlow. A micro-batch
-        uses at most one Python worker per task slot in each of its two stages, so twice the
-        parallelism are warmed (two chained steps per task). Returns the seconds it took."""
-        started = time.monotonic()
-        slots = self.spark.sparkContext.defaultParallelism
-        warm = functools.partial(warm_worker, spec=self._plan(0, "").spec)
-        self.spark.range(slots, numPartitions=slots).mapInArrow(warm, "id long").mapInArrow(warm, "id long").collect()
-        log.info("%d Python workers warmed in %.1f s", 2 * slots, time.monotonic() - started)
-        return time.monotonic() - started
+        otherwise the first micro-batches wait ~4-8 s per worker for TensorFlow
+        (:mod:`pipeline.spark.warm_workers`). Returns the seconds it took."""
+        from pipeline.spark.warm_workers import warm
+
+        seconds = warm(self.spark, functools.partial(warm_worker, spec=self._plan(0, "").spec))
+        log.info("%d Python workers warmed in %.1f s", 2 * self.spark.sparkContext.defaultParallelism, seconds)
+        return seconds
 
     def start(self, checkpoint: str, trigger: dict | None = None, starting_offsets: str | None = None):
         """Check the parameter server, warm the workers, then start the query."""

@@ -247,23 +247,12 @@ class Pipeline:
             f"producing {t.source} at {t.rate:g} events/s ({t.label_fraction:.0%} labelled, "
             f"{t.invalid_fraction:.0%} broken" + (f", drift after {t.drift_at:,} events)" if t.drift_at else ")")
         )
-        self._wait(
-            ps,
-            lambda: _listening(s.ps_host, s.ps_port),
-            f"did not listen on {s.ps_host}:{s.ps_port}",
-            stop,
-            timeout_s=120,
-        )
-        self.say(f"parameter server ({s.algorithm}) on {s.ps_host}:{s.ps_port}")
         with contextlib.ExitStack() as down:  # unwound in reverse order, every step even if an earlier one fails
             registry, announcer = announcing_registry(s)
             down.callback(announcer.close)
             spark = spark_session()  # started in the background with the broker
             down.callback(spark.stop)  # before the broker stops (stopping it again at the end does nothing)
             inference = InferenceJob(spark, s, bootstrap)
-            training = TrainingJob(spark, s, bootstrap, registry)
-            down.callback(training.close)
-            self._serve_metrics(down, inference.reporter.metrics.registry, training.gauges.registry)
             queries = []  # each restarted from its checkpoint when it fails (broker or parameter server down)
 
             def run_query(pool: str, start: Callable, restart: Callable, checkpoint: str) -> None:
@@ -275,8 +264,20 @@ class Pipeline:
                 )
                 down.callback(lambda supervisor=queries[-1]: stop_between_batches(supervisor.query))
 
-            # predictions first: training (its workers' warm-up, its first micro-batch) joins once they flow
+            # predictions first: training (the parameter server, its workers' warm-up, its first
+            # micro-batch) joins once they flow
             run_query("predict", inference.start, inference.start, s.predict_checkpoint_dir)
+            self._wait(
+                ps,
+                lambda: _listening(s.ps_host, s.ps_port),
+                f"did not listen on {s.ps_host}:{s.ps_port}",
+                stop,
+                timeout_s=120,
+            )
+            self.say(f"parameter server ({s.algorithm}) on {s.ps_host}:{s.ps_port}")
+            training = TrainingJob(spark, s, bootstrap, registry)
+            down.callback(training.close)
+            self._serve_metrics(down, inference.reporter.metrics.registry, training.gauges.registry)
             _wait_for_first_batch(queries[0].query, stop, timeout_s=60)
             run_query("train", training.start, training.start_query, s.train_checkpoint_dir)
             self.say(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -25,15 +26,19 @@ from typing import Any
 
 from pipeline.errors import StreamfitError
 from pipeline.settings import Settings
+from pipeline.spark import class_archive
 from pipeline.spark.source import NAME as PYTHON_SOURCE, ROWS_PER_BATCH, KafkaDataSource
+
+log = logging.getLogger(__name__)
 
 
 class SparkSetupError(StreamfitError, RuntimeError):
     """Spark cannot start here; the message says what is missing."""
 
 
-def _check_java() -> None:
-    """Spark 4 needs Java 17 or newer; say so plainly instead of a py4j gateway error."""
+def _check_java() -> tuple[str, str]:
+    """Spark 4 needs Java 17 or newer; say so plainly instead of a py4j gateway error. Returns the
+    ``java`` binary and its ``-version`` text."""
     java_home = os.environ.get("JAVA_HOME")
     java = os.path.join(java_home, "bin", "java") if java_home else shutil.which("java")
     if not java or not os.path.exists(java):
@@ -49,6 +54,7 @@ def _check_java() -> None:
         raise SparkSetupError(
             f"Spark 4 needs Java 17 or 21, {java} is Java {major}: install a newer JDK or point JAVA_HOME at one"
         )
+    return java, answer
 
 
 LOCAL_CHECKPOINTS = "org.apache.spark.sql.execution.streaming.checkpointing.FileSystemBasedCheckpointFileManager"
@@ -122,17 +128,23 @@ def scheduler_pool(spark, pool: str) -> Iterator[None]:
         context.setLocalProperty("spark.scheduler.pool", before)
 
 
-def spark_session(settings: Settings, app_name: str = "streamfit", *, streaming: bool = False):
+def spark_session(
+    settings: Settings, app_name: str = "streamfit", *, streaming: bool = False, write_class_archive: bool = False
+):
     """The process's Spark session, with the streamfit Kafka data source registered. A ``streaming``
     session on a local master gets the lean driver JVM (:data:`LEAN_JVM`); a batch job such as
-    ``fit`` caches its data in the driver's heap and keeps 2 GB and the full JIT."""
-    _check_java()
+    ``fit`` caches its data in the driver's heap and keeps 2 GB and the full JIT. A local driver maps
+    the machine's archive of Spark's classes (:mod:`pipeline.spark.class_archive`); with
+    ``write_class_archive`` and no archive yet, its JVM writes one as it exits (see ``class_archive.save``)."""
+    java = _check_java()
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
     lean = streaming and settings.spark_master.startswith("local")
     java_options = ["-Dio.netty.tryReflectionSetAccessible=true"] + (LEAN_JVM if lean else [])
+    if settings.spark_class_archive and settings.spark_master.startswith("local"):
+        java_options += class_archive.jvm_options(class_archive.archive_path(*java), write=write_class_archive)
     spark = (
         SparkSession.builder.master(settings.spark_master)
         .appName(app_name)
@@ -163,13 +175,32 @@ def spark_in_background(settings: Settings, app_name: str) -> Iterator[Callable[
     """Start a streaming session in a thread while the caller starts everything else (the JVM's start
     is seconds of a cold start); yields a function that waits for the session. It is stopped on exit,
     even when nobody waited for it. (Started off the main thread, pyspark leaves SIGINT alone.)"""
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spark-start") as pool:
-        future = pool.submit(spark_session, settings, app_name, streaming=True)
+    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="spark-start") as pool:
+        future = pool.submit(spark_session, settings, app_name, streaming=True, write_class_archive=True)
+        warming = pool.submit(_warm_when_up, future)
         try:
             yield future.result
         finally:
+            warming.result()
             if future.exception() is None:  # a failure was raised to whoever waited, or nobody needed it
                 future.result().stop()
+                class_archive.save()
+
+
+def _warm_when_up(session: concurrent.futures.Future) -> None:
+    """Start the Python workers as soon as the session is up, while the caller plans its queries
+    (:mod:`pipeline.spark.warm_workers`). A failure here only loses the head start: it is logged."""
+    from pipeline.spark.warm_workers import warm
+
+    if session.exception() is None:
+        try:
+            log.info(
+                "%d Python workers started in %.1f s",
+                2 * session.result().sparkContext.defaultParallelism,
+                warm(session.result()),
+            )
+        except Exception as exc:  # noqa: BLE001 - the queries start their own workers anyway
+            log.warning("could not start Python workers ahead of the first micro-batch: %s", exc)
 
 
 def native_kafka_available(spark) -> bool:
