@@ -250,7 +250,7 @@ def test_a_warm_worker_is_reused_across_micro_batches_loading_the_model_once(spa
         from consumers import inference
         from pipeline.spark import source
 
-        writers = [kind for (role, _), (kind, _) in source._clients.items() if role == "writer"]
+        writers = [kind for (role, *_), (kind, _) in source._clients.items() if role == "writer"]
         yield pa.RecordBatch.from_pydict(
             {
                 "pid": [os.getpid()],
