@@ -105,6 +105,7 @@ def test_both_producers_admin_and_consumer_work_over_tls_with_lz4(tls, topic):
         fast.close(5)
     assert len(_read_all(bootstrap, properties, topic)) == 100
     assert proxy.codecs[topic] == {"lz4"}
+    assert proxy.batch_bytes[topic] < 100 * 200 / 4  # 100 values of 200 repeated bytes, compressed
 
 
 def test_a_client_trusting_another_ca_fails_naming_the_tls_problem(tls, topic):

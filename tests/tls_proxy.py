@@ -3,9 +3,9 @@
 Kafka clients use the bootstrap address once, then connect to the addresses the broker advertises in
 its Metadata answers. The proxy listens on the broker's host and rewrites the advertised port to its
 own (a fixed-size field, so no length changes), so every connection comes back through TLS. It also
-reads the compression codec of every record batch clients produce, by topic (:attr:`codecs`): what
-the compression tests check. Given ``credentials``, it checks SASL/PLAIN itself (noida-db answers the
-SASL handshake but accepts any user and password): a wrong password is answered
+reads the compression codec and size of every record batch clients produce, by topic (:attr:`codecs`,
+:attr:`batch_bytes`): what the compression tests check. Given ``credentials``, it checks SASL/PLAIN
+itself (noida-db answers the SASL handshake but accepts any user and password): a wrong password is answered
 SASL_AUTHENTICATION_FAILED, and a connection that sends anything but ApiVersions and the SASL
 requests before authenticating is closed.
 
@@ -148,8 +148,8 @@ def rewrite_ports(frame: bytearray, version: int, old: int, new: int) -> None:
         r.tags(flexible)
 
 
-def produced_codecs(frame: bytes, version: int) -> list[tuple[str, str]]:
-    """(topic, codec) of every record batch in a Produce request (``frame`` without its size), v3-v12."""
+def produced_batches(frame: bytes, version: int) -> list[tuple[str, str, int]]:
+    """(topic, codec, bytes) of every record batch in a Produce request (``frame`` without its size), v3-v12."""
     flexible = version >= 9
     r = _Reader(frame, 8)  # api key, api version, correlation id
     r.string(False)  # client id: a classic string in every request header
@@ -168,7 +168,7 @@ def produced_codecs(frame: bytes, version: int) -> list[tuple[str, str]]:
             while at + 23 <= len(records):  # base offset, length, leader epoch, magic, crc, attributes
                 (length,) = struct.unpack_from(">i", records, at + 8)
                 (attributes,) = struct.unpack_from(">h", records, at + 21)
-                found.append((topic, CODECS.get(attributes & 0x7, str(attributes & 0x7))))
+                found.append((topic, CODECS.get(attributes & 0x7, str(attributes & 0x7)), 12 + length))
                 at += 12 + length
             r.tags(flexible)
         r.tags(flexible)
@@ -208,6 +208,7 @@ class TlsProxy:
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.load_cert_chain(certfile, keyfile)
         self.codecs: dict[str, set[str]] = defaultdict(set)
+        self.batch_bytes: dict[str, int] = defaultdict(int)  # produced record batches' bytes, by topic
         self.credentials = credentials
         self.authenticated: list[str] = []  # the user of each connection that authenticated
         self.refused: list[str] = []  # why a connection was refused
@@ -275,8 +276,9 @@ class TlsProxy:
                 return
             pending[correlation] = (key, version)
             if key == PRODUCE:
-                for topic, codec in produced_codecs(frame, version):
+                for topic, codec, batch in produced_batches(frame, version):
                     self.codecs[topic].add(codec)
+                    self.batch_bytes[topic] += batch
             sink.write(size + frame)
             await sink.drain()
 
