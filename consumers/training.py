@@ -627,9 +627,7 @@ class TrainingJob:
         (:mod:`pipeline.spark.warm_workers`). Returns the seconds it took."""
         from pipeline.spark.warm_workers import warm
 
-        seconds = warm(self.spark, functools.partial(warm_worker, spec=self._plan(0, "").spec))
-        log.info("%d Python workers warmed in %.1f s", 2 * self.spark.sparkContext.defaultParallelism, seconds)
-        return seconds
+        return warm(self.spark, functools.partial(warm_worker, spec=self._plan(0, "").spec))
 
     def start(self, checkpoint: str, trigger: dict | None = None, starting_offsets: str | None = None):
         """Check the parameter server, warm the workers, then start the query."""

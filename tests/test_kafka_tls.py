@@ -67,6 +67,21 @@ def _sasl_ssl(ca, password: str = PASSWORD) -> dict[str, str]:
     }
 
 
+def _send_acknowledged(bootstrap: str, properties: dict, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:
+    """Send ``records`` (key, value) through both producers, kafka-python's and librdkafka's, and wait
+    until the broker acknowledged every one."""
+    slow = producer(bootstrap, 10, properties)
+    fast = fast_producer(bootstrap, 10, "confluent", properties=properties)
+    try:
+        futures = [kafka.send(topic, key=key, value=value) for kafka in (slow, fast) for key, value in records]
+        fast.flush(10)
+        slow.flush(10)
+        assert all(f.get(10) for f in futures)
+    finally:
+        slow.close(5)
+        fast.close(5)
+
+
 def _read_all(bootstrap: str, properties: dict, topic: str) -> list:
     """Every record of ``topic`` up to its end offsets now, read over TLS."""
     reader = consumer(bootstrap, 10, properties)
@@ -93,16 +108,7 @@ def test_both_producers_admin_and_consumer_work_over_tls_with_lz4(tls, topic):
     bootstrap, ca, _, proxy = tls
     properties = _ssl(ca, **{"compression.type": "lz4"})
     ensure_topics(bootstrap, {topic: 2}, 10, properties)
-    slow = producer(bootstrap, 10, properties)
-    fast = fast_producer(bootstrap, 10, "confluent", properties=properties)
-    try:
-        futures = [kafka.send(topic, key=b"%d" % i, value=b"x" * 200) for kafka in (slow, fast) for i in range(50)]
-        fast.flush(10)
-        slow.flush(10)
-        assert all(f.get(10) for f in futures)
-    finally:
-        slow.close(5)
-        fast.close(5)
+    _send_acknowledged(bootstrap, properties, topic, [(b"%d" % i, b"x" * 200) for i in range(50)])
     assert len(_read_all(bootstrap, properties, topic)) == 100
     assert proxy.codecs[topic] == {"lz4"}
     assert proxy.batch_bytes[topic] < 100 * 200 / 4  # 100 values of 200 repeated bytes, compressed
@@ -127,16 +133,7 @@ def test_sasl_plain_reaches_both_producers_admin_and_consumers(sasl, topic):
     bootstrap, ca, proxy = sasl
     properties = _sasl_ssl(ca)
     ensure_topics(bootstrap, {topic: 1}, 10, properties)
-    fast = fast_producer(bootstrap, 10, "confluent", properties=properties)
-    slow = producer(bootstrap, 10, properties)
-    try:
-        futures = [kafka.send(topic, value=b"v") for kafka in (fast, slow)]
-        fast.flush(10)
-        slow.flush(10)
-        assert all(f.get(10) for f in futures)
-    finally:
-        fast.close(5)
-        slow.close(5)
+    _send_acknowledged(bootstrap, properties, topic, [(None, b"v")])
     assert len(_read_all(bootstrap, properties, topic)) == 2
     reader = KafkaOffsetReader(bootstrap, [topic], 10, properties)
     assert reader.latest() == {topic: {"0": 2}}

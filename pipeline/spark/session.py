@@ -194,11 +194,7 @@ def _warm_when_up(session: concurrent.futures.Future) -> None:
 
     if session.exception() is None:
         try:
-            log.info(
-                "%d Python workers started in %.1f s",
-                2 * session.result().sparkContext.defaultParallelism,
-                warm(session.result()),
-            )
+            warm(session.result())
         except Exception as exc:  # noqa: BLE001 - the queries start their own workers anyway
             log.warning("could not start Python workers ahead of the first micro-batch: %s", exc)
 

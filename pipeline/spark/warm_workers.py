@@ -10,12 +10,15 @@ serve the micro-batches that follow.
 from __future__ import annotations
 
 import importlib
+import logging
 import time
 from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 
 from pipeline.spark import worker_heap
+
+log = logging.getLogger(__name__)
 
 STREAMING_MODULES = ("pipeline.spark.source", "consumers.inference", "pipeline.kafka")
 """What the tasks of an inference micro-batch import: the Kafka reader, the predictor and its writer."""
@@ -33,9 +36,11 @@ def warm(
     spark, task: Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]] = import_streaming_modules
 ) -> float:
     """Run ``task`` in twice as many Python workers as there are task slots: a micro-batch's Python
-    stages (the Kafka read, then the predictor or trainer) each take a worker per task slot. Returns
-    the seconds it took."""
+    stages (the Kafka read, then the predictor or trainer) each take a worker per task slot. Logs and
+    returns the seconds it took."""
     started = time.monotonic()
     slots = spark.sparkContext.defaultParallelism
     spark.range(slots, numPartitions=slots).mapInArrow(task, "id long").mapInArrow(task, "id long").collect()
-    return time.monotonic() - started
+    seconds = time.monotonic() - started
+    log.info("%d Python workers warmed in %.1f s", 2 * slots, seconds)
+    return seconds
