@@ -19,6 +19,8 @@ last and a version without one does not exist.
 True
 >>> registry.resolve("small", "champion"), registry.versions("small")
 (1, [1])
+>>> registry.locate("models:/small@champion"), parse_model_uri("models:/small/1")
+(('small', 1), ('small', 1))
 """
 
 from __future__ import annotations
@@ -46,10 +48,40 @@ from pipeline.spec import NAME_PATTERN, ModelSpec
 WEIGHTS, META, SPEC, ALIASES, LOCK = "weights.safetensors", "meta.json", "spec.json", "aliases.json", ".lock"
 HISTORY_LENGTH = 20
 """Previous champions remembered for rollback (and kept by retention)."""
+ALIAS_PATTERN = r"[a-z][a-z0-9_-]*"
+MODEL_URI = re.compile(rf"models:/({NAME_PATTERN.strip('^$')})(?:@({ALIAS_PATTERN})|/([0-9]+))")
+"""MLflow's model URIs: ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION``."""
+TAG_KEY_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+MAX_TAG_VALUE, MAX_DESCRIPTION = 1_000, 10_000
 
 
 class RegistryError(StreamfitError, LookupError):
     """Unknown model, version or alias, a corrupt version, or an unusable registry; the message names it."""
+
+
+def parse_model_uri(uri: str) -> tuple[str, int | str]:
+    """``(model, version or alias)`` of a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI."""
+    match = MODEL_URI.fullmatch(uri)
+    if not match:
+        raise RegistryError(f"bad model URI {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    model, alias, version = match.groups()
+    return model, int(version) if version is not None else alias
+
+
+def check_tags(tags: Mapping[str, str]) -> dict[str, str]:
+    """``tags`` if every key is a short name and every value a bounded string (they land in meta.json)."""
+    for key, value in tags.items():
+        if not isinstance(key, str) or not re.fullmatch(TAG_KEY_PATTERN, key):
+            raise RegistryError(f"bad tag key {key!r}: up to 64 letters, digits, '.', '_' or '-'")
+        if not isinstance(value, str) or len(value) > MAX_TAG_VALUE:
+            raise RegistryError(f"tag {key!r}: the value must be a string of at most {MAX_TAG_VALUE} characters")
+    return dict(tags)
+
+
+def check_description(description: str) -> str:
+    if len(description) > MAX_DESCRIPTION:
+        raise RegistryError(f"description has {len(description)} characters, more than {MAX_DESCRIPTION}")
+    return description
 
 
 class _LocalStore:
@@ -215,7 +247,8 @@ class Registry:
         )
 
     def meta(self, model: str, version: int) -> dict:
-        """``version, parent, algorithm, updates, offsets, metrics, sha256, created_at`` (epoch ms)."""
+        """``version, parent, algorithm, updates, offsets, metrics, sha256, created_at`` (epoch ms),
+        ``description`` and ``tags`` (``{key: value}``)."""
         try:
             return json.loads(self._store.read(self._version_path(model, version, META)))
         except FileNotFoundError:
@@ -225,7 +258,12 @@ class Registry:
         return {k: v for k, v in self._aliases_file(model).items() if k != "history"}
 
     def resolve(self, model: str, ref: int | str) -> int:
-        """The version number that ``ref`` (a number or an alias name) names now."""
+        """The version number that ``ref`` (a number, an alias name or a ``models:/`` URI of
+        ``model``) names now."""
+        if isinstance(ref, str) and ref.startswith("models:/"):
+            uri, (named, ref) = ref, parse_model_uri(ref)
+            if named != model:
+                raise RegistryError(f"URI {uri!r} names model {named!r}, not {model!r}")
         if isinstance(ref, int) or str(ref).isdigit():
             version = int(ref)
             self.meta(model, version)
@@ -234,6 +272,12 @@ class Registry:
         if aliased is None:
             raise RegistryError(f"model {model!r} has no {ref!r} alias")
         return aliased
+
+    def locate(self, name_or_uri: str, default: int | str = "champion") -> tuple[str, int]:
+        """``(model, version)`` named by a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI,
+        or by a plain model name and ``default`` (a version or alias)."""
+        model, ref = parse_model_uri(name_or_uri) if name_or_uri.startswith("models:/") else (name_or_uri, default)
+        return model, self.resolve(model, ref)
 
     def uri(self, model: str, version: int) -> str:
         return self._store.uri(f"{self._model(model)}/versions/{int(version)}")
@@ -280,13 +324,17 @@ class Registry:
         updates: int = 0,
         offsets: Mapping | None = None,
         metrics: Mapping | None = None,
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
     ) -> int:
         """Store a new version and return its number; weights must fit the model's spec exactly.
 
         ``offsets`` are the Kafka offsets the weights were trained through
-        (``{topic: {partition: offset}}``), ``metrics`` e.g. prequential accuracy.
+        (``{topic: {partition: offset}}``), ``metrics`` e.g. prequential accuracy; ``description``
+        and ``tags`` are free text for people (MLflow's), changed later with :meth:`annotate`.
         """
         data = weights_to_bytes(check_weights(self.spec(model), weights))
+        description, tags = check_description(description), check_tags(tags or {})
         with self._store.lock(self._model(model)):
             version = max(self.versions(model), default=0) + 1
             meta = {
@@ -298,15 +346,52 @@ class Registry:
                 "metrics": dict(metrics or {}),
                 "sha256": hashlib.sha256(data).hexdigest(),
                 "created_at": int(time.time() * 1000),
+                "description": description,
+                "tags": tags,
             }
             self._store.write_dir(
                 f"{model}/versions/{version}", {WEIGHTS: data, META: json.dumps(meta, indent=2).encode()}
             )
         return version
 
+    def annotate(
+        self,
+        model: str,
+        version: int,
+        *,
+        description: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        remove_tags: tuple[str, ...] = (),
+    ) -> dict:
+        """Set a version's description (when given), set ``tags`` and remove ``remove_tags``; the new meta.
+
+        Only these fields change: the weights, their sha256 and the lineage stay as registered.
+        """
+        tags = check_tags(tags or {})
+        with self._store.lock(self._model(model)):
+            meta = self.meta(model, version)
+            if description is not None:
+                meta["description"] = check_description(description)
+            meta["tags"] = {k: v for k, v in {**meta.get("tags", {}), **tags}.items() if k not in remove_tags}
+            self._store.write(self._version_path(model, version, META), json.dumps(meta, indent=2).encode())
+        return meta
+
+    def delete_alias(self, model: str, alias: str) -> int:
+        """Remove ``alias``; returns the version it pointed at. ``champion`` is what serving and the
+        Spark predictor follow, so it only moves (promote, rollback), it is never deleted."""
+        if alias in ("champion", "history"):
+            raise RegistryError(f"the {alias!r} alias cannot be deleted; move champion with promote or rollback")
+        with self._store.lock(self._model(model)):
+            aliases = self._aliases_file(model)
+            if alias not in aliases:
+                raise RegistryError(f"model {model!r} has no {alias!r} alias")
+            version = aliases.pop(alias)
+            self._store.write(f"{model}/{ALIASES}", json.dumps(aliases, indent=2).encode())
+        return version
+
     def set_alias(self, model: str, alias: str, version: int) -> dict:
         """Point ``alias`` at ``version``; a champion that moves goes onto the rollback history."""
-        if not re.fullmatch(r"[a-z][a-z0-9_-]*", alias) or alias == "history":
+        if not re.fullmatch(ALIAS_PATTERN, alias) or alias == "history":
             raise RegistryError(f"bad alias name {alias!r} (lowercase letters, digits, _ and -; not 'history')")
         self.meta(model, version)
         with self._store.lock(self._model(model)):

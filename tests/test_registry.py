@@ -217,3 +217,48 @@ def test_models_cli(tmp_path, monkeypatch, capsys):
     assert "no previous champion" in streamfit("rollback", "tiny", code=1)
     registry.create_model(BUILTIN_SPECS["small"].model_copy(update={"name": "half"}))  # a create cut short: no version
     assert "version 1 is champion" in streamfit("create", "half", "--spec", "small", "--exist-ok")
+
+
+def test_model_uris_description_tags_and_delete_alias(registry):
+    v1 = registry.register("small", weights(0.1), description="first cut", tags={"team": "fraud"})
+    v2 = registry.register("small", weights(0.2), parent=v1)
+    registry.set_alias("small", "champion", v1)
+    registry.set_alias("small", "candidate", v2)
+    assert registry.locate("models:/small@candidate") == ("small", v2)
+    assert registry.locate("models:/small/1") == ("small", v1)
+    assert registry.locate("small") == ("small", v1)
+    assert registry.resolve("small", "models:/small@champion") == v1
+    assert registry.weights("small", "models:/small@candidate")[0] == v2
+    for bad, message in [
+        ("models:/small", "bad model URI"),
+        ("models:/small@Champ", "bad model URI"),
+        ("models:/../x@champion", "bad model URI"),
+        ("models:/small@nope", "no 'nope' alias"),
+        ("models:/small/9", "no version 9"),
+        ("models:/other@champion", "no model 'other'"),
+    ]:
+        with pytest.raises(RegistryError, match=message):
+            registry.locate(bad)
+    with pytest.raises(RegistryError, match="names model 'other', not 'small'"):
+        registry.resolve("small", "models:/other@champion")
+
+    meta = registry.meta("small", v1)
+    assert (meta["description"], meta["tags"]) == ("first cut", {"team": "fraud"})
+    assert (registry.meta("small", v2)["description"], registry.meta("small", v2)["tags"]) == ("", {})
+    sha = meta["sha256"]
+    meta = registry.annotate("small", v1, description="retrained", tags={"stage": "prod"}, remove_tags=("team",))
+    assert meta == registry.meta("small", v1)
+    assert (meta["description"], meta["tags"], meta["sha256"]) == ("retrained", {"stage": "prod"}, sha)
+    assert registry.annotate("small", v1, tags={"stage": "qa"})["description"] == "retrained"  # untouched
+    for tags, message in [({"a b": "x"}, "bad tag key"), ({"k": "x" * 1001}, "at most 1000"), ({"k": 3}, "string")]:
+        with pytest.raises(RegistryError, match=message):
+            registry.annotate("small", v1, tags=tags)
+    with pytest.raises(RegistryError, match="more than 10000"):
+        registry.register("small", weights(), description="x" * 10_001)
+
+    assert registry.delete_alias("small", "candidate") == v2
+    assert registry.aliases("small") == {"champion": v1}
+    with pytest.raises(RegistryError, match="no 'candidate' alias"):
+        registry.delete_alias("small", "candidate")
+    with pytest.raises(RegistryError, match="cannot be deleted"):
+        registry.delete_alias("small", "champion")
