@@ -7,6 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from pipeline.bundle import standardisation_weights
+from pipeline.dense import DenseEngine, initial_weights
 from pipeline.ps.algorithms import (
     ADAG,
     AEASGD,
@@ -28,6 +30,7 @@ from pipeline.ps.protocol import CommitTag
 from pipeline.ps.server import CenterState, ParameterServer
 from pipeline.ps.softmax import SoftmaxRegression
 from pipeline.settings import Settings
+from pipeline.spec import BUILTIN_SPECS
 
 FEATURES, CLASSES = 10, 3
 TRUE_KERNEL = np.random.default_rng(42).standard_normal((FEATURES, CLASSES))
@@ -96,24 +99,48 @@ def test_one_worker_equals_sequential_sgd(algorithm):
 
 
 @pytest.mark.parametrize("workers", [1, 2, 4])
-def test_synchronous_averaging_equals_the_full_batch_gradient_step(workers):
-    rounds = stream(1, 3, 10)  # 10 rows over 4 workers: shares of 3, 3, 2, 2
-    reference = softmax()
-    for x, y in rounds:
-        reference.train_on_batch(x, y)
-    algorithm = SynchronousAveraging(workers=workers, global_batch_size=10, wait_s=10)
-    state = CenterState(softmax().get_weights(), algorithm.rule())
+def test_a_synchronous_round_is_one_sgd_step_on_the_concatenated_minibatch_in_float64(workers):
+    """One round of the real worker loop and server rule (numpy engine and center in float64) equals one
+    SGD step on all 23 rows, and equals seed 000's allreduce: the shards' gradient sums added and divided
+    by the global batch. 23 rows over 4 workers are uneven shards (6, 6, 6, 5): each worker weighs its
+    own mean loss by its share of the round, ``rows / 23``."""
+    spec = BUILTIN_SPECS["small"]
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(1.0, 2.0, (23, spec.n_features)), rng.integers(0, spec.n_classes, 23)
+    start = initial_weights(spec, seed=5) | standardisation_weights(np.full(10, 1.0), np.full(10, 2.0))
+    shards = list(zip(np.array_split(x, workers), np.array_split(y, workers)))
 
-    def worker(index):
-        shares = [(np.array_split(x, workers)[index], np.array_split(y, workers)[index]) for x, y in rounds]
-        return algorithm.run(softmax(), LocalClient(state), shares, tag=CommitTag(worker_id=index))
+    def engine() -> DenseEngine:
+        model = DenseEngine(spec, dtype=np.float64)
+        model.set_weights(start)
+        return model
 
+    one_step = engine()
+    one_step.train_on_batch(x, y)
+    gradient_sum = sum(len(xs) * engine().gradients(xs, ys)[1] for xs, ys in shards)  # each shard's mean x rows
+    allreduce = trained(start) - spec.optimizer.learning_rate * gradient_sum / len(x)
+
+    algorithm = SynchronousAveraging(workers=workers, global_batch_size=len(x), wait_s=10)
+    state = CenterState(start, algorithm.rule(), dtype=np.float64)
     with ThreadPoolExecutor(workers) as pool:
-        reports = list(pool.map(worker, range(workers)))
+        reports = list(
+            pool.map(
+                lambda i: algorithm.run(engine(), LocalClient(state), [shards[i]], tag=CommitTag(worker_id=i)),
+                range(workers),
+            )
+        )
     center, counter = state.pull()
-    assert counter == 3 and all(r.commits == 3 for r in reports)
-    for name, value in reference.get_weights().items():
-        np.testing.assert_allclose(center[name], value, rtol=1e-5, atol=1e-6)
+    assert counter == 1 and [r.commits for r in reports] == [1] * workers
+    assert [len(xs) for xs, _ in shards] == {1: [23], 2: [12, 11], 4: [6, 6, 6, 5]}[workers]
+    expected = trained(one_step.get_weights())
+    np.testing.assert_allclose(trained(center), expected, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(allreduce, expected, rtol=0, atol=1e-13)
+    assert np.abs(expected - trained(start)).max() > 1e-2  # a wrong weighting could not hide under the tolerance
+
+
+def trained(weights) -> np.ndarray:
+    """The trained tensors of a dense model's ``weights`` as one vector, in order (its gradient's layout)."""
+    return np.concatenate([value.ravel() for name, value in weights.items() if not name.startswith("standardise/")])
 
 
 def test_synchronous_averaging_without_a_global_batch_size_averages_equal_shares():

@@ -113,7 +113,7 @@ class SynchronousRound(UpdateRule):
             if name in self._sum:
                 self._sum[name] += value
             else:
-                self._sum[name] = np.array(value, dtype=np.float32)
+                self._sum[name] = np.array(value)  # a copy in the center's precision
         self._committed.add(worker_id)
         if len(self._committed) < self.workers:
             return None
@@ -563,7 +563,7 @@ class SynchronousAveraging(Algorithm):
         for x, y in batches:
             start, counter = session.pull(min_counter=next_round, wait_s=self.wait_s)
             share = len(x) / self.global_batch_size if self.global_batch_size else 1.0 / self.workers
-            session.train(x, y, np.full(len(x), share, np.float32))
+            session.train(x, y, np.full(len(x), share))  # float64: engines cast to their own precision
             session.commit(_difference(model.get_weights(), start))
             next_round = counter + 1
         return session.report

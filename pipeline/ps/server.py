@@ -157,11 +157,20 @@ class CenterState:
     """
 
     def __init__(
-        self, weights: Mapping[str, np.ndarray], rule: UpdateRule, *, counter: int = 0, guard: ReplayGuard | None = None
+        self,
+        weights: Mapping[str, np.ndarray],
+        rule: UpdateRule,
+        *,
+        counter: int = 0,
+        guard: ReplayGuard | None = None,
+        dtype: type = np.float32,
     ):
+        """``dtype`` float64 only in process, to prove an algorithm's maths exact (tests/test_algorithms.py):
+        the wire and checkpoints carry float32."""
         if not weights:
             raise ValueError("the center variable needs at least one tensor")
-        self._center = {name: _frozen(np.array(value, dtype=np.float32, order="C")) for name, value in weights.items()}
+        self.dtype = dtype
+        self._center = {name: _frozen(np.array(value, dtype=dtype, order="C")) for name, value in weights.items()}
         self.shapes = {name: value.shape for name, value in self._center.items()}
         self.rule = rule
         self._counter = counter
@@ -290,7 +299,7 @@ class CenterState:
         for name, value in delta.items():
             if name not in self.shapes:
                 raise CommitRejected(f"unknown tensor {name!r}")
-            value = np.asarray(value, dtype=np.float32)
+            value = np.asarray(value, dtype=self.dtype)
             if value.shape != self.shapes[name]:
                 raise CommitRejected(f"tensor {name!r}: shape {value.shape} does not match {self.shapes[name]}")
             if not np.isfinite(value).all():
