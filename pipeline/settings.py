@@ -247,6 +247,10 @@ class Settings(BaseSettings):
         None, description="serve streamfit predict's Prometheus metrics on this port (e.g. 9108); unset: off"
     )
 
+    # web console
+    console_host: str = Field("127.0.0.1", description="address the web console binds (streamfit console, up)")
+    console_port: Port = Field(8050, description="web console port (up takes a free one when this is taken)")
+
     # serving
     serve_host: str = "127.0.0.1"
     serve_port: Port = 8000

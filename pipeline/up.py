@@ -296,6 +296,7 @@ class Pipeline:
             self._wait(serve, lambda: _ready(url), "was not ready", stop, timeout_s=180)
             self.say(f"serving {s.model} on {url} (docs {url}/docs); try:\n  {curl_line(s, t.source)}")
             lags = {"predict": inference.reporter.metrics.lag, "train": training.gauges.lag}
+            self._console(down, bootstrap, lags)
             board = StatusBoard(s, bootstrap, url, lambda: tuple(training.history), lags)
             down.callback(board.close)
             deadline = time.monotonic() + duration_s if duration_s else None
@@ -323,6 +324,16 @@ class Pipeline:
         self.say(
             "Prometheus metrics at /metrics: " + ", ".join(f"{p} :{n}" for p, n in served.items() if n is not None)
         )
+
+    def _console(self, down: contextlib.ExitStack, bootstrap: str, lags) -> None:
+        """The web console, served from this process: the queries' lag is known here only."""
+        from console.app import ConsoleServer, create_app, listening_socket
+
+        s = self.settings
+        app = create_app(s, lambda: bootstrap, lags)
+        console = ConsoleServer(app, listening_socket(s.console_host, s.console_port)).start()
+        down.callback(console.stop)
+        self.say(f"console on {console.url}")
 
     def _start(self, name: str, args: list[str]) -> Child:
         child = Child(name, args, self.env, self.logs)

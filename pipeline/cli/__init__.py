@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pipeline.errors import StreamfitError
 from pipeline.settings import CONFIG_ENV, Settings, SettingsError, load_settings
 
-COMMANDS = ("broker", "topics", "produce", "ps", "fit", "train", "predict", "models", "serve", "up")
+COMMANDS = ("broker", "topics", "produce", "ps", "fit", "train", "predict", "models", "serve", "console", "up")
 
 
 class CommandError(StreamfitError, RuntimeError):
