@@ -53,6 +53,30 @@ def _views(flat: np.ndarray, shapes: Mapping[str, tuple[int, ...]]) -> dict[str,
     return views
 
 
+def one_hot_encode(x: np.ndarray, standardised: np.ndarray, cardinalities: tuple[int | None, ...]) -> np.ndarray:
+    """The first dense layer's input: each numeric feature standardised, each categorical one's code
+    (from the raw ``x``, truncated to an integer as TensorFlow's cast does) as a one-hot block. A code
+    outside ``0..cardinality-1`` gives an all-zero block, as ``tf.one_hot`` does (events never carry
+    one: :func:`pipeline.events.category_code_problem`).
+
+    >>> x = np.array([[2.0, 0.5], [0.0, -1.0]], np.float32)
+    >>> one_hot_encode(x, x, (3, None)).tolist()
+    [[0.0, 0.0, 1.0, 0.5], [1.0, 0.0, 0.0, -1.0]]
+    """
+    encoded = np.zeros((len(x), sum(k or 1 for k in cardinalities)), standardised.dtype)
+    column = 0
+    for j, k in enumerate(cardinalities):
+        if k is None:
+            encoded[:, column] = standardised[:, j]
+        else:
+            with np.errstate(invalid="ignore"):
+                codes = np.trunc(x[:, j])
+                rows = np.flatnonzero((codes >= 0) & (codes < k))
+            encoded[rows, column + codes[rows].astype(np.intp)] = 1
+        column += k or 1
+    return encoded
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     """Softmax as TensorFlow computes it: the row maximum subtracted first (so inf logits give NaN, as there)."""
     exp = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -66,13 +90,14 @@ class DenseEngine:
 
     def __init__(self, spec: ModelSpec, seed: int = 0, dtype: type = np.float32):
         """``dtype`` float64 only for gradient checks: the model is float32."""
-        if not supports(spec):
+        if not isinstance(spec.architecture, DenseClassifier):
             raise ValueError(f"numpy cannot run builder {spec.builder!r}; use the tensorflow engine")
+        self.architecture = spec.architecture
         shapes = spec.weight_shapes
         self.spec, self._shapes = spec, shapes
         self._flat: np.ndarray = np.zeros(sum(math.prod(s) for s in shapes.values()), dtype)
         self._weights = _views(self._flat, shapes)
-        names = [*(f"hidden_{i}" for i in range(len(spec.architecture.hidden))), "output"]
+        names = [*(f"hidden_{i}" for i in range(len(self.architecture.hidden))), "output"]
         self._layers = [(self._weights[f"{n}/kernel"], self._weights[f"{n}/bias"]) for n in names]
         self._trained = slice(2 * spec.n_features, None)  # all but the standardisation statistics
         self._trained_shapes = dict(list(shapes.items())[2:])
@@ -94,10 +119,12 @@ class DenseEngine:
             return _softmax(self._forward(x)[-1])
 
     def _forward(self, x: np.ndarray, masks: list[np.ndarray] | None = None) -> list[np.ndarray]:
-        """Each layer's input, the standardised ``x`` first, then the logits; ``masks`` scale the
-        hidden layers' outputs (dropout)."""
+        """Each layer's input, the standardised (and one-hot encoded) ``x`` first, then the logits;
+        ``masks`` scale the hidden layers' outputs (dropout)."""
         w = self._weights
-        outputs = [(x - w["standardise/mean"]) / w["standardise/std"]]
+        standardised = (x - w["standardise/mean"]) / w["standardise/std"]
+        cardinalities = self.spec.cardinalities
+        outputs = [one_hot_encode(x, standardised, cardinalities) if self.spec.categorical else standardised]
         for i, (kernel, bias) in enumerate(self._layers):
             h = outputs[-1] @ kernel
             h += bias
@@ -153,11 +180,11 @@ class DenseEngine:
 
     def _dropout_masks(self, n: int) -> list[np.ndarray] | None:
         """Inverted dropout: each hidden output kept with probability ``1 - rate`` and scaled by its inverse."""
-        rate = self.spec.architecture.dropout
+        rate = self.architecture.dropout
         if not rate:
             return None
         scale = self._flat.dtype.type(1 / (1 - rate))
-        return [(self._rng.random((n, width), np.float32) >= rate) * scale for width in self.spec.architecture.hidden]
+        return [(self._rng.random((n, width), np.float32) >= rate) * scale for width in self.architecture.hidden]
 
     def _step(self, gradient: np.ndarray) -> None:
         """Keras's SGD: ``w -= lr * g``; with momentum ``v = m * v - lr * g`` then ``w += v``, or with

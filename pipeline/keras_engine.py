@@ -56,6 +56,27 @@ def _standardise_layer():
     return Standardise
 
 
+@functools.cache
+def _one_hot_layer():
+    """The one-hot encoding layer class (defined once): no weights, the same output as
+    :func:`pipeline.dense.one_hot_encode` from the raw features and the standardised ones."""
+
+    class OneHot(keras.layers.Layer):
+        def __init__(self, cardinalities: tuple[int | None, ...], **kwargs):
+            super().__init__(**kwargs)
+            self.cardinalities = cardinalities
+
+        def call(self, inputs):
+            x, standardised = inputs
+            blocks = [
+                standardised[:, j : j + 1] if k is None else keras.ops.one_hot(keras.ops.cast(x[:, j], "int32"), k)
+                for j, k in enumerate(self.cardinalities)
+            ]
+            return keras.ops.concatenate(blocks, axis=1)
+
+    return OneHot
+
+
 class KerasEngine:
     """The Keras model of ``spec``, inference as one compiled ``tf.function`` (``model.predict``
     costs ~40 ms per call) and training with ``train_on_batch``."""
@@ -63,8 +84,10 @@ class KerasEngine:
     def __init__(self, spec: ModelSpec, seed: int = 0):
         self.spec = spec
         inputs = keras.Input((spec.n_features,), name="features")
-        standardised = _standardise_layer()(spec.n_features, name="standardise")(inputs)
-        self.model = keras.Model(inputs, spec.architecture.build(standardised, spec.n_classes, seed), name=spec.name)
+        encoded = standardised = _standardise_layer()(spec.n_features, name="standardise")(inputs)
+        if spec.categorical:
+            encoded = _one_hot_layer()(spec.cardinalities, name="one_hot")([inputs, standardised])
+        self.model = keras.Model(inputs, spec.architecture.build(encoded, spec.n_classes, seed), name=spec.name)
         self._variables = {v.path: v for v in self.model.weights}
         made = [(path, tuple(v.shape)) for path, v in self._variables.items()]
         if made != list(spec.weight_shapes.items()):

@@ -9,14 +9,34 @@ reading a spec cannot import or execute anything.
 (10, 2, ['f0', 'f1'])
 >>> ModelSpec.model_validate_json(spec.model_dump_json()) == spec
 True
+
+A feature is numeric unless ``categorical`` gives its cardinality: then its value is an integer
+code in ``0..cardinality-1``, one-hot encoded inside the model (so the encoding travels with the
+weights) and never standardised -- a zip-code index is not a magnitude.
+
+>>> stagger = BUILTIN_SPECS["stagger"]
+>>> stagger.cardinalities, stagger.n_inputs
+((3, 3, 3), 9)
 """
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Any, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, field_validator, model_validator
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """Model names become directory names in the registry and Kafka keys: no separators, no dot-dot."""
@@ -83,11 +103,17 @@ class Standardisation(_Strict):
         return self
 
 
+MAX_CARDINALITY = 10_000
+"""A categorical feature's one-hot width is bounded: its codes become that many model inputs."""
+
+
 class ModelSpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     builder: str = "dense_classifier"
     builder_args: dict[str, Any] = Field(default_factory=dict)
     feature_names: list[str] = Field(min_length=1)
+    categorical: dict[str, Annotated[int, Field(ge=2, le=MAX_CARDINALITY)]] = Field(default_factory=dict)
+    """Categorical feature -> its cardinality (codes ``0..cardinality-1``); every other feature is numeric."""
     classes: list[int | str] = Field(default_factory=lambda: [0, 1], min_length=2)
     """Class labels for display; in events a label is the class's index, 0..n_classes-1."""
     loss: Literal["sparse_categorical_crossentropy"] = "sparse_categorical_crossentropy"
@@ -106,7 +132,13 @@ class ModelSpec(_Strict):
     def _consistent(self) -> ModelSpec:
         if self.builder not in BUILDERS:
             raise ValueError(f"unknown builder {self.builder!r}; known: {sorted(BUILDERS)}")
-        self._architecture = BUILDERS[self.builder].model_validate(self.builder_args)
+        try:
+            self._architecture = BUILDERS[self.builder].model_validate(self.builder_args)
+        except ValidationError as exc:  # named from the spec's top, as the other fields' errors are
+            problems = [f"{field_path('builder_args', *e['loc'])}: {e['msg']}" for e in exc.errors()]
+            raise ValueError("; ".join(problems)) from None
+        if unknown := [name for name in self.categorical if name not in self.feature_names]:
+            raise ValueError(f"categorical names {unknown} that are not in feature_names")
         if self.standardisation and len(self.standardisation.mean) != self.n_features:
             raise ValueError(
                 f"standardisation has {len(self.standardisation.mean)} entries for {self.n_features} features"
@@ -123,7 +155,18 @@ class ModelSpec(_Strict):
         """Every tensor of the model in order, the standardisation statistics first: the names and
         shapes the bundle, the registry and the parameter server agree on."""
         n = self.n_features
-        return {"standardise/mean": (n,), "standardise/std": (n,), **self.architecture.weight_shapes(n, self.n_classes)}
+        shapes = self.architecture.weight_shapes(self.n_inputs, self.n_classes)
+        return {"standardise/mean": (n,), "standardise/std": (n,), **shapes}
+
+    @property
+    def cardinalities(self) -> tuple[int | None, ...]:
+        """Per feature in order, its cardinality if categorical, else ``None``."""
+        return tuple(self.categorical.get(name) for name in self.feature_names)
+
+    @property
+    def n_inputs(self) -> int:
+        """The width of the first dense layer's input: one per numeric feature, one per category."""
+        return sum(k or 1 for k in self.cardinalities)
 
     @property
     def n_features(self) -> int:
@@ -132,6 +175,38 @@ class ModelSpec(_Strict):
     @property
     def n_classes(self) -> int:
         return len(self.classes)
+
+
+def field_path(*loc: str | int) -> str:
+    """A field's place in a spec as its file spells it: ``builder_args.hidden.0``."""
+    return ".".join(str(part) for part in loc)
+
+
+class SpecFileError(ValueError):
+    """A spec file that cannot be read or is not a valid spec; the message names the file and each bad field."""
+
+
+def spec_from_file(path: str | Path, name: str | None = None) -> ModelSpec:
+    """The spec in a YAML or JSON file (JSON is YAML), validated as the built-in ones are; ``name``,
+    if given, replaces the file's. YAML is read with the safe loader: plain data, no tags that build objects."""
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise SpecFileError(f"{path}: cannot read a YAML or JSON spec: {exc}") from None
+    if not isinstance(document, dict):
+        raise SpecFileError(f"{path}: a spec is a mapping of fields, got {type(document).__name__}")
+    if name is not None:
+        document["name"] = name
+    try:
+        return ModelSpec.model_validate(document)
+    except ValidationError as exc:
+        problems = [
+            ": ".join(filter(None, [field_path(*e["loc"]), e["msg"].removeprefix("Value error, ")]))
+            + ("" if e["type"] in ("value_error", "missing") else f" (got {json.dumps(e['input'], default=str)[:60]})")
+            for e in exc.errors()
+        ]
+        raise SpecFileError(f"{path}: not a valid model spec:\n  " + "\n  ".join(problems)) from None
 
 
 def _features(n: int) -> list[str]:
@@ -160,5 +235,13 @@ BUILTIN_SPECS: dict[str, ModelSpec] = {
         builder_args={"hidden": [128, 128]},
         feature_names=_features(10),
         optimizer=OptimizerSpec(learning_rate=0.1, momentum=0.9),
+    ),
+    # river's STAGGER stream (``synth:stagger``): size, color and shape, three categories each, one-hot encoded
+    "stagger": ModelSpec(
+        name="stagger",
+        builder_args={"hidden": [16]},
+        feature_names=["size", "color", "shape"],
+        categorical={"size": 3, "color": 3, "shape": 3},
+        optimizer=OptimizerSpec(learning_rate=0.1),
     ),
 }

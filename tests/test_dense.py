@@ -21,10 +21,14 @@ TIGHT = {"rtol": 1e-5, "atol": 1e-6}  # float32: the engines differ only in summ
 
 
 def random_spec(rng: np.random.Generator) -> ModelSpec:
+    """Half of them with some categorical features (one-hot encoded inside the model)."""
     hidden = rng.integers(1, 80, size=rng.integers(1, 5)).tolist()
+    names = [f"x{i}" for i in range(rng.integers(1, 40))]
+    categorical = {name: int(rng.integers(2, 13)) for name in names if rng.random() < 0.3} if rng.random() < 0.5 else {}
     return ModelSpec(
         name="random",
-        feature_names=[f"x{i}" for i in range(rng.integers(1, 40))],
+        feature_names=names,
+        categorical=categorical,
         classes=list(range(rng.integers(2, 7))),
         builder_args={"hidden": hidden, "dropout": float(rng.choice([0.0, 0.3]))},
     )
@@ -52,9 +56,13 @@ def engines(spec: ModelSpec, weights: dict[str, np.ndarray]) -> tuple[ModelBundl
 
 
 def inputs(spec: ModelSpec, weights: dict[str, np.ndarray], rng: np.random.Generator, n: int = 300) -> np.ndarray:
-    """Rows around the standardisation's mean, a few of them far out."""
+    """Rows around the standardisation's mean, a few of them far out; every category's code in turn."""
     z = rng.standard_t(3, size=(n, spec.n_features))
-    return (weights["standardise/mean"] + z * weights["standardise/std"]).astype(np.float32)
+    x = (weights["standardise/mean"] + z * weights["standardise/std"]).astype(np.float32)
+    for j, k in enumerate(spec.cardinalities):
+        if k is not None:
+            x[:, j] = np.arange(n) % k
+    return x
 
 
 def test_builtin_specs_run_in_numpy_and_start_from_the_same_weights_in_both_engines():
@@ -98,6 +106,29 @@ def test_random_specs_predict_the_same_in_numpy_and_tensorflow(seed):
     assert got.dtype == want.dtype == np.float32 and got.shape == (len(x), spec.n_classes)
     np.testing.assert_allclose(got, want, **TIGHT)
     assert all(np.array_equal(numpy_bundle.get_weights()[k], v) for k, v in tf_bundle.get_weights().items())
+
+
+def test_categorical_features_are_one_hot_not_magnitudes_in_both_engines():
+    """A categorical feature's code selects its own first-layer weights: codes 0 and 2 are as far apart as
+    0 and 1 (a magnitude would put 2 twice as far), and its standardisation statistics are not applied."""
+    spec = BUILTIN_SPECS["stagger"]
+    weights = random_weights(spec, np.random.default_rng(3))
+    x = np.array([[a, b, c] for a in range(3) for b in range(3) for c in range(3)], np.float32)
+    for bundle in engines(spec, weights):
+        first = bundle.predict_proba(x)
+        bundle.set_weights(weights | {"standardise/mean": np.full(3, 7.0, np.float32)})
+        np.testing.assert_array_equal(bundle.predict_proba(x), first)
+    kernel = weights["hidden_0/kernel"]
+    hidden = np.maximum(
+        kernel[x[:, 0].astype(int)]
+        + kernel[3 + x[:, 1].astype(int)]
+        + kernel[6 + x[:, 2].astype(int)]
+        + weights["hidden_0/bias"],
+        0,
+    )
+    logits = hidden @ weights["output/kernel"] + weights["output/bias"]
+    expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(first, expected / expected.sum(axis=1, keepdims=True), **TIGHT)
 
 
 def overflow_free(weights: dict[str, np.ndarray], standardised: np.ndarray) -> np.ndarray:

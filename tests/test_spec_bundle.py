@@ -14,7 +14,7 @@ from pipeline.bundle import (
     weights_from_bytes,
     weights_to_bytes,
 )
-from pipeline.spec import BUILTIN_SPECS, ModelSpec
+from pipeline.spec import BUILTIN_SPECS, ModelSpec, SpecFileError, spec_from_file
 
 SMALL = BUILTIN_SPECS["small"]
 
@@ -48,7 +48,9 @@ def test_builtin_specs_round_trip_through_json():
     "change, problem",
     [
         ({"builder": "os.system"}, "unknown builder 'os.system'"),
-        ({"builder_args": {"hidden": [0]}}, "greater than 0"),
+        ({"builder_args": {"hidden": [8, 0]}}, "builder_args.hidden.1: Input should be greater than 0"),
+        ({"categorical": {"f0": 1}}, "categorical.f0\n  Input should be greater than or equal to 2"),
+        ({"categorical": {"zip": 3}}, "categorical names \\['zip'\\] that are not in feature_names"),
         ({"builder_args": {"hidden": [8], "activation": "eval"}}, "Extra inputs are not permitted"),
         ({"name": "../etc"}, "should match pattern"),
         ({"feature_names": ["a", "a"]}, "must be unique"),
@@ -61,6 +63,34 @@ def test_builtin_specs_round_trip_through_json():
 def test_bad_specs_are_rejected_naming_the_problem(change, problem):
     with pytest.raises(ValidationError, match=problem):
         ModelSpec.model_validate(SMALL.model_dump() | change)
+
+
+def test_spec_files_in_yaml_or_json_are_validated_naming_every_bad_field(tmp_path):
+    yaml_file, json_file, bad = tmp_path / "shop.yaml", tmp_path / "shop.json", tmp_path / "bad.yml"
+    yaml_file.write_text(
+        "name: shop\nfeature_names: [price, zip]\ncategorical: {zip: 100}\nclasses: [stays, leaves]\n"
+        "builder_args: {hidden: [16, 8]}\noptimizer: {learning_rate: 0.05, momentum: 0.9}\n"
+    )
+    spec = spec_from_file(yaml_file)
+    assert (spec.cardinalities, spec.n_inputs, spec.classes) == ((None, 100), 101, ["stays", "leaves"])
+    json_file.write_text(spec.model_dump_json())
+    assert spec_from_file(json_file, name="shop2") == ModelSpec.model_validate(spec.model_dump() | {"name": "shop2"})
+    bad.write_text("name: shop\nfeature_names: [price]\noptimizer: {learning_rate: -1, kind: adam}\nlayers: [8]\n")
+    with pytest.raises(SpecFileError) as error:
+        spec_from_file(bad)
+    first, *problems = str(error.value).splitlines()
+    assert first == f"{bad}: not a valid model spec:"
+    assert sorted(problems) == [
+        "  layers: Extra inputs are not permitted (got [8])",
+        '  optimizer.kind: Extra inputs are not permitted (got "adam")',
+        "  optimizer.learning_rate: Input should be greater than 0 (got -1)",
+    ]
+    bad.write_text("name: shop\nfeature_names: [price]\nbuilder_args: {hidden: [8, -1]}\n")
+    with pytest.raises(SpecFileError, match="builder_args.hidden.1: Input should be greater than 0"):
+        spec_from_file(bad)
+    bad.write_text("!!python/object/apply:os.system [echo hi]")
+    with pytest.raises(SpecFileError, match="cannot read a YAML or JSON spec: could not determine a constructor"):
+        spec_from_file(bad)
 
 
 def test_higgs_size_and_fast_path_match_the_keras_model(higgs):
