@@ -270,6 +270,23 @@ class Settings(BaseSettings):
         description="serving re-reads the champion this often: the fallback "
         "when model-updates is unreachable or a message was missed",
     )
+    max_loaded_versions: int = Field(
+        3,
+        ge=2,
+        description="model instances kept loaded per model to answer requests: the champion (or pin) and "
+        "the most recently used of the versions asked for by /versions/V, /labels/L, canary and shadow",
+    )
+    canary_share: float = Field(
+        0.0, ge=0, le=1, description="share of :predict requests the candidate answers (e.g. 0.05); 0: off"
+    )
+    shadow: bool = Field(
+        False,
+        description="the candidate also scores the requests the champion answers, off the request path; "
+        "serving exports their agreement and prediction-distribution difference per candidate version",
+    )
+    shadow_queued_rows: int = Field(
+        1024, ge=1, description="rows waiting for the shadow candidate at most; beyond, a request is not shadowed"
+    )
 
     @field_validator("kafka_bootstrap")
     @classmethod

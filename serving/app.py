@@ -9,10 +9,13 @@ and only delegate. ``run`` serves it with uvicorn, as ``streamfit serve`` does.
 
 # No `from __future__ import annotations`: FastAPI evaluates the route signatures.
 
-from collections.abc import Sequence
+import asyncio
+import time
+from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import numpy as np
 import uvicorn
 from fastapi import APIRouter, FastAPI, HTTPException, Path, Response
 from fastapi.concurrency import run_in_threadpool
@@ -25,13 +28,17 @@ from pipeline.spec import BUILTIN_SPECS
 from serving import admin, errors
 from serving.admin import champion_of
 from serving.batching import Batcher, Overloaded
+from serving.canary import Canary
 from serving.content_type import JsonBodies
 from serving.follow import Follower
-from serving.inputs import BadInput, check_answers, to_matrix
+from serving.inputs import BadInput, Request, check_answers, to_matrix
 from serving.limits import BodyLimit
 from serving.metrics import Metrics, RequestMetrics
-from serving.parts import Batching, Figures, Host, Models, Parts, store
+from serving.parts import All, Figures, Host, Models, Parts, store
 from serving.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    ColumnarResponse,
     Error,
     Health,
     ModelMetadata,
@@ -44,19 +51,25 @@ from serving.schemas import (
     Signature,
     Status,
     VersionStatus,
+    signature_def,
 )
-from serving.swap import HostState, ModelHost, NotReady, Served, UnknownModel
+from serving.shadow import Shadow
+from serving.swap import HostState, ModelHost, NotLoaded, NotReady, Served, UnknownModel
 
 DESCRIPTION = """\
 Predictions from the registry's **champion** version of each served model, in TensorFlow
-Serving's REST shapes. A new champion (announced on Kafka's `model-updates`, or seen by
-polling the registry) is loaded and warmed off the request path, then swapped in: no request
-fails or waits for it, and every answer names the version that computed it. Concurrent
-requests are computed together in one forward pass.
+Serving's REST shapes; `/versions/{version}` and `/labels/{label}` (a registry alias: `champion`,
+`candidate`, ...) ask for another version, which is loaded once and kept while recently used. With
+canary traffic on, a share of `:predict` requests is answered by the candidate; with shadow traffic on,
+the candidate also scores, off the request path, what the champion answered. A new champion
+(announced on Kafka's `model-updates`, or seen by polling the registry) is loaded and warmed off
+the request path, then swapped in: no request fails or waits for it, and every answer names the
+version that computed it. Concurrent requests are computed together in one forward pass.
 
 Errors are `{"error": "..."}` naming the problem: 400 for a body that does not fit the model,
-404 for an unknown model, 413 for a body over `max_request_bytes`, 503 with `Retry-After` while
-a model has no version loaded yet or while `max_queued_rows` rows already wait for the model
+404 for an unknown model, version or label, 413 for a body over `max_request_bytes`, 503 with
+`Retry-After` while a model has no version loaded yet or while `max_queued_rows` rows already
+wait for the model
 (overload: retry later rather than queue without end). Admin routes need `Authorization: Bearer <admin token>`.
 """
 
@@ -90,7 +103,10 @@ router = APIRouter()
 parameter's examples and the request examples depend on the app; :func:`create_app` adds them to its schema."""
 
 PREDICT = "/v1/models/{model}:predict"
+PREDICT_ROUTES = (PREDICT, "/v1/models/{model}/versions/{version}:predict", "/v1/models/{model}/labels/{label}:predict")
 Model = Annotated[str, Path(description="the model's name in the registry")]
+Version = Annotated[int, Path(ge=1, description="a version number in the registry")]
+Label = Annotated[str, Path(pattern=r"^[a-z][a-z0-9_-]*$", description="a registry alias: champion, candidate, ...")]
 
 
 def create_app(settings: Settings, models: Sequence[str] | None = None) -> FastAPI:
@@ -98,27 +114,39 @@ def create_app(settings: Settings, models: Sequence[str] | None = None) -> FastA
     models = list(models or [settings.model])
     metrics = Metrics()
     registry, announcer = announcing_registry(settings)
-    host = ModelHost(registry, models, metrics, warm_rows=settings.max_batch_size)
+    host = ModelHost(
+        registry,
+        models,
+        metrics,
+        warm_rows=settings.max_batch_size,
+        max_loaded=settings.max_loaded_versions,
+        load_candidate=settings.canary_share > 0 or settings.shadow,
+    )
     batcher = Batcher(
         settings.max_batch_size, settings.max_batch_wait_ms / 1000, settings.max_queued_rows, metrics.observe_batch
     )
     metrics.queued_rows.set_function(lambda: batcher.queued_rows)
     follower = Follower(settings, host, metrics)
+    shadow = Shadow(host, metrics, settings.max_batch_size, settings.shadow_queued_rows) if settings.shadow else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher.start()
+        if shadow:
+            shadow.start()
         follower.start()
         try:
             yield
         finally:
             follower.stop()
+            if shadow:
+                await shadow.stop()
             await batcher.stop()
             host.close()
             announcer.close()
 
     app = FastAPI(title="streamfit serving", description=DESCRIPTION, version="1", openapi_tags=TAGS, lifespan=lifespan)
-    store(app, Parts(host, registry, batcher, metrics, settings.admin_token))
+    store(app, Parts(host, registry, batcher, metrics, settings.admin_token, Canary(settings.canary_share), shadow))
     errors.install(app)
     app.add_middleware(JsonBodies)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
@@ -129,33 +157,61 @@ def create_app(settings: Settings, models: Sequence[str] | None = None) -> FastA
     return app
 
 
-@router.post(
-    PREDICT,
-    tags=["predict"],
-    responses=BAD_REQUEST | UNKNOWN | OVERLOADED,
-    summary="Class probabilities for rows of features",
-)
-async def predict(
-    model: Model, body: PredictRequest, host: Host, batcher: Batching, metrics: Figures
-) -> PredictResponse:
-    served = _lease(host, model)
-    try:
-        x = to_matrix(body, served.spec, served.bundle.standardisation())
-    except BadInput as exc:
-        served.release()
-        raise HTTPException(400, str(exc)) from None
-    try:
-        y = await batcher.predict(served, x)  # releases the lease once computed, or at once when refused
-    except Overloaded as exc:
-        metrics.overloaded.labels(model).inc()
-        raise HTTPException(
-            503, f"overloaded: {exc}; retry after {RETRY_AFTER_S} s", headers={"Retry-After": str(RETRY_AFTER_S)}
-        ) from None
-    try:
-        check_answers(body, y)
-    except BadInput as exc:
-        raise HTTPException(400, str(exc)) from None
-    return PredictResponse(predictions=y.tolist(), model_version=served.version)
+PREDICTS: dict[str, Any] = {
+    "tags": ["predict"],
+    "responses": BAD_REQUEST | UNKNOWN | OVERLOADED,
+    "response_model": PredictResponse | ColumnarResponse,
+}
+CLASSIFIES: dict[str, Any] = {"tags": ["predict"], "responses": BAD_REQUEST | UNKNOWN | OVERLOADED}
+
+
+@router.post(PREDICT, summary="Class probabilities from the champion (or, under canary, the candidate)", **PREDICTS)
+async def predict(model: Model, body: PredictRequest, parts: All) -> PredictResponse | ColumnarResponse:
+    started = time.perf_counter()
+    served = _lease(lambda: parts.canary.lease(parts.host, model))
+    x, y = await _compute(parts, served, body, started)
+    if parts.shadow is not None:
+        parts.shadow.offer(served, x, y)
+    return _predictions(body, served, y)
+
+
+@router.post(PREDICT_ROUTES[1], summary="Class probabilities from one version", **PREDICTS)
+async def predict_version(
+    model: Model, version: Version, body: PredictRequest, parts: All
+) -> PredictResponse | ColumnarResponse:
+    started = time.perf_counter()
+    served = await _lease_version(parts, model, version)
+    return _predictions(body, served, (await _compute(parts, served, body, started))[1])
+
+
+@router.post(PREDICT_ROUTES[2], summary="Class probabilities from the version a registry alias names", **PREDICTS)
+async def predict_label(
+    model: Model, label: Label, body: PredictRequest, parts: All
+) -> PredictResponse | ColumnarResponse:
+    started = time.perf_counter()
+    served = await _lease_version(parts, model, await _aliased(parts, model, label))
+    return _predictions(body, served, (await _compute(parts, served, body, started))[1])
+
+
+@router.post("/v1/models/{model}:classify", summary="Classes and their scores (TF Serving's classify)", **CLASSIFIES)
+async def classify(model: Model, body: ClassifyRequest, parts: All) -> ClassifyResponse:
+    started = time.perf_counter()
+    served = _lease(lambda: parts.canary.lease(parts.host, model))
+    return _classes(served, (await _compute(parts, served, body, started))[1])
+
+
+@router.post("/v1/models/{model}/versions/{version}:classify", summary="Classify with one version", **CLASSIFIES)
+async def classify_version(model: Model, version: Version, body: ClassifyRequest, parts: All) -> ClassifyResponse:
+    started = time.perf_counter()
+    served = await _lease_version(parts, model, version)
+    return _classes(served, (await _compute(parts, served, body, started))[1])
+
+
+@router.post("/v1/models/{model}/labels/{label}:classify", summary="Classify with an aliased version", **CLASSIFIES)
+async def classify_label(model: Model, label: Label, body: ClassifyRequest, parts: All) -> ClassifyResponse:
+    started = time.perf_counter()
+    served = await _lease_version(parts, model, await _aliased(parts, model, label))
+    return _classes(served, (await _compute(parts, served, body, started))[1])
 
 
 @router.get("/v1/models/{model}", tags=["models"], responses=UNKNOWN, summary="Version status (TF Serving's)")
@@ -185,6 +241,7 @@ async def status(model: Model, host: Host, registry: Models) -> ModelStatus:
     summary="Feature schema, classes, version and size of the served version",
 )
 async def metadata(model: Model, host: Host) -> ModelMetadata:
+    """TF Serving's ``signature_def``, and beside it the feature schema, classes and provenance."""
     served = _state(host, model).served
     if served is None:
         raise HTTPException(
@@ -194,6 +251,7 @@ async def metadata(model: Model, host: Host) -> ModelMetadata:
     return ModelMetadata(
         model_spec=ModelSpecRef(name=model, version=str(served.version)),
         metadata=Signature(
+            signature_def=signature_def(spec.n_features, spec.n_classes),
             features=spec.feature_names,
             classes=spec.classes,
             n_features=spec.n_features,
@@ -261,13 +319,88 @@ def run(app: FastAPI, settings: Settings, *, access_log: bool = False) -> None:
     )
 
 
-def _lease(host: ModelHost, model: str) -> Served:
+def _lease(acquire: Callable[[], Served]) -> Served:
     try:
-        return host.acquire(model)
+        return acquire()
     except UnknownModel as exc:
         raise HTTPException(404, str(exc)) from None
     except NotReady as exc:
         raise HTTPException(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+
+
+async def _lease_version(parts: Parts, model: str, version: int) -> Served:
+    """Lease ``version``, loading it first (on the swap thread) when it is not loaded."""
+    host = parts.host
+    for _ in range(3):  # a load can be evicted by others' loads before this request leases it
+        try:
+            return _lease(lambda: host.acquire(model, version))
+        except NotLoaded:
+            pass
+        try:
+            await asyncio.wrap_future(host.load(model, version))
+        except RegistryError as exc:
+            raise HTTPException(404, str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - the version exists but cannot be loaded; the log has the trace
+            raise HTTPException(503, f"model {model!r} version {version} could not be loaded: {exc}") from None
+    raise HTTPException(
+        503, f"model {model!r} version {version} was unloaded for others at once; raise max_loaded_versions"
+    )
+
+
+async def _aliased(parts: Parts, model: str, label: str) -> int:
+    """The version ``label`` names: as the swap thread last read it, else from the registry now."""
+    try:
+        version = parts.host.alias(model, label)
+    except UnknownModel as exc:
+        raise HTTPException(404, str(exc)) from None
+    if version is not None:
+        return version
+    try:
+        return await run_in_threadpool(parts.registry.resolve, model, label)
+    except RegistryError as exc:
+        raise HTTPException(404, str(exc)) from None
+
+
+async def _compute(parts: Parts, served: Served, body: Request, started: float) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of ``body`` and ``served``'s probabilities for them; releases the lease, counts the answer."""
+    answered = parts.metrics.version_errors.labels(served.model, str(served.version))
+    try:
+        x = to_matrix(body, served.spec, served.bundle.standardisation())
+    except BadInput as exc:
+        served.release()
+        answered.inc()
+        raise HTTPException(400, str(exc)) from None
+    try:
+        y = await parts.batcher.predict(served, x)  # releases the lease once computed, or at once when refused
+        check_answers(body, y)
+    except Overloaded as exc:
+        answered.inc()
+        parts.metrics.overloaded.labels(served.model).inc()
+        raise HTTPException(
+            503, f"overloaded: {exc}; retry after {RETRY_AFTER_S} s", headers={"Retry-After": str(RETRY_AFTER_S)}
+        ) from None
+    except BadInput as exc:
+        answered.inc()
+        raise HTTPException(400, str(exc)) from None
+    except BaseException:
+        answered.inc()
+        raise
+    labels = (served.model, str(served.version))
+    parts.metrics.version_requests.labels(*labels).inc()
+    parts.metrics.version_latency.labels(*labels).observe(time.perf_counter() - started)
+    return x, y
+
+
+def _predictions(body: PredictRequest, served: Served, y: np.ndarray) -> PredictResponse | ColumnarResponse:
+    """TF Serving's answer shape follows the request's: ``instances`` -> ``predictions``, ``inputs`` -> ``outputs``."""
+    if body.instances is not None:
+        return PredictResponse(predictions=y.tolist(), model_version=served.version)
+    return ColumnarResponse(outputs=y.tolist(), model_version=served.version)
+
+
+def _classes(served: Served, y: np.ndarray) -> ClassifyResponse:
+    labels = [str(label) for label in served.spec.classes]
+    return ClassifyResponse(result=[list(zip(labels, row)) for row in y.tolist()], model_version=served.version)
 
 
 def _state(host: ModelHost, model: str) -> HostState:
@@ -317,7 +450,8 @@ def _document_examples(schema: dict[str, Any], models: list[str], examples: dict
             for parameter in operation.get("parameters", []):
                 if parameter["name"] == "model":
                     parameter["schema"]["examples"] = models
-    schema["paths"][PREDICT]["post"]["requestBody"]["content"]["application/json"]["examples"] = examples
+    for path in PREDICT_ROUTES:
+        schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["examples"] = examples
 
 
 def _document_400_not_422(schema: dict[str, Any]) -> None:

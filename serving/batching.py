@@ -130,13 +130,18 @@ class Batcher:
             await self._forward(self._take())
 
     def _take(self) -> list[_Request]:
-        """The oldest request and those after it on the same version, up to ``max_rows`` rows."""
+        """The oldest request and the waiting ones on the same version, up to ``max_rows`` rows; requests
+        for other versions (canary, pinned) keep their places, so they do not split the champion's passes."""
         first = self._queue.popleft()
-        batch, rows = [first], len(first.x)
-        while self._queue and self._queue[0].model is first.model and rows + len(self._queue[0].x) <= self.max_rows:
+        batch, rows, passed = [first], len(first.x), list[_Request]()
+        while self._queue and rows < self.max_rows and len(passed) < self.max_rows:
             request = self._queue.popleft()
-            batch.append(request)
-            rows += len(request.x)
+            if request.model is first.model and rows + len(request.x) <= self.max_rows:
+                batch.append(request)
+                rows += len(request.x)
+            else:
+                passed.append(request)
+        self._queue.extendleft(reversed(passed))
         self._rows -= rows
         return batch
 

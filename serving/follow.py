@@ -116,6 +116,6 @@ class Follower:
         except (orjson.JSONDecodeError, KeyError, TypeError):
             log.warning("ignoring a malformed %s message: %.200r", self.settings.topic_model_updates, value)
             return
-        if alias == "champion" and model in self.host.models:
-            log.debug("heard %s champion -> v%s", model, event.get("version"))
+        if model in self.host.models:  # the champion to swap to; the candidate for canary and shadow
+            log.debug("heard %s %s -> v%s", model, alias, event.get("version"))
             self.host.refresh(model)

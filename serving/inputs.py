@@ -25,7 +25,9 @@ import numpy as np
 
 from pipeline.events import feature_value_problem, probability_problems, standardisation_problems
 from pipeline.spec import ModelSpec
-from serving.schemas import PredictRequest
+from serving.schemas import ClassifyRequest, PredictRequest
+
+Request = PredictRequest | ClassifyRequest
 
 
 class BadInput(ValueError):
@@ -33,11 +35,14 @@ class BadInput(ValueError):
 
 
 def to_matrix(
-    request: PredictRequest, spec: ModelSpec, standardisation: tuple[np.ndarray, np.ndarray] | None = None
+    request: Request, spec: ModelSpec, standardisation: tuple[np.ndarray, np.ndarray] | None = None
 ) -> np.ndarray:
-    """The request's rows as a ``(rows, n_features)`` float32 array in the spec's feature order;
-    with the model's ``(mean, std)``, only if every row stays finite after its standardisation."""
-    if request.instances is not None:
+    """The request's rows (a classify request's examples, each with the context's features) as a
+    ``(rows, n_features)`` float32 array in the spec's feature order; with the model's ``(mean, std)``,
+    only if every row stays finite after its standardisation."""
+    if isinstance(request, ClassifyRequest):
+        matrix = _rows([{**request.context, **example} for example in request.examples], spec, "examples")
+    elif request.instances is not None:
         matrix = _rows(request.instances, spec, "instances")
     elif isinstance(request.inputs, Mapping):
         matrix = _columns(request.inputs, spec)
@@ -51,7 +56,7 @@ def to_matrix(
     return matrix
 
 
-def check_answers(request: PredictRequest, probabilities: np.ndarray) -> None:
+def check_answers(request: Request, probabilities: np.ndarray) -> None:
     """Raise :class:`BadInput` naming the first row whose probabilities are not finite (no JSON answer has them)."""
     problems = probability_problems(probabilities)
     if (i := _first(problems)) is not None:
@@ -122,8 +127,10 @@ def _first(problems: list[str | None]) -> int | None:
     return next((i for i, problem in enumerate(problems) if problem is not None), None)
 
 
-def _row(request: PredictRequest, i: int) -> str:
+def _row(request: Request, i: int) -> str:
     """Where row ``i`` is in the body, as the client wrote it."""
+    if isinstance(request, ClassifyRequest):
+        return f"examples[{i}]"
     if request.instances is not None:
         return f"instances[{i}]"
     return f"inputs[{i}]" if not isinstance(request.inputs, Mapping) else f"inputs (row {i} of the columns)"

@@ -94,10 +94,68 @@ class Metrics:
             "predict requests refused with 503 because max_queued_rows rows were already waiting",
             ["model"],
         )
+        self.version_loads = counter(
+            "streamfit_model_version_loads",
+            "versions loaded to answer beside the served one (/versions/V, /labels/L, canary, shadow)",
+            ["model"],
+        )
+        answered = ["model", "version"]
+        self.version_requests = counter(
+            "streamfit_model_requests", "prediction requests by the version that answered", answered
+        )
+        self.version_errors = counter(
+            "streamfit_model_request_errors",
+            "prediction requests that leased a version but got no answer from it (4xx, 503, failure)",
+            answered,
+        )
+        self.version_latency = histogram(
+            "streamfit_model_request_duration_seconds",
+            "time from a prediction request's arrival to its answer, by the version that answered",
+            answered,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+        )
+        self.shadow_rows = counter(
+            "streamfit_shadow_rows", "rows the champion answered that the candidate also scored", answered
+        )
+        self.shadow_agreeing_rows = counter(
+            "streamfit_shadow_agreeing_rows",
+            "shadowed rows where candidate and champion chose the same class",
+            answered,
+        )
+        self.shadow_agreement = gauge(
+            "streamfit_shadow_agreement_ratio", "share of shadowed rows where the candidate agrees", answered
+        )
+        self.shadow_difference = gauge(
+            "streamfit_shadow_distribution_difference_ratio",
+            "total variation distance between the champion's and the candidate's mean class probabilities "
+            "over the shadowed rows (0: the same distribution, 1: disjoint)",
+            answered,
+        )
+        self.shadow_dropped = counter(
+            "streamfit_shadow_dropped_rows",
+            "rows not shadowed because shadow_queued_rows rows already waited for the candidate",
+            ["model"],
+        )
         self.updates_connected = gauge(
             "streamfit_model_updates_connected",
             "1 while following model-updates on Kafka, 0 while only polling the registry",
         )
+
+    def forget(self, model: str, version: int) -> None:
+        """Drop the series of a version no longer loaded, so they do not pile up over thousands of swaps."""
+        for metric in (
+            self.version_requests,
+            self.version_errors,
+            self.version_latency,
+            self.shadow_rows,
+            self.shadow_agreeing_rows,
+            self.shadow_agreement,
+            self.shadow_difference,
+        ):
+            try:
+                metric.remove(model, str(version))
+            except KeyError:  # never observed
+                pass
 
     def observe_batch(self, rows: int, requests: int, seconds: float) -> None:
         self.batch_rows.observe(rows)

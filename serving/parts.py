@@ -15,20 +15,24 @@ from pydantic import SecretStr
 
 from pipeline.registry import Registry
 from serving.batching import Batcher
+from serving.canary import Canary
 from serving.metrics import Metrics
+from serving.shadow import Shadow
 from serving.swap import ModelHost
 
 
 @dataclass(frozen=True)
 class Parts:
     """One app's parts: what it serves, where versions come from, the batcher, the metrics, the admin token
-    (None: admin disabled)."""
+    (None: admin disabled), the canary share and the shadow scorer (None: shadow off)."""
 
     host: ModelHost
     registry: Registry
     batcher: Batcher
     metrics: Metrics
     admin_token: SecretStr | None
+    canary: Canary
+    shadow: Shadow | None
 
 
 def store(app: FastAPI, parts: Parts) -> None:
@@ -48,15 +52,11 @@ def _registry(request: Request) -> Registry:
     return parts_of(request).registry
 
 
-def _batcher(request: Request) -> Batcher:
-    return parts_of(request).batcher
-
-
 def _metrics(request: Request) -> Metrics:
     return parts_of(request).metrics
 
 
+All = Annotated[Parts, Depends(parts_of)]
 Host = Annotated[ModelHost, Depends(_host)]
 Models = Annotated[Registry, Depends(_registry)]
-Batching = Annotated[Batcher, Depends(_batcher)]
 Figures = Annotated[Metrics, Depends(_metrics)]

@@ -63,10 +63,38 @@ class PredictRequest(_Strict):
 
 
 class PredictResponse(BaseModel):
+    """The answer to ``instances`` (TF Serving's row format)."""
+
     predictions: list[list[float]] = Field(
         description="per row, the probability of each class, in the order of the metadata's classes"
     )
     model_version: int = Field(description="the version that computed every prediction of this answer")
+
+
+class ColumnarResponse(BaseModel):
+    """The answer to ``inputs`` (TF Serving's columnar format: the one output, under ``outputs``)."""
+
+    outputs: list[list[float]] = Field(
+        description="per row, the probability of each class, in the order of the metadata's classes"
+    )
+    model_version: int = Field(description="the version that computed every output of this answer")
+
+
+class ClassifyRequest(_Strict):
+    """TF Serving's ``:classify``: ``examples`` as {feature: value} objects, ``context`` features shared by all."""
+
+    signature_name: Literal["serving_default", "classification"] = Field(
+        "serving_default", description="either name selects the one classification signature"
+    )
+    context: dict[str, Number] = Field(default_factory=dict, description="features every example shares")
+    examples: list[dict[str, Number]] = Field(min_length=1, description="rows as {feature: number} objects")
+
+
+class ClassifyResponse(BaseModel):
+    result: list[list[tuple[str, float]]] = Field(
+        description="per example, [class label, probability] of every class, in the metadata's class order"
+    )
+    model_version: int = Field(description="the version that classified every example of this answer")
 
 
 class Status(BaseModel):
@@ -94,7 +122,50 @@ class ModelSpecRef(BaseModel):
     version: str
 
 
+class TensorInfo(BaseModel):
+    dtype: Literal["DT_FLOAT", "DT_STRING"]
+    tensor_shape: dict[str, Any] = Field(description="{dim: [{size}], unknown_rank}; size -1 is the batch")
+    name: str
+
+
+class SignatureDef(BaseModel):
+    inputs: dict[str, TensorInfo]
+    outputs: dict[str, TensorInfo]
+    method_name: str
+
+
+class SignatureDefMap(BaseModel):
+    signature_def: dict[str, SignatureDef]
+
+
+def signature_def(n_features: int, n_classes: int) -> SignatureDefMap:
+    """TF Serving's signatures of a classifier: ``serving_default`` (predict) and ``classification``."""
+
+    def tensor(dtype: Literal["DT_FLOAT", "DT_STRING"], name: str, *sizes: int) -> TensorInfo:
+        shape = {"dim": [{"size": str(size), "name": ""} for size in sizes], "unknown_rank": False}
+        return TensorInfo(dtype=dtype, tensor_shape=shape, name=name)
+
+    probabilities = tensor("DT_FLOAT", "probabilities:0", -1, n_classes)
+    return SignatureDefMap(
+        signature_def={
+            "serving_default": SignatureDef(
+                inputs={"features": tensor("DT_FLOAT", "features:0", -1, n_features)},
+                outputs={"probabilities": probabilities},
+                method_name="tensorflow/serving/predict",
+            ),
+            "classification": SignatureDef(
+                inputs={"inputs": tensor("DT_STRING", "examples:0", -1)},
+                outputs={"classes": tensor("DT_STRING", "classes:0", -1, n_classes), "scores": probabilities},
+                method_name="tensorflow/serving/classify",
+            ),
+        }
+    )
+
+
 class Signature(BaseModel):
+    signature_def: SignatureDefMap = Field(
+        description="TF Serving's signature_def: the predict and classify signatures"
+    )
     features: list[str] = Field(description="input feature names, in the order list rows use")
     classes: list[int | str] = Field(description="class labels, in the order of each prediction's probabilities")
     n_features: int

@@ -15,6 +15,12 @@ the first swap is a copy. Beyond the serving, draining and one spare instance, o
 What to serve is the registry's ``champion`` unless an admin pinned a version; a version
 that fails to load is recorded, not retried until asked (``reload``) or superseded, and
 the previous version keeps serving.
+
+Other versions answer too, when asked for by number or by alias (TF Serving's ``/versions/V`` and
+``/labels/L`` routes) and, with canary or shadow traffic on, the ``candidate``: each is loaded once on
+the swap thread and kept, so a pinned older version keeps answering whatever the champion does.
+Memory stays bounded: with the champion at most ``max_loaded`` instances answer per model, the least
+recently used other version making room (it becomes the spare, or is dropped once idle).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
@@ -44,6 +51,10 @@ class UnknownModel(LookupError):
 
 class NotReady(RuntimeError):
     """The model has no warmed version yet."""
+
+
+class NotLoaded(LookupError):
+    """The version asked for is not loaded now; :meth:`ModelHost.load` brings it."""
 
 
 class Served:
@@ -87,14 +98,28 @@ class ModelHost:
     """The served version of each of ``models``, kept on the champion (or a pinned version).
 
     ``warm_rows`` is the largest batch a forward pass will see; warming runs one row and
-    that many, so neither size is traced or tuned on a live request.
+    that many, so neither size is traced or tuned on a live request. ``max_loaded`` bounds the
+    instances answering per model (the served one included); with ``load_candidate`` the
+    ``candidate`` is loaded as soon as it moves, for canary and shadow traffic.
     """
 
-    def __init__(self, registry: Registry, models: Iterable[str], metrics: Metrics, warm_rows: int):
+    def __init__(
+        self,
+        registry: Registry,
+        models: Iterable[str],
+        metrics: Metrics,
+        warm_rows: int,
+        max_loaded: int = 3,
+        load_candidate: bool = False,
+    ):
         self.registry, self.metrics, self.warm_rows = registry, metrics, warm_rows
+        self.max_loaded, self.load_candidate = max_loaded, load_candidate
         self.models = tuple(dict.fromkeys(models))
         self._lock = threading.Lock()
         self._current: dict[str, Served] = {}
+        self._others: dict[str, OrderedDict[int, Served]] = {m: OrderedDict() for m in self.models}
+        self._aliases: dict[str, dict[str, int]] = {m: {} for m in self.models}
+        self._loads: dict[tuple[str, int], Future] = {}
         self._retired: dict[str, list[Served]] = {m: [] for m in self.models}
         self._pinned: dict[str, int] = {}
         self._loading: dict[str, int] = {}
@@ -104,10 +129,19 @@ class ModelHost:
 
     # ----------------------------------------------------------------------------------- request path
 
-    def acquire(self, model: str) -> Served:
-        """Lease the version of ``model`` served now; the caller must ``release`` it."""
+    def acquire(self, model: str, version: int | None = None) -> Served:
+        """Lease the version of ``model`` served now, or ``version``; the caller must ``release`` it.
+
+        Raises :class:`NotLoaded` for a ``version`` that is not loaded (:meth:`load` it first)."""
         with self._lock:
             served = self._current.get(model)
+            if version is not None and (served is None or served.version != version):
+                others = self._others.get(model)
+                served = others.get(version) if others is not None else None
+                if served is None and model in self.models:
+                    raise NotLoaded(f"model {model!r} version {version} is not loaded")
+                if others is not None and served is not None:
+                    others.move_to_end(version)
             if served is not None:
                 served.leases += 1
                 return served
@@ -119,6 +153,33 @@ class ModelHost:
             f"model {model!r} has no version loaded yet"
             + (f" (loading version {loading})" if loading else f" ({failed.reason})" if failed else "")
         )
+
+    def acquire_candidate(self, model: str) -> Served | None:
+        """Lease the loaded ``candidate`` of ``model`` if it is not the version served now, else None."""
+        with self._lock:
+            served, version = self._current.get(model), self._aliases[model].get("candidate")
+            candidate = self._others[model].get(version) if version is not None else None
+            if candidate is None or served is None or served.version == version:
+                return None
+            candidate.leases += 1
+            return candidate
+
+    def alias(self, model: str, label: str) -> int | None:
+        """The version ``label`` named when the swap thread last read the registry's aliases (None: not then)."""
+        self.current(model)  # UnknownModel
+        return self._aliases[model].get(label)
+
+    def load(self, model: str, version: int) -> Future:
+        """Load ``version`` of ``model`` on the swap thread to answer beside the served one (kept while
+        recently used); the future fails with :class:`~pipeline.registry.RegistryError` for an unknown version.
+        Calls for the same version while it loads share one load."""
+        self.current(model)  # UnknownModel
+        with self._lock:
+            key = (model, version)
+            loading = self._loads.get(key)
+            if loading is None or loading.done():
+                loading = self._loads[key] = self._swapper.submit(self._load_other, model, version)
+            return loading
 
     def current(self, model: str) -> Served | None:
         if model not in self.models:
@@ -178,10 +239,14 @@ class ModelHost:
                 del self._queued[model]
         current = self._current.get(model)
         try:
+            self._aliases[model] = aliases = self.registry.aliases(model)
             target = self._pinned.get(model) or self.registry.resolve(model, "champion")
         except RegistryError as exc:
             self._fail(model, None, str(exc))
             raise
+        candidate = aliases.get("candidate")
+        if self.load_candidate and candidate not in (None, target) and candidate not in self._others[model]:
+            self.load(model, candidate)  # queued behind this call: the champion comes first
         failure = self._failed.get(model)
         failed_before = failure is not None and failure.version == target
         if not reload and ((current is not None and current.version == target) or (failed_before and not retry)):
@@ -200,8 +265,10 @@ class ModelHost:
     def _swap(self, model: str, version: int) -> None:
         started = time.perf_counter()
         self._loading[model] = version
+        with self._lock:
+            loaded = self._others[model].pop(version, None)  # a candidate promoted: no load needed
         try:
-            served = self._load(model, version)
+            served = loaded or self._load(model, version)
         except Exception as exc:  # a bad version must never take serving down: the previous one stays
             self.metrics.swap_failures.labels(model).inc()
             self._fail(model, version, f"version {version} could not be loaded: {exc}")
@@ -213,7 +280,7 @@ class ModelHost:
             self._current[model] = served
             if previous is not None:
                 self._retire(model, previous)
-            bundles = 1 + len(self._retired[model])
+            bundles = self._instances(model)
         self._failed.pop(model, None)
         seconds = time.perf_counter() - started
         self.metrics.swaps.labels(model).inc()
@@ -229,6 +296,29 @@ class ModelHost:
         )
         if previous is None:  # build the spare now, so even the first swap is a weights copy, not a model build
             self._swapper.submit(self._build_spare, served)
+
+    def _load_other(self, model: str, version: int) -> Served:
+        """``version`` loaded beside the served one (a no-op if it is loaded), the least recently used
+        other version retired when that makes more than ``max_loaded``."""
+        with self._lock:
+            current, loaded = self._current.get(model), self._others[model].get(version)
+        if loaded is not None or (current is not None and current.version == version):
+            return loaded or current  # type: ignore[return-value]  # one of them is set
+        served = self._load(model, version)
+        with self._lock:
+            others = self._others[model]
+            others[version] = served
+            while len(others) > self.max_loaded - 1:
+                self._retire(model, others.popitem(last=False)[1])
+            bundles = self._instances(model)
+        self.metrics.version_loads.labels(model).inc()
+        self.metrics.bundles.labels(model).set(bundles)
+        log.info("%s: v%d loaded to answer beside the served version", model, version)
+        return served
+
+    def _instances(self, model: str) -> int:
+        """Model instances held for ``model``: served, other loaded versions, retired ones (under the lock)."""
+        return int(model in self._current) + len(self._others[model]) + len(self._retired[model])
 
     def _build_spare(self, served: Served) -> None:
         from pipeline.bundle import ModelBundle
@@ -265,6 +355,7 @@ class ModelHost:
             for i, served in enumerate(retired):
                 if served.leases == 0:
                     del retired[i]
+                    self._forget(served)
                     return served.bundle if served.spec == spec else None
         return None
 
@@ -278,3 +369,10 @@ class ModelHost:
         idle = [s for s in retired if s.leases == 0]
         for old in idle[: max(0, len(idle) - SPARES)]:
             retired.remove(old)
+            self._forget(old)
+
+    def _forget(self, served: Served) -> None:
+        """Drop the metric series of a dropped instance's version unless another instance answers for it."""
+        current = self._current.get(served.model)
+        if served.version not in self._others[served.model] and (current is None or current.version != served.version):
+            self.metrics.forget(served.model, served.version)

@@ -23,7 +23,7 @@ from kafka.errors import KafkaError
 from prometheus_client.core import GaugeMetricFamily
 
 from pipeline.kafka import KafkaUnavailable
-from pipeline.spark.offsets import KafkaOffsetReader, OffsetError
+from pipeline.spark.offsets import DRAIN_RECORDS, KafkaOffsetReader, OffsetError
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +120,11 @@ def first_timestamps(reader: KafkaOffsetReader, at: Position) -> list[int]:
     deadline = time.monotonic() + reader.timeout_s
     try:
         while len(found) < len(partitions) and time.monotonic() < deadline:
-            for tp, batch in consumer.poll(timeout_ms=100).items():
+            # not pause(): kafka-python 3.0 keeps a paused partition's fetched data past assign([]) and then
+            # never fetches that partition again, so the next latest() waited its whole timeout
+            for tp, batch in consumer.poll(timeout_ms=100, max_records=DRAIN_RECORDS).items():
                 if batch and tp not in found:
                     found[tp] = batch[0].timestamp
-                    consumer.pause(tp)
     finally:
-        consumer.resume(*found)
         consumer.assign([])
     return list(found.values())

@@ -101,6 +101,10 @@ class Subscription:
         return cls(assigned=tuple(pairs))
 
 
+DRAIN_RECORDS = 1_000_000
+"""Records one poll may return while :meth:`KafkaOffsetReader.latest` waits for high watermarks (all of them)."""
+
+
 class KafkaOffsetReader:
     """Partition discovery and earliest/latest offsets for a set of topics (or any :class:`Subscription`)."""
 
@@ -167,7 +171,9 @@ class KafkaOffsetReader:
             self.consumer.seek(tp, listed[tp])
         deadline = time.monotonic() + self.timeout_s
         while any(self.consumer.highwater(tp) is None for tp in partitions) and time.monotonic() < deadline:
-            self.consumer.poll(timeout_ms=50)  # a fetch per partition brings its high watermark
+            # a fetch per partition brings its high watermark; a partition's watermark is read only when the
+            # fetches queued before it are drained, so drain them whole (one record a poll took the timeout)
+            self.consumer.poll(timeout_ms=50, max_records=DRAIN_RECORDS)
         ends = {tp: max(listed[tp], self.consumer.highwater(tp) or 0) for tp in partitions}
         self.consumer.assign([])
         return _as_offsets(ends)
