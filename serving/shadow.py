@@ -1,11 +1,11 @@
 """Shadow traffic: the candidate also scores what the champion answered, off the request path.
 
 A request answered by the champion offers its rows and the champion's probabilities here and
-returns at once; one background task takes the waiting rows, scores them with the candidate in
-passes of up to ``max_rows`` on its own thread, and counts per candidate version how often it
-chose the champion's class (the agreement) and how far its mean class probabilities are from the
-champion's (total variation distance). The queue is bounded: when ``max_queued_rows`` rows already
-wait, an offer is dropped and counted, never waited for, so shadowing adds no latency to an answer.
+returns at once; a background task has the candidate score them, in passes of up to ``max_rows``
+coalesced on a thread of their own, and counts per candidate version how often it chose the
+champion's class (the agreement) and how far its mean class probabilities are from the champion's
+(total variation distance). The queue is bounded: when ``max_queued_rows`` rows already wait, an
+offer is dropped and counted, never waited for, so shadowing adds no latency to an answer.
 
 >>> distribution_difference(np.array([1.0, 0.0]), np.array([0.25, 0.75]))
 0.75
@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from serving.batching import Batcher, Overloaded
 from serving.metrics import Metrics
 from serving.swap import ModelHost, Served
 
@@ -42,74 +41,48 @@ class _Figures:
 
 
 class Shadow:
-    """Scores the rows ``offer``-ed to it with ``host``'s candidate of their model; figures go to ``metrics``."""
+    """Scores the rows ``offer``-ed to it with ``host``'s candidate of their model; figures go to ``metrics``.
+
+    Its own :class:`~serving.batching.Batcher` (own queue, own thread) coalesces the candidate's passes
+    and bounds the rows waiting; the champion's batcher never sees shadow rows."""
 
     def __init__(self, host: ModelHost, metrics: Metrics, max_rows: int, max_queued_rows: int):
         self.host, self.metrics = host, metrics
-        self.max_rows, self.max_queued_rows = max_rows, max_queued_rows
-        self._queue: deque[tuple[Served, np.ndarray, np.ndarray]] = deque()
-        self._rows = 0
-        self._arrived = asyncio.Event()
+        self.batcher = Batcher(max_rows, 0.0, max_queued_rows, on_batch=lambda rows, requests, seconds: None)
         self._figures: dict[tuple[str, int], _Figures] = {}
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="streamfit-shadow")
-        self._task: asyncio.Task | None = None
+        self._scoring: set[asyncio.Task] = set()
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="streamfit-shadow")
+        self.batcher.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        for candidate, _, _ in self._queue:
-            candidate.release()
-        self._queue.clear()
-        self._executor.shutdown(wait=True)
+        for task in self._scoring:
+            task.cancel()
+        await asyncio.gather(*self._scoring, return_exceptions=True)
+        await self.batcher.stop()
 
     def offer(self, answered: Served, x: np.ndarray, y: np.ndarray) -> None:
-        """Queue rows ``x`` the version ``answered`` answered with ``y`` for the candidate, unless the
-        candidate answered them itself; never waits."""
+        """Have the candidate score rows ``x`` the version ``answered`` answered with ``y``, unless the
+        candidate answered them itself; returns at once."""
         candidate = self.host.acquire_candidate(answered.model)
         if candidate is None or candidate is answered:
             if candidate is not None:
                 candidate.release()
             return
-        if self._rows + len(x) > self.max_queued_rows:
-            candidate.release()
-            self.metrics.shadow_dropped.labels(answered.model).inc(len(x))
+        task = asyncio.get_running_loop().create_task(self._score(candidate, x, y))
+        self._scoring.add(task)
+        task.add_done_callback(self._scoring.discard)
+
+    async def _score(self, candidate: Served, x: np.ndarray, champion: np.ndarray) -> None:
+        try:
+            y = await self.batcher.predict(candidate, x)  # releases the candidate's lease
+        except Overloaded:
+            self.metrics.shadow_dropped.labels(candidate.model).inc(len(x))
             return
-        self._queue.append((candidate, x, y))
-        self._rows += len(x)
-        self._arrived.set()
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._queue:
-                self._arrived.clear()
-                await self._arrived.wait()
-            candidate, xs, champions = self._take()
-            try:
-                y = await loop.run_in_executor(self._executor, candidate.predict, np.concatenate(xs))
-            except Exception:
-                log.exception("%s: shadow scoring with v%d failed", candidate.model, candidate.version)
-                continue
-            finally:
-                candidate.release()
-            self._count(candidate, np.concatenate(champions), y)
-
-    def _take(self) -> tuple[Served, list[np.ndarray], list[np.ndarray]]:
-        """The oldest waiting rows and those after them for the same candidate, up to ``max_rows``; one lease kept."""
-        candidate, x, champion = self._queue.popleft()
-        xs, champions, rows = [x], [champion], len(x)
-        while self._queue and self._queue[0][0] is candidate and rows + len(self._queue[0][1]) <= self.max_rows:
-            _, x, champion = self._queue.popleft()
-            candidate.release()  # the pass holds the first lease
-            xs.append(x)
-            champions.append(champion)
-            rows += len(x)
-        self._rows -= rows
-        return candidate, xs, champions
+        except Exception:  # a candidate that fails must not stop shadowing; serving is unaffected
+            log.exception("%s: shadow scoring with v%d failed", candidate.model, candidate.version)
+            return
+        self._count(candidate, champion, y)
 
     def _count(self, candidate: Served, champion: np.ndarray, y: np.ndarray) -> None:
         key = (candidate.model, candidate.version)
