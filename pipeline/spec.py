@@ -38,6 +38,8 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.keras_config import KerasConfig
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """Model names become directory names in the registry and Kafka keys: no separators, no dot-dot."""
 
@@ -75,7 +77,9 @@ class DenseClassifier(_Strict):
         return shapes
 
 
-BUILDERS: dict[str, type[DenseClassifier]] = {"dense_classifier": DenseClassifier}
+Architecture = DenseClassifier | KerasConfig
+
+BUILDERS: dict[str, type[Architecture]] = {"dense_classifier": DenseClassifier, "keras_config": KerasConfig}
 """The only architectures a spec can name: builder name -> its (validated) arguments and ``build``."""
 
 
@@ -119,7 +123,7 @@ class ModelSpec(_Strict):
     loss: Literal["sparse_categorical_crossentropy"] = "sparse_categorical_crossentropy"
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     standardisation: Standardisation | None = None
-    _architecture: DenseClassifier = PrivateAttr()
+    _architecture: Architecture = PrivateAttr()
 
     @field_validator("feature_names", "classes")
     @classmethod
@@ -146,7 +150,7 @@ class ModelSpec(_Strict):
         return self
 
     @property
-    def architecture(self) -> DenseClassifier:
+    def architecture(self) -> Architecture:
         """The builder named by the spec, its arguments validated when the spec was."""
         return self._architecture
 
