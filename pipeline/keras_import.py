@@ -61,7 +61,18 @@ def read_keras_file(path: str | os.PathLike) -> tuple[dict, bytes]:
     config.pop("compile_config", None)  # the loss and optimizer are the spec's; a custom loss is never loaded
     if problem := code_in_config(config):
         raise KerasImportError(f"{path}: {problem}")
-    return config, weights
+    return _without_dtypes(config), weights
+
+
+def _without_dtypes(node):
+    """The config with its layers' dtypes left to Keras's policy: streamfit's weights are float32 whatever
+    precision the model was trained in (and a float64 policy gives float64, for gradient checks)."""
+    if isinstance(node, list):
+        return [_without_dtypes(item) for item in node]
+    if isinstance(node, dict):
+        keep = "keras_history" in node  # a symbolic tensor's record of what flows, not a layer's setting
+        return {key: _without_dtypes(value) for key, value in node.items() if keep or key != "dtype"}
+    return node
 
 
 def _build(config: dict, weights_h5: bytes | None = None) -> keras.Model:

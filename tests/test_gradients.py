@@ -19,8 +19,24 @@ ROWS, EPS = 6, 1e-6
 CHECKED_PER_TENSOR = 12  # the largest gradients of each tensor, and as many drawn at random
 
 
+def imported_example() -> ModelSpec:
+    """A Keras classifier (tanh, relu, a softmax over 3 classes) imported as users import theirs."""
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.keras_import import import_keras
+
+    layers = [keras.layers.Dense(7, activation="tanh"), keras.layers.Dense(5, activation="relu")]
+    model = keras.Sequential([keras.Input((4,)), *layers, keras.layers.Dense(3, activation="softmax")])
+    with tempfile.TemporaryDirectory() as directory:
+        model.save(Path(directory) / "imported.keras")
+        return import_keras(Path(directory) / "imported.keras", "imported")[0]
+
+
 def examples(builder: str) -> list[ModelSpec]:
-    """Specs naming ``builder`` with dropout off: the built-in ones."""
+    """Specs naming ``builder`` with dropout off: the built-in ones, and an imported Keras model."""
+    if builder == "keras_config":
+        return [imported_example()]
     return [
         ModelSpec.model_validate(spec.model_dump() | {"builder_args": {**spec.builder_args, "dropout": 0.0}})
         for spec in BUILTIN_SPECS.values()
