@@ -687,6 +687,8 @@ def micro_batch_plan(
         epochs=s.epochs,
         seed=s.seed + batch_id,
         io_timeout_s=s.ps_io_timeout_s,
+        encoding=s.ps_encoding,
+        topk_fraction=s.ps_topk_fraction,
         secret=secret.decode() if (secret := settings_secret(s)) else None,  # a plan carries text
         query_id=query_id,
         batch_id=batch_id,

@@ -48,7 +48,8 @@ class FitError(StreamfitError, ValueError):
 
 @dataclass
 class FitResult:
-    """What a fit did: the versions registered (the first is the candidate), held-out metrics, counts."""
+    """What a fit did: the versions registered (the first is the candidate), held-out metrics, counts,
+    and the parameter server's traffic."""
 
     run_id: str
     versions: list[int]
@@ -58,6 +59,8 @@ class FitResult:
     updates: int
     seconds: float
     workers: list[dict] = field(default_factory=list)
+    bytes_in: int = 0  # frames the parameter server received (commits, pulls' requests) and sent
+    bytes_out: int = 0
 
 
 def training_frame(spark, path: str | Path, spec: ModelSpec, label_column: str = "label"):
@@ -164,10 +167,12 @@ def fit(
         port=0,
         secret=secret.encode(),
         max_frame_bytes=settings.ps_max_frame_bytes,
+        link_bytes_per_s=settings.ps_link_mbps * 1e6 if settings.ps_link_mbps else None,
     ) as server:
         plan = plan.model_copy(update={"addresses": [server.address], "secret": secret})
         job = train.mapInArrow(arrow_trainer(plan), REPORT_DDL, barrier=plan.synchronous)
         reports = _collect_with_progress(job, state, progress)
+        traffic = server.stats()
     published, updates, _ = state.publication()
     holdout_rows = rows_of(held.toArrow().to_batches(), spec.n_features) if held is not None else None
     versions, metrics = register_trained(
@@ -187,6 +192,8 @@ def fit(
         updates=updates,
         seconds=time.monotonic() - started,
         workers=sorted(reports, key=lambda r: r["worker_id"]),
+        bytes_in=traffic["bytes_in"],
+        bytes_out=traffic["bytes_out"],
     )
 
 
@@ -226,6 +233,8 @@ def _plan(settings: Settings, spec: ModelSpec, rows: int, run_id: str) -> Traini
             steps_per_epoch=steps,
             seed=settings.seed,
             io_timeout_s=settings.ps_io_timeout_s,
+            encoding=settings.ps_encoding,
+            topk_fraction=settings.ps_topk_fraction,
             query_id=run_id,
             batch_id=0,
         )

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from pipeline.errors import StreamfitError
 from pipeline.kafka_properties import KafkaProperties
+from pipeline.ps.encoding import Encoding
 
 ENV_PREFIX = "STREAMFIT_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
@@ -168,6 +169,15 @@ class Settings(BaseSettings):
     ps_checkpoint_every_s: float = Field(30.0, gt=0)
     ps_publish_every_updates: int = Field(100, ge=1)
     ps_publish_every_s: float = Field(20.0, gt=0)
+    ps_encoding: Encoding = Field(
+        "float32", description="how training workers send commits (and receive pulls): see pipeline/ps/encoding.py"
+    )
+    ps_topk_fraction: float = Field(
+        0.05, gt=0, le=1, description="with ps_encoding topk, the share of each tensor's entries a commit sends"
+    )
+    ps_link_mbps: float | None = Field(
+        None, gt=0, description="hold the parameter server's link to this many MB/s each way (benchmarks); unset: off"
+    )
 
     # training
     algorithm: str = "adag"

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict
 from pipeline.events import ddl
 from pipeline.ps.algorithms import ALGORITHMS, Algorithm, WorkerReport, algorithm_class
 from pipeline.ps.client import Client, ShardedClient, client_for
+from pipeline.ps.encoding import Encoding
 from pipeline.ps.protocol import CommitTag
 from pipeline.spark import worker_heap
 from pipeline.spec import ModelSpec
@@ -57,6 +58,8 @@ class TrainingPlan(BaseModel):
     addresses: list[tuple[str, int]]
     secret: str | None = None
     io_timeout_s: float = 60.0
+    encoding: Encoding = "float32"  # how workers send commits (pipeline.ps.encoding)
+    topk_fraction: float = 0.05
     batch_size: int = 64
     epochs: int = 1
     steps_per_epoch: int | None = None
@@ -122,7 +125,13 @@ class TrainingPlan(BaseModel):
 
     def client(self) -> Client | ShardedClient:
         secret = self.secret.encode() if self.secret else None
-        return client_for(self.addresses, secret=secret, timeout_s=self.io_timeout_s)
+        return client_for(
+            self.addresses,
+            secret=secret,
+            timeout_s=self.io_timeout_s,
+            encoding=self.encoding,
+            topk_fraction=self.topk_fraction,
+        )
 
 
 def local_model(spec: ModelSpec):

@@ -221,8 +221,22 @@ class _Session:
         self._rows += len(x) if sample_weight is None else int(np.count_nonzero(sample_weight))
 
     def commit(self, delta: Weights) -> Ack:
-        tag = replace(self.tag, seq=self.tag.seq + self.report.commits)
-        ack = self.client.commit(delta, tag=tag, meta={**(self.meta or {}), "rows": self._rows})
+        ack = self.client.commit(delta, tag=self._next_tag(), meta=self._commit_meta())
+        return self._tally(ack)
+
+    def finish(self) -> WorkerReport:
+        """End the run: commit what the client's encoding held back (error feedback, nothing lost)."""
+        if self.report.commits and (ack := self.client.flush(tag=self._next_tag(), meta=self._commit_meta())):
+            self._tally(ack)
+        return self.report
+
+    def _next_tag(self) -> CommitTag:
+        return replace(self.tag, seq=self.tag.seq + self.report.commits)
+
+    def _commit_meta(self) -> dict[str, Any]:
+        return {**(self.meta or {}), "rows": self._rows}
+
+    def _tally(self, ack: Ack) -> Ack:
         self._rows = 0
         self.report.commits += 1
         self.report.skipped += ack.status == "skipped"
@@ -303,7 +317,7 @@ class Sequential(Algorithm):
             session.train(x, y)
         if session.report.steps:
             session.commit(_difference(model.get_weights(), start))
-        return session.report
+        return session.finish()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -371,7 +385,7 @@ class Downpour(Algorithm):
                 steps = 0
         if steps:
             session.commit(self._residual(model.get_weights(), base, steps))
-        return session.report
+        return session.finish()
 
     def _residual(self, weights: Weights, base: Weights, steps: int) -> dict[str, np.ndarray]:
         return _difference(weights, base)
@@ -473,7 +487,7 @@ class AEASGD(Algorithm):
                 steps = 0
         if steps:
             self._elastic_exchange(session)
-        return session.report
+        return session.finish()
 
     def _elastic_exchange(self, session: _Session) -> None:
         center, _ = session.pull(into_model=False)
@@ -566,7 +580,9 @@ class SynchronousAveraging(Algorithm):
             session.train(x, y, np.full(len(x), share))  # float64: engines cast to their own precision
             session.commit(_difference(model.get_weights(), start))
             next_round = counter + 1
-        return session.report
+        if session.report.commits and client.lossy:  # one more round, of every worker's held-back residual
+            session.pull(into_model=False, min_counter=next_round, wait_s=self.wait_s)
+        return session.finish()
 
 
 ALGORITHMS: dict[str, type[Algorithm]] = {

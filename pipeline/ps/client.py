@@ -1,10 +1,12 @@
-"""Clients of the parameter server, all with one API (:class:`ClientApi`): ``pull``, ``commit``, ``stats``,
-``checkpoint``.
+"""Clients of the parameter server, all with one API (:class:`ClientApi`): ``pull``, ``commit``, ``flush``,
+``stats``, ``checkpoint``.
 
 :class:`Client` talks to one shard over TCP, :class:`ShardedClient` scatters and gathers over
 several in parallel, :class:`LocalClient` calls a :class:`~pipeline.ps.server.CenterState` in-process
 (examples, tests, single-process runs). Each remembers the counter it last pulled, which a commit
-reports unless told otherwise, so the server can measure staleness.
+reports unless told otherwise, so the server can measure staleness. A TCP client sends its commits in
+the encoding it negotiated (:mod:`pipeline.ps.encoding`) and keeps what a lossy one held back until
+``flush``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, Callable, Mapping, Self
 import numpy as np
 
 from pipeline.ps.algorithms import UpdateRule, Weights
+from pipeline.ps.encoding import Encoder
 from pipeline.ps.meta import least_advanced
 from pipeline.ps.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -30,6 +33,7 @@ from pipeline.ps.protocol import (
     FrameReader,
     MsgType,
     ProtocolError,
+    WireTensor,
     checked_secret,
     send_frame,
     settings_secret,
@@ -73,6 +77,18 @@ class ClientApi(ABC):
     ) -> Ack:
         """Send a delta, counted from the update counter ``pulled`` (default: the last pull's)."""
         return self._commit(delta, tag, meta or {}, pulled)
+
+    @property
+    def lossy(self) -> bool:
+        """Whether commits go in a lossy encoding, so a run must :meth:`flush` what it held back."""
+        return False
+
+    def flush(
+        self, *, tag: CommitTag = CommitTag(), meta: Mapping[str, Any] | None = None, pulled: int | None = None
+    ) -> Ack | None:
+        """Commit exactly what a lossy encoding held back so far (error feedback), as :meth:`commit`
+        would; None when nothing is held back."""
+        return None
 
     @abstractmethod
     def stats(self) -> dict[str, Any]: ...
@@ -118,8 +134,11 @@ class Client(ClientApi):
         secret: bytes | None = None,
         timeout_s: float = 60.0,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        encoding: str = "float32",
+        topk_fraction: float = 0.05,
     ):
         self.address = f"{host}:{port}"
+        self._encoder = Encoder(encoding, topk_fraction=topk_fraction)
         self._target = (host, port)
         self._secret = checked_secret(secret)
         self._timeout = timeout_s
@@ -135,9 +154,27 @@ class Client(ClientApi):
         )
         reply = self._request(request, MsgType.WEIGHTS, wait_s)
         self.pulled = reply.counter
-        return dict(reply.tensors), reply.counter
+        weights = {}
+        for name, value in reply.tensors.items():
+            if not isinstance(value, np.ndarray):
+                raise ProtocolError(f"parameter server {self.address} sent weights {name!r} as a sparse tensor")
+            weights[name] = np.asarray(value, np.float32)  # float16 pulls become float32; float32 is not copied
+        return weights, reply.counter
+
+    @property
+    def lossy(self) -> bool:
+        return not self._encoder.exact
+
+    def flush(self, *, tag=CommitTag(), meta=None, pulled=None):
+        held = self._encoder.flush()
+        return None if held is None else self._send_commit(held, tag, meta or {}, pulled)
 
     def _commit(self, delta: Weights, tag: CommitTag, meta: Mapping[str, Any], pulled: int | None) -> Ack:
+        return self._send_commit(self._encoder.encode(delta), tag, meta, pulled)
+
+    def _send_commit(
+        self, tensors: Mapping[str, WireTensor], tag: CommitTag, meta: Mapping[str, Any], pulled: int | None
+    ) -> Ack:
         based_on = (self.pulled or 0) if pulled is None else pulled
         request = Frame(
             MsgType.COMMIT,
@@ -146,7 +183,7 @@ class Client(ClientApi):
             query_id=tag.query_id,
             batch_id=tag.batch_id,
             seq=tag.seq,
-            tensors=delta,
+            tensors=tensors,
             meta=meta,
         )
         reply = self._request(request, MsgType.ACK)
@@ -204,8 +241,24 @@ class Client(ClientApi):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._sock = sock
             self._reader = FrameReader(sock, secret=self._secret, max_frame_bytes=self._max_frame_bytes)
+            if not self._encoder.exact:
+                self._hello(sock, self._reader)
         assert self._reader is not None  # set and cleared together with _sock
         return self._sock, self._reader
+
+    def _hello(self, sock: socket.socket, reader: FrameReader) -> None:
+        """Ask the server for this client's encoding (a float32 client asks nothing: the default)."""
+        try:
+            send_frame(sock, Frame(MsgType.HELLO, meta={"encoding": self._encoder.encoding}), self._secret)
+            reply = reader.read(idle_timeout=self._timeout, frame_timeout=self._timeout)
+        except (OSError, ProtocolError):
+            self._disconnect()
+            raise
+        if reply is None or reply.type != MsgType.HELLO_REPLY:
+            self._disconnect()
+            if reply is not None and reply.type == MsgType.ERROR:
+                raise ServerError(str(reply.meta.get("code")), str(reply.meta.get("error")), self.address)
+            raise ConnectionError(f"parameter server {self.address} did not accept encoding {self._encoder.encoding}")
 
     def _disconnect(self) -> None:
         if self._sock is not None:
@@ -231,11 +284,21 @@ class ShardedClient(ClientApi):
         secret: bytes | None = None,
         timeout_s: float = 60.0,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        encoding: str = "float32",
+        topk_fraction: float = 0.05,
     ):
         if not shards:
             raise ValueError("a sharded client needs at least one shard address")
         self.clients = [
-            Client(host, port, secret=secret, timeout_s=timeout_s, max_frame_bytes=max_frame_bytes)
+            Client(
+                host,
+                port,
+                secret=secret,
+                timeout_s=timeout_s,
+                max_frame_bytes=max_frame_bytes,
+                encoding=encoding,
+                topk_fraction=topk_fraction,
+            )
             for host, port in shards
         ]
         self._pool = ThreadPoolExecutor(max_workers=len(shards), thread_name_prefix="ps-shard")
@@ -270,6 +333,15 @@ class ShardedClient(ClientApi):
                 part[name] = np.zeros(shape, np.float32)
         acks = self._each(lambda c, i: c.commit(parts[i], tag=tag, meta=meta, pulled=pulled))
         return Ack.combine(acks)
+
+    @property
+    def lossy(self) -> bool:
+        return self.clients[0].lossy
+
+    def flush(self, *, tag=CommitTag(), meta=None, pulled=None):
+        """Every shard commits what it held back (every shard got every commit, so each holds some)."""
+        acks = [a for a in self._each(lambda c, _: c.flush(tag=tag, meta=meta, pulled=pulled)) if a is not None]
+        return Ack.combine(acks) if acks else None
 
     def stats(self) -> dict[str, Any]:
         """Totals over the shards, ``queries`` as every shard has them (the least advanced record), and
@@ -353,11 +425,20 @@ def client_for(
     secret: bytes | None = None,
     timeout_s: float = 60.0,
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    encoding: str = "float32",
+    topk_fraction: float = 0.05,
 ) -> Client | ShardedClient:
     """A :class:`Client` for one address, a :class:`ShardedClient` over several (shard order)."""
+    options: dict[str, Any] = {
+        "secret": secret,
+        "timeout_s": timeout_s,
+        "max_frame_bytes": max_frame_bytes,
+        "encoding": encoding,
+        "topk_fraction": topk_fraction,
+    }
     if len(addresses) == 1:
-        return Client(*addresses[0], secret=secret, timeout_s=timeout_s, max_frame_bytes=max_frame_bytes)
-    return ShardedClient(addresses, secret=secret, timeout_s=timeout_s, max_frame_bytes=max_frame_bytes)
+        return Client(*addresses[0], **options)
+    return ShardedClient(addresses, **options)
 
 
 def connect(

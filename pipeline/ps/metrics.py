@@ -25,10 +25,22 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 import pipeline.metrics  # noqa: F401  (no *_created series)
 
-REFUSALS = ("protocol", "too_large", "version", "auth", "frame_timeout", "truncated", "rejected", "busy", "internal")
+REFUSALS = (
+    "protocol",
+    "too_large",
+    "version",
+    "auth",
+    "frame_timeout",
+    "truncated",
+    "rejected",
+    "busy",
+    "internal",
+    "encoding",
+)
 """Why a frame gets an error reply and usually a closed connection: the protocol errors' codes,
 ``truncated`` (the peer closed mid-frame), ``rejected`` (a commit's content or metadata), ``busy``
-(``ps_max_connections`` reached) and ``internal`` (a bug)."""
+(``ps_max_connections`` reached), ``internal`` (a bug) and ``encoding`` (a HELLO asking for an
+encoding the server does not speak)."""
 
 PERIODIC = ("checkpoint", "publish")
 """The shard's periodic actions whose duration and failures are measured."""

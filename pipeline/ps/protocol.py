@@ -7,9 +7,11 @@ against a bound before it allocates anything. Layout on the wire (version 2)::
     header      HEADER.size bytes, little-endian: magic, version, type, flags, table/meta/data lengths,
                 counter, batch id, commit seq, worker id, query id (UTF-8, NUL padded)
     header mac  32 bytes when FLAG_MAC is set: HMAC-SHA256 of the header
-    table       per tensor: u16 name length, UTF-8 name, u8 dtype code, u8 ndim, ndim x u64 dims
+    table       per tensor: u16 name length, UTF-8 name, u8 dtype code (| SPARSE | SCALED), u8 ndim,
+                ndim x u64 dims, then u64 nnz when SPARSE, then f32 scale when SCALED
     metadata    a JSON object (UTF-8), possibly empty: Kafka offsets, ACK status, stats, error message
-    data        each tensor's raw little-endian bytes in table order, each padded to 8 bytes
+    data        each tensor's raw little-endian bytes in table order, each padded to 8 bytes; a SPARSE
+                tensor's are nnz u32 flat indices (strictly increasing), then its nnz values
     mac         32 bytes when FLAG_MAC is set: HMAC-SHA256 of everything before it
 
 The header has its own MAC so that a receiver holding the secret checks who sent the lengths before
@@ -17,6 +19,10 @@ it reads or allocates the body: a peer without the secret costs it at most one h
 
 Tensors are sent straight from the arrays' memory (``sendmsg`` scatter list) and received straight into
 one buffer that the decoded arrays are views of, so a 4 MB pull costs no copy on either side.
+
+Compressed commits and pulls (:mod:`pipeline.ps.encoding`) use the same frame: float16 tensors, int8
+tensors with a per-tensor scale (SCALED, decoded to float32), and sparse tensors (SPARSE: indices
+and values, decoded to :class:`SparseTensor`), each held to the same bounds as a dense one.
 """
 
 from __future__ import annotations
@@ -48,10 +54,23 @@ MAX_NDIM = 8
 DEFAULT_MAX_FRAME_BYTES = 256 << 20
 _ALIGN = 8
 _IOV_MAX = 512  # below the kernel's 1024 iovec limit per sendmsg
-_DTYPES: dict[int, np.dtype] = {1: np.dtype("<f4"), 2: np.dtype("<f8"), 3: np.dtype("<i4"), 4: np.dtype("<i8")}
+_DTYPES: dict[int, np.dtype] = {
+    1: np.dtype("<f4"),
+    2: np.dtype("<f8"),
+    3: np.dtype("<i4"),
+    4: np.dtype("<i8"),
+    5: np.dtype("<f2"),
+    6: np.dtype("i1"),  # only SCALED: int8 values times a float32 scale
+}
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
+SPARSE = 0x80  # dtype code flag: nnz flat indices and nnz values instead of every element
+SCALED = 0x40  # dtype code flag: int8 values, each times the tensor's float32 scale
+_INT8 = np.dtype("i1")
+_INDEX = np.dtype("<u4")
 _NAME_LEN = struct.Struct("<H")
 _DTYPE_NDIM = struct.Struct("<BB")
+_NNZ = struct.Struct("<Q")
+_SCALE = struct.Struct("<f")
 
 
 class MsgType(enum.IntEnum):
@@ -64,6 +83,8 @@ class MsgType(enum.IntEnum):
     ERROR = 7
     CHECKPOINT = 8
     CHECKPOINT_REPLY = 9
+    HELLO = 10
+    HELLO_REPLY = 11
 
 
 class ProtocolError(ValueError):
@@ -101,6 +122,44 @@ class FrameTimeout(ProtocolError, TimeoutError):
     """A frame that had started did not arrive completely within the frame timeout."""
 
     code = "frame_timeout"
+
+
+class UnknownEncoding(ProtocolError):
+    """The peer asked for an encoding this side does not speak."""
+
+    code = "encoding"
+
+
+@dataclass(frozen=True)
+class SparseTensor:
+    """A tensor of ``shape`` that is zero except at the flat ``indices`` (uint32, strictly increasing),
+    where it holds ``values``: a top-k commit on the wire.
+
+    >>> SparseTensor((2, 2), np.array([1, 2], np.uint32), np.array([5.0, 7.0], np.float32)).dense()
+    array([[0., 5.],
+           [7., 0.]], dtype=float32)
+    """
+
+    shape: tuple[int, ...]
+    indices: np.ndarray
+    values: np.ndarray
+
+    def dense(self) -> np.ndarray:
+        out = np.zeros(math.prod(self.shape), np.float32)
+        out[self.indices] = self.values
+        return out.reshape(self.shape)
+
+
+@dataclass(frozen=True)
+class ScaledTensor:
+    """int8 ``values`` standing for ``values * scale``: an int8 commit on the wire (the reader hands
+    the receiver the float32 product)."""
+
+    values: np.ndarray
+    scale: float
+
+
+WireTensor = np.ndarray | SparseTensor | ScaledTensor
 
 
 @dataclass(frozen=True)
@@ -163,7 +222,7 @@ class Frame:
     query_id: str = ""
     batch_id: int = -1
     seq: int = 0
-    tensors: Mapping[str, np.ndarray] = field(default_factory=dict)
+    tensors: Mapping[str, WireTensor] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -189,22 +248,18 @@ def encode(frame: Frame, secret: bytes | None = None) -> list[memoryview]:
     parts: list[memoryview] = []
     data_len = 0
     for name, value in frame.tensors.items():
-        array = np.asarray(value)
-        dtype = array.dtype.newbyteorder("<")
-        if dtype not in _CODES:
-            raise TypeError(f"tensor {name!r}: dtype {array.dtype} cannot be sent (float32, float64, int32, int64)")
-        array = np.asarray(array, dtype=dtype, order="C")
         raw = name.encode()
-        if len(raw) > MAX_NAME_BYTES or array.ndim > MAX_NDIM:
-            raise ValueError(f"tensor {name!r}: name longer than {MAX_NAME_BYTES} bytes or more than {MAX_NDIM} dims")
-        table += _NAME_LEN.pack(len(raw)) + raw + _DTYPE_NDIM.pack(_CODES[dtype], array.ndim)
-        table += struct.pack(f"<{array.ndim}Q", *array.shape)
-        if array.nbytes:
-            parts.append(array.reshape(-1).view(np.uint8).data)
-        pad = -array.nbytes % _ALIGN
-        if pad:
-            parts.append(memoryview(bytes(pad)))
-        data_len += array.nbytes + pad
+        entry, arrays = _table_entry(name, value)
+        if len(raw) > MAX_NAME_BYTES:
+            raise ValueError(f"tensor {name!r}: name longer than {MAX_NAME_BYTES} bytes")
+        table += _NAME_LEN.pack(len(raw)) + raw + entry
+        for array in arrays:
+            if array.nbytes:
+                parts.append(array.reshape(-1).view(np.uint8).data)
+            pad = -array.nbytes % _ALIGN
+            if pad:
+                parts.append(memoryview(bytes(pad)))
+            data_len += array.nbytes + pad
     meta = json.dumps(frame.meta, separators=(",", ":"), allow_nan=False).encode() if frame.meta else b""
     query = frame.query_id.encode()
     if len(query) > MAX_QUERY_ID_BYTES:
@@ -236,6 +291,39 @@ def encode(frame: Frame, secret: bytes | None = None) -> list[memoryview]:
             mac.update(part)
         buffers.append(memoryview(mac.digest()))
     return buffers
+
+
+def _table_entry(name: str, value: WireTensor) -> tuple[bytes, list[np.ndarray]]:
+    """A tensor's table entry after its name, and the arrays whose bytes go in the data section."""
+    if isinstance(value, SparseTensor):
+        values, flags, shape = _sendable(name, value.values), SPARSE, value.shape
+        indices = np.asarray(value.indices, dtype=_INDEX, order="C")
+        if values.ndim != 1 or indices.shape != values.shape:
+            raise ValueError(f"tensor {name!r}: sparse indices and values must be two vectors of one length")
+        extra, arrays = _NNZ.pack(len(values)), [indices, values]
+    elif isinstance(value, ScaledTensor):
+        values, flags = np.asarray(value.values, order="C"), SCALED
+        if values.dtype != _INT8 or not math.isfinite(value.scale):
+            raise ValueError(f"tensor {name!r}: a scaled tensor is int8 values and a finite scale")
+        shape, extra, arrays = values.shape, _SCALE.pack(value.scale), [values]
+    else:
+        values, flags = _sendable(name, value), 0
+        shape, extra, arrays = values.shape, b"", [values]
+    if len(shape) > MAX_NDIM:
+        raise ValueError(f"tensor {name!r}: more than {MAX_NDIM} dims")
+    entry = _DTYPE_NDIM.pack(_CODES[values.dtype] | flags, len(shape)) + struct.pack(f"<{len(shape)}Q", *shape)
+    return entry + extra, arrays
+
+
+def _sendable(name: str, value: np.ndarray) -> np.ndarray:
+    """``value`` as a little-endian C array of a dtype the protocol carries unscaled."""
+    array = np.asarray(value)
+    dtype = array.dtype.newbyteorder("<")
+    if dtype not in _CODES or dtype == _INT8:
+        raise TypeError(
+            f"tensor {name!r}: dtype {array.dtype} cannot be sent (float16, float32, float64, int32, int64)"
+        )
+    return np.asarray(array, dtype=dtype, order="C")
 
 
 def send_frame(sock: socket.socket, frame: Frame, secret: bytes | None = None) -> int:
@@ -370,8 +458,8 @@ class FrameReader:
             got += n
 
 
-def _decode_tensors(table: memoryview, data: np.ndarray) -> dict[str, np.ndarray]:
-    tensors: dict[str, np.ndarray] = {}
+def _decode_tensors(table: memoryview, data: np.ndarray) -> dict[str, np.ndarray | SparseTensor]:
+    tensors: dict[str, np.ndarray | SparseTensor] = {}
     pos = offset = 0
     try:
         while pos < len(table):
@@ -381,16 +469,36 @@ def _decode_tensors(table: memoryview, data: np.ndarray) -> dict[str, np.ndarray
             name = bytes(table[pos + 2 : pos + 2 + name_len]).decode()
             code, ndim = _DTYPE_NDIM.unpack_from(table, pos + 2 + name_len)
             pos += 4 + name_len
-            if code not in _DTYPES or ndim > MAX_NDIM:
-                raise ProtocolError(f"tensor {name!r}: unknown dtype code {code} or {ndim} dims (max {MAX_NDIM})")
+            flags, code = code & (SPARSE | SCALED), code & ~(SPARSE | SCALED)
+            allowed = (SCALED,) if code == 6 else (0, SPARSE)  # int8 only scaled, and nothing sparse and scaled
+            if code not in _DTYPES or ndim > MAX_NDIM or flags not in allowed:
+                raise ProtocolError(
+                    f"tensor {name!r}: unknown dtype code {code} (flags 0x{flags:02x}) or {ndim} dims (max {MAX_NDIM})"
+                )
             shape = struct.unpack_from(f"<{ndim}Q", table, pos)
             pos += 8 * ndim
-            dtype = _DTYPES[code]
-            nbytes = math.prod(shape) * dtype.itemsize
-            if name in tensors or offset + nbytes > data.size:
-                raise ProtocolError(f"tensor {name!r}: duplicate, or its {nbytes} bytes overrun the data section")
-            tensors[name] = data[offset : offset + nbytes].view(dtype).reshape(shape)
-            offset += nbytes + (-nbytes % _ALIGN)
+            count = math.prod(shape)
+            if flags & SPARSE:
+                (count,) = _NNZ.unpack_from(table, pos)
+                pos += _NNZ.size
+                if count > math.prod(shape) or math.prod(shape) > 1 << 32:
+                    raise ProtocolError(f"tensor {name!r}: {count} sparse values for shape {shape}")
+            if flags & SCALED:
+                (scale,) = _SCALE.unpack_from(table, pos)
+                pos += _SCALE.size
+                if not math.isfinite(scale):
+                    raise ProtocolError(f"tensor {name!r}: scale {scale} is not finite")
+            if name in tensors:
+                raise ProtocolError(f"tensor {name!r}: duplicate")
+            indices = None
+            if flags & SPARSE:
+                indices, offset = _section(name, data, offset, _INDEX, count)
+                if count and (indices[-1] >= math.prod(shape) or (np.diff(indices.astype(np.int64)) <= 0).any()):
+                    raise ProtocolError(f"tensor {name!r}: sparse indices out of range or not strictly increasing")
+            values, offset = _section(name, data, offset, _DTYPES[code], count)
+            if flags & SCALED:
+                values = values.astype(np.float32) * np.float32(scale)
+            tensors[name] = values.reshape(shape) if indices is None else SparseTensor(shape, indices, values)
     except ProtocolError:
         raise
     except (struct.error, UnicodeDecodeError, ValueError, OverflowError) as exc:  # e.g. dims (0, 2**63): no array
@@ -398,6 +506,14 @@ def _decode_tensors(table: memoryview, data: np.ndarray) -> dict[str, np.ndarray
     if offset != data.size:
         raise ProtocolError(f"data section is {data.size} bytes but the tensor table describes {offset}")
     return tensors
+
+
+def _section(name: str, data: np.ndarray, offset: int, dtype: np.dtype, count: int) -> tuple[np.ndarray, int]:
+    """``count`` items of ``dtype`` at ``offset`` of the data section (a view), and the next offset."""
+    nbytes = count * dtype.itemsize
+    if offset + nbytes > data.size:
+        raise ProtocolError(f"tensor {name!r}: its {nbytes} bytes overrun the data section")
+    return data[offset : offset + nbytes].view(dtype), offset + nbytes + (-nbytes % _ALIGN)
 
 
 def _decode_meta(raw: memoryview) -> dict[str, Any]:

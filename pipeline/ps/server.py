@@ -29,6 +29,7 @@ import numpy as np
 
 from pipeline.ps.algorithms import CommitRejected, UpdateRule
 from pipeline.ps.checkpoint import Checkpoint, CheckpointError, Snapshot
+from pipeline.ps.encoding import ENCODINGS, pull_tensors
 from pipeline.ps.meta import CommitMeta, QueryRecord
 from pipeline.ps.metrics import ServerMetrics
 from pipeline.ps.periodic import Periodic
@@ -41,12 +42,16 @@ from pipeline.ps.protocol import (
     FrameReader,
     MsgType,
     ProtocolError,
+    SparseTensor,
     TruncatedFrame,
+    UnknownEncoding,
+    WireTensor,
     checked_secret,
     error_frame,
     send_frame,
     settings_secret,
 )
+from pipeline.ps.throttle import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +223,7 @@ class CenterState:
 
     def commit(
         self,
-        delta: Mapping[str, np.ndarray],
+        delta: Mapping[str, WireTensor],
         *,
         pulled: int,
         tag: CommitTag = CommitTag(),
@@ -227,11 +232,12 @@ class CenterState:
         """Apply a commit through the rule unless its tag was already applied.
 
         ``pulled`` is the counter the worker last pulled; staleness is how many updates landed since.
-        ``delta`` arrays are only read during the call (they may be views of a receive buffer).
+        ``delta`` arrays are only read during the call (they may be views of a receive buffer);
+        sparse tensors (top-k commits) are made dense once their shape is checked.
         A delta without tensors, or metadata outside :class:`~pipeline.ps.meta.CommitMeta`, is
         rejected (:class:`CommitRejected`) before anything changes.
         """
-        delta = self._checked(delta)
+        delta = self._checked(self._densified(delta))
         checked_meta = CommitMeta.parse(meta)
         with self._cond:
             if self._guard.seen(tag):
@@ -292,6 +298,17 @@ class CenterState:
         with self._cond:
             self._cond.notify_all()
 
+    def _densified(self, delta: Mapping[str, WireTensor]) -> dict[str, np.ndarray]:
+        """``delta`` with its sparse tensors made dense, each once its shape is known to be the center's."""
+        dense = {}
+        for name, wire in delta.items():
+            if isinstance(wire, SparseTensor):
+                if wire.shape != self.shapes.get(name):
+                    raise CommitRejected(f"sparse tensor {name!r}: shape {wire.shape} is not a center tensor's")
+                wire = wire.dense()
+            dense[name] = np.asarray(wire)
+        return dense
+
     def _checked(self, delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not delta:
             raise CommitRejected("the commit has no tensors")
@@ -323,7 +340,10 @@ class ParameterServer:
     while handling a request is answered on its own connection; other clients are unaffected.
 
     ``secret`` turns on HMAC (an empty one is an error). With a ``checkpoint``, a CHECKPOINT request
-    writes it synchronously; without one it is answered ``no_checkpoint``.
+    writes it synchronously; without one it is answered ``no_checkpoint``. A connection's first frame
+    may be a HELLO naming an encoding (:mod:`pipeline.ps.encoding`; float32 otherwise): its pulls are
+    sent in it, an unknown one gets an ``encoding`` ERROR. ``link_bytes_per_s`` holds all
+    connections together to that rate each way (:mod:`pipeline.ps.throttle`).
 
     >>> import numpy as np
     >>> from pipeline.ps.algorithms import UpdateRule
@@ -354,6 +374,7 @@ class ParameterServer:
         on_publish: PublishCallback | None = None,
         publish_every_updates: int = 100,
         publish_every_s: float = 20.0,
+        link_bytes_per_s: float | None = None,
     ):
         self.state = state
         self._bind = (host, port)
@@ -392,6 +413,7 @@ class ParameterServer:
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._bytes = {"in": 0, "out": 0}
+        self._link = {way: TokenBucket(link_bytes_per_s) for way in ("in", "out")} if link_bytes_per_s else None
 
     @classmethod
     def from_settings(cls, state: CenterState, settings, *, port: int | None = None, **kwargs: Any) -> ParameterServer:
@@ -409,6 +431,7 @@ class ParameterServer:
             checkpoint_every_s=settings.ps_checkpoint_every_s,
             publish_every_updates=settings.ps_publish_every_updates,
             publish_every_s=settings.ps_publish_every_s,
+            link_bytes_per_s=settings.ps_link_mbps * 1e6 if settings.ps_link_mbps else None,
             **kwargs,
         )
 
@@ -524,6 +547,7 @@ class ParameterServer:
     def _converse(self, conn: socket.socket, peer: str) -> None:
         reader = FrameReader(conn, secret=self._secret, max_frame_bytes=self._max_frame_bytes, reuse_buffer=True)
         idle_timeout = min(self._io_timeout, self._idle_timeout)  # a new connection must speak soon
+        link = _Link()
         while not self._stopping.is_set():
             try:
                 request = reader.read(idle_timeout=idle_timeout, frame_timeout=self._io_timeout)
@@ -545,21 +569,30 @@ class ParameterServer:
             idle_timeout = self._idle_timeout
             with self._lock:
                 self._bytes["in"] += reader.last_size
-            reply, keep_open = self._handle(request, peer)
+            if self._link:
+                self._link["in"].take(reader.last_size)
+            reply, keep_open = self._handle(request, peer, link)
             if not self._send(conn, reply) or not keep_open:
                 _linger(conn)
                 return
 
-    def _handle(self, request: Frame, peer: str) -> tuple[Frame, bool]:
+    def _handle(self, request: Frame, peer: str, link: _Link) -> tuple[Frame, bool]:
         """The reply to one request, and whether the connection stays open."""
         try:
+            if request.type == MsgType.HELLO:
+                encoding = request.meta.get("encoding")
+                if encoding not in ENCODINGS:
+                    raise UnknownEncoding(f"unknown encoding {encoding!r}; this server speaks {', '.join(ENCODINGS)}")
+                link.encoding = encoding
+                return Frame(MsgType.HELLO_REPLY, counter=self.state.counter, meta={"encoding": encoding}), True
             if request.type == MsgType.PULL:
                 wait_s = request.meta.get("wait_s", 0.0)
                 if not isinstance(wait_s, (int, float)) or not wait_s >= 0:
                     raise ProtocolError("wait_s must be a non-negative number of seconds")
                 weights, counter = self.state.pull(request.worker_id, request.counter, min(wait_s, self._idle_timeout))
                 self.metrics.pulls.inc()
-                return Frame(MsgType.WEIGHTS, counter=counter, worker_id=request.worker_id, tensors=weights), True
+                tensors = pull_tensors(weights, link.encoding)
+                return Frame(MsgType.WEIGHTS, counter=counter, worker_id=request.worker_id, tensors=tensors), True
             if request.type == MsgType.COMMIT:
                 tag = CommitTag(request.query_id, request.batch_id, request.worker_id, request.seq)
                 ack = self.state.commit(request.tensors, pulled=request.counter, tag=tag, meta=request.meta)
@@ -625,7 +658,16 @@ class ParameterServer:
             sent, sent_frame = send_frame(conn, failed, self._secret), False
         with self._lock:
             self._bytes["out"] += sent
+        if self._link:
+            self._link["out"].take(sent)
         return sent_frame
+
+
+@dataclass
+class _Link:
+    """What one connection negotiated: the encoding its pulls are sent in."""
+
+    encoding: str = "float32"
 
 
 def _linger(conn: socket.socket) -> None:

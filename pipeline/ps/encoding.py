@@ -1,0 +1,121 @@
+"""How commits and pulls travel: the encodings a worker and the parameter server negotiate per
+connection (a HELLO frame), and the worker's error feedback.
+
+A commit of the default model is 4 MB of float32. ``float16`` halves it, ``int8`` (one float32 scale
+per tensor) quarters it, and ``topk`` sends only the largest ``topk_fraction`` of each tensor's
+entries as indices and values. Every lossy encoding keeps what it did not send -- the residual, the
+delta minus what the server will decode -- and adds it to the next delta (error feedback: Seide et
+al., "1-bit SGD", Interspeech 2014; Stich, Cordonnier, Jaggi, "Sparsified SGD with Memory", NeurIPS
+2018), and a worker's run ends by sending what is left exactly (:meth:`Encoder.flush`), so nothing
+is lost. Pulls come back as float32 for ``float32`` and as float16 otherwise (a tensor outside
+float16's range stays float32).
+
+>>> encoder = Encoder("topk", topk_fraction=0.5)
+>>> sent = encoder.encode({"w": np.array([1.0, -4.0, 0.5, 3.0], np.float32)})["w"]
+>>> sent.indices, sent.values
+(array([1, 3], dtype=uint32), array([-4.,  3.], dtype=float32))
+>>> encoder.encode({"w": np.zeros(4, np.float32)})["w"].values   # the residual goes next
+array([1. , 0.5], dtype=float32)
+>>> encoder.flush()["w"].indices.size   # everything has been sent: an empty sparse tensor
+0
+>>> encoder.flush() is None   # nothing encoded since
+True
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal, Mapping, get_args
+
+import numpy as np
+
+from pipeline.ps.protocol import ScaledTensor, SparseTensor, WireTensor
+
+Encoding = Literal["float32", "float16", "int8", "topk"]
+ENCODINGS: tuple[str, ...] = get_args(Encoding)
+"""What ``ps_encoding`` may name; ``float32`` sends deltas as they are (no residual)."""
+
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+class Encoder:
+    """One worker connection's commit encoding and its residual (per tensor)."""
+
+    def __init__(self, encoding: str = "float32", *, topk_fraction: float = 0.05):
+        if encoding not in ENCODINGS:
+            raise ValueError(f"unknown parameter-server encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+        if not 0 < topk_fraction <= 1:
+            raise ValueError(f"topk_fraction must be in (0, 1], not {topk_fraction}")
+        self.encoding = encoding
+        self.exact = encoding == "float32"
+        self._lossy: Callable[[np.ndarray], tuple[WireTensor, np.ndarray]] = {
+            "float32": lambda x: (x, np.zeros_like(x)),
+            "float16": _float16,
+            "int8": _int8,
+            "topk": lambda x: _topk(x, topk_fraction),
+        }[encoding]
+        self._residual: dict[str, np.ndarray] = {}
+
+    def encode(self, delta: Mapping[str, np.ndarray]) -> dict[str, WireTensor]:
+        """What to send for ``delta``: each tensor plus its residual, encoded; the new residual is kept."""
+        if self.exact:
+            return dict(delta)
+        sent: dict[str, WireTensor] = {}
+        for name, value in delta.items():
+            target = np.asarray(value, np.float32)
+            if name in self._residual:
+                target = target + self._residual[name]
+            sent[name], self._residual[name] = self._lossy(target)
+        return sent
+
+    def flush(self) -> dict[str, WireTensor] | None:
+        """The residual, exactly (float32, sparse where that is smaller), and forget it; None when
+        nothing was encoded since the last flush. After a lossy encode there is always a commit to
+        send, an empty sparse tensor at least, so every worker of a synchronous round sends one."""
+        if not self._residual:
+            return None
+        held = {name: value for name, value in self._residual.items() if value.any()}
+        first = next(iter(self._residual.items()))
+        self._residual = {}
+        return {name: _exact(value) for name, value in (held or dict([first])).items()}
+
+
+def pull_tensors(weights: Mapping[str, np.ndarray], encoding: str) -> dict[str, np.ndarray]:
+    """What a pull sends over a connection that negotiated ``encoding``."""
+    if encoding == "float32":
+        return dict(weights)
+    return {name: _half_if_in_range(value) for name, value in weights.items()}
+
+
+def _half_if_in_range(value: np.ndarray) -> np.ndarray:
+    return value.astype(np.float16) if not value.size or np.abs(value).max() <= _FLOAT16_MAX else value
+
+
+def _float16(x: np.ndarray) -> tuple[WireTensor, np.ndarray]:
+    half = np.clip(x, -_FLOAT16_MAX, _FLOAT16_MAX).astype(np.float16)  # the residual keeps any excess
+    return half, x - half.astype(np.float32)
+
+
+def _int8(x: np.ndarray) -> tuple[WireTensor, np.ndarray]:
+    largest = float(np.abs(x).max()) if x.size else 0.0
+    scale = largest / 127 if largest else 1.0
+    quantised = np.clip(np.rint(x / np.float32(scale)), -127, 127).astype(np.int8)
+    return ScaledTensor(quantised, scale), x - quantised.astype(np.float32) * np.float32(scale)
+
+
+def _topk(x: np.ndarray, fraction: float) -> tuple[WireTensor, np.ndarray]:
+    flat = x.reshape(-1)
+    k = math.ceil(fraction * flat.size)
+    if k >= flat.size:
+        return x, np.zeros_like(x)
+    indices = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]).astype(np.uint32)
+    residual = flat.copy()
+    residual[indices] = 0
+    return SparseTensor(x.shape, indices, flat[indices]), residual.reshape(x.shape)
+
+
+def _exact(value: np.ndarray) -> WireTensor:
+    indices = np.flatnonzero(value)
+    if indices.size * 2 >= value.size or value.size > 1 << 32:  # index + value cost twice a dense entry
+        return value
+    return SparseTensor(value.shape, indices.astype(np.uint32), value.reshape(-1)[indices])
