@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -12,6 +13,7 @@ keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
 from pipeline.bundle import ModelBundle  # noqa: E402
+from pipeline.cli import main  # noqa: E402
 from pipeline.keras_export import ExportError, export_keras, export_savedmodel  # noqa: E402
 from pipeline.keras_import import KerasImportError, import_keras  # noqa: E402
 from pipeline.registry import Registry  # noqa: E402
@@ -83,7 +85,7 @@ def test_refused_before_keras_runs_anything(tmp_path):
     _, function_path = sequential(tmp_path, keras.layers.Dense(4, activation=lambda x: x * 2), name="function.keras")
     _, sigmoid_path = sequential(tmp_path, output=keras.layers.Dense(3, activation="sigmoid"), name="sigmoid.keras")
     for path, message in [
-        (lambda_path, "a 'Lambda' layer 'lambda': it runs Python code"),
+        (lambda_path, "a 'Lambda' layer '.*': it runs Python code"),
         (custom_path, "custom 'Doubling' layer"),
         (function_path, "a Python function as 'activation'"),
         (sigmoid_path, "must end in a softmax"),
@@ -148,3 +150,39 @@ def test_export_savedmodel_and_keras_answer_as_streamfit_does(tmp_path):
     assert {name: value.shape for name, value in again_weights.items()} == spec.weight_shapes
     for name, value in weights.items():
         np.testing.assert_array_equal(again_weights[name], value)
+
+
+def test_models_cli_import_annotate_export_and_delete_alias(tmp_path, monkeypatch, capsys):
+    for key in [k for k in os.environ if k.startswith("STREAMFIT_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("STREAMFIT_HOME", str(tmp_path / "home"))
+
+    def streamfit(*args, code: int = 0) -> str:
+        assert main(["models", *map(str, args)]) == code
+        out, err = capsys.readouterr()
+        return out + err
+
+    model, path = sequential(tmp_path)
+    _, lambda_path = sequential(tmp_path, keras.layers.Lambda(lambda x: x + 1), name="lambda.keras")
+    assert "'Lambda' layer" in streamfit("import", "refused", "--keras", lambda_path, code=1)
+    out = streamfit(
+        "import", "churn", "--keras", path, "--features", ",".join(FEATURES), "--classes", "stay,leave,upgrade",
+        "--description", "trained offline", "--tag", "team=growth",
+    )  # fmt: skip
+    assert "standardisation from its Normalization layer): version 1 is champion" in out
+    registry = Registry(tmp_path / "home" / "registry")
+    spec = registry.spec("churn")
+    assert (spec.feature_names, spec.classes, spec.builder) == (FEATURES, ["stay", "leave", "upgrade"], "keras_config")
+    np.testing.assert_allclose(
+        registry.load("churn").predict_proba(ROWS), model(ROWS, training=False).numpy(), rtol=1e-6, atol=1e-7
+    )
+    registry.set_alias("churn", "candidate", 1)
+    assert "trained offline" in streamfit("show", "models:/churn@candidate")
+    streamfit("annotate", "models:/churn@champion", "--tag", "stage=prod", "--remove-tag", "team")
+    assert registry.meta("churn", 1)["tags"] == {"stage": "prod"}
+    assert "churn: alias candidate (was version 1) deleted" in streamfit("delete-alias", "churn", "candidate")
+    assert "no 'candidate' alias" in streamfit("export", "churn", "--alias", "candidate", tmp_path / "out", code=1)
+    out = streamfit("export", "models:/churn@champion", "--format", "savedmodel", tmp_path / "serving")
+    assert f"exported churn version 1 as savedmodel to {tmp_path / 'serving' / '1'}" in out
+    assert (tmp_path / "serving" / "1" / "saved_model.pb").exists()
+    assert "churn-v1.keras" in streamfit("export", "churn", "--version", "1", "--format", "keras", tmp_path / "k")

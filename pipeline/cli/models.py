@@ -1,10 +1,13 @@
-"""``streamfit models``: create, list and inspect the registry's models; promote and roll back.
+"""``streamfit models``: create, import, list and inspect the registry's models; promote and roll back;
+describe and tag versions; export one for TensorFlow Serving or Keras.
 
-Only ``create`` builds a model; the rest read JSON and move aliases.
+Only ``create``, ``import`` and ``export`` build a model; the rest read JSON and move aliases.
+Wherever a version is named, ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION`` (MLflow's URIs) name it too.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -42,15 +45,48 @@ def register(subparsers) -> None:
         func=run, action_func=_list
     )
 
+    imported = actions.add_parser(
+        "import", help="a new model from a Keras 3 classifier (.keras); its weights are version 1, the champion"
+    )
+    imported.add_argument("name", help="model name (letters, digits, . _ -)")
+    imported.add_argument("--keras", required=True, metavar="FILE", help="the model.keras file (Keras 3)")
+    imported.add_argument("--features", type=_names, help="feature names, comma-separated (default f0, f1, ...)")
+    imported.add_argument("--classes", type=_labels, help="class labels, comma-separated (default 0, 1, ...)")
+    _describing(imported)
+    imported.set_defaults(func=run, action_func=_import)
+
+    export = actions.add_parser("export", help="write a version as a TensorFlow SavedModel or a .keras file")
+    export.add_argument("name", help="model name or models:/NAME@ALIAS URI")
+    which = export.add_mutually_exclusive_group()
+    which.add_argument("--version", help="version to export (default: the champion)")
+    which.add_argument("--alias", help="export the version this alias names")
+    export.add_argument("--format", choices=("savedmodel", "keras"), default="savedmodel", help="default %(default)s")
+    export.add_argument("directory", help="SavedModel: written to DIR/<version> (TF Serving's model_base_path)")
+    export.set_defaults(func=run, action_func=_export)
+
     show = actions.add_parser("show", help="a model's spec, aliases and versions, or one version's metadata")
-    show.add_argument("name")
-    show.add_argument("--version", type=int, help="show this version's metadata")
+    show.add_argument("name", help="model name, or a models:/ URI to show that version")
+    show.add_argument("--version", help="show this version's metadata (a number, an alias or a models:/ URI)")
     show.set_defaults(func=run, action_func=_show)
+
+    annotate = actions.add_parser("annotate", help="set a version's description and tags")
+    annotate.add_argument("name", help="model name or models:/ URI")
+    annotate.add_argument("--version", help="version to annotate (default: the champion)")
+    _describing(annotate)
+    annotate.add_argument("--remove-tag", action="append", default=[], metavar="KEY", help="repeatable")
+    annotate.set_defaults(func=run, action_func=_annotate)
 
     promote = actions.add_parser("promote", help="move champion to a version (default: the candidate)")
     promote.add_argument("name")
-    promote.add_argument("--version", type=int, help="version to promote (default: the candidate alias)")
+    promote.add_argument(
+        "--version", help="version to promote: a number, an alias or a models:/ URI (default: candidate)"
+    )
     promote.set_defaults(func=run, action_func=_promote)
+
+    delete_alias = actions.add_parser("delete-alias", help="remove an alias (champion only moves: promote, rollback)")
+    delete_alias.add_argument("name")
+    delete_alias.add_argument("alias")
+    delete_alias.set_defaults(func=run, action_func=_delete_alias)
 
     rollback = actions.add_parser("rollback", help="move champion back to the previous champion")
     rollback.add_argument("name")
@@ -74,11 +110,7 @@ def run(args) -> int:
 def _create(registry, args) -> int:
     from pipeline.bundle import ModelBundle
 
-    if not re.fullmatch(NAME_PATTERN, args.name):
-        raise ValueError(
-            f"bad model name {args.name!r}: up to 128 letters, digits, '.', '_' or '-', "
-            "not starting with '.', '_' or '-'"
-        )
+    _checked_name(args.name)
     spec = ModelSpec.model_validate(BUILTIN_SPECS[args.spec].model_dump() | {"name": args.name})
     if args.exist_ok and args.name in registry.models():
         if registry.aliases(args.name).get("champion") is not None:
@@ -94,6 +126,56 @@ def _create(registry, args) -> int:
         f"created model {spec.name!r} from spec {args.spec} ({bundle.n_parameters:,} parameters): "
         f"version {version} is champion, at {event['uri']}"
     )
+    return 0
+
+
+def _checked_name(name: str) -> str:
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise ValueError(
+            f"bad model name {name!r}: up to 128 letters, digits, '.', '_' or '-', not starting with '.', '_' or '-'"
+        )
+    return name
+
+
+def _import(registry, args) -> int:
+    from pipeline.keras_import import import_keras
+
+    spec, weights = import_keras(args.keras, _checked_name(args.name), args.features, args.classes)
+    registry.create_model(spec)
+    version = registry.register(
+        spec.name, weights, algorithm="import", description=args.description or "", tags=dict(args.tag)
+    )
+    event = registry.set_alias(spec.name, "champion", version)
+    print(
+        f"imported {args.keras} as model {spec.name!r} ({spec.n_features} features, classes {spec.classes}, "
+        f"standardisation {'from its Normalization layer' if spec.standardisation else 'identity'}): "
+        f"version {version} is champion, at {event['uri']}"
+    )
+    return 0
+
+
+def _export(registry, args) -> int:
+    from pipeline.keras_export import export_keras, export_savedmodel
+
+    model, version = registry.locate(args.name, args.alias or args.version or "champion")
+    path = (export_savedmodel if args.format == "savedmodel" else export_keras)(
+        registry.load(model, version), args.directory
+    )
+    print(f"exported {model} version {version} as {args.format} to {path}")
+    return 0
+
+
+def _annotate(registry, args) -> int:
+    model, version = registry.locate(args.name, args.version or "champion")
+    meta = registry.annotate(
+        model, version, description=args.description, tags=dict(args.tag), remove_tags=tuple(args.remove_tag)
+    )
+    print(f"{model} version {version}: description {meta['description']!r}, tags {_text(meta['tags'])}")
+    return 0
+
+
+def _delete_alias(registry, args) -> int:
+    print(f"{args.name}: alias {args.alias} (was version {registry.delete_alias(args.name, args.alias)}) deleted")
     return 0
 
 
@@ -116,12 +198,10 @@ def _list(registry, args) -> int:
 
 
 def _show(registry, args) -> int:
-    if args.version is not None:
+    if args.version is not None or args.name.startswith("models:/"):
+        model, version = registry.locate(args.name, args.version)
         table = _table("field", "value", wrap="value")
-        for key, value in {
-            **registry.meta(args.name, args.version),
-            "uri": registry.uri(args.name, args.version),
-        }.items():
+        for key, value in {**registry.meta(model, version), "uri": registry.uri(model, version)}.items():
             table.add_row(key, _when(value) if key == "created_at" else _text(value))
         _print(table)
         return 0
@@ -136,7 +216,9 @@ def _show(registry, args) -> int:
     by_version: dict[int, list[str]] = {}
     for alias, version in aliases.items():
         by_version.setdefault(version, []).append(alias)
-    table = _table("version", "aliases", "parent", "algorithm", "updates", "metrics", "created (UTC)", wrap="metrics")
+    table = _table(
+        "version", "aliases", "parent", "algorithm", "updates", "metrics", "created (UTC)", "tags", "description"
+    )
     for version in registry.versions(args.name):
         meta = registry.meta(args.name, version)
         table.add_row(
@@ -147,13 +229,16 @@ def _show(registry, args) -> int:
             str(meta["updates"]),
             _text(meta["metrics"]),
             _when(meta["created_at"]),
+            _text(meta.get("tags") or None),
+            meta.get("description", ""),
         )
     _print(table)
     return 0
 
 
 def _promote(registry, args) -> int:
-    return _move(registry, args.name, lambda: registry.promote(args.name, args.version))
+    version = None if args.version is None else registry.resolve(args.name, args.version)
+    return _move(registry, args.name, lambda: registry.promote(args.name, version))
 
 
 def _rollback(registry, args) -> int:
@@ -165,6 +250,29 @@ def _move(registry, name: str, move) -> int:
     event = move()
     print(f"{name}: champion {_text(before)} -> {event['version']}")
     return 0
+
+
+def _describing(parser) -> None:
+    parser.add_argument("--description", help="free text about the version (MLflow's description)")
+    parser.add_argument(
+        "--tag", type=_tag, action="append", default=[], metavar="KEY=VALUE", help="a version tag; repeatable"
+    )
+
+
+def _tag(text: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not equals:
+        raise argparse.ArgumentTypeError(f"a tag is KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",")]
+
+
+def _labels(text: str) -> list[int | str]:
+    """Comma-separated class labels; whole numbers stay numbers (0, 1, ...)."""
+    return [int(label) if label.isdigit() else label for label in _names(text)]
 
 
 def _text(value) -> str:
