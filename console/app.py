@@ -253,6 +253,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError:
         sock.bind((host, 0))
+    sock.listen(128)  # connections wait for uvicorn instead of being refused while it starts
     return sock
 
 

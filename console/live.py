@@ -1,8 +1,10 @@
 """The pipeline's live figures for the console: :class:`~pipeline.status.StatusBoard`'s, sampled each second.
 
 The board is the one ``streamfit up`` draws in the terminal (throughput from the topics' end offsets,
-the registry's aliases, serving's ``/metrics``, each query's lag); its training history comes from the
-``training-metrics`` topic here. Each sample says which source could not be reached.
+the registry's aliases, serving's ``/metrics``); its training history comes from the ``training-metrics``
+topic here. The queries' lag (:class:`~pipeline.spark.lag.QueryLag`, known to the process that runs them)
+is measured in a thread of its own: it reads a record per partition, which takes longer than a second on
+a busy machine, and the rates should not wait for it. Each sample says which source could not be reached.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pipeline.status import Figures, StatusBoard
 log = logging.getLogger(__name__)
 
 SAMPLE_EVERY_S = 1.0
+LAG_EVERY_S = 3.0
 
 
 class LiveView:
@@ -39,43 +42,54 @@ class LiveView:
         lags: Mapping[str, QueryLag] | None = None,
     ):
         self.settings, self.bootstrap, self.serve_url = settings, bootstrap, serve_url
-        self.training_history, self.feed_problem, self.lags = training_history, feed_problem, lags
-        self.latest: dict = {"sources": {"kafka": "not sampled yet", "serving": None, "registry": None}}
+        self.training_history, self.feed_problem, self.lags = training_history, feed_problem, lags or {}
+        self.latest: dict = {"at": None, "sources": {}}
+        self._lag: dict[str, dict | None] = {}
         self._board: StatusBoard | None = None
         self._previous: Figures | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="console-live", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._every, args=(SAMPLE_EVERY_S, self._sample), name="console-live", daemon=True),
+            threading.Thread(
+                target=self._every, args=(LAG_EVERY_S, self._measure_lag), name="console-lag", daemon=True
+            ),
+        ]
 
     def start(self) -> LiveView:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        for thread in self._threads:
+            thread.join(timeout=10)
         if self._board is not None:
             self._board.close()
 
-    def _run(self) -> None:
-        while not self._stop.wait(SAMPLE_EVERY_S):
+    def _every(self, interval_s: float, step: Callable[[], None]) -> None:
+        while not self._stop.wait(interval_s):
             try:
-                self.latest = self.sample()
-            except Exception:
+                step()
+            except Exception:  # a bug in one sample must not end the live view: logged with its traceback
                 log.exception("console: sampling the pipeline failed")
+
+    def _sample(self) -> None:
+        self.latest = self.sample()
+
+    def _measure_lag(self) -> None:
+        for query, lag in self.lags.items():
+            behind = lag.measure()
+            self._lag[query] = behind and {"records": behind[0], "seconds": behind[1]}
 
     def sample(self) -> dict:
         if self._board is None:
             try:
-                self._board = StatusBoard(
-                    self.settings, self.bootstrap(), self.serve_url, self.training_history, self.lags
-                )
+                self._board = StatusBoard(self.settings, self.bootstrap(), self.serve_url, self.training_history)
             except (KafkaError, StreamfitError, OSError) as exc:
                 return {"at": time.time(), "sources": {"kafka": f"Kafka: {exc}"}}
         figures = self._board.sample()
-        view = dataclasses.asdict(figures) | {"at": time.time()}
-        view["lag"] = {
-            query: behind and {"records": behind[0], "seconds": behind[1]} for query, behind in figures.lag.items()
-        }
+        view = dataclasses.asdict(figures) | {"at": time.time(), "lag": dict(self._lag)}
         for total, rate in (("dead_letters", "dead_letters_per_s"), ("trained_events", "trained_per_s")):
             view[rate] = _rate(figures, self._previous, total)
         self._previous = figures

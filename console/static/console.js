@@ -51,9 +51,9 @@ async function getJSON(url, part) {
 
 // ---------------------------------------------------------------------------------------------- Pipeline
 const NODES = {
-  producer: [70, 150, "producer"], events: [230, 150, "events"], predict: [420, 60, "predict"], train: [420, 240, "train"],
-  predictions: [610, 60, "predictions"], ps: [610, 240, "parameter server"], registry: [800, 240, "registry"],
-  serving: [800, 60, "serving"], dlq: [230, 300, "events.dlq"],
+  producer: [80, 150, "producer"], events: [290, 150, "events"], predict: [480, 60, "predict"], train: [480, 240, "train"],
+  predictions: [680, 60, "predictions"], ps: [680, 240, "parameter server"], registry: [860, 240, "registry"],
+  serving: [860, 60, "serving"], dlq: [290, 300, "events.dlq"],
 };
 const ARROWS = [
   ["producer", "events", "events_per_s", "/s"], ["events", "predict", "predictions_per_s", "/s"], ["events", "train", "trained_per_s", "/s"],
@@ -62,7 +62,7 @@ const ARROWS = [
 ];
 
 function diagram() {
-  const box = svg("svg", { viewBox: "0 0 900 340", role: "img", "aria-label": "pipeline diagram" });
+  const box = svg("svg", { viewBox: "0 0 940 340", role: "img", "aria-label": "pipeline diagram" });
   const defs = svg("defs");
   const head = svg("marker", { id: "head", viewBox: "0 0 10 10", refX: "10", refY: "5", markerWidth: "7", markerHeight: "7", orient: "auto" });
   head.append(svg("path", { d: "M0,0 L10,5 L0,10 z", fill: "#475569" }));
@@ -149,11 +149,11 @@ function markersOf(data) {
   return marks.sort((a, b) => a.at - b.at);
 }
 
-function chart(title, batches, series, marks, from, to) {
+function chart(title, batches, series, marks, from, to, bounds) {
   const W = 900, H = 220, L = 50, R = 10, T = 10, B = 30;
   const box = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": title });
   const values = batches.flatMap((b) => series.map(([key]) => b[key])).filter((v) => v !== null && v !== undefined);
-  const lo = Math.min(0, ...values), hi = Math.max(1e-9, ...values);
+  const [lo, hi] = bounds || [Math.min(0, ...values), Math.max(1e-9, ...values)];
   const x = (t) => L + ((t - from) / Math.max(1, to - from)) * (W - L - R);
   const y = (v) => T + (1 - (v - lo) / (hi - lo || 1)) * (H - T - B);
   box.append(svg("line", { class: "axis", x1: L, y1: H - B, x2: W - R, y2: H - B }), svg("line", { class: "axis", x1: L, y1: T, x2: L, y2: H - B }));
@@ -183,7 +183,7 @@ async function drawLearning() {
   const rows = marks.slice().reverse().map((m) => el("tr", { class: "marker" }, el("td", { text: when(m.at) }), el("td", { class: m.kind, text: m.kind }), el("td", { text: m.text })));
   document.getElementById("learning-body").replaceChildren(
     el("p", { class: "note", text: `${data.model}: ${fmt(batches.length)} training micro-batches in view` }),
-    chart("Prequential accuracy", batches, [["accuracy", "#94a3b8"], ["window_accuracy", "#2563eb"]], marks, from, now),
+    chart("Prequential accuracy", batches, [["accuracy", "#94a3b8"], ["window_accuracy", "#2563eb"]], marks, from, now, [0, 1]),
     chart("Log loss", batches, [["log_loss", "#c2410c"]], marks, from, now),
     el("div", { class: "card" }, el("h2", { text: "Drift, versions, gate verdicts and alias moves" }),
       el("div", { class: "scroll" }, el("table", { id: "markers" }, el("thead", {}, el("tr", {}, el("th", { text: "time" }), el("th", { text: "what" }), el("th", { text: "detail" }))), el("tbody", {}, ...rows)))),

@@ -90,6 +90,7 @@ def run(args) -> int:
     logs = settings.home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     _log_to(logs / "up.log")
+    _keep_terminal(logs / "spark.log")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -112,6 +113,23 @@ def _log_to(path) -> None:
     root.addHandler(handler)
     for noisy in ("py4j", "httpx"):  # a line per callback connection / per status request
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.captureWarnings(True)  # Python warnings (pyspark's, TensorFlow's) too
+
+
+def _keep_terminal(path) -> None:
+    """The terminal shows streamfit's own lines only. The Spark JVM inherits this process's file descriptors
+    1 and 2, and its Python workers' output comes through it: log4j warnings (ProcessingTimeExecutor's
+    "falling behind"), TensorFlow's oneDNN and absl banners, tf.function retracing warnings. Those
+    descriptors now write to ``path``; streamfit's own lines go through ``sys.stdout`` and ``sys.stderr``,
+    moved to copies of the terminal's."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    sys.stdout = os.fdopen(os.dup(1), "w", buffering=1)
+    sys.stderr = os.fdopen(os.dup(2), "w", buffering=1)
+    sink = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(sink, 1)
+    os.dup2(sink, 2)
+    os.close(sink)
 
 
 def _running(deadline: float | None, stop: threading.Event, failure) -> bool:
