@@ -42,24 +42,41 @@ def dataset(rows: int, directory: Path, spec) -> tuple[Path, np.ndarray, np.ndar
 
 def train(spark, registry, settings, data: Path, held: tuple[np.ndarray, np.ndarray], epochs: int) -> dict:
     """Train epoch by epoch (each fit continues from the last one's result); the curve is
-    (cumulative training seconds, held-out accuracy), starting from the initial weights."""
+    (cumulative training seconds, held-out accuracy), starting from the initial weights. ``commits``
+    and ``bytes_in``/``bytes_out`` are the parameter server's traffic (``bench.compression``)."""
     from pipeline.fit import fit
     from pipeline.training import evaluate
 
     model = settings.model
     curve = [(0.0, evaluate(registry.load(model, "champion"), *held)["accuracy"])]
     seconds, updates = 0.0, 0
+    traffic = dict.fromkeys(("commits", "bytes_in", "bytes_out"), 0)
     for _ in range(epochs):
         result = fit(spark, settings, registry, data, holdout=0.0, promote=True)
         seconds += result.seconds
         updates += result.updates
+        traffic["commits"] += sum(worker["commits"] for worker in result.workers)
+        traffic["bytes_in"] += result.bytes_in
+        traffic["bytes_out"] += result.bytes_out
         curve.append((round(seconds, 2), evaluate(registry.load(model, "champion"), *held)["accuracy"]))
     return {
         "accuracy": curve[-1][1],
         "seconds": round(seconds, 2),
         "updates": updates,
         "curve": [[t, round(a, 4)] for t, a in curve],
+        **traffic,
     }
+
+
+def warm_up(spark, tmp: Path, data: Path, spec, initial: dict, held) -> None:
+    """An untimed fit on 2,000 rows that loads the model in Spark's Python workers, so the first
+    timed run does not pay that cost for the others."""
+    from pipeline.settings import load_settings
+
+    warm_data = tmp / "warm.parquet"
+    pq.write_table(pq.read_table(data).slice(0, 2000), warm_data)
+    settings = load_settings(home=tmp, model=spec.name, algorithm="downpour", workers=2)
+    train(spark, _fresh_registry(tmp / "warm", spec, initial), settings, warm_data, held, 1)
 
 
 def _fresh_registry(root: Path, spec, initial: dict):
@@ -110,16 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         spark = spark_session(load_settings(home=tmp), "bench-fit")
         results = {}
         try:
-            warm_data = tmp / "warm.parquet"
-            pq.write_table(pq.read_table(data).slice(0, 2000), warm_data)
-            train(
-                spark,
-                _fresh_registry(tmp / "warm", spec, initial),
-                load_settings(home=tmp, model=spec.name, algorithm="downpour", workers=2),
-                warm_data,
-                held,
-                1,
-            )
+            warm_up(spark, tmp, data, spec, initial, held)
             for algorithm, workers in RUNS:
                 print(f"bench.fit: {algorithm} x{workers}", file=sys.stderr, flush=True)
                 registry = _fresh_registry(tmp / algorithm, spec, initial)
