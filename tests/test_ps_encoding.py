@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -186,7 +187,7 @@ def test_every_algorithm_trains_with_every_encoding_and_replays_are_skipped(name
             if not algorithm.synchronous:  # a replayed barrier round never closes: the server skips it
                 replay = algorithm.run(SoftmaxRegression(features=4, classes=2), client, batches, tag=tag)
                 assert replay.skipped == replay.commits == report.commits and state.counter == trained
-        assert client.checkpoint().counter == trained
+            assert client.checkpoint().counter == trained
     published = state.publication()[0]
     member = {k.split("/", 1)[-1]: v for k, v in published.items()}  # an ensemble publishes member<id>/...
     check = SoftmaxRegression(features=4, classes=2)
@@ -195,3 +196,12 @@ def test_every_algorithm_trains_with_every_encoding_and_replays_are_skipped(name
     resumed = CenterState.from_snapshot(checkpoint.load(), algorithm.rule())
     for tensor, value in state.pull()[0].items():
         np.testing.assert_array_equal(resumed.pull()[0][tensor], value)
+
+
+def test_a_throttled_link_holds_pulls_to_its_rate():
+    state = CenterState({"w": np.zeros(250_000, np.float32)}, UpdateRule())  # a 1 MB pull
+    with ParameterServer(state, link_bytes_per_s=4e6) as server, Client(*server.address) as client:
+        started = time.monotonic()
+        for _ in range(4):
+            client.pull()
+        assert 0.9 < time.monotonic() - started < 5  # 4 MB at 4 MB/s, less the bucket's 0.05 s burst

@@ -165,7 +165,9 @@ class Client(ClientApi):
     def lossy(self) -> bool:
         return not self._encoder.exact
 
-    def flush(self, *, tag=CommitTag(), meta=None, pulled=None):
+    def flush(
+        self, *, tag: CommitTag = CommitTag(), meta: Mapping[str, Any] | None = None, pulled: int | None = None
+    ) -> Ack | None:
         held = self._encoder.flush()
         return None if held is None else self._send_commit(held, tag, meta or {}, pulled)
 
@@ -338,7 +340,9 @@ class ShardedClient(ClientApi):
     def lossy(self) -> bool:
         return self.clients[0].lossy
 
-    def flush(self, *, tag=CommitTag(), meta=None, pulled=None):
+    def flush(
+        self, *, tag: CommitTag = CommitTag(), meta: Mapping[str, Any] | None = None, pulled: int | None = None
+    ) -> Ack | None:
         """Every shard commits what it held back (every shard got every commit, so each holds some)."""
         acks = [a for a in self._each(lambda c, _: c.flush(tag=tag, meta=meta, pulled=pulled)) if a is not None]
         return Ack.combine(acks) if acks else None

@@ -25,6 +25,7 @@ True
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable, Literal, Mapping, get_args
 
 import numpy as np
@@ -48,12 +49,9 @@ class Encoder:
             raise ValueError(f"topk_fraction must be in (0, 1], not {topk_fraction}")
         self.encoding = encoding
         self.exact = encoding == "float32"
-        self._lossy: Callable[[np.ndarray], tuple[WireTensor, np.ndarray]] = {
-            "float32": lambda x: (x, np.zeros_like(x)),
-            "float16": _float16,
-            "int8": _int8,
-            "topk": lambda x: _topk(x, topk_fraction),
-        }[encoding]
+        self._lossy: Callable[[np.ndarray], tuple[WireTensor, np.ndarray]] = (
+            partial(_topk, fraction=topk_fraction) if encoding == "topk" else _int8 if encoding == "int8" else _float16
+        )
         self._residual: dict[str, np.ndarray] = {}
 
     def encode(self, delta: Mapping[str, np.ndarray]) -> dict[str, WireTensor]:

@@ -36,7 +36,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -326,10 +326,15 @@ def _sendable(name: str, value: np.ndarray) -> np.ndarray:
     return np.asarray(array, dtype=dtype, order="C")
 
 
-def send_frame(sock: socket.socket, frame: Frame, secret: bytes | None = None) -> int:
-    """Send one frame; returns the bytes written."""
+def send_frame(
+    sock: socket.socket, frame: Frame, secret: bytes | None = None, *, pace: Callable[[int], None] | None = None
+) -> int:
+    """Send one frame; returns the bytes written. ``pace`` (a link throttle) is called with the
+    frame's size before its first byte is sent."""
     buffers = encode(frame, secret)
     total = sum(len(b) for b in buffers)
+    if pace is not None:
+        pace(total)
     first = 0
     while first < len(buffers):
         sent = sock.sendmsg(buffers[first : first + _IOV_MAX])

@@ -650,16 +650,15 @@ class ParameterServer:
         """Send ``frame``; if it cannot be encoded (a bug: a reply with NaN or a bad dtype), send an
         ``internal`` ERROR frame instead and return False: the connection is to be closed."""
         conn.settimeout(self._io_timeout)
+        pace = self._link["out"].take if self._link else None
         try:
-            sent, sent_frame = send_frame(conn, frame, self._secret), True  # encodes fully before sending a byte
+            sent, sent_frame = send_frame(conn, frame, self._secret, pace=pace), True  # encodes before sending
         except (TypeError, ValueError):
             log.exception("a %s reply could not be encoded", frame.type.name)
             failed = error_frame("internal", "the reply could not be encoded; see the server log")
-            sent, sent_frame = send_frame(conn, failed, self._secret), False
+            sent, sent_frame = send_frame(conn, failed, self._secret, pace=pace), False
         with self._lock:
             self._bytes["out"] += sent
-        if self._link:
-            self._link["out"].take(sent)
         return sent_frame
 
 

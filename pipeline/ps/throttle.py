@@ -6,7 +6,7 @@ connection of a server draws from the same two buckets (in and out), as over one
 
 >>> bucket = TokenBucket(1e6, burst_s=0.0)
 >>> started = time.monotonic(); bucket.take(200_000); bucket.take(100_000)
->>> 0.29 < time.monotonic() - started < 0.5
+>>> 0.29 < time.monotonic() - started < 1.0
 True
 """
 
