@@ -209,6 +209,19 @@ class Settings(BaseSettings):
         0.01, ge=0, le=1, description="a candidate may trail the champion by this much accuracy"
     )
     gate_window: int = Field(5000, ge=10, description="most recent labelled events the promotion gate scores on")
+    gate_min_shadow_agreement: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="the gate also needs serving's live figures: the candidate agrees with the champion on at "
+        "least this share of the rows serving shadowed (serving runs with shadow on); unset: prequential only",
+    )
+    gate_min_shadow_rows: int = Field(
+        1000, ge=1, description="shadowed rows serving must have of a candidate before the gate reviews it"
+    )
+    gate_serving_url: str = Field(
+        "http://127.0.0.1:8000", description="the serving whose /metrics the gate reads the shadow figures from"
+    )
     batch_attempts: int = Field(
         3,
         ge=1,

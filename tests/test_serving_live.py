@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.bundle import ModelBundle
+from pipeline.policies.promotion import PromotionGate
 from pipeline.registry import Registry
 from pipeline.settings import load_settings
 from serving.app import create_app
@@ -135,6 +136,16 @@ def test_a_pinned_older_version_keeps_answering_across_ten_promotions_in_bounded
     assert bundles <= 3 + 1, f"{bundles} model instances for max_loaded_versions 3 (+1 spare)"
 
 
+def _shadowed(server: LiveServer, version: int, rows: np.ndarray) -> None:
+    """Send ``rows`` one per request and wait until the candidate ``version`` has scored them all in shadow."""
+    key = f'streamfit_shadow_rows_total{{model="small",version="{version}"}}'
+    before = scrape(server.port).get(key, 0)
+    with httpx.Client(base_url=server.url) as client:
+        for row in rows:
+            assert client.post(MODEL + ":predict", json={"instances": [row.tolist()]}).status_code == 200
+    _until(lambda: scrape(server.port).get(key, 0) >= before + len(rows), f"v{version} shadowed every row")
+
+
 def test_canary_share_lands_in_a_binomial_bound_and_shadow_measures_the_candidate(tmp_path):
     """20 % canary and shadow on: of 1,000 requests the candidate answers 200 +- 4 sigma (50.6), every
     answer names its version, per-version counters add up, and the candidate scored every row the
@@ -175,5 +186,46 @@ def test_canary_share_lands_in_a_binomial_bound_and_shadow_measures_the_candidat
         assert figures['streamfit_shadow_distribution_difference_ratio{model="small",version="2"}'] == pytest.approx(
             distribution_difference(champion.mean(axis=0), challenger.mean(axis=0)), abs=1e-5
         )
+    finally:
+        server.stop()
+
+
+def test_the_promotion_gate_can_require_the_candidates_live_shadow_agreement(tmp_path):
+    """With min_agreement, the gate waits for serving to shadow min_rows rows of a candidate, holds back one
+    that disagrees with the champion however its prequential accuracy compares (margin 1), and promotes one
+    that agrees."""
+    server, registry = _serve(tmp_path, versions=2, shadow=True)
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(300, SPEC.n_features)).astype(np.float32)
+    gate = PromotionGate(
+        registry,
+        "small",
+        window=300,
+        margin=1.0,
+        auto_promote=True,
+        min_agreement=0.99,
+        min_rows=100,
+        serving_url=server.url,
+    )
+    gate.remember(x, rng.integers(0, 2, 300))
+    bundle = ModelBundle(SPEC)
+    loads = 'streamfit_model_version_loads_total{model="small"}'
+    try:
+        assert gate.review(bundle) is None, "reviewed before serving shadowed anything"
+        _until(lambda: scrape(server.port).get(loads) == 1, "the candidate loaded")
+        _shadowed(server, 2, x[:120])
+        verdict = gate.review(bundle)
+        expected = np.mean(
+            _expected(registry, 1, x[:120]).argmax(axis=1) == _expected(registry, 2, x[:120]).argmax(axis=1)
+        )
+        assert verdict["live_rows"] == 120 and verdict["live_agreement"] == pytest.approx(expected)
+        assert expected < 0.99 and not verdict["passed"] and registry.resolve("small", "champion") == 1
+        same = registry.register("small", registry.weights("small", 1)[1])
+        registry.set_alias("small", "candidate", same)
+        _until(lambda: scrape(server.port).get(loads) == 2, "the new candidate loaded")
+        _shadowed(server, same, x[:100])
+        verdict = gate.review(bundle)
+        assert verdict["live_agreement"] == 1.0 and verdict["promoted"], verdict
+        assert registry.resolve("small", "champion") == same
     finally:
         server.stop()

@@ -5,16 +5,25 @@ replaces it only when its accuracy on the most recent labelled events is no wors
 champion's by more than ``margin``: recent events, because under drift only they show the concept
 served now; a margin, because two good models differ by noise. With ``auto_promote`` off a passing
 candidate waits for ``streamfit models promote``. Each candidate is reviewed once.
+
+Optionally (``min_agreement``) the gate also asks serving how the candidate did on live traffic: with
+shadow on, serving counts the rows the candidate scored beside the champion and how often both chose
+the same class. A candidate is then reviewed once serving has shadowed ``min_rows`` rows for it, and
+passes only if it also agrees with the champion on at least ``min_agreement`` of them: prequential
+accuracy needs labels, which live traffic may get late or never.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
+import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +35,29 @@ def passes(candidate_accuracy: float, champion_accuracy: float, margin: float) -
     (True, False)
     """
     return candidate_accuracy >= champion_accuracy - margin
+
+
+class LiveFigures(NamedTuple):
+    """What serving measured of a candidate on live traffic (shadow mode)."""
+
+    rows: int  # rows the champion answered that the candidate also scored
+    agreement: float  # the share of them where both chose the same class
+
+
+def shadow_figures(serving_url: str, model: str, version: int, timeout_s: float = 5.0) -> LiveFigures | None:
+    """``version``'s shadow figures from serving's ``/metrics``; None when serving cannot be reached or has none."""
+    try:
+        text = httpx.get(f"{serving_url.rstrip('/')}/metrics", timeout=timeout_s).text
+    except httpx.HTTPError as exc:
+        log.warning("gate: cannot read live figures from %s: %s", serving_url, exc)
+        return None
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("model") == model and sample.labels.get("version") == str(version):
+                counts[sample.name] = sample.value
+    rows = int(counts.get("streamfit_shadow_rows_total", 0))
+    return LiveFigures(rows, counts.get("streamfit_shadow_agreeing_rows_total", 0) / rows) if rows else None
 
 
 @dataclass
@@ -59,7 +91,10 @@ class RecentLabelled:
 @dataclass
 class PromotionGate:
     """Reviews a new ``candidate`` of ``model`` in ``registry`` against the champion on the most
-    recent ``window`` labelled events, and promotes it when it :func:`passes` (with ``auto_promote``)."""
+    recent ``window`` labelled events, and promotes it when it :func:`passes` (with ``auto_promote``).
+
+    With ``min_agreement`` set, ``live(model, version)`` gives the candidate's :class:`LiveFigures`
+    (default: :func:`shadow_figures` of serving at ``serving_url``); see the module's docstring."""
 
     registry: Any  # a pipeline.registry.Registry
     model: str
@@ -67,11 +102,17 @@ class PromotionGate:
     window: int
     margin: float
     auto_promote: bool
+    min_agreement: float | None = None
+    min_rows: int = 1000
+    serving_url: str = "http://127.0.0.1:8000"
+    live: Callable[[str, int], LiveFigures | None] | None = None
     recent: RecentLabelled = field(init=False)
     reviewed: int | None = None  # the last candidate version reviewed
 
     def __post_init__(self) -> None:
         self.recent = RecentLabelled(self.window)
+        if self.live is None:
+            self.live = lambda model, version: shadow_figures(self.serving_url, model, version)
 
     def remember(self, x: np.ndarray, y: np.ndarray) -> None:
         """Keep a micro-batch's labelled events to score candidates on."""
@@ -84,6 +125,13 @@ class PromotionGate:
         candidate, champion = aliases.get("candidate"), aliases.get("champion")
         if candidate is None or candidate == self.reviewed or candidate == champion or not self.recent.parts:
             return None
+        live = None
+        if self.min_agreement is not None:
+            assert self.live is not None  # set in __post_init__
+            live = self.live(self.model, candidate)
+            if live is None or live.rows < self.min_rows:
+                log.debug("gate: candidate v%s waits for %d shadowed rows (%s)", candidate, self.min_rows, live)
+                return None  # reviewed on a later call, once serving has shadowed enough rows
         self.reviewed = candidate
         x, y = self.recent.latest()
         scores = {}
@@ -94,16 +142,19 @@ class PromotionGate:
             bundle.set_weights(self.registry.weights(self.model, version)[1])
             scores[name] = float(np.mean(bundle.predict_proba(x).argmax(axis=1) == y))
         passed = passes(scores["candidate"], scores["champion"], self.margin)
+        if live is not None and self.min_agreement is not None:
+            passed = passed and live.agreement >= self.min_agreement
         promoted = passed and self.auto_promote
         if promoted:
             self.registry.promote(self.model, candidate)
         log.info(
-            "gate: candidate v%s %.4f vs champion v%s %.4f on %d events: %s",
+            "gate: candidate v%s %.4f vs champion v%s %.4f on %d events%s: %s",
             candidate,
             scores["candidate"],
             champion,
             scores["champion"],
             len(y),
+            f", live agreement {live.agreement:.4f} on {live.rows} rows" if live else "",
             "promoted" if promoted else "passes, waits for `models promote`" if passed else "held back",
         )
         return {
@@ -112,6 +163,8 @@ class PromotionGate:
             "candidate_accuracy": scores["candidate"],
             "champion_accuracy": scores["champion"],
             "events": int(len(y)),
+            "live_rows": live.rows if live else None,
+            "live_agreement": live.agreement if live else None,
             "passed": passed,
             "promoted": promoted,
         }
