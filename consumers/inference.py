@@ -185,7 +185,7 @@ class InferenceJob:
         self.spark, self.settings, self.bootstrap = spark, settings, bootstrap
         self.registry = Registry(settings.registry_url)
         spec = self.registry.spec(settings.model)
-        self.schema = FeatureSchema(tuple(spec.feature_names), spec.n_classes, settings.max_event_bytes)
+        self.schema = FeatureSchema.of(spec, settings.max_event_bytes)
         self.format = kafka_format(spark, settings)
         topics = describe(bootstrap, settings.kafka_timeout_s, settings.kafka)
         self.copartitioned = topics.get(settings.topic_events) == topics.get(settings.topic_predictions)

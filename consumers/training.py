@@ -319,7 +319,7 @@ class TrainingJob:
         self.spark, self.settings, self.bootstrap = spark, settings, bootstrap
         self.registry = registry or Registry(settings.registry_url)
         self.spec = self.registry.spec(settings.model)
-        self.schema = FeatureSchema(tuple(self.spec.feature_names), self.spec.n_classes, settings.max_event_bytes)
+        self.schema = FeatureSchema.of(self.spec, settings.max_event_bytes)
         self.client = connect(settings)
         self.bundle = ModelBundle(self.spec)
         self.prequential = Prequential(settings.prequential_window, settings.drift_delta)
@@ -329,9 +329,6 @@ class TrainingJob:
             window=settings.gate_window,
             margin=settings.promotion_margin,
             auto_promote=settings.auto_promote,
-            min_agreement=settings.gate_min_shadow_agreement,
-            min_rows=settings.gate_min_shadow_rows,
-            serving_url=settings.gate_serving_url,
         )
         self.producer = producer(bootstrap, settings.kafka_timeout_s, settings.kafka, client_id="streamfit-train")
         self.history: deque[TrainingMetrics] = deque(maxlen=1000)

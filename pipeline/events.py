@@ -8,7 +8,8 @@ dead-letter topic instead of dropping it. It never raises, whatever the bytes.
 
 What a model can compute with is decided here, once, for the producer, both Spark
 consumers and serving: :func:`feature_value_problem` (a number that is a finite
-float32), :func:`standardisation_problems` (still finite after the model's
+float32), :func:`category_code_problem` (a categorical feature's value is one of its codes),
+:func:`standardisation_problems` (still finite after the model's
 ``(x - mean) / std``) and :func:`probability_problems` (the model's answer is finite).
 
 >>> feature_value_problem(3.4028235e38) is None   # float32's largest value
@@ -17,6 +18,8 @@ True
 'is 1e+39, outside the float32 range the model computes in (|x| <= 3.4028235e38)'
 >>> feature_value_problem(10 ** 400)
 'is a 401-digit integer, outside the float32 range the model computes in (|x| <= 3.4028235e38)'
+>>> category_code_problem(1.5, 3)
+'is 1.5, not one of its 3 category codes (an integer 0..2)'
 >>> standardisation_problems(np.array([[1.0, 1e30]]), mean=[0, 0], std=[1, 1e-10], names=["a", "b"])
 ["feature b = 1e+30 is inf after the model's standardisation (x - 0) / 1e-10, outside the float32 range"]
 """
@@ -36,6 +39,8 @@ import orjson
 if TYPE_CHECKING:
     import pyarrow as pa  # type: ignore[import-untyped]
 
+    from pipeline.spec import ModelSpec
+
 FLOAT32_ROUNDS_TO_INF = 2**128 - 2**103
 """The smallest magnitude float32 rounds to infinity: half an ulp past its largest value, 2**128 - 2**104."""
 
@@ -47,11 +52,18 @@ _OUT_OF_RANGE = "outside the float32 range the model computes in (|x| <= 3.40282
 
 @dataclass(frozen=True)
 class FeatureSchema:
-    """What a model accepts: feature names (their count follows), number of classes, size bound."""
+    """What a model accepts: feature names (their count follows), number of classes, size bound, and
+    per feature its cardinality if it is categorical (``None``, or no entries at all: numeric)."""
 
     names: tuple[str, ...]
     n_classes: int = 2
     max_bytes: int = 64 * 1024
+    cardinalities: tuple[int | None, ...] = ()
+
+    @classmethod
+    def of(cls, spec: ModelSpec, max_bytes: int) -> FeatureSchema:
+        """The schema of the events ``spec``'s model takes."""
+        return cls(tuple(spec.feature_names), spec.n_classes, max_bytes, spec.cardinalities)
 
     @property
     def n_features(self) -> int:
@@ -98,6 +110,27 @@ def feature_value_problem(x: object) -> str | None:
     if not -FLOAT32_ROUNDS_TO_INF < value < FLOAT32_ROUNDS_TO_INF:
         return f"is {shown(x)}, {_OUT_OF_RANGE}"
     return None
+
+
+def category_code_problem(x: float, cardinality: int) -> str | None:
+    """Why the valid feature value ``x`` is not a code of a categorical feature with ``cardinality``
+    categories (an integer ``0..cardinality-1``, as an int or an integral float), else ``None``: the model
+    one-hot encodes it, and any other value would silently encode as no category at all."""
+    if float(x).is_integer() and 0 <= x < cardinality:
+        return None
+    return f"is {shown(x)}, not one of its {cardinality} category codes (an integer 0..{cardinality - 1})"
+
+
+def category_problems(x: np.ndarray, cardinalities: Sequence[int | None], names: Sequence[str]) -> list[str | None]:
+    """Per row of ``x`` (rows of valid feature values), why a categorical feature's value is not one of
+    its codes (:func:`category_code_problem`), naming the first such feature; ``None`` for good rows."""
+    problems: list[str | None] = [None] * len(x)
+    for j, cardinality in enumerate(cardinalities):
+        if cardinality is not None:
+            for i, value in enumerate(np.asarray(x)[:, j].tolist()):
+                if problems[i] is None and (problem := category_code_problem(value, cardinality)) is not None:
+                    problems[i] = f"feature {names[j]} {problem}"
+    return problems
 
 
 def standardisation_problems(
@@ -217,6 +250,9 @@ def _features(value: object, schema: FeatureSchema) -> list[float] | Rejection:
         return Rejection(f"'features' must be a list of numbers or an object of name: number, got {_kind(value)}")
     for name, x in zip(schema.names, values):
         if (problem := feature_value_problem(x)) is not None:
+            return Rejection(f"feature {name} {problem}")
+    for name, x, cardinality in zip(schema.names, values, schema.cardinalities):
+        if cardinality is not None and (problem := category_code_problem(x, cardinality)) is not None:
             return Rejection(f"feature {name} {problem}")
     return [float(x) for x in values]
 

@@ -1,7 +1,8 @@
 """Synthetic labelled streams, with optional abrupt concept drift.
 
-river's generators provide hyperplane (with gradual drift), SEA, Agrawal and random
-RBF (with drifting centroids); ``higgs`` is our own vectorised 30-feature two-class
+river's generators provide hyperplane (with gradual drift), SEA, Agrawal, random
+RBF (with drifting centroids) and STAGGER (three categorical features, codes 0..2: the
+``stagger`` spec's); ``higgs`` is our own vectorised 30-feature two-class
 generator shaped like the HIGGS benchmark, matching the default model's input.
 ``--drift-at N`` switches every stream to a second concept after N events.
 
@@ -71,6 +72,10 @@ GENERATORS: dict[str, tuple[Callable[[int, int], Iterator[Row]], int]] = {
             )
         ),
         10,
+    ),
+    "stagger": (
+        _river(lambda seed, c: synth.STAGGER(classification_function=c % 3, seed=seed, balance_classes=True)),
+        3,
     ),
     "higgs": (_higgs, 30),
 }

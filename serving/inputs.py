@@ -3,8 +3,9 @@
 The schema has already refused non-numbers and non-finite numbers; what needs the model's
 spec is checked here: the feature count of list rows, the names of object rows and columns,
 and -- by the pipeline's one rule (:mod:`pipeline.events`) -- that every value fits a float32
-(``1e39`` is finite JSON but infinite to the model) and stays finite after the model's
-standardisation. ``check_answers`` refuses a row whose probabilities still came out non-finite.
+(``1e39`` is finite JSON but infinite to the model), that a categorical feature's value is one
+of its codes, and that it stays finite after the model's standardisation. ``check_answers``
+refuses a row whose probabilities still came out non-finite.
 
 >>> from pipeline.spec import BUILTIN_SPECS
 >>> from serving.schemas import PredictRequest
@@ -23,7 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from pipeline.events import feature_value_problem, probability_problems, standardisation_problems
+from pipeline.events import category_problems, feature_value_problem, probability_problems, standardisation_problems
 from pipeline.spec import ModelSpec
 from serving.schemas import ClassifyRequest, PredictRequest
 
@@ -49,6 +50,10 @@ def to_matrix(
     else:
         assert request.inputs is not None  # the schema requires instances or inputs
         matrix = _rows(request.inputs, spec, "inputs")
+    if spec.categorical:
+        problems = category_problems(matrix, spec.cardinalities, spec.feature_names)
+        if (i := _first(problems)) is not None:
+            raise BadInput(f"{_row(request, i)}: {problems[i]}")
     if standardisation is not None:
         problems = standardisation_problems(matrix, *standardisation, spec.feature_names)
         if (i := _first(problems)) is not None:

@@ -48,6 +48,22 @@ def test_rejections_name_the_problem(raw, reason):
     assert isinstance(verdict, Rejection) and reason in verdict.reason
 
 
+CATEGORICAL = FeatureSchema(("price", "zip"), cardinalities=(None, 3))
+
+
+@pytest.mark.parametrize("code", [0, 2, 2.0, {"zip": 1, "price": -4.5}])
+def test_a_categorical_feature_takes_its_codes(code):
+    features = code if isinstance(code, dict) else [-4.5, code]
+    verdict = validate(_event(features=features), CATEGORICAL)
+    assert isinstance(verdict, Event) and verdict.features[0] == -4.5 and verdict.features[1] in (0, 1, 2)
+
+
+@pytest.mark.parametrize("code", [3, -1, 1.5, 1e30])
+def test_a_categorical_feature_refuses_anything_but_its_codes_naming_it(code):
+    verdict = validate(_event(features=[0.5, code]), CATEGORICAL)
+    assert verdict == Rejection(f"feature zip is {code!r}, not one of its 3 category codes (an integer 0..2)")
+
+
 def test_dead_letter_keeps_the_original_bytes_text_or_binary():
     for raw in (b'{"id": 1}', b"\xff\xfe\x00binary"):
         record = orjson.loads(dead_letter("parse", "bad", raw, topic="events", partition=2, offset=41))

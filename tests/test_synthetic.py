@@ -33,6 +33,19 @@ def test_drift_changes_the_concept():
     assert accuracy(before) - accuracy(after) > 0.1
 
 
+def test_stagger_features_are_category_codes_the_stagger_spec_accepts():
+    from pipeline.events import FeatureSchema, Rejection, validate_document
+    from pipeline.spec import BUILTIN_SPECS
+
+    schema = FeatureSchema.of(BUILTIN_SPECS["stagger"], max_bytes=1000)
+    rows = list(itertools.islice(synthetic_rows("stagger", seed=3, drift_at=100), 200))
+    assert {v for features, _ in rows for v in features} == {0.0, 1.0, 2.0}
+    assert not any(
+        isinstance(validate_document({"id": "s", "ts": 1, "features": f, "label": y}, schema), Rejection)
+        for f, y in rows
+    )
+
+
 def test_unknown_source_is_named():
     with pytest.raises(ValueError, match="unknown synthetic source 'nope'"):
         next(synthetic_rows("nope"))

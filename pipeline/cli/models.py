@@ -13,7 +13,7 @@ import re
 import sys
 from datetime import UTC, datetime
 
-from pipeline.spec import BUILTIN_SPECS, NAME_PATTERN, ModelSpec
+from pipeline.spec import BUILTIN_SPECS, NAME_PATTERN, ModelSpec, spec_from_file
 
 
 def register(subparsers) -> None:
@@ -26,11 +26,19 @@ def register(subparsers) -> None:
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     create = actions.add_parser(
-        "create", help="a new model from a built-in spec; its random-initialised version 1 becomes champion"
+        "create",
+        help="a new model from a built-in spec or a spec file; its random-initialised version 1 becomes champion",
     )
     create.add_argument("name", help="model name (letters, digits, . _ -)")
-    create.add_argument(
+    spec_source = create.add_mutually_exclusive_group()
+    spec_source.add_argument(
         "--spec", choices=sorted(BUILTIN_SPECS), default="higgs", help="built-in spec (default %(default)s)"
+    )
+    spec_source.add_argument(
+        "--spec-file",
+        metavar="PATH",
+        help="your own spec, YAML or JSON: feature_names, categorical, classes, builder_args, optimizer "
+        "(its name is replaced by NAME)",
     )
     create.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default %(default)s)")
     create.add_argument(
@@ -111,7 +119,10 @@ def _create(registry, args) -> int:
     from pipeline.bundle import ModelBundle
 
     _checked_name(args.name)
-    spec = ModelSpec.model_validate(BUILTIN_SPECS[args.spec].model_dump() | {"name": args.name})
+    if args.spec_file:
+        spec, origin = spec_from_file(args.spec_file, name=args.name), f"file {args.spec_file}"
+    else:
+        spec, origin = ModelSpec.model_validate(BUILTIN_SPECS[args.spec].model_dump() | {"name": args.name}), args.spec
     if args.exist_ok and args.name in registry.models():
         if registry.aliases(args.name).get("champion") is not None:
             print(f"model {args.name!r} exists (champion v{registry.resolve(args.name, 'champion')}): left as it is")
@@ -123,7 +134,7 @@ def _create(registry, args) -> int:
     version = registry.register(spec.name, bundle.get_weights(), algorithm="init")
     event = registry.set_alias(spec.name, "champion", version)
     print(
-        f"created model {spec.name!r} from spec {args.spec} ({bundle.n_parameters:,} parameters): "
+        f"created model {spec.name!r} from spec {origin} ({bundle.n_parameters:,} parameters): "
         f"version {version} is champion, at {event['uri']}"
     )
     return 0
@@ -207,9 +218,10 @@ def _show(registry, args) -> int:
         return 0
     spec, aliases = registry.spec(args.name), registry.aliases(args.name)
     opt = spec.optimizer
+    features = [f"{n} (categorical, {k})" if k else n for n, k in zip(spec.feature_names[:8], spec.cardinalities)]
     print(
         f"model {args.name}: {spec.builder} {json.dumps(spec.builder_args, separators=(',', ':'))}\n"
-        f"  features ({spec.n_features}): {', '.join(spec.feature_names[:8])}{' ...' if spec.n_features > 8 else ''}\n"
+        f"  features ({spec.n_features}): {', '.join(features)}{' ...' if spec.n_features > 8 else ''}\n"
         f"  classes: {spec.classes}   loss: {spec.loss}   standardisation in spec: {spec.standardisation is not None}\n"
         f"  optimizer: {opt.name} learning_rate={opt.learning_rate:g} momentum={opt.momentum:g} nesterov={opt.nesterov}"
     )
