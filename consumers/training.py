@@ -329,6 +329,9 @@ class TrainingJob:
             window=settings.gate_window,
             margin=settings.promotion_margin,
             auto_promote=settings.auto_promote,
+            min_agreement=settings.gate_min_shadow_agreement,
+            min_rows=settings.gate_min_shadow_rows,
+            serving_url=settings.gate_serving_url,
         )
         self.producer = producer(bootstrap, settings.kafka_timeout_s, settings.kafka, client_id="streamfit-train")
         self.history: deque[TrainingMetrics] = deque(maxlen=1000)
