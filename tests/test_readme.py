@@ -40,7 +40,7 @@ def test_the_module_table_matches_the_tree():
     listed = set(re.findall(r"^\| `([\w/<>]+\.py)` \|", (ROOT / "README.md").read_text(), re.MULTILINE))
     tree = {
         str(path.relative_to(ROOT))
-        for package in ("pipeline", "consumers", "producers", "serving", "deploy")
+        for package in ("pipeline", "consumers", "producers", "serving", "deploy", "console")
         for path in (ROOT / package).rglob("*.py")
         if path.name != "__init__.py"
     }

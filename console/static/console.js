@@ -100,13 +100,14 @@ function showPipeline(sample) {
   report("pipeline", sample.sources);
   for (const node of document.querySelectorAll("text.rate")) {
     const value = sample[node.dataset.key];
-    node.textContent = node.dataset.unit ? `${fmt(value, 1)}${node.dataset.unit}` : value === null || value === undefined ? "-" : `${node.dataset.key} v${value}`;
+    node.textContent = node.dataset.unit ? `${fmt(value, 1)}${node.dataset.unit}` : value === null || value === undefined ? "-" : `v${value}`;
   }
   const lag = sample.lag || {};
   document.getElementById("sub-predict").textContent = lagText(lag.predict);
   document.getElementById("sub-train").textContent = lagText(lag.train);
   document.getElementById("sub-dlq").textContent = `${fmt(sample.dead_letters)} dead letters`;
   document.getElementById("sub-serving").textContent = `serves v${fmt(sample.served)}`;
+  document.getElementById("sub-registry").textContent = `candidate v${fmt(sample.candidate)}, champion v${fmt(sample.champion)}`;
   for (const [key] of FIGURES) {
     const node = document.getElementById(`figure-${key}`);
     const value = sample[key];
@@ -177,7 +178,9 @@ async function drawLearning() {
   if (!data) return;
   report("learning", data.sources);
   const now = Date.now();
-  const from = learningMinutes ? now - learningMinutes * 60000 : Math.min(now - 60000, ...data.batches.map((b) => b.at));
+  // the chosen range, but no empty stretch before the first record (a young run fills the width)
+  const earliest = Math.min(now - 60000, ...data.batches.map((b) => b.at), ...data.moves.map((m) => m.at));
+  const from = learningMinutes ? Math.max(now - learningMinutes * 60000, earliest) : earliest;
   const batches = data.batches.filter((b) => b.at >= from);
   const marks = markersOf(data).filter((m) => m.at >= from);
   const rows = marks.slice().reverse().map((m) => el("tr", { class: "marker" }, el("td", { text: when(m.at) }), el("td", { class: m.kind, text: m.kind }), el("td", { text: m.text })));
