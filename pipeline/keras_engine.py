@@ -110,6 +110,18 @@ class KerasEngine:
         return self._infer(x).numpy()
 
     def train_on_batch(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None) -> float:
+        self.compile()
+        return float(self.model.train_on_batch(x, y, sample_weight=sample_weight))
+
+    def training_loss(self, x, y, sample_weight=None):
+        """The loss ``train_on_batch`` differentiates (dropout on), as a tensor: what the gradient
+        checks (tests/test_gradients.py) differentiate with a tape and by central differences."""
+        self.compile()
+        return self.model.compute_loss(x=x, y=y, y_pred=self.model(x, training=True), sample_weight=sample_weight)
+
+    def compile(self) -> None:
+        """Compile the model for training with the spec's loss and optimizer, once: ``train_on_batch``,
+        the gradient checks and plain Keras ``fit`` (``bench.fit``'s baseline) train the same thing."""
         if not self._compiled:  # the optimizer (and its momentum) lives as long as the engine
             opt = self.spec.optimizer
             self.model.compile(
@@ -117,4 +129,3 @@ class KerasEngine:
                 optimizer=keras.optimizers.SGD(opt.learning_rate, momentum=opt.momentum, nesterov=opt.nesterov),
             )
             self._compiled = True
-        return float(self.model.train_on_batch(x, y, sample_weight=sample_weight))
