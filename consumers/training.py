@@ -569,7 +569,7 @@ class TrainingJob:
             if not len(x):  # nothing to fit it on yet: the next micro-batch looks again
                 return (center["standardise/mean"], center["standardise/std"]), 0
             x = _without_outliers(x.astype(np.float64))  # float64: squares of valid float32s near its limit overflow
-            mean, std = fit_standardisation(x)
+            mean, std = fit_standardisation(x, self.spec.cardinalities)
             delta = {"standardise/mean": mean.astype(np.float32), "standardise/std": (std - 1.0).astype(np.float32)}
             applied = int(
                 self.client.commit(delta, tag=CommitTag(self._query_id(), batch_id, STANDARDISE_WORKER)).status

@@ -18,7 +18,7 @@ fallback for architectures numpy cannot run, imported when such a bundle is buil
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -75,26 +75,33 @@ Standardisation = tuple[np.ndarray, np.ndarray]
 """A model's (mean, std) per feature, as its first layer applies them."""
 
 
-def standardisation_from_moments(mean: np.ndarray, std: np.ndarray) -> Standardisation:
+def standardisation_from_moments(
+    mean: np.ndarray, std: np.ndarray, cardinalities: Sequence[int | None] = ()
+) -> Standardisation:
     """The standardisation of features with these means and (population) stds: a constant feature
-    keeps std 1, so it is only centred. Every fit of the standardisation (numpy or Spark) ends here.
+    keeps std 1, so it is only centred; a categorical one (a cardinality in ``cardinalities``, the
+    spec's) keeps the identity, as the model one-hot encodes its code instead. Every fit of the
+    standardisation (numpy or Spark) ends here.
 
     >>> standardisation_from_moments(np.array([2.0, 5.0]), np.array([0.5, 0.0]))[1].tolist()
     [0.5, 1.0]
+    >>> [a.tolist() for a in standardisation_from_moments(np.array([2.0, 1.2]), np.array([0.5, 0.7]), (None, 3))]
+    [[2.0, 0.0], [0.5, 1.0]]
     """
-    return mean, np.where(std > 1e-12, std, 1.0)
+    categorical = np.array([k is not None for k in cardinalities] or False)
+    return np.where(categorical, 0.0, mean), np.where(categorical | (std <= 1e-12), 1.0, std)
 
 
-def fit_standardisation(x: np.ndarray) -> Standardisation:
-    """The standardisation of the rows ``x``, computed in float64 (squares of valid float32s near its
-    limit overflow float32); float64 arrays.
+def fit_standardisation(x: np.ndarray, cardinalities: Sequence[int | None] = ()) -> Standardisation:
+    """The standardisation of the rows ``x`` (categorical features, by ``cardinalities``, left alone),
+    computed in float64 (squares of valid float32s near its limit overflow float32); float64 arrays.
 
     >>> mean, std = fit_standardisation(np.array([[1.0, 3.0], [3.0, 3.0]], np.float32))
     >>> mean.tolist(), std.tolist()
     ([2.0, 3.0], [1.0, 1.0])
     """
     x = np.asarray(x, dtype=np.float64)
-    return standardisation_from_moments(x.mean(axis=0), x.std(axis=0))
+    return standardisation_from_moments(x.mean(axis=0), x.std(axis=0), cardinalities)
 
 
 def standardisation_weights(mean: npt.ArrayLike, std: npt.ArrayLike) -> dict[str, np.ndarray]:

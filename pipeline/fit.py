@@ -19,7 +19,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,14 +120,16 @@ def _features_column(raw, spec: ModelSpec, label_column: str, path: Path):
     return F.array(*(F.col(f"`{c}`").cast("float") for c in columns))
 
 
-def standardisation_of(frame, n_features: int) -> Standardisation:
-    """Per-feature mean and population std, computed by Spark (:func:`pipeline.bundle.standardisation_from_moments`)."""
+def standardisation_of(frame, cardinalities: Sequence[int | None]) -> Standardisation:
+    """Per-feature mean and population std, computed by Spark (:func:`pipeline.bundle.standardisation_from_moments`;
+    categorical features, by the spec's ``cardinalities``, keep the identity)."""
     from pyspark.sql import functions as F
 
+    n_features = len(cardinalities)
     aggregates = [F.avg(F.col("features")[i]) for i in range(n_features)]
     aggregates += [F.stddev_pop(F.col("features")[i]) for i in range(n_features)]
     values = np.array(frame.agg(*aggregates).first(), dtype=np.float64)
-    return standardisation_from_moments(values[:n_features], values[n_features:])
+    return standardisation_from_moments(values[:n_features], values[n_features:], cardinalities)
 
 
 def fit(
@@ -157,7 +159,7 @@ def fit(
     if rows == 0:
         raise FitError(f"{data}: no valid labelled rows to train on ({invalid} invalid)")
     if has_identity_standardisation(weights):
-        weights |= standardisation_weights(*standardisation_of(train, spec.n_features))
+        weights |= standardisation_weights(*standardisation_of(train, spec.cardinalities))
     plan = _plan(settings, spec, rows, run_id)
     state = CenterState(weights, plan.algorithm().rule())
     secret = secrets.token_hex(16)

@@ -93,6 +93,14 @@ def test_spec_files_in_yaml_or_json_are_validated_naming_every_bad_field(tmp_pat
         spec_from_file(bad)
 
 
+def test_a_fitted_standardisation_leaves_categorical_features_alone():
+    """Price and a constant are fitted; the zip code's column keeps mean 0 and std 1, however its codes spread."""
+    x = np.array([[10.0, 0, 5], [20.0, 2, 5], [30.0, 1, 5]], np.float32)
+    mean, std = fit_standardisation(x, cardinalities=(None, 3, None))
+    np.testing.assert_allclose(mean, [20, 0, 5])
+    np.testing.assert_allclose(std, [np.sqrt(200 / 3), 1, 1])
+
+
 def test_higgs_size_and_fast_path_match_the_keras_model(higgs):
     assert 1_010_000 < higgs.n_parameters < 1_030_000
     x = rows(17, 30)
