@@ -161,7 +161,8 @@ def ensure_model(settings: Settings, source: str | None) -> tuple[str, str]:
                 f"no synthetic source has the {spec.n_features} features of model {settings.model!r}: "
                 "pass --source with a CSV or Parquet file of its features"
             )
-        source = fitting[0]
+        named = f"synth:{settings.model}"  # a stream made for the model (stagger's codes), else the first that fits
+        source = named if named in fitting else fitting[0]
     elif source.startswith("synth:") and source not in fitting:
         raise UpError(
             f"{source} has {n_features(source.removeprefix('synth:'))} features but model {settings.model!r} "

@@ -15,7 +15,7 @@ from pipeline.up import UpError, ensure_model
 def settings(tmp_path):
     settings = load_settings(home=tmp_path)
     registry = Registry(settings.registry_url)
-    for name in ("higgs", "small"):
+    for name in ("higgs", "small", "stagger"):
         registry.create_model(BUILTIN_SPECS[name])  # already there: no alias moves to announce
     return settings
 
@@ -24,6 +24,7 @@ def test_without_a_source_up_streams_the_synthetic_source_that_fits_the_model(se
     said, source = ensure_model(settings.model_copy(update={"model": "higgs"}), None)
     assert (said, source) == ("model higgs (30 features)", "synth:higgs")
     assert ensure_model(settings.model_copy(update={"model": "small"}), None)[1] == "synth:hyperplane"
+    assert ensure_model(settings.model_copy(update={"model": "stagger"}), None)[1] == "synth:stagger"  # not sea's
 
 
 def test_a_synthetic_source_of_another_width_is_refused_naming_those_that_fit(settings):
