@@ -65,7 +65,8 @@ _DTYPES: dict[int, np.dtype] = {
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 SPARSE = 0x80  # dtype code flag: nnz flat indices and nnz values instead of every element
 SCALED = 0x40  # dtype code flag: int8 values, each times the tensor's float32 scale
-_INT8 = np.dtype("i1")
+_INT8_CODE = 6
+_INT8 = _DTYPES[_INT8_CODE]
 _INDEX = np.dtype("<u4")
 _NAME_LEN = struct.Struct("<H")
 _DTYPE_NDIM = struct.Struct("<BB")
@@ -475,7 +476,8 @@ def _decode_tensors(table: memoryview, data: np.ndarray) -> dict[str, np.ndarray
             code, ndim = _DTYPE_NDIM.unpack_from(table, pos + 2 + name_len)
             pos += 4 + name_len
             flags, code = code & (SPARSE | SCALED), code & ~(SPARSE | SCALED)
-            allowed = (SCALED,) if code == 6 else (0, SPARSE)  # int8 only scaled, and nothing sparse and scaled
+            # int8 only scaled, and nothing both sparse and scaled
+            allowed = (SCALED,) if code == _INT8_CODE else (0, SPARSE)
             if code not in _DTYPES or ndim > MAX_NDIM or flags not in allowed:
                 raise ProtocolError(
                     f"tensor {name!r}: unknown dtype code {code} (flags 0x{flags:02x}) or {ndim} dims (max {MAX_NDIM})"
