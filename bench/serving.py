@@ -14,6 +14,14 @@ single-row requests from a separate load-generator process go to, side by side i
 Each run reports requests/s, p50/p99 latency, errors (any non-200 answer or broken connection) and,
 for streamfit, the swaps the server completed during it (target >= 10 at concurrency 32).
 
+Then live evaluation of a candidate (``live_evaluation``), without promotions, in the same run: the
+plain champion, a server with ``canary_share`` 0.05 and one with ``shadow`` on (each its own process,
+with a ``candidate`` that differs from the champion), at concurrency 8 and 32.
+``canary_vs_champion`` (target >= 0.9) and ``shadow_vs_champion`` (target >= 0.8) are requests/s
+ratios at concurrency 32; ``shadow_p50_ms_added`` at concurrency 8 is shadow's p50 minus the champion's
+(target: noise). The canary server's share of requests the candidate answered, and the shadow server's
+rows scored, dropped and agreement, are read from their metrics.
+
 The load generator speaks HTTP/1.1 over raw asyncio streams, one keep-alive connection per
 concurrent client: on a 2-core machine it shares the CPU with the server, and an HTTP client
 library costing several times more per request would measure itself as much as the server.
@@ -245,12 +253,105 @@ def _wait_ready(port: int, path: str, process: subprocess.Popen, timeout: float 
 
 
 def _scrape(port: int, name: str) -> float:
-    """The sum of a metric's samples on the streamfit server's /metrics."""
+    """The sum of a metric's samples on the streamfit server's /metrics (those whose labels contain ``name``'s
+    when it has some: ``streamfit_model_requests_total{model="higgs",version="2"``)."""
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in _get(port, "/metrics").decode().splitlines()
-        if line.startswith(name + "{") or line.startswith(name + " ")
+        if line.startswith(name + ("," if "{" in name else "{"))
+        or line.startswith(name + ("}" if "{" in name else " "))
     )
+
+
+def _start_server(role: str, port: int, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.serving", "--role", role, "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def live_evaluation(
+    promoter: Promoter, env: dict, champion_port: int, seconds: float, warmup: float, rounds: int
+) -> dict:
+    """The champion alone, under 5 % canary and with shadow, side by side (see the module's docstring), in
+    ``rounds`` interleaved rounds: on a shared machine load from elsewhere then falls on every server alike."""
+    registry = promoter.registry
+    candidate = registry.register(MODEL, _initial_weights(7), algorithm="bench-candidate")
+    registry.set_alias(MODEL, "candidate", candidate)
+    live = {"canary": {"STREAMFIT_CANARY_SHARE": "0.05"}, "shadow": {"STREAMFIT_SHADOW": "true"}}
+    ports = {"champion": champion_port} | {name: free_port(HOST) for name in live}
+    servers = {name: _start_server("streamfit", ports[name], env | extra) for name, extra in live.items()}
+    path = f"/v1/models/{MODEL}:predict"
+    try:
+        for name, server in servers.items():
+            _wait_ready(ports[name], "/readyz", server)
+            deadline = time.monotonic() + 60
+            while _scrape(ports[name], "streamfit_model_version_loads_total") < 1:  # the candidate is loaded
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"the {name} server did not load the candidate within 60 s")
+                time.sleep(0.2)
+        answered = f'streamfit_model_requests_total{{model="{MODEL}",version="{candidate}"'
+        canary_before, all_before = (
+            _scrape(ports["canary"], answered),
+            _scrape(ports["canary"], "streamfit_model_requests_total"),
+        )
+        measured = [
+            {
+                "round": k,
+                "concurrency": concurrency,
+                **{name: measure(ports[name], path, concurrency, seconds, warmup) for name in names},
+            }
+            for k in range(rounds)
+            for concurrency, names in ((8, ("champion", "shadow")), (32, ("champion", "canary", "shadow")))
+        ]
+        canary_share = (_scrape(ports["canary"], answered) - canary_before) / max(
+            _scrape(ports["canary"], "streamfit_model_requests_total") - all_before, 1
+        )
+        shadow = {
+            "rows_scored": int(_scrape(ports["shadow"], "streamfit_shadow_rows_total")),
+            "rows_dropped": int(_scrape(ports["shadow"], "streamfit_shadow_dropped_rows_total")),
+            "agreement_ratio": round(_scrape(ports["shadow"], "streamfit_shadow_agreement_ratio"), 4),
+            "distribution_difference_ratio": round(
+                _scrape(ports["shadow"], "streamfit_shadow_distribution_difference_ratio"), 4
+            ),
+        }
+    finally:
+        for server in servers.values():
+            server.terminate()
+        for server in servers.values():
+            server.wait(60)
+    at8, at32 = _combine(measured, 8), _combine(measured, 32)
+    return {
+        "candidate_version": candidate,
+        "canary_share_setting": 0.05,
+        "canary_share_answered": round(canary_share, 4),
+        "shadow": shadow,
+        "canary_vs_champion": round(at32["canary"]["rps"] / max(at32["champion"]["rps"], 1e-9), 3),
+        "target_canary_vs_champion": 0.9,
+        "shadow_vs_champion": round(at32["shadow"]["rps"] / max(at32["champion"]["rps"], 1e-9), 3),
+        "target_shadow_vs_champion": 0.8,
+        "shadow_p50_ms_added_at_concurrency_8": round(at8["shadow"]["p50_ms"] - at8["champion"]["p50_ms"], 2),
+        "shadow_p99_ms_added_at_concurrency_8": round(at8["shadow"]["p99_ms"] - at8["champion"]["p99_ms"], 2),
+        "combined": {"concurrency_8": at8, "concurrency_32": at32},
+        "runs": measured,
+    }
+
+
+def _combine(rounds: list[dict], concurrency: int) -> dict:
+    """Per server, over the rounds at ``concurrency``: mean requests/s, median p50 and p99, errors summed."""
+    runs = [r for r in rounds if r["concurrency"] == concurrency]
+    names = [name for name in runs[0] if name not in ("round", "concurrency")]
+    return {
+        name: {
+            "rps": round(float(np.mean([r[name]["rps"] for r in runs])), 1),
+            "p50_ms": round(float(np.median([r[name]["p50_ms"] for r in runs])), 2),
+            "p99_ms": round(float(np.median([r[name]["p99_ms"] for r in runs])), 2),
+            "errors": sum(r[name]["errors"] for r in runs),
+        }
+        for name in names
+    }
 
 
 def main() -> None:
@@ -259,6 +360,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each run")
     parser.add_argument(
         "--swap-every", type=float, default=0.4, help="seconds between promotions during streamfit runs"
+    )
+    parser.add_argument(
+        "--live-rounds", type=int, default=2, help="interleaved rounds of the champion/canary/shadow comparison"
     )
     parser.add_argument("--role", choices=["streamfit", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -281,15 +385,7 @@ def main() -> None:
             MODEL, "champion", promoter.registry.register(MODEL, promoter.weights, algorithm="init")
         )
         ports = {"streamfit": free_port(HOST), "naive": free_port(HOST)}
-        servers = {
-            role: subprocess.Popen(
-                [sys.executable, "-m", "bench.serving", "--role", role, "--port", str(port)],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )
-            for role, port in ports.items()
-        }
+        servers = {role: _start_server(role, port, env) for role, port in ports.items()}
         try:
             _wait_ready(ports["streamfit"], "/readyz", servers["streamfit"])
             _wait_ready(ports["naive"], "/docs", servers["naive"])
@@ -314,6 +410,7 @@ def main() -> None:
                 runs.append(run)
             rss_after = _scrape(sf, "process_resident_memory_bytes")
             batch_rows = _scrape(sf, "streamfit_batch_rows_sum") / max(_scrape(sf, "streamfit_batch_rows_count"), 1)
+            live = live_evaluation(promoter, env, sf, args.seconds, args.warmup, args.live_rounds)
         finally:
             promoter.close()
             for process in servers.values():
@@ -340,11 +437,13 @@ def main() -> None:
                     "swaps": last["streamfit"]["swaps"],
                     "target_swaps": 10,
                 },
-                "errors": sum(r[k]["errors"] for r in runs for k in ("streamfit", "echo", "naive")),
+                "errors": sum(r[k]["errors"] for r in runs for k in ("streamfit", "echo", "naive"))
+                + sum(server["errors"] for run in live["combined"].values() for server in run.values()),
                 "swaps": sum(r["streamfit"]["swaps"] for r in runs),
                 "mean_rows_per_forward_pass": round(batch_rows, 2),
                 "server_rss_mb": {"before": round(rss_before / 2**20, 1), "after": round(rss_after / 2**20, 1)},
                 "runs": runs,
+                "live_evaluation": live,
             }
         )
     )
