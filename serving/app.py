@@ -222,6 +222,7 @@ async def status(model: Model, host: Host, registry: Models) -> ModelStatus:
         versions.append(VersionStatus(version=str(state.loading), state="LOADING"))
     if state.served is not None:
         versions.append(VersionStatus(version=str(state.served.version), state="AVAILABLE"))
+    versions.extend(VersionStatus(version=str(v), state="AVAILABLE") for v in sorted(state.others))
     if state.failure is not None:
         versions.append(
             VersionStatus(
@@ -247,9 +248,37 @@ async def metadata(model: Model, host: Host) -> ModelMetadata:
         raise HTTPException(
             503, f"model {model!r} has no version loaded yet", headers={"Retry-After": str(RETRY_AFTER_S)}
         )
+    return _metadata(served)
+
+
+@router.get(
+    "/v1/models/{model}/versions/{version}/metadata",
+    tags=["models"],
+    responses=UNKNOWN,
+    summary="Metadata of one version (loaded to answer, as by its :predict)",
+)
+async def version_metadata(model: Model, version: Version, parts: All) -> ModelMetadata:
+    served = await _lease_version(parts, model, version)
+    served.release()
+    return _metadata(served)
+
+
+@router.get(
+    "/v1/models/{model}/labels/{label}/metadata",
+    tags=["models"],
+    responses=UNKNOWN,
+    summary="Metadata of the version a registry alias names",
+)
+async def label_metadata(model: Model, label: Label, parts: All) -> ModelMetadata:
+    served = await _lease_version(parts, model, await _aliased(parts, model, label))
+    served.release()
+    return _metadata(served)
+
+
+def _metadata(served: Served) -> ModelMetadata:
     spec, meta = served.spec, served.meta
     return ModelMetadata(
-        model_spec=ModelSpecRef(name=model, version=str(served.version)),
+        model_spec=ModelSpecRef(name=served.model, version=str(served.version)),
         metadata=Signature(
             signature_def=signature_def(spec.n_features, spec.n_classes),
             features=spec.feature_names,

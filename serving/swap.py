@@ -92,6 +92,7 @@ class HostState(NamedTuple):
     loading: int | None  # the version being loaded now
     failure: LoadFailure | None  # the last failure, until a swap succeeds
     pinned: int | None  # the version pinned by an admin, whatever the champion
+    others: tuple[int, ...] = ()  # other versions loaded to answer (/versions, /labels, canary, shadow)
 
 
 class ModelHost:
@@ -178,6 +179,7 @@ class ModelHost:
             key = (model, version)
             loading = self._loads.get(key)
             if loading is None or loading.done():
+                self._loads = {k: f for k, f in self._loads.items() if not f.done()}  # no record of every version
                 loading = self._loads[key] = self._swapper.submit(self._load_other, model, version)
             return loading
 
@@ -192,7 +194,11 @@ class ModelHost:
     def state(self, model: str) -> HostState:
         """The served version, the version loading now, the last failure, the pin."""
         return HostState(
-            self.current(model), self._loading.get(model), self._failed.get(model), self._pinned.get(model)
+            self.current(model),
+            self._loading.get(model),
+            self._failed.get(model),
+            self._pinned.get(model),
+            tuple(self._others[model]),
         )
 
     # ----------------------------------------------------------------------------------- control

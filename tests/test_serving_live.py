@@ -111,6 +111,10 @@ def test_classify_answers_in_tf_servings_shape(four_versions):
     assert [d["size"] for d in predict["outputs"]["probabilities"]["tensor_shape"]["dim"]] == ["-1", "2"]
     assert signatures["classification"]["method_name"] == "tensorflow/serving/classify"
     assert meta["metadata"]["features"] == names and meta["model_spec"]["version"] == "1"  # streamfit's fields beside
+    for path, version in (("/versions/3", "3"), ("/labels/candidate", "2")):
+        other = httpx.get(server.url + MODEL + path + "/metadata").json()
+        assert other["model_spec"]["version"] == version and "signature_def" in other["metadata"], other
+    assert httpx.get(server.url + MODEL + "/versions/99/metadata").status_code == 404
 
 
 def test_a_pinned_older_version_keeps_answering_across_ten_promotions_in_bounded_memory(four_versions):
@@ -133,7 +137,10 @@ def test_a_pinned_older_version_keeps_answering_across_ten_promotions_in_bounded
         for version in (2, 3, 4, 1, 2):  # more versions than max_loaded_versions (3): the oldest make room
             assert client.post(f"/v1/models/small/versions/{version}:predict", json=body).status_code == 200
         bundles = scrape(server.port)['streamfit_model_bundles{model="small"}']
+        status = client.get(MODEL).json()["model_version_status"]
     assert bundles <= 3 + 1, f"{bundles} model instances for max_loaded_versions 3 (+1 spare)"
+    available = {s["version"] for s in status if s["state"] == "AVAILABLE"}
+    assert available == {str(newer), "1", "2"}, status  # the champion and the two most recently used
 
 
 def _shadowed(server: LiveServer, version: int, rows: np.ndarray) -> None:
