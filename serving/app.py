@@ -167,12 +167,7 @@ CLASSIFIES: dict[str, Any] = {"tags": ["predict"], "responses": BAD_REQUEST | UN
 
 @router.post(PREDICT, summary="Class probabilities from the champion (or, under canary, the candidate)", **PREDICTS)
 async def predict(model: Model, body: PredictRequest, parts: All) -> PredictResponse | ColumnarResponse:
-    started = time.perf_counter()
-    served = _lease(lambda: parts.canary.lease(parts.host, model))
-    x, y = await _compute(parts, served, body, started)
-    if parts.shadow is not None:
-        parts.shadow.offer(served, x, y)
-    return _predictions(body, served, y)
+    return _predictions(body, *await _answer(parts, model, body))
 
 
 @router.post(PREDICT_ROUTES[1], summary="Class probabilities from one version", **PREDICTS)
@@ -195,9 +190,7 @@ async def predict_label(
 
 @router.post("/v1/models/{model}:classify", summary="Classes and their scores (TF Serving's classify)", **CLASSIFIES)
 async def classify(model: Model, body: ClassifyRequest, parts: All) -> ClassifyResponse:
-    started = time.perf_counter()
-    served = _lease(lambda: parts.canary.lease(parts.host, model))
-    return _classes(served, (await _compute(parts, served, body, started))[1])
+    return _classes(*await _answer(parts, model, body))
 
 
 @router.post("/v1/models/{model}/versions/{version}:classify", summary="Classify with one version", **CLASSIFIES)
@@ -388,6 +381,16 @@ async def _aliased(parts: Parts, model: str, label: str) -> int:
         return await run_in_threadpool(parts.registry.resolve, model, label)
     except RegistryError as exc:
         raise HTTPException(404, str(exc)) from None
+
+
+async def _answer(parts: Parts, model: str, body: Request) -> tuple[Served, np.ndarray]:
+    """The champion's answer (or, under canary, the candidate's), offered to the shadow candidate."""
+    started = time.perf_counter()
+    served = _lease(lambda: parts.canary.lease(parts.host, model))
+    x, y = await _compute(parts, served, body, started)
+    if parts.shadow is not None:
+        parts.shadow.offer(served, x, y)
+    return served, y
 
 
 async def _compute(parts: Parts, served: Served, body: Request, started: float) -> tuple[np.ndarray, np.ndarray]:
