@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from pipeline.cli import build_parser, settings_from
-from pipeline.settings import CONFIG_ENV, ENV_PREFIX, Settings, SettingsError
+from pipeline.settings import CONFIG_ENV, ENV_PREFIX, KAFKA_ENV, Settings, SettingsError
 from pipeline.spec import BUILTIN_SPECS
 from producers import synthetic
 
@@ -348,11 +348,14 @@ def check_commands(compose: dict) -> list[str]:
 
 
 def check_environment(compose: dict) -> list[str]:
-    """Every STREAMFIT_* name is a setting (as load_settings maps them) and every service's settings validate."""
+    """Every STREAMFIT_* name is a setting (as load_settings maps them) and every service's settings validate
+    (a ``STREAMFIT_KAFKA__<NAME>`` Kafka client property is checked by that validation: unknown ones fail it)."""
     problems = []
     known = {ENV_PREFIX + field.upper() for field in Settings.model_fields} | {CONFIG_ENV}
     for name, service in (compose.get("services") or {}).items():
         for variable in environment(service):
+            if variable.startswith(KAFKA_ENV):
+                continue
             if variable.upper().startswith(ENV_PREFIX) and variable not in known:
                 field = variable[len(ENV_PREFIX) :].lower()
                 hint = f" (write it {ENV_PREFIX}{field.upper()})" if field in Settings.model_fields else ""

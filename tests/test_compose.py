@@ -79,6 +79,21 @@ def test_the_compose_file_passes(compose, check):
     assert not problems, "\n".join(problems)
 
 
+def test_kafka_client_properties_pass_as_settings(tmp_path):
+    """STREAMFIT_KAFKA__<NAME> variables are Kafka client properties, not unknown settings (a bad one is
+    refused by the same validation: test_checks_refuse_a_broken_compose_file)."""
+    tuned = yaml.safe_load(COMPOSE.read_text())
+    environment = _service(tuned, "predict")["environment"]
+    environment["STREAMFIT_KAFKA__COMPRESSION_TYPE"] = "lz4"
+    environment["STREAMFIT_KAFKA__LINGER_MS"] = "5"
+    copy_path = tmp_path / "docker-compose.yml"
+    copy_path.write_text(yaml.safe_dump(tuned))
+    compose = load_compose(copy_path)
+    assert check_environment(compose) == []
+    (predict,) = [inv for inv in invocations(compose) if inv.name == "predict"]
+    assert dict(predict.settings.kafka) == {"compression.type": "lz4", "linger.ms": "5"}
+
+
 def test_prometheus_scrapes_exactly_the_metrics_endpoints(compose):
     problems = check_prometheus(compose, yaml.safe_load(PROMETHEUS.read_text()))
     assert not problems, "\n".join(problems)
@@ -238,6 +253,10 @@ def _unknown_setting(c):
     _service(c, "serve")["environment"]["STREAMFIT_NO_SUCH_SETTING"] = "1"
 
 
+def _unknown_kafka_property(c):
+    _service(c, "predict")["environment"]["STREAMFIT_KAFKA__NO_SUCH_PROPERTY"] = "1"
+
+
 def _invalid_value(c):
     _service(c, "train")["environment"]["STREAMFIT_PS_PORT"] = "not-a-port"
 
@@ -301,6 +320,7 @@ def _no_spark_ui(c):
         (_bogus_subcommand, check_commands, "invalid choice: 'make'"),
         (_wrong_source, check_commands, "makes 10 features but model 'higgs'"),
         (_unknown_setting, check_environment, "STREAMFIT_NO_SUCH_SETTING is not a streamfit setting"),
+        (_unknown_kafka_property, check_environment, "unknown Kafka client property 'NO_SUCH_PROPERTY'"),
         (_invalid_value, check_environment, "ps_port"),
         (_ps_on_loopback, check_ports, "training workers in other containers cannot reach it"),
         (_wrong_published_port, check_ports, "publishes container port 8080"),
