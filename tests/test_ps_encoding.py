@@ -21,6 +21,7 @@ from pipeline.ps.protocol import (
     FrameReader,
     MsgType,
     ProtocolError,
+    ScaledTensor,
     SparseTensor,
     encode,
     send_frame,
@@ -59,13 +60,16 @@ def test_every_encoding_round_trips_and_its_residual_holds_the_rest(encoding):
     assert frame_bytes <= dense_bytes * {"float32": 1, "float16": 0.55, "int8": 0.3, "topk": 0.15}[encoding]
 
 
-def test_pulls_are_float16_unless_a_tensor_leaves_its_range():
-    weights = {"small": np.linspace(-1, 1, 9, dtype=np.float32), "large": np.array([1e6, 1.0], np.float32)}
-    sent = read_back(Frame(MsgType.WEIGHTS, tensors=pull_tensors(weights, "topk"))).tensors
-    assert sent["small"].dtype == np.float16 and sent["large"].dtype == np.float32
-    assert read_back(Frame(MsgType.WEIGHTS, tensors=pull_tensors(weights, "float32"))).tensors["small"].dtype == (
-        np.float32
-    )
+def test_lossy_pulls_are_scaled_float16_of_any_range():
+    weights = {"tiny": np.linspace(-1e-6, 1e-6, 9, dtype=np.float32), "large": np.array([1e6, -3.0], np.float32)}
+    wire = pull_tensors(weights, "topk")
+    assert all(isinstance(t, ScaledTensor) and t.values.dtype == np.float16 for t in wire.values())
+    pulled = read_back(Frame(MsgType.WEIGHTS, tensors=wire)).tensors
+    for name, value in weights.items():
+        assert pulled[name].dtype == np.float32
+        np.testing.assert_allclose(pulled[name], value, rtol=0, atol=np.abs(value).max() * 2**-11)
+    assert np.count_nonzero(pulled["tiny"]) == 8  # nothing vanishes below float16's range
+    assert pull_tensors(weights, "float32")["tiny"] is weights["tiny"]
 
 
 def sparse_commit(indices, values, shape=(40, 25)) -> Frame:
@@ -146,8 +150,9 @@ def test_a_negotiated_connection_pulls_float16_and_commits_compressed(server):
         out_before = server.stats()["bytes_out"]
         weights, _ = client.pull()
         pull_bytes = server.stats()["bytes_out"] - out_before
-        assert weights["kernel"].dtype == np.float32
-        np.testing.assert_array_equal(weights["kernel"], server.state.pull()[0]["kernel"].astype(np.float16))
+        center = server.state.pull()[0]["kernel"]
+        assert weights["kernel"].dtype == np.float32 and not np.array_equal(weights["kernel"], center)
+        np.testing.assert_allclose(weights["kernel"], center, rtol=0, atol=np.abs(center).max() * 2**-11)
         assert client.flush().status == "applied"
     dense = sum(v.nbytes for v in DELTA.values())
     assert commit_bytes < dense / 8 and pull_bytes < 0.6 * dense

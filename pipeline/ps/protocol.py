@@ -20,9 +20,9 @@ it reads or allocates the body: a peer without the secret costs it at most one h
 Tensors are sent straight from the arrays' memory (``sendmsg`` scatter list) and received straight into
 one buffer that the decoded arrays are views of, so a 4 MB pull costs no copy on either side.
 
-Compressed commits and pulls (:mod:`pipeline.ps.encoding`) use the same frame: float16 tensors, int8
-tensors with a per-tensor scale (SCALED, decoded to float32), and sparse tensors (SPARSE: indices
-and values, decoded to :class:`SparseTensor`), each held to the same bounds as a dense one.
+Compressed commits and pulls (:mod:`pipeline.ps.encoding`) use the same frame: int8 and float16
+tensors with a per-tensor scale (SCALED, decoded to float32), and sparse tensors (SPARSE: indices and
+values, decoded to :class:`SparseTensor`), each held to the same bounds as a dense one.
 """
 
 from __future__ import annotations
@@ -60,13 +60,14 @@ _DTYPES: dict[int, np.dtype] = {
     3: np.dtype("<i4"),
     4: np.dtype("<i8"),
     5: np.dtype("<f2"),
-    6: np.dtype("i1"),  # only SCALED: int8 values times a float32 scale
+    6: np.dtype("i1"),  # only SCALED
 }
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 SPARSE = 0x80  # dtype code flag: nnz flat indices and nnz values instead of every element
-SCALED = 0x40  # dtype code flag: int8 values, each times the tensor's float32 scale
-_INT8_CODE = 6
+SCALED = 0x40  # dtype code flag: int8 or float16 values, each times the tensor's float32 scale
+_INT8_CODE, _FLOAT16_CODE = 6, 5
 _INT8 = _DTYPES[_INT8_CODE]
+_SCALABLE = (_INT8, _DTYPES[_FLOAT16_CODE])
 _INDEX = np.dtype("<u4")
 _NAME_LEN = struct.Struct("<H")
 _DTYPE_NDIM = struct.Struct("<BB")
@@ -153,8 +154,8 @@ class SparseTensor:
 
 @dataclass(frozen=True)
 class ScaledTensor:
-    """int8 ``values`` standing for ``values * scale``: an int8 commit on the wire (the reader hands
-    the receiver the float32 product)."""
+    """int8 or float16 ``values`` standing for ``values * scale``: an int8 or float16 commit (or a
+    float16 pull) on the wire; the reader hands the receiver the float32 product."""
 
     values: np.ndarray
     scale: float
@@ -304,8 +305,8 @@ def _table_entry(name: str, value: WireTensor) -> tuple[bytes, list[np.ndarray]]
         extra, arrays = _NNZ.pack(len(values)), [indices, values]
     elif isinstance(value, ScaledTensor):
         values, flags = np.asarray(value.values, order="C"), SCALED
-        if values.dtype != _INT8 or not math.isfinite(value.scale):
-            raise ValueError(f"tensor {name!r}: a scaled tensor is int8 values and a finite scale")
+        if values.dtype not in _SCALABLE or not math.isfinite(value.scale):
+            raise ValueError(f"tensor {name!r}: a scaled tensor is int8 or float16 values and a finite scale")
         shape, extra, arrays = values.shape, _SCALE.pack(value.scale), [values]
     else:
         values, flags = _sendable(name, value), 0
@@ -476,8 +477,8 @@ def _decode_tensors(table: memoryview, data: np.ndarray) -> dict[str, np.ndarray
             code, ndim = _DTYPE_NDIM.unpack_from(table, pos + 2 + name_len)
             pos += 4 + name_len
             flags, code = code & (SPARSE | SCALED), code & ~(SPARSE | SCALED)
-            # int8 only scaled, and nothing both sparse and scaled
-            allowed = (SCALED,) if code == _INT8_CODE else (0, SPARSE)
+            # int8 only scaled, float16 possibly, and nothing both sparse and scaled
+            allowed = {_INT8_CODE: (SCALED,), _FLOAT16_CODE: (0, SPARSE, SCALED)}.get(code, (0, SPARSE))
             if code not in _DTYPES or ndim > MAX_NDIM or flags not in allowed:
                 raise ProtocolError(
                     f"tensor {name!r}: unknown dtype code {code} (flags 0x{flags:02x}) or {ndim} dims (max {MAX_NDIM})"
