@@ -177,7 +177,7 @@ def import_keras(
                 f"{path}: tensor {variable.path!r} is {variable.dtype}; streamfit's weights are float32 "
                 "(a Normalization layer is only accepted as the first layer)"
             )
-    tensors = {variable.path: tuple(variable.shape) for variable in core.weights}
+    tensors = {variable.path: list(variable.shape) for variable in core.weights}  # as spec.json holds them
     if any(name.startswith(("standardise/", "one_hot/")) for name in tensors):
         raise KerasImportError(f"{path}: rename the layers 'standardise' and 'one_hot': streamfit's own layers")
     feature_names = list(feature_names or (f"f{i}" for i in range(n_features)))

@@ -63,9 +63,9 @@ def test_sequential_and_functional_import_with_their_normalization_as_standardis
         np.testing.assert_allclose(weights["standardise/mean"], np.ravel(norm.mean), rtol=1e-6)
         np.testing.assert_allclose(weights["standardise/std"], np.sqrt(np.ravel(norm.variance)), rtol=1e-6)
         assert spec.standardisation is not None
-        bundle = ModelBundle(
-            ModelSpec.model_validate_json(spec.model_dump_json()), version=1
-        )  # as the registry reads it
+        stored = ModelSpec.model_validate_json(spec.model_dump_json())  # as the registry reads it
+        assert stored == spec
+        bundle = ModelBundle(stored, version=1)
         bundle.set_weights(weights)
         assert bundle.engine == "tensorflow"
         np.testing.assert_allclose(
