@@ -13,6 +13,12 @@ adaptive tree and adaptive random forest learn one event at a time, test-then-tr
 JSON object (final and mean prequential accuracy and events/s of each; the ratios the targets
 name, against ARF) and writes a PNG of prequential accuracy over events.
 
+``stagger`` (river's STAGGER: three categorical features, codes 0..2, the concept switching half-way)
+is trained twice with the ``stagger`` spec: its features one-hot encoded as the spec declares them
+categorical, and the same model taking the codes as numbers (``<algorithm>_codes_as_numbers``, the
+spec without ``categorical``); the summary gives the accuracy the encoding gains. ``--streams``
+picks the streams.
+
 ``--cluster`` runs the streamfit side once more on a Spark standalone cluster of two one-core workers
 (:mod:`pipeline.spark.standalone`; executors in their own JVMs) and reports it beside ``local[2]``
 (``<algorithm>@cluster`` rows; the comparison with river stays on the ``local[2]`` rows).
@@ -32,9 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.spec import BUILTIN_SPECS, ModelSpec
 from producers.synthetic import synthetic_rows
 
-STREAMS = ("hyperplane", "rbf")
+STREAMS = ("hyperplane", "rbf", "stagger")
 WINDOW = 2000  # events in the sliding accuracy drawn and called final
 
 
@@ -92,11 +99,12 @@ def run_streamfit(
     rows: list,
     algorithm: str,
     batch: int,
-    model: str = "small",
+    model: str | ModelSpec = "small",
     **overrides: object,
 ) -> dict:
-    """Produce the rows as events, then train from Kafka (``overrides``: job settings); every labelled
-    event's prequential outcome counts (``outcomes``: each one's correctness, in arrival order)."""
+    """Produce the rows as events, then train ``model`` (a built-in spec's name, or a spec) from Kafka
+    (``overrides``: job settings); every labelled event's prequential outcome counts (``outcomes``: each
+    one's correctness, in arrival order)."""
     from consumers.training import TrainingJob
     from pipeline.bundle import ModelBundle
     from pipeline.kafka import ensure_topics, producer
@@ -104,7 +112,6 @@ def run_streamfit(
     from pipeline.ps.server import CenterState, ParameterServer
     from pipeline.registry import Registry
     from pipeline.settings import load_settings
-    from pipeline.spec import BUILTIN_SPECS
     from producers.sender import Sender, synthetic_events
 
     topic = f"bench-{stream}-{algorithm}-{uuid.uuid4().hex[:8]}"  # a fresh topic per run
@@ -116,7 +123,7 @@ def run_streamfit(
     assert sender.close().failed == 0
     kafka_producer.close()
 
-    spec = BUILTIN_SPECS[model]
+    spec = model if isinstance(model, ModelSpec) else BUILTIN_SPECS[model]
     registry = Registry(home / topic / "registry")
     registry.create_model(spec)
     registry.set_alias(spec.name, "champion", registry.register(spec.name, ModelBundle(spec).get_weights()))
@@ -162,6 +169,18 @@ def run_streamfit(
     }
 
 
+def specs_for(stream: str, model: str) -> dict[str, str | ModelSpec]:
+    """The models streamfit trains on ``stream``, by the suffix of their learner's name: ``model``, or for
+    ``stagger`` its categorical spec and the same spec taking the codes as numbers."""
+    if stream != "stagger":
+        return {"": model}
+    categorical = BUILTIN_SPECS["stagger"]
+    return {
+        "": categorical,
+        "_codes_as_numbers": ModelSpec.model_validate(categorical.model_dump() | {"categorical": {}}),
+    }
+
+
 def _summary(correct: np.ndarray, events_per_s: float) -> dict:
     return {
         "final_accuracy": round(float(correct[-WINDOW:].mean()), 4),
@@ -198,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         default="adag,eamsgd",
         help="streamfit algorithms to run (comma-separated); the best is compared",
     )
-    parser.add_argument("--model", default="wide", help="built-in spec streamfit trains")
+    parser.add_argument("--model", default="wide", help="built-in spec streamfit trains (stagger: the stagger spec)")
+    parser.add_argument("--streams", default=",".join(STREAMS), help="synthetic streams (comma-separated)")
     parser.add_argument("--micro-batch", type=int, default=20_000, help="maxOffsetsPerTrigger of the training query")
     parser.add_argument("--png", type=Path, default=Path("bench/training.png"))
     parser.add_argument("--cluster", action="store_true", help="also train on a Spark standalone cluster")
@@ -206,17 +226,18 @@ def main(argv: list[str] | None = None) -> int:
 
     streams = {
         stream: list(itertools.islice(synthetic_rows(stream, seed=7, drift_at=args.events // 2), args.events))
-        for stream in STREAMS
+        for stream in args.streams.split(",")
     }
-    results: dict[str, dict] = {stream: {} for stream in STREAMS}
+    results: dict[str, dict] = {stream: {} for stream in streams}
     with spark_and_broker("bench-training") as (spark, bootstrap, home):
         for stream, rows in streams.items():
             learners = results[stream]
             for algorithm in args.algorithms.split(","):
-                print(f"bench.training: {stream} streamfit {algorithm}", file=sys.stderr, flush=True)
-                learners[f"streamfit_{algorithm}"] = run_streamfit(
-                    spark, bootstrap, home, stream, rows, algorithm, args.micro_batch, args.model
-                )
+                for suffix, model in specs_for(stream, args.model).items():
+                    print(f"bench.training: {stream} streamfit {algorithm}{suffix}", file=sys.stderr, flush=True)
+                    learners[f"streamfit_{algorithm}{suffix}"] = run_streamfit(
+                        spark, bootstrap, home, stream, rows, algorithm, args.micro_batch, model
+                    )
             for name, model in river_models().items():
                 print(f"bench.training: {stream} {name}", file=sys.stderr, flush=True)
                 learners[name] = run_river(model, rows)
@@ -231,11 +252,18 @@ def main(argv: list[str] | None = None) -> int:
                 for algorithm in args.algorithms.split(","):
                     print(f"bench.training: {stream} streamfit {algorithm} on the cluster", file=sys.stderr, flush=True)
                     results[stream][f"streamfit_{algorithm}@cluster"] = run_streamfit(
-                        spark, bootstrap, home, stream, rows, algorithm, args.micro_batch, args.model
+                        spark,
+                        bootstrap,
+                        home,
+                        stream,
+                        rows,
+                        algorithm,
+                        args.micro_batch,
+                        specs_for(stream, args.model)[""],
                     )
     summary = {}
     for stream, learners in results.items():
-        local = [n for n in learners if n.startswith("streamfit_") and "@" not in n]
+        local = [n for n in learners if n.startswith("streamfit_") and "@" not in n and "_codes_as_numbers" not in n]
         best = max(local, key=lambda n: learners[n]["mean_accuracy"])
         arf = learners["river_arf"]
         summary[stream] = {
@@ -243,6 +271,14 @@ def main(argv: list[str] | None = None) -> int:
             "mean_accuracy_minus_arf": round(learners[best]["mean_accuracy"] - arf["mean_accuracy"], 4),
             "events_per_s_vs_arf": round(learners[best]["events_per_s"] / arf["events_per_s"], 2),
         }
+        if stream == "stagger":
+            summary[stream]["categorical_minus_codes_as_numbers"] = {
+                name: {
+                    figure: round(learners[name][figure] - learners[f"{name}_codes_as_numbers"][figure], 4)
+                    for figure in ("mean_accuracy", "final_accuracy")
+                }
+                for name in local
+            }
         if args.cluster:
             summary[stream]["cluster_events_per_s_vs_local"] = {
                 name: round(learners[f"{name}@cluster"]["events_per_s"] / learners[name]["events_per_s"], 2)
