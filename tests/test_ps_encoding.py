@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.ps.algorithms import ALGORITHMS, UpdateRule
 from pipeline.ps.checkpoint import Checkpoint
-from pipeline.ps.client import Client, ServerError
+from pipeline.ps.client import Client, ServerError, ShardedClient
 from pipeline.ps.encoding import ENCODINGS, Encoder, pull_tensors
 from pipeline.ps.protocol import (
     HEADER,
@@ -210,3 +210,15 @@ def test_a_throttled_link_holds_pulls_to_its_rate():
         for _ in range(4):
             client.pull()
         assert 0.9 < time.monotonic() - started < 5  # 4 MB at 4 MB/s, less the bucket's 0.05 s burst
+
+
+def test_a_sharded_client_compresses_and_flushes_every_shard():
+    states = [CenterState({name: np.zeros_like(value)}, UpdateRule()) for name, value in DELTA.items()]
+    with ParameterServer(states[0]) as first, ParameterServer(states[1]) as second:
+        with ShardedClient([first.address, second.address], encoding="int8") as client:
+            client.pull()
+            assert client.lossy and client.commit(DELTA).status == "applied"
+            assert client.flush().status == "applied"
+    for state in states:
+        for name, value in state.pull()[0].items():
+            np.testing.assert_allclose(value, DELTA[name], atol=1e-6)
