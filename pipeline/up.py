@@ -286,11 +286,7 @@ class Pipeline:
                 f"(auto-promote {'on' if s.auto_promote else 'off'})"
             )
             ui = spark.sparkContext.uiWebUrl
-            self.say(
-                f"Spark UI {ui}"
-                if ui
-                else 'Spark UI off (STREAMFIT_SPARK_CONF=\'{"spark.ui.enabled": "true"}\' turns it on)'
-            )
+            self.say(f"Spark UI {ui}" if ui else "Spark UI off (STREAMFIT_SPARK_UI=true turns it on)")
             down.callback(self._stop_child, "produce", signal.SIGINT)
             down.callback(self.say, "stopping in order: producer, queries, parameter server, serving, broker")
             url = f"http://{s.serve_host}:{s.serve_port}"

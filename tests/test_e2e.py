@@ -57,7 +57,7 @@ def test_up_runs_the_whole_pipeline(first_run):
     assert status == 0, output
     assert "curl -s -H 'Content-Type: application/json' http://127.0.0.1:" in output, output
     assert re.search(r"Prometheus metrics at /metrics: serve :\d+, predict :[1-9]\d*, train :[1-9]\d*", output), output
-    assert "Spark UI " in output, output
+    assert "Spark UI http://localhost:" in output, output  # a local driver's UI, on loopback only
     last = dict(
         item.split("=", 1) for item in [line for line in run.output if line.startswith("status ")][-1].split()[1:]
     )

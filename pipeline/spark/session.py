@@ -141,6 +141,8 @@ def spark_session(
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
+    if settings.spark_master.startswith("local"):  # one machine: the driver and its UI on loopback only
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     lean = streaming and settings.spark_master.startswith("local")
     java_options = ["-Dio.netty.tryReflectionSetAccessible=true"] + (LEAN_JVM if lean else [])
     if settings.spark_class_archive and settings.spark_master.startswith("local"):
@@ -154,7 +156,7 @@ def spark_session(
         .config(map=LEAN_CONF if lean else {"spark.driver.memory": "2g"})
         .config("spark.scheduler.mode", "FAIR")
         .config("spark.scheduler.allocation.file", str(_pools_file(settings.home)))
-        .config("spark.ui.enabled", "false")
+        .config("spark.ui.enabled", str(settings.spark_ui).lower())
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(ROWS_PER_BATCH))
