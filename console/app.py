@@ -116,12 +116,20 @@ def learning(console: Console) -> dict:
     return {"model": s.model, "batches": batches, "moves": moves, "sources": {"kafka": console.feed.problem}}
 
 
-@router.get("/api/models", summary="Every model: aliases, versions with lineage, metrics and weights")
+@router.get("/api/models", summary="Every model: aliases, versions with lineage, metrics, gate verdicts and weights")
 def models(console: Console) -> dict:
     try:
         found, problem = catalog(console.registry), None
     except (RegistryError, OSError) as exc:
         found, problem = [], f"registry: {console.settings.registry_url} ({exc})"
+    verdicts = {  # the gate's verdict on each candidate it reviewed, from training-metrics
+        (r.value.get("model"), r.value["gate"].get("candidate")): r.value["gate"]
+        for r in console.feed.latest(console.settings.topic_training_metrics)
+        if r.value and isinstance(r.value.get("gate"), dict)
+    }
+    for model in found:
+        for version in model["versions"]:
+            version["gate"] = verdicts.get((model["name"], version["version"]))
     return {
         "models": found,
         "served": console.settings.model,

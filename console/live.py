@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 
 from kafka.errors import KafkaError
@@ -25,7 +26,16 @@ from pipeline.status import Figures, StatusBoard
 log = logging.getLogger(__name__)
 
 SAMPLE_EVERY_S = 1.0
+RATE_OVER_S = 5.0
+"""Rates are over the last few seconds: micro-batches move the totals in steps, a one-second rate flickers to 0."""
 LAG_EVERY_S = 3.0
+RATES = {
+    "events": "events_per_s",
+    "predictions": "predictions_per_s",
+    "dead_letters": "dead_letters_per_s",
+    "trained_events": "trained_per_s",
+    "serve_requests": "serve_requests_per_s",
+}
 
 
 class LiveView:
@@ -46,7 +56,7 @@ class LiveView:
         self.latest: dict = {"at": None, "sources": {}}
         self._lag: dict[str, dict | None] = {}
         self._board: StatusBoard | None = None
-        self._previous: Figures | None = None
+        self._recent: deque[Figures] = deque()
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._every, args=(SAMPLE_EVERY_S, self._sample), name="console-live", daemon=True),
@@ -90,9 +100,11 @@ class LiveView:
                 return {"at": time.time(), "sources": {"kafka": f"Kafka: {exc}"}}
         figures = self._board.sample()
         view = dataclasses.asdict(figures) | {"at": time.time(), "lag": dict(self._lag)}
-        for total, rate in (("dead_letters", "dead_letters_per_s"), ("trained_events", "trained_per_s")):
-            view[rate] = _rate(figures, self._previous, total)
-        self._previous = figures
+        while self._recent and figures.at - self._recent[0].at > RATE_OVER_S:
+            self._recent.popleft()
+        for total, rate in RATES.items():
+            view[rate] = _rate(figures, self._recent[0] if self._recent else None, total)
+        self._recent.append(figures)
         view["sources"] = {
             source: next((note for note in figures.notes if note.lower().startswith(source)), None)
             for source in ("kafka", "serving", "registry")

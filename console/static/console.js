@@ -100,14 +100,14 @@ function showPipeline(sample) {
   report("pipeline", sample.sources);
   for (const node of document.querySelectorAll("text.rate")) {
     const value = sample[node.dataset.key];
-    node.textContent = node.dataset.unit ? `${fmt(value, 1)}${node.dataset.unit}` : value === null || value === undefined ? "-" : `v${value}`;
+    node.textContent = node.dataset.unit ? `${fmt(value, 1)}${node.dataset.unit}` : value === null || value === undefined ? "-" : node.dataset.key === "champion" ? `champion v${value}` : `v${value}`;
   }
   const lag = sample.lag || {};
   document.getElementById("sub-predict").textContent = lagText(lag.predict);
   document.getElementById("sub-train").textContent = lagText(lag.train);
   document.getElementById("sub-dlq").textContent = `${fmt(sample.dead_letters)} dead letters`;
   document.getElementById("sub-serving").textContent = `serves v${fmt(sample.served)}`;
-  document.getElementById("sub-registry").textContent = `candidate v${fmt(sample.candidate)}, champion v${fmt(sample.champion)}`;
+  document.getElementById("sub-registry").textContent = `candidate v${fmt(sample.candidate)}`;
   for (const [key] of FIGURES) {
     const node = document.getElementById(`figure-${key}`);
     const value = sample[key];
@@ -226,6 +226,12 @@ async function act(model, action, version) {
   drawModels();
 }
 
+function gateText(g) {
+  if (!g) return "-";
+  const verdict = g.promoted ? "promoted" : g.passed ? "passed, waits" : "held back";
+  return `${verdict}: ${fmt(g.candidate_accuracy, 3)} vs champion v${fmt(g.champion)} ${fmt(g.champion_accuracy, 3)} on ${fmt(g.events)} events`;
+}
+
 function short(value) {
   return value && Object.keys(value).length ? JSON.stringify(value) : "-";
 }
@@ -244,6 +250,7 @@ async function drawModels() {
       el("td", { class: "num", text: `v${v.version}` }), el("td", { text: v.aliases.join(", ") || "-" }),
       el("td", { text: v.parent ? `v${v.parent}` : "-" }), el("td", { text: v.algorithm || "-" }), el("td", { class: "num", text: fmt(v.updates) }),
       el("td", {}, el("code", { text: short(v.offsets) })), el("td", {}, el("code", { text: short(v.metrics) })),
+      el("td", { class: v.gate ? (v.gate.promoted ? "promoted" : v.gate.passed ? "" : "refused") : "", text: gateText(v.gate) }),
       el("td", { text: when(v.created_at) }), el("td", { class: "num", text: v.weights_bytes === null ? "-" : `${fmt(v.weights_bytes / 1024, 1)} KiB` }),
       el("td", {}, el("code", { title: v.sha256, text: v.sha256.slice(0, 12) + "…" })),
       el("td", {}, button("promote", v.version, "promote"), button("pin", v.version, "pin"))));
@@ -251,7 +258,7 @@ async function drawModels() {
       el("h2", { text: `${m.name} (${m.features.length} features, classes ${m.classes.join(", ")})` }),
       el("p", { class: "note", text: `aliases: ${Object.entries(m.aliases).map(([a, v]) => `${a} v${v}`).join(", ") || "none"}${served ? "" : " (not served by this console's serving: no actions)"}` }),
       el("div", {}, button("rollback", null, "roll back champion"), button("unpin", null, "unpin")),
-      el("div", { class: "scroll" }, el("table", {}, el("thead", {}, el("tr", {}, ...["version", "aliases", "parent", "algorithm", "updates", "offsets trained through", "metrics", "created", "weights", "sha256", ""].map((h) => el("th", { text: h })))), el("tbody", {}, ...rows))));
+      el("div", { class: "scroll" }, el("table", {}, el("thead", {}, el("tr", {}, ...["version", "aliases", "parent", "algorithm", "updates", "offsets trained through", "metrics", "gate", "created", "weights", "sha256", ""].map((h) => el("th", { text: h })))), el("tbody", {}, ...rows))));
   });
   document.getElementById("models-body").replaceChildren(...cards);
 }
