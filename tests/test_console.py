@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -307,7 +308,11 @@ NOISE = re.compile(r"oneDNN|absl|ProcessingTimeExecutor|retracing|\bWARN\b|^[IWE
 
 @pytest.mark.slow
 def test_the_up_terminal_shows_only_streamfits_lines(up):
-    """Run last in the module: by now the run has predicted, trained and published for a while."""
+    """Last in the module: Ctrl-C stops the run (the console with it) in order, and nothing it printed
+    from start to stop is log noise."""
+    up.process.send_signal(signal.SIGINT)
+    assert up.wait(90) == 0, "\n".join(up.output)
+    assert any(line.startswith("stopped; ") for line in up.output), up.output
     noise = [line for line in up.output if NOISE.search(line)]
     assert not noise, noise[:20]
     assert any(line.startswith("status ") for line in up.output), up.output
