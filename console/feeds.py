@@ -24,6 +24,9 @@ from pipeline.kafka import consumer
 log = logging.getLogger(__name__)
 
 RETRY_S = 2.0
+IDLE_S = 0.5
+"""A read that found nothing waits this long: asked for records it does not have, a broker may answer at once
+(noida-db does, ignoring the fetch's max wait), and a poll waiting on the broker would then spin a core."""
 """Seconds between attempts to reach Kafka again."""
 
 
@@ -76,7 +79,8 @@ class TopicFeed:
                 reader = self._open()
                 self.problem = None
                 while not self._stop.is_set():
-                    self._read(reader)
+                    if not self._read(reader):
+                        self._stop.wait(IDLE_S)
             except (KafkaError, StreamfitError, OSError) as exc:  # KafkaUnavailable, KafkaTlsError too
                 problem = f"Kafka: {exc}"
                 if problem != self.problem:  # once per outage, not every retry
@@ -101,12 +105,15 @@ class TopicFeed:
             reader.seek(tp, max(begins[tp], ends[tp] - self.keep[tp.topic]))
         return reader
 
-    def _read(self, reader) -> None:
-        for batch in reader.poll(timeout_ms=500, max_records=5000).values():
+    def _read(self, reader) -> bool:
+        """Keep what the reader has now; False when it had nothing."""
+        batches = reader.poll(timeout_ms=0, max_records=5000)
+        for batch in batches.values():
             kept = [_record(r) for r in batch]
             with self._lock:
                 for record in kept:
                     self.records[record.topic].append(record)
+        return bool(batches)
 
 
 def _record(raw) -> Record:

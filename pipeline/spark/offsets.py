@@ -172,8 +172,10 @@ class KafkaOffsetReader:
         deadline = time.monotonic() + self.timeout_s
         while any(self.consumer.highwater(tp) is None for tp in partitions) and time.monotonic() < deadline:
             # a fetch per partition brings its high watermark; a partition's watermark is read only when the
-            # fetches queued before it are drained, so drain them whole (one record a poll took the timeout)
-            self.consumer.poll(timeout_ms=50, max_records=DRAIN_RECORDS)
+            # fetches queued before it are drained, so drain them whole (one record a poll took the timeout).
+            # Short polls: a poll returns on records, not on an empty answer with the watermark, and a broker
+            # that answers empty fetches at once (noida-db) had kafka-python spin the whole 50 ms of a longer one
+            self.consumer.poll(timeout_ms=1, max_records=DRAIN_RECORDS)
         ends = {tp: max(listed[tp], self.consumer.highwater(tp) or 0) for tp in partitions}
         self.consumer.assign([])
         return _as_offsets(ends)
