@@ -109,7 +109,12 @@ def learning(console: Console) -> dict:
         if r.value and r.value.get("model") == s.model
     ]
     moves = [
-        {"at": r.at, "alias": r.value.get("alias"), "version": r.value.get("version")}
+        {
+            "at": r.at,
+            "alias": r.value.get("alias"),
+            "version": r.value.get("version"),
+            "deleted": bool(r.value.get("deleted")),
+        }
         for r in console.feed.latest(s.topic_model_updates)
         if r.value and r.value.get("model") == s.model
     ]

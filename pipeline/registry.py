@@ -378,7 +378,8 @@ class Registry:
 
     def delete_alias(self, model: str, alias: str) -> int:
         """Remove ``alias``; returns the version it pointed at. ``champion`` is what serving and the
-        Spark predictor follow, so it only moves (promote, rollback), it is never deleted."""
+        Spark predictor follow, so it only moves (promote, rollback), it is never deleted. Announced like
+        a move, marked ``"deleted": true``: servers following ``candidate`` (canary, shadow) drop it now."""
         if alias in ("champion", "history"):
             raise RegistryError(f"the {alias!r} alias cannot be deleted; move champion with promote or rollback")
         with self._store.lock(self._model(model)):
@@ -387,6 +388,7 @@ class Registry:
                 raise RegistryError(f"model {model!r} has no {alias!r} alias")
             version = aliases.pop(alias)
             self._store.write(f"{model}/{ALIASES}", json.dumps(aliases, indent=2).encode())
+        self._announce(model, alias, version, deleted=True)
         return version
 
     def set_alias(self, model: str, alias: str, version: int) -> dict:
@@ -451,10 +453,10 @@ class Registry:
         except FileNotFoundError:
             return {}
 
-    def _announce(self, model: str, alias: str, version: int) -> dict:
-        """The ``model-updates`` message for an alias move, also handed to ``on_alias_change``."""
+    def _announce(self, model: str, alias: str, version: int, deleted: bool = False) -> dict:
+        """The ``model-updates`` message for an alias move (or deletion), also handed to ``on_alias_change``."""
         meta = self.meta(model, version)
-        event = {
+        event: dict = {
             "model": model,
             "version": version,
             "alias": alias,
@@ -462,6 +464,8 @@ class Registry:
             "created_at": meta["created_at"],
             "metrics": meta["metrics"],
         }
+        if deleted:
+            event["deleted"] = True
         if self.on_alias_change:
             self.on_alias_change(event)
         return event

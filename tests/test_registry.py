@@ -219,7 +219,7 @@ def test_models_cli(tmp_path, monkeypatch, capsys):
     assert "version 1 is champion" in streamfit("create", "half", "--spec", "small", "--exist-ok")
 
 
-def test_model_uris_description_tags_and_delete_alias(registry):
+def test_model_uris_description_tags_and_delete_alias(registry, events):
     v1 = registry.register("small", weights(0.1), description="first cut", tags={"team": "fraud"})
     v2 = registry.register("small", weights(0.2), parent=v1)
     registry.set_alias("small", "champion", v1)
@@ -258,6 +258,8 @@ def test_model_uris_description_tags_and_delete_alias(registry):
 
     assert registry.delete_alias("small", "candidate") == v2
     assert registry.aliases("small") == {"champion": v1}
+    assert events[-1]["alias"] == "candidate" and events[-1]["version"] == v2 and events[-1]["deleted"] is True
+    assert "deleted" not in events[-2]  # a move is not marked
     with pytest.raises(RegistryError, match="no 'candidate' alias"):
         registry.delete_alias("small", "candidate")
     with pytest.raises(RegistryError, match="cannot be deleted"):

@@ -146,7 +146,7 @@ function markersOf(data) {
       marks.push({ at: b.at, kind: g.promoted ? "promoted" : "refused", text: `gate: candidate v${g.candidate} ${fmt(g.candidate_accuracy, 3)} vs champion v${fmt(g.champion)} ${fmt(g.champion_accuracy, 3)} on ${fmt(g.events)} events: ${verdict}` });
     }
   }
-  for (const m of data.moves) marks.push({ at: m.at, kind: "move", text: `${m.alias} → v${m.version}` });
+  for (const m of data.moves) marks.push({ at: m.at, kind: "move", text: m.deleted ? `${m.alias} deleted (was v${m.version})` : `${m.alias} → v${m.version}` });
   return marks.sort((a, b) => a.at - b.at);
 }
 
