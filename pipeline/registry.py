@@ -1,6 +1,7 @@
 """The model registry: a directory tree of integer versions and the aliases that point at them.
 
-``<root>/<model>/spec.json``, ``<root>/<model>/versions/<n>/{weights.safetensors,meta.json}``,
+``<root>/<model>/spec.json``, ``<root>/<model>/versions/<n>/{weights.safetensors,meta.json}`` (and
+``masks.safetensors`` for a pruned version, :mod:`pipeline.pruning`),
 ``<root>/<model>/aliases.json`` (``champion``, ``candidate`` and the champion ``history``
 that ``rollback`` pops). Writers serialise on a per-model lock, so two processes never
 take the same version number, and a version only becomes visible whole: locally it is
@@ -39,13 +40,16 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save as save_tensors
 
 from pipeline.bundle import check_weights, weights_from_bytes, weights_to_bytes
 from pipeline.durable import fsync_dir, replace_atomically, write_synced
 from pipeline.errors import StreamfitError
+from pipeline.pruning import checked_masks, masked, summary
 from pipeline.spec import NAME_PATTERN, ModelSpec
 
 WEIGHTS, META, SPEC, ALIASES, LOCK = "weights.safetensors", "meta.json", "spec.json", "aliases.json", ".lock"
+MASKS = "masks.safetensors"
 HISTORY_LENGTH = 20
 """Previous champions remembered for rollback (and kept by retention)."""
 ALIAS_PATTERN = r"[a-z][a-z0-9_-]*"
@@ -297,6 +301,20 @@ class Registry:
             )
         return version, weights_from_bytes(data)
 
+    def masks(self, model: str, ref: int | str = "champion") -> dict[str, np.ndarray]:
+        """The pruning masks (``uint8``, 1 keeps) of the version ``ref`` names; ``{}`` when it is not pruned."""
+        version = self.resolve(model, ref)
+        expected = self.meta(model, version).get("masks_sha256")
+        if expected is None:
+            return {}
+        try:
+            data = self._store.read(self._version_path(model, version, MASKS))
+        except FileNotFoundError:
+            raise RegistryError(f"model {model!r} version {version} has no masks file") from None
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise RegistryError(f"model {model!r} version {version}: masks file does not match its recorded sha256")
+        return weights_from_bytes(data)
+
     def load(self, model: str, ref: int | str = "champion", engine: str = "auto"):
         """A :class:`~pipeline.bundle.ModelBundle` of the version ``ref`` names, run by ``engine``."""
         from pipeline.bundle import ModelBundle
@@ -326,14 +344,24 @@ class Registry:
         metrics: Mapping | None = None,
         description: str = "",
         tags: Mapping[str, str] | None = None,
+        masks: Mapping[str, np.ndarray] | None = None,
     ) -> int:
         """Store a new version and return its number; weights must fit the model's spec exactly.
 
         ``offsets`` are the Kafka offsets the weights were trained through
         (``{topic: {partition: offset}}``), ``metrics`` e.g. prequential accuracy; ``description``
         and ``tags`` are free text for people (MLflow's), changed later with :meth:`annotate`.
+        ``masks`` prune the version: its weights are zeroed where they are 0, they are stored beside
+        the weights and meta.json records the parameter counts (:func:`pipeline.pruning.summary`).
         """
-        data = weights_to_bytes(check_weights(self.spec(model), weights))
+        weights = check_weights(self.spec(model), weights)
+        files, pruning = {}, {}
+        if masks:
+            masks = checked_masks(weights, masks)
+            weights = masked(weights, masks)
+            files[MASKS] = save_tensors(masks)
+            pruning = {**summary(weights, masks), "masks_sha256": hashlib.sha256(files[MASKS]).hexdigest()}
+        data = weights_to_bytes(weights)
         description, tags = check_description(description), check_tags(tags or {})
         with self._store.lock(self._model(model)):
             version = max(self.versions(model), default=0) + 1
@@ -348,9 +376,10 @@ class Registry:
                 "created_at": int(time.time() * 1000),
                 "description": description,
                 "tags": tags,
+                **pruning,
             }
             self._store.write_dir(
-                f"{model}/versions/{version}", {WEIGHTS: data, META: json.dumps(meta, indent=2).encode()}
+                f"{model}/versions/{version}", {WEIGHTS: data, **files, META: json.dumps(meta, indent=2).encode()}
             )
         return version
 
