@@ -55,9 +55,10 @@ def register_trained(
     updates: int,
     offsets: Mapping | None = None,
     holdout: tuple[np.ndarray, np.ndarray] | None = None,
+    masks: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[list[int], dict]:
-    """Register ``published`` (scored on ``holdout`` when given); returns the versions, best first,
-    and the best one's metrics (an ensemble's also carry ``ensemble_accuracy``)."""
+    """Register ``published`` (scored on ``holdout`` when given; pruned by ``masks``); returns the
+    versions, best first, and the best one's metrics (an ensemble's also carry ``ensemble_accuracy``)."""
     from pipeline.bundle import ModelBundle
 
     bundle = ModelBundle(registry.spec(model))
@@ -82,6 +83,7 @@ def register_trained(
             updates=updates,
             offsets=offsets,
             metrics={**entry.metrics, **({"member": entry.member} if entry.member else {})},
+            masks=masks,
         )
         for entry in scored
     ]
@@ -102,7 +104,9 @@ def trained_offsets(commits: Mapping[str, Mapping]) -> dict[str, dict[str, int]]
 
 class CandidatePublisher:
     """The parameter server's ``on_publish``: each publication becomes a new version (its parent the
-    champion of the moment) and the ``candidate``; old versions beyond ``keep`` are removed."""
+    champion of the moment) and the ``candidate``; old versions beyond ``keep`` are removed. A pruned
+    champion's masks go with a publication whose weights are zero wherever they prune (a parameter
+    server started from it keeps them so), so the candidate is pruned the same way."""
 
     def __init__(self, registry: Registry, model: str, *, algorithm: str, keep: int):
         self.registry, self.model, self.algorithm, self.keep = registry, model, algorithm, keep
@@ -117,11 +121,17 @@ class CandidatePublisher:
             algorithm=self.algorithm,
             updates=counter,
             offsets=trained_offsets(meta.get("commits", {})),
+            masks=self._parent_masks(parent, weights),
         )
         self.registry.set_alias(self.model, "candidate", versions[0])
         self.registry.retain(self.model, self.keep)
         log.info("published %s version %d as candidate at update %d", self.model, versions[0], counter)
         return versions[0]
+
+    def _parent_masks(self, parent: int | None, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        masks = self.registry.masks(self.model, parent) if parent is not None else {}
+        held = all(name in weights and not np.any(weights[name][mask == 0]) for name, mask in masks.items())
+        return masks if held else {}
 
 
 class ShardedPublishing:

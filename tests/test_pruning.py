@@ -8,6 +8,11 @@ import pytest
 
 from pipeline.bundle import ModelBundle
 from pipeline.pruning import global_masks, masked
+from pipeline.ps.algorithms import StalenessScaled
+from pipeline.ps.checkpoint import Checkpoint
+from pipeline.ps.client import Client
+from pipeline.ps.server import CenterState, ParameterServer
+from pipeline.publishing import CandidatePublisher
 from pipeline.registry import Registry, RegistryError
 from pipeline.spec import BUILTIN_SPECS
 
@@ -69,3 +74,36 @@ def test_registry_refuses_masks_that_do_not_fit(tmp_path, weights):
         registry.register(SPEC.name, weights, masks={name: np.ones(3, np.uint8)})
     with pytest.raises(ValueError, match="other than 0 and 1"):
         registry.register(SPEC.name, weights, masks={name: np.full(weights[name].shape, 2, np.uint8)})
+
+
+def test_pruned_weights_stay_exactly_zero_after_1000_online_updates_over_tcp(tmp_path, weights):
+    """Workers' dense deltas (their local weights drift) go through a real server over TCP; the
+    center's pruned weights never move, a restart from its checkpoint keeps the masks, and the
+    candidate it publishes is pruned the same way."""
+    registry = Registry(tmp_path / "registry")
+    registry.create_model(SPEC)
+    version = registry.register(SPEC.name, weights, masks=global_masks(weights, 0.8))
+    registry.set_alias(SPEC.name, "champion", version)
+    masks = registry.masks(SPEC.name, version)
+    checkpoint = Checkpoint(tmp_path / "ckpt")
+    state, resumed = CenterState.resume(
+        checkpoint,
+        StalenessScaled(),
+        lambda: registry.weights(SPEC.name, version)[1],
+        lambda: registry.masks(SPEC.name, version),
+    )
+    assert not resumed
+    rng = np.random.default_rng(0)
+    with ParameterServer(state, checkpoint=checkpoint) as server, Client(*server.address) as client:
+        for _ in range(1000):
+            pulled, _ = client.pull()
+            client.commit({name: rng.normal(0, 0.01, value.shape).astype(np.float32) for name, value in pulled.items()})
+        center, counter = client.pull()
+    assert counter == 1000
+    for name, mask in masks.items():
+        assert (center[name][mask == 0] == 0.0).all()
+        assert (center[name][mask == 1] != weights[name][mask == 1]).all()  # the rest did train
+    restarted, resumed = CenterState.resume(checkpoint, StalenessScaled(), lambda: pytest.fail("no checkpoint"))
+    assert resumed and all(np.array_equal(restarted.masks[name], masks[name]) for name in masks)
+    candidate = CandidatePublisher(registry, SPEC.name, algorithm="dynsgd", keep=5)(*restarted.publication())
+    assert all(np.array_equal(registry.masks(SPEC.name, candidate)[name], masks[name]) for name in masks)

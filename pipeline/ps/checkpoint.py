@@ -45,6 +45,8 @@ class Snapshot:
     rule_tensors: Mapping[str, np.ndarray] = field(default_factory=dict)
     rule_state: dict[str, Any] = field(default_factory=dict)
     guard: dict[str, Any] = field(default_factory=dict)
+    masks: Mapping[str, np.ndarray] = field(default_factory=dict)
+    """A pruned model's masks (:mod:`pipeline.pruning`), kept so a restart still holds pruned weights at zero."""
 
 
 class Checkpoint:
@@ -65,12 +67,16 @@ class Checkpoint:
         }
         if snapshot.rule_tensors:
             state["rule_tensors"] = self._write_tensors(f"rule-{token}.safetensors", snapshot.rule_tensors)
+        if snapshot.masks:
+            state["masks"] = self._write_tensors(f"masks-{token}.safetensors", snapshot.masks)
         fsync_dir(self.directory)
         replace_atomically(self.directory / STATE_FILE, json.dumps(state, indent=1).encode())
         fsync_dir(self.directory)
-        keep = {STATE_FILE, state["weights"]["file"], state.get("rule_tensors", {}).get("file")}
+        keep = {STATE_FILE, state["weights"]["file"]} | {
+            state.get(k, {}).get("file") for k in ("rule_tensors", "masks")
+        }
         for path in self.directory.iterdir():
-            if path.name not in keep and path.name.startswith(("weights-", "rule-", ".tmp-")):
+            if path.name not in keep and path.name.startswith(("weights-", "rule-", "masks-", ".tmp-")):
                 path.unlink(missing_ok=True)
         log.debug("checkpoint at counter %d written to %s", snapshot.counter, self.directory)
 
@@ -89,6 +95,7 @@ class Checkpoint:
                 rule_tensors=self._read_tensors(state["rule_tensors"]) if "rule_tensors" in state else {},
                 rule_state=state["rule_state"],
                 guard=state["guard"],
+                masks=self._read_tensors(state["masks"]) if "masks" in state else {},
             )
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
             raise CheckpointError(f"checkpoint in {self.directory} is unreadable: {exc}") from exc

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from pipeline.pruning import checked_masks, masked
 from pipeline.ps.algorithms import CommitRejected, UpdateRule
 from pipeline.ps.checkpoint import Checkpoint, CheckpointError, Snapshot
 from pipeline.ps.encoding import ENCODINGS, pull_tensors
@@ -169,13 +170,19 @@ class CenterState:
         counter: int = 0,
         guard: ReplayGuard | None = None,
         dtype: type = np.float32,
+        masks: Mapping[str, np.ndarray] | None = None,
     ):
         """``dtype`` float64 only in process, to prove an algorithm's maths exact (tests/test_algorithms.py):
-        the wire and checkpoints carry float32."""
+        the wire and checkpoints carry float32. ``masks`` (a pruned version's, :mod:`pipeline.pruning`)
+        multiply every committed delta, so the pruned weights stay exactly zero whatever workers send."""
         if not weights:
             raise ValueError("the center variable needs at least one tensor")
         self.dtype = dtype
-        self._center = {name: _frozen(np.array(value, dtype=dtype, order="C")) for name, value in weights.items()}
+        self.masks = {name: _frozen(mask) for name, mask in checked_masks(weights, masks or {}).items()}
+        self._center = {
+            name: _frozen(np.array(value, dtype=dtype, order="C"))
+            for name, value in masked(weights, self.masks).items()
+        }
         self.shapes = {name: value.shape for name, value in self._center.items()}
         self.rule = rule
         self._counter = counter
@@ -189,17 +196,27 @@ class CenterState:
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot, rule: UpdateRule) -> CenterState:
         rule.restore(snapshot.rule_tensors, snapshot.rule_state)
-        return cls(snapshot.weights, rule, counter=snapshot.counter, guard=ReplayGuard.from_json(snapshot.guard))
+        return cls(
+            snapshot.weights,
+            rule,
+            counter=snapshot.counter,
+            guard=ReplayGuard.from_json(snapshot.guard),
+            masks=snapshot.masks,
+        )
 
     @classmethod
     def resume(
-        cls, checkpoint: Checkpoint, rule: UpdateRule, initial: Callable[[], Mapping[str, np.ndarray]]
+        cls,
+        checkpoint: Checkpoint,
+        rule: UpdateRule,
+        initial: Callable[[], Mapping[str, np.ndarray]],
+        initial_masks: Callable[[], Mapping[str, np.ndarray]] = dict,
     ) -> tuple[CenterState, bool]:
         """The state saved in ``checkpoint`` and True, or, when there is none, a fresh state from
-        ``initial()`` (only then called, e.g. loading the registry's champion) and False."""
+        ``initial()`` and ``initial_masks()`` (only then called, e.g. loading the registry's champion) and False."""
         snapshot = checkpoint.load()
         if snapshot is None:
-            return cls(initial(), rule), False
+            return cls(initial(), rule, masks=initial_masks()), False
         return cls.from_snapshot(snapshot, rule), True
 
     @property
@@ -233,18 +250,18 @@ class CenterState:
 
         ``pulled`` is the counter the worker last pulled; staleness is how many updates landed since.
         ``delta`` arrays are only read during the call (they may be views of a receive buffer);
-        sparse tensors (top-k commits) are made dense once their shape is checked.
-        A delta without tensors, or metadata outside :class:`~pipeline.ps.meta.CommitMeta`, is
-        rejected (:class:`CommitRejected`) before anything changes.
+        sparse tensors (top-k commits) are made dense once their shape is checked, then multiplied by
+        a pruned center's masks. A delta without tensors, or metadata outside
+        :class:`~pipeline.ps.meta.CommitMeta`, is rejected (:class:`CommitRejected`) before anything changes.
         """
-        delta = self._checked(self._densified(delta))
+        checked = masked(self._checked(self._densified(delta)), self.masks)
         checked_meta = CommitMeta.parse(meta)
         with self._cond:
             if self._guard.seen(tag):
                 self._tally["skipped"] += 1
                 return Ack("skipped", self._counter, max(self._counter - pulled, 0))
             staleness = max(self._counter - pulled, 0)
-            new = self.rule.apply(self._center, delta, worker_id=tag.worker_id, staleness=staleness)
+            new = self.rule.apply(self._center, checked, worker_id=tag.worker_id, staleness=staleness)
             self._guard.record(tag, checked_meta)
             self._workers[tag.worker_id] = self._workers.get(tag.worker_id, WorkerStaleness()).after(staleness)
             self._changes += 1
@@ -267,6 +284,7 @@ class CenterState:
                 rule_tensors=rule_tensors,
                 rule_state=rule_state,
                 guard=self._guard.to_json(),
+                masks=self.masks,
             )
 
     def publication(self) -> tuple[dict[str, np.ndarray], int, dict[str, Any]]:

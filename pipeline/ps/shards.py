@@ -55,6 +55,10 @@ class InitFile:
         with safe_open(self.path, framework="numpy") as weights:
             return {name: weights.get_tensor(name) for name in (weights.keys() if names is None else names)}
 
+    def masks(self, settings, names: list[str] | None) -> dict[str, np.ndarray]:
+        """A weights file carries no pruning masks."""
+        return {}
+
     def __str__(self) -> str:
         return f"file {self.path}"
 
@@ -69,6 +73,11 @@ class InitVersion:
         """This shard's tensors (``names``; None: all)."""
         weights = announcing_registry(settings)[0].weights(settings.model, self.version)[1]
         return {name: weights[name] for name in (weights if names is None else names)}
+
+    def masks(self, settings, names: list[str] | None) -> dict[str, np.ndarray]:
+        """This shard's part of the version's pruning masks (``{}`` when it is not pruned)."""
+        masks = announcing_registry(settings)[0].masks(settings.model, self.version)
+        return {name: mask for name, mask in masks.items() if names is None or name in names}
 
     def __str__(self) -> str:
         return f"registry {self.version}"
@@ -134,8 +143,11 @@ def serve_shard(
             )
         return init_source.load(settings, names)
 
+    def initial_masks():
+        return init_source.masks(settings, names) if init_source is not None else {}
+
     try:
-        state, resumed = CenterState.resume(checkpoint, from_settings(settings).rule(), initial_weights)
+        state, resumed = CenterState.resume(checkpoint, from_settings(settings).rule(), initial_weights, initial_masks)
     except CheckpointError as exc:
         raise ShardError(f"{exc}; move it away to start from the initial weights") from exc
     source = f"checkpoint {checkpoint.directory}" if resumed else str(init_source)
