@@ -47,6 +47,7 @@ from serving.schemas import (
     ModelStatus,
     PredictRequest,
     PredictResponse,
+    Pruning,
     Readiness,
     Signature,
     Status,
@@ -286,6 +287,7 @@ def _metadata(served: Served) -> ModelMetadata:
             algorithm=meta["algorithm"],
             updates=meta["updates"],
             metrics=meta["metrics"],
+            pruning=Pruning.model_validate(meta) if "active_parameters" in meta else None,
         ),
     )
 

@@ -162,6 +162,15 @@ def signature_def(n_features: int, n_classes: int) -> SignatureDefMap:
     )
 
 
+class Pruning(BaseModel):
+    """A pruned version's parameter counts, as the registry recorded them (:mod:`pipeline.pruning`)."""
+
+    total_parameters: int = Field(description="weights of the model")
+    active_parameters: int = Field(description="weights not pruned")
+    sparsity: float = Field(description="fraction of the weights pruned (kernels only are pruned)")
+    compression_ratio: float = Field(description="total_parameters / active_parameters")
+
+
 class Signature(BaseModel):
     signature_def: SignatureDefMap = Field(
         description="TF Serving's signature_def: the predict and classify signatures"
@@ -178,6 +187,7 @@ class Signature(BaseModel):
     algorithm: str | None
     updates: int
     metrics: dict[str, Any]
+    pruning: Pruning | None = Field(default=None, description="a pruned version's parameter counts; null if not pruned")
 
 
 class ModelMetadata(BaseModel):

@@ -3,10 +3,14 @@ server that keeps pruned weights exactly zero under online training."""
 
 from __future__ import annotations
 
+import os
+
+import httpx
 import numpy as np
 import pytest
 
 from pipeline.bundle import ModelBundle
+from pipeline.cli import main
 from pipeline.pruning import global_masks, masked
 from pipeline.ps.algorithms import StalenessScaled
 from pipeline.ps.checkpoint import Checkpoint
@@ -14,7 +18,10 @@ from pipeline.ps.client import Client
 from pipeline.ps.server import CenterState, ParameterServer
 from pipeline.publishing import CandidatePublisher
 from pipeline.registry import Registry, RegistryError
+from pipeline.settings import load_settings
 from pipeline.spec import BUILTIN_SPECS
+from serving.app import create_app
+from tests.test_serving import LiveServer
 
 SPEC = BUILTIN_SPECS["small"]
 
@@ -107,3 +114,39 @@ def test_pruned_weights_stay_exactly_zero_after_1000_online_updates_over_tcp(tmp
     assert resumed and all(np.array_equal(restarted.masks[name], masks[name]) for name in masks)
     candidate = CandidatePublisher(registry, SPEC.name, algorithm="dynsgd", keep=5)(*restarted.publication())
     assert all(np.array_equal(registry.masks(SPEC.name, candidate)[name], masks[name]) for name in masks)
+
+
+def test_serving_metadata_shows_a_pruned_versions_parameter_counts(tmp_path, weights):
+    settings = load_settings(home=tmp_path, model=SPEC.name)
+    registry = Registry(settings.registry_url)
+    registry.create_model(SPEC)
+    dense = registry.register(SPEC.name, weights)
+    pruned = registry.register(SPEC.name, weights, masks=global_masks(weights, 0.9))
+    registry.set_alias(SPEC.name, "champion", pruned)
+    server = LiveServer(create_app(settings))
+    try:
+        champion = httpx.get(f"{server.url}/v1/models/{SPEC.name}/metadata").json()["metadata"]
+        unpruned = httpx.get(f"{server.url}/v1/models/{SPEC.name}/versions/{dense}/metadata").json()["metadata"]
+    finally:
+        server.stop()
+    meta = registry.meta(SPEC.name, pruned)
+    fields = ("total_parameters", "active_parameters", "sparsity", "compression_ratio")
+    assert champion["pruning"] == {field: meta[field] for field in fields}
+    assert champion["pruning"]["sparsity"] > 0.75 and unpruned["pruning"] is None
+
+
+def test_models_prune_registers_a_pruned_version_and_prunes_further_from_it(tmp_path, monkeypatch, capsys):
+    for key in [k for k in os.environ if k.startswith("STREAMFIT_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("STREAMFIT_HOME", str(tmp_path))
+    assert main(["models", "create", "tiny", "--spec", "small"]) == 0
+    assert main(["models", "prune", "tiny", "--sparsity", "0.5"]) == 0
+    assert main(["models", "prune", "models:/tiny/2", "--sparsity", "0.9", "--tag", "step=2"]) == 0
+    assert main(["models", "prune", "tiny", "--sparsity", "1.5"]) == 1
+    out = capsys.readouterr()
+    assert "tiny version 2: version 1 pruned to" in out.out and "sparsity must be in [0, 1), got 1.5" in out.err
+    registry = Registry(tmp_path / "registry")
+    half, most = registry.masks("tiny", 2), registry.masks("tiny", 3)
+    assert registry.meta("tiny", 3)["parent"] == 2 and registry.meta("tiny", 3)["tags"] == {"step": "2"}
+    assert all((most[name] <= half[name]).all() for name in half)  # pruned once, pruned for good
+    assert registry.aliases("tiny") == {"champion": 1}

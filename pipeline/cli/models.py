@@ -72,6 +72,19 @@ def register(subparsers) -> None:
     export.add_argument("directory", help="SavedModel: written to DIR/<version> (TF Serving's model_base_path)")
     export.set_defaults(func=run, action_func=_export)
 
+    prune = actions.add_parser(
+        "prune",
+        help="a new version with the smallest kernel weights pruned (one global magnitude threshold); "
+        "the parameter server keeps them at zero",
+    )
+    prune.add_argument("name", help="model name or models:/ URI")
+    prune.add_argument("--sparsity", type=float, required=True, help="fraction of kernel weights to prune, e.g. 0.9")
+    pruned_from = prune.add_mutually_exclusive_group()
+    pruned_from.add_argument("--version", help="version to prune (default: the champion)")
+    pruned_from.add_argument("--alias", help="prune the version this alias names")
+    _describing(prune)
+    prune.set_defaults(func=run, action_func=_prune)
+
     show = actions.add_parser("show", help="a model's spec, aliases and versions, or one version's metadata")
     show.add_argument("name", help="model name, or a models:/ URI to show that version")
     show.add_argument("--version", help="show this version's metadata (a number, an alias or a models:/ URI)")
@@ -173,6 +186,29 @@ def _export(registry, args) -> int:
         registry.load(model, version), args.directory
     )
     print(f"exported {model} version {version} as {args.format} to {path}")
+    return 0
+
+
+def _prune(registry, args) -> int:
+    from pipeline.pruning import global_masks
+
+    model, source = registry.locate(args.name, args.alias or args.version or "champion")
+    weights = registry.weights(model, source)[1]
+    version = registry.register(
+        model,
+        weights,
+        masks=global_masks(weights, args.sparsity, registry.masks(model, source)),
+        parent=source,
+        algorithm="prune",
+        description=args.description or "",
+        tags=dict(args.tag),
+    )
+    meta = registry.meta(model, version)
+    print(
+        f"{model} version {version}: version {source} pruned to {meta['sparsity']:.1%} of its weights "
+        f"({meta['active_parameters']:,} of {meta['total_parameters']:,} active, {meta['compression_ratio']:g}x); "
+        f"promote it with `streamfit models promote {model} --version {version}`"
+    )
     return 0
 
 
