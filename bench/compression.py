@@ -10,6 +10,14 @@ one JSON object: per encoding the bytes the server received and sent per commit,
 time and held-out accuracy, their ratios to float32, and the issue's targets with whether each is
 met (best encoding: >= 8x fewer bytes per commit at no more than 0.5 points of accuracy below
 float32; with the link throttled, a shorter wall time than float32).
+
+``--sparsity 0.5,0.8,0.9,0.95 [--rows 60000]`` measures pruned models instead (:mod:`pipeline.pruning`),
+in process: the model trains one pass over the training rows through an in-process parameter server
+(DOWNPOUR, window 1), then per sparsity it is pruned one-shot (then fine-tuned on the fine-tuning rows)
+or iteratively (4 steps up to the sparsity, a quarter of the same rows fine-tuning after each), every
+fine-tuning update applied through the masks by the parameter server. Prints held-out accuracy, the
+parameter counts, and the size of the weights' safetensors file, dense and zlib-compressed (level 6):
+safetensors stores zeros like any value, so only compression turns sparsity into fewer bytes.
 """
 
 from __future__ import annotations
@@ -18,7 +26,11 @@ import argparse
 import json
 import sys
 import tempfile
+import time
+import zlib
 from pathlib import Path
+
+import numpy as np
 
 from bench.fit import _fresh_registry, dataset, train, warm_up
 from pipeline.ps.encoding import ENCODINGS
@@ -65,6 +77,83 @@ def targets(results: dict, link_mbps: float | None) -> dict:
     }
 
 
+PRUNING_STEPS = 4
+BATCH = 256
+
+
+def _batches(x: np.ndarray, y: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, len(y), BATCH)]
+
+
+def _trained(spec, weights, masks, batches) -> dict[str, np.ndarray]:
+    """``weights`` after DOWNPOUR (window 1) on ``batches`` through an in-process server holding ``masks``."""
+    from pipeline.bundle import ModelBundle
+    from pipeline.ps.algorithms import Downpour
+    from pipeline.ps.client import LocalClient
+    from pipeline.ps.server import CenterState
+
+    algorithm = Downpour(communication_window=1)
+    client = LocalClient(CenterState(weights, algorithm.rule(), masks=masks))
+    algorithm.run(ModelBundle(spec), client, batches)
+    return client.pull()[0]
+
+
+def _scored(spec, weights, masks, held) -> dict:
+    from pipeline.bundle import ModelBundle, weights_to_bytes
+    from pipeline.pruning import summary
+    from pipeline.training import evaluate
+
+    bundle = ModelBundle(spec)
+    bundle.set_weights(weights)
+    data = weights_to_bytes(weights)  # the bytes the registry writes as weights.safetensors
+    return {
+        "accuracy": round(evaluate(bundle, *held)["accuracy"], 4),
+        **summary(weights, masks),
+        "safetensors_bytes": len(data),
+        "safetensors_zlib6_bytes": len(zlib.compress(data, 6)),
+    }
+
+
+def sparsity_section(args, spec) -> dict:
+    """Dense training once, then one-shot and iterative pruning per sparsity, each fine-tuned on the same rows."""
+    from bench.fit import higgs_rows
+    from pipeline.bundle import ModelBundle
+    from pipeline.pruning import global_masks, masked
+
+    x, y = higgs_rows(args.rows)
+    held = (x[: args.rows // 10], y[: args.rows // 10])
+    train_x, train_y = x[args.rows // 10 :], y[args.rows // 10 :]
+    split = int(len(train_y) * (1 - args.finetune_share))
+    started = time.perf_counter()
+    dense = _trained(spec, ModelBundle(spec, seed=0).get_weights(), {}, _batches(train_x[:split], train_y[:split]))
+    tune = _batches(train_x[split:], train_y[split:])
+    results: dict = {"dense": _scored(spec, dense, {}, held)}
+    for sparsity in args.sparsity:
+        masks = global_masks(dense, sparsity)
+        pruned = masked(dense, masks)
+        one_shot = {"before_finetune_accuracy": _scored(spec, pruned, masks, held)["accuracy"]}
+        one_shot |= _scored(spec, _trained(spec, pruned, masks, tune), masks, held)
+        weights, masks = dense, {}
+        for step in range(1, PRUNING_STEPS + 1):
+            masks = global_masks(weights, sparsity * step / PRUNING_STEPS, masks)
+            weights = _trained(spec, masked(weights, masks), masks, tune[step - 1 :: PRUNING_STEPS])
+        results[str(sparsity)] = {"one_shot": one_shot, "iterative": _scored(spec, weights, masks, held)}
+    return {
+        "benchmark": "compression-sparsity",
+        "model": spec.name,
+        "rows": args.rows,
+        "held_out_rows": len(held[1]),
+        "dense_training_rows": split,
+        "finetune_rows": len(train_y) - split,
+        "algorithm": "downpour, window 1, in-process parameter server",
+        "iterative_steps": PRUNING_STEPS,
+        "pruned": "kernels only, one global |w| threshold",
+        "sizes": "weights.safetensors bytes as registered (zeros stored densely) and the same bytes zlib level 6",
+        "seconds": round(time.perf_counter() - started, 1),
+        "results": results,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compression", description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
@@ -76,7 +165,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--encodings", type=lambda text: text.split(","), default=list(ENCODINGS), help="comma-separated"
     )
+    parser.add_argument(
+        "--sparsity",
+        type=lambda text: [float(value) for value in text.split(",")],
+        help="pruned models instead: comma-separated sparsities, e.g. 0.5,0.8,0.9,0.95",
+    )
+    parser.add_argument(
+        "--finetune-share", type=float, default=0.25, help="--sparsity: training rows kept to fine-tune"
+    )
     args = parser.parse_args(argv)
+    if args.sparsity:
+        from pipeline.spec import BUILTIN_SPECS
+
+        print(json.dumps(sparsity_section(args, BUILTIN_SPECS["higgs"])))
+        return 0
     encodings = ["float32", *(e for e in args.encodings if e != "float32")]  # the baseline always runs
 
     from pipeline.bundle import ModelBundle

@@ -34,10 +34,15 @@ from producers.synthetic import synthetic_rows
 RUNS = [("sequential", 1), ("adag", 2), ("downpour", 2), ("dynsgd", 2), ("aeasgd", 2), ("eamsgd", 2), ("sync", 2)]
 
 
+def higgs_rows(rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """``rows`` features and labels of the seeded higgs-like stream; the first tenth are held out."""
+    features, labels = zip(*itertools.islice(synthetic_rows("higgs", seed=1), rows))
+    return np.asarray(features, np.float32), np.asarray(labels, np.int64)
+
+
 def dataset(rows: int, directory: Path, spec) -> tuple[Path, np.ndarray, np.ndarray]:
     """The training file (Parquet, one column per feature) and the held-out rows, from one seeded stream."""
-    features, labels = zip(*itertools.islice(synthetic_rows("higgs", seed=1), rows))
-    x, y = np.asarray(features, np.float32), np.asarray(labels, np.int64)
+    x, y = higgs_rows(rows)
     held = rows // 10
     path = directory / "train.parquet"
     columns = {name: x[held:, i] for i, name in enumerate(spec.feature_names)}

@@ -332,6 +332,7 @@ class TrainingJob:
             min_agreement=settings.gate_min_shadow_agreement,
             min_rows=settings.gate_min_shadow_rows,
             serving_url=settings.gate_serving_url,
+            description_length=settings.gate_description_length,
         )
         self.producer = producer(bootstrap, settings.kafka_timeout_s, settings.kafka, client_id="streamfit-train")
         self.history: deque[TrainingMetrics] = deque(maxlen=1000)

@@ -222,6 +222,11 @@ class Settings(BaseSettings):
     gate_serving_url: str = Field(
         "http://127.0.0.1:8000", description="the serving whose /metrics the gate reads the shadow figures from"
     )
+    gate_description_length: bool = Field(
+        False,
+        description="the gate also refuses a candidate whose description length (32 bits per active parameter "
+        "plus its summed log loss in bits on the gate window) exceeds the champion's",
+    )
     batch_attempts: int = Field(
         3,
         ge=1,

@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.bundle import ModelBundle
 from pipeline.cli import main
+from pipeline.policies.promotion import BITS_PER_PARAMETER, PromotionGate
 from pipeline.pruning import global_masks, masked
 from pipeline.ps.algorithms import StalenessScaled
 from pipeline.ps.checkpoint import Checkpoint
@@ -150,3 +151,30 @@ def test_models_prune_registers_a_pruned_version_and_prunes_further_from_it(tmp_
     assert registry.meta("tiny", 3)["parent"] == 2 and registry.meta("tiny", 3)["tags"] == {"step": "2"}
     assert all((most[name] <= half[name]).all() for name in half)  # pruned once, pruned for good
     assert registry.aliases("tiny") == {"champion": 1}
+
+
+def test_the_gates_description_length_refuses_a_bigger_model_with_equal_loss(tmp_path, weights):
+    """The same predictions from a pruned champion and an unpruned candidate (its very weights):
+    accuracy alone passes the candidate, the description length holds it back."""
+    registry = Registry(tmp_path)
+    registry.create_model(SPEC)
+    champion = registry.register(SPEC.name, weights, masks=global_masks(weights, 0.5))
+    registry.set_alias(SPEC.name, "champion", champion)
+    candidate = registry.register(SPEC.name, registry.weights(SPEC.name, champion)[1])
+    x = np.random.default_rng(1).normal(size=(300, SPEC.n_features)).astype(np.float32)
+    y = np.random.default_rng(2).integers(0, SPEC.n_classes, 300)
+    verdicts = {}
+    for description_length in (False, True):
+        registry.set_alias(SPEC.name, "candidate", candidate)
+        gate = PromotionGate(
+            registry, SPEC.name, window=300, margin=0.0, auto_promote=False, description_length=description_length
+        )
+        gate.remember(x, y)
+        verdicts[description_length] = gate.review(ModelBundle(SPEC))
+    assert verdicts[False]["passed"] and "candidate_bits" not in verdicts[False]
+    on = verdicts[True]
+    assert on["candidate_accuracy"] == on["champion_accuracy"] and not on["passed"]
+    extra = (
+        registry.meta(SPEC.name, champion)["total_parameters"] - registry.meta(SPEC.name, champion)["active_parameters"]
+    )
+    assert on["candidate_bits"] - on["champion_bits"] == pytest.approx(BITS_PER_PARAMETER * extra)

@@ -11,6 +11,11 @@ shadow on, serving counts the rows the candidate scored beside the champion and 
 the same class. A candidate is then reviewed once serving has shadowed ``min_rows`` rows for it, and
 passes only if it also agrees with the champion on at least ``min_agreement`` of them: prequential
 accuracy needs labels, which live traffic may get late or never.
+
+Optionally (``description_length``) a candidate must also not take more bits to describe than the
+champion: its active (unpruned) parameters at :data:`BITS_PER_PARAMETER` each plus its summed log loss
+in bits on the gate's window, the two-part code of Hinton and van Camp's minimum description length.
+A pruned candidate that predicts as well then wins; a larger one must earn its size in log loss.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 log = logging.getLogger(__name__)
 
+BITS_PER_PARAMETER = 32
+"""What a float32 weight costs in the description length."""
+
 
 def passes(candidate_accuracy: float, champion_accuracy: float, margin: float) -> bool:
     """Whether a candidate may replace the champion: it trails it by ``margin`` at most.
@@ -35,6 +43,17 @@ def passes(candidate_accuracy: float, champion_accuracy: float, margin: float) -
     (True, False)
     """
     return candidate_accuracy >= champion_accuracy - margin
+
+
+def description_bits(probabilities: np.ndarray, y: np.ndarray, active_parameters: int) -> float:
+    """The model's bits (``BITS_PER_PARAMETER`` per active parameter) plus the labels' bits given its
+    ``probabilities`` (summed log loss, base 2).
+
+    >>> description_bits(np.array([[0.5, 0.5], [0.25, 0.75]]), np.array([0, 0]), active_parameters=1)
+    35.0
+    """
+    chosen = np.clip(probabilities[np.arange(len(y)), y], 1e-12, 1.0)
+    return float(BITS_PER_PARAMETER * active_parameters - np.log2(chosen).sum())
 
 
 class LiveFigures(NamedTuple):
@@ -105,6 +124,7 @@ class PromotionGate:
     min_agreement: float | None = None
     min_rows: int = 1000
     serving_url: str = "http://127.0.0.1:8000"
+    description_length: bool = False
     live: Callable[[str, int], LiveFigures | None] | None = None
     recent: RecentLabelled = field(init=False)
     reviewed: int | None = None  # the last candidate version reviewed
@@ -134,14 +154,23 @@ class PromotionGate:
                 return None  # reviewed on a later call, once serving has shadowed enough rows
         self.reviewed = candidate
         x, y = self.recent.latest()
-        scores = {}
+        scores, bits = {}, {}
         for name, version in (("candidate", candidate), ("champion", champion)):
             if version is None:
-                scores[name] = 0.0
+                scores[name], bits[name] = 0.0, float("inf")
                 continue
-            bundle.set_weights(self.registry.weights(self.model, version)[1])
-            scores[name] = float(np.mean(bundle.predict_proba(x).argmax(axis=1) == y))
+            weights = self.registry.weights(self.model, version)[1]
+            bundle.set_weights(weights)
+            probabilities = bundle.predict_proba(x)
+            scores[name] = float(np.mean(probabilities.argmax(axis=1) == y))
+            if self.description_length:
+                active = self.registry.meta(self.model, version).get(
+                    "active_parameters", sum(value.size for value in weights.values())
+                )
+                bits[name] = description_bits(probabilities, y, active)
         passed = passes(scores["candidate"], scores["champion"], self.margin)
+        if self.description_length:
+            passed = passed and bits["candidate"] <= bits["champion"]
         if live is not None and self.min_agreement is not None:
             passed = passed and live.agreement >= self.min_agreement
         promoted = passed and self.auto_promote
@@ -167,4 +196,9 @@ class PromotionGate:
             "live_agreement": live.agreement if live else None,
             "passed": passed,
             "promoted": promoted,
+            **(
+                {"candidate_bits": bits["candidate"], "champion_bits": bits["champion"]}
+                if self.description_length
+                else {}
+            ),
         }
