@@ -155,8 +155,8 @@ def tls_problem(bootstrap_servers: str, properties: KafkaProperties, timeout_s: 
         host, _, port = server.strip().rpartition(":")
         try:
             with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
-                with context.wrap_socket(sock, server_hostname=host):
-                    return None
+                with context.wrap_socket(sock, server_hostname=host) as tls:
+                    return _refused_after_handshake(tls, server.strip(), properties)
         except ssl.SSLError as exc:
             return (
                 f"TLS handshake with the Kafka broker at {server.strip()} failed: {exc.reason or exc} "
@@ -166,6 +166,26 @@ def tls_problem(bootstrap_servers: str, properties: KafkaProperties, timeout_s: 
         except OSError:
             continue
     return None
+
+
+def _refused_after_handshake(tls: ssl.SSLSocket, server: str, properties: KafkaProperties) -> str | None:
+    """A TLS 1.3 server checks the client's certificate after the handshake the client saw succeed: its
+    refusal arrives on the first read, as an alert or the connection closed. A server that accepted waits
+    for a request (the read times out): None."""
+    tls.settimeout(0.5)
+    try:
+        why = "it closed the connection" if tls.recv(1) == b"" else None
+    except ssl.SSLError as exc:
+        why = str(exc.reason or exc)
+    except ConnectionError as exc:
+        why = f"it closed the connection ({exc})"
+    except OSError:  # the timeout: nothing to say, as it should be
+        why = None
+    return why and (
+        f"the Kafka broker at {server} refused this client's TLS certificate: {why}; check kafka ssl.certfile "
+        f"({properties.get('ssl.certfile') or 'not set'}) and ssl.keyfile: the broker asks for a certificate "
+        "its CA signed (mutual TLS)"
+    )
 
 
 def ensure_topics(

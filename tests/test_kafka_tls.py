@@ -2,8 +2,9 @@
 through a TLS-terminating proxy in front of the embedded broker (it advertises itself, so no client can
 bypass it: a TLS client that reached the plaintext broker would fail), with a CA and certificate made
 here; a client trusting another CA fails with an error that says so. A second proxy also checks
-SASL/PLAIN credentials (noida-db takes any). The proxies read the codec of every produced record batch,
-which shows lz4 on the producer's and the prediction writer's batches."""
+SASL/PLAIN credentials (noida-db takes any), and a third asks for client certificates (mutual TLS).
+The proxies read the codec of every produced record batch, which shows lz4 on the producer's and the
+prediction writer's batches."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import uuid
 
 import orjson
 import pytest
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from kafka import TopicPartition
 
 from pipeline.kafka import KafkaTlsError, KafkaUnavailable, consumer, ensure_topics, fast_producer, producer
@@ -23,6 +25,7 @@ from tests.up_process import UpProcess
 from tests.waiting import wait_until
 
 USER, PASSWORD = "streamfit", "s3cret-pw"
+CLIENT_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +44,19 @@ def tls(kafka, certificates):
     proxy = TlsProxy(kafka, certfile, keyfile)
     bootstrap = proxy.start()
     yield bootstrap, ca, other_ca, proxy
+    proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def mutual(kafka, certificates, tmp_path_factory):
+    """(bootstrap over mutual TLS, the CA, a client certificate file and its key file signed by that CA)."""
+    ca, _, certfile, keyfile = certificates
+    directory = tmp_path_factory.mktemp("client-tls")
+    client_ca, client_ca_key, client_ca_cert = make_ca(directory, "client-ca")
+    client = make_certificate(directory, client_ca_key, client_ca_cert, name="client", usage=CLIENT_AUTH)
+    proxy = TlsProxy(kafka, certfile, keyfile, client_ca=client_ca)
+    bootstrap = proxy.start()
+    yield bootstrap, ca, *client
     proxy.stop()
 
 
@@ -127,6 +143,23 @@ def test_a_client_trusting_another_ca_fails_naming_the_tls_problem(tls, topic):
             connect()
     with pytest.raises(KafkaTlsError, match="CERTIFICATE_VERIFY_FAILED.*another-ca.pem"):
         consumer(bootstrap, 3, wrong)
+
+
+def test_client_certificates_reach_both_producers_admin_and_consumers(mutual, topic):
+    bootstrap, ca, client_cert, client_key = mutual
+    properties = _ssl(ca, **{"ssl.certfile": str(client_cert), "ssl.keyfile": str(client_key)})
+    ensure_topics(bootstrap, {topic: 1}, 10, properties)
+    _send_acknowledged(bootstrap, properties, topic, [(None, b"m%d" % i) for i in range(20)])
+    assert len(_read_all(bootstrap, properties, topic)) == 40
+    reader = KafkaOffsetReader(bootstrap, [topic], 5, properties)
+    try:
+        assert reader.latest() == {topic: {"0": 40}}
+    finally:
+        reader.close()
+    without = _ssl(ca)  # the right CA, no client certificate
+    for connect in (lambda: consumer(bootstrap, 3, without), lambda: producer(bootstrap, 3, without)):
+        with pytest.raises(KafkaTlsError, match="refused this client's TLS certificate.*ssl.certfile \\(not set\\)"):
+            connect()
 
 
 def test_sasl_plain_reaches_both_producers_admin_and_consumers(sasl, topic):

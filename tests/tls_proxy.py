@@ -63,9 +63,15 @@ def make_ca(directory: Path, name: str) -> tuple[Path, ec.EllipticCurvePrivateKe
 
 
 def make_certificate(
-    directory: Path, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, host: str = "127.0.0.1"
+    directory: Path,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    host: str = "127.0.0.1",
+    name: str = "broker",
+    usage: x509.ObjectIdentifier = x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
 ) -> tuple[Path, Path]:
-    """A server certificate for ``host`` (and localhost) signed by the CA: (certificate file, key file)."""
+    """A certificate for ``host`` (and localhost) signed by the CA, a server's by default (``usage``
+    CLIENT_AUTH: a client's): (``<name>.pem``, ``<name>.key``)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
@@ -80,14 +86,14 @@ def make_certificate(
             x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host)), x509.DNSName("localhost")]),
             critical=False,
         )
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),  # type: ignore[arg-type]
             critical=False,
         )
         .sign(ca_key, hashes.SHA256())
     )
-    cert_path, key_path = directory / "broker.pem", directory / "broker.key"
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(_key_pem(key))
     return cert_path, key_path
@@ -200,13 +206,24 @@ def sasl_failure(correlation: int, version: int, message: str) -> bytes:
 
 class TlsProxy:
     """TLS on ``host:<port>`` to the plaintext broker at ``upstream``; ``start()`` returns the bootstrap.
-    With ``credentials`` (user, password), clients must authenticate with SASL/PLAIN as that user."""
+    With ``credentials`` (user, password), clients must authenticate with SASL/PLAIN as that user; with
+    ``client_ca``, they must show a certificate that CA signed (mutual TLS)."""
 
-    def __init__(self, upstream: str, certfile: Path, keyfile: Path, credentials: tuple[str, str] | None = None):
+    def __init__(
+        self,
+        upstream: str,
+        certfile: Path,
+        keyfile: Path,
+        credentials: tuple[str, str] | None = None,
+        client_ca: Path | None = None,
+    ):
         self.host, port = upstream.rsplit(":", 1)
         self.upstream_port = int(port)
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.load_cert_chain(certfile, keyfile)
+        if client_ca is not None:
+            self.context.verify_mode = ssl.CERT_REQUIRED
+            self.context.load_verify_locations(client_ca)
         self.codecs: dict[str, set[str]] = defaultdict(set)
         self.batch_bytes: dict[str, int] = defaultdict(int)  # produced record batches' bytes, by topic
         self.credentials = credentials
