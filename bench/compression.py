@@ -127,7 +127,10 @@ def sparsity_section(args, spec) -> dict:
     started = time.perf_counter()
     dense = _trained(spec, ModelBundle(spec, seed=0).get_weights(), {}, _batches(train_x[:split], train_y[:split]))
     tune = _batches(train_x[split:], train_y[split:])
-    results: dict = {"dense": _scored(spec, dense, {}, held)}
+    results: dict = {
+        "dense": _scored(spec, dense, {}, held),
+        "dense_finetuned": _scored(spec, _trained(spec, dense, {}, tune), {}, held),  # the same rows, unpruned
+    }
     for sparsity in args.sparsity:
         masks = global_masks(dense, sparsity)
         pruned = masked(dense, masks)

@@ -12,6 +12,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import orjson
@@ -317,3 +318,28 @@ def test_the_up_terminal_shows_only_streamfits_lines(up):
     assert not noise, noise[:20]
     assert any(line.startswith("status ") for line in up.output), up.output
     assert (up.home / "logs" / "spark.log").exists()
+
+
+@needs_chromium
+@pytest.mark.slow
+def test_the_models_page_shows_a_pruned_versions_sparsity(tmp_path, browser):
+    """No broker, no serving: the Models page lists a pruned version's sparsity and compression ratio."""
+    from console.app import ConsoleServer, create_app, listening_socket
+    from pipeline.bundle import ModelBundle
+    from pipeline.pruning import global_masks
+    from pipeline.spec import BUILTIN_SPECS
+
+    dead = free_port("127.0.0.1")
+    settings = load_settings(home=tmp_path, serve_port=dead, kafka_timeout_s=1)
+    registry = Registry(settings.registry_url)
+    registry.create_model(BUILTIN_SPECS["small"])
+    weights = ModelBundle(BUILTIN_SPECS["small"]).get_weights()
+    version = registry.register("small", weights, masks=global_masks(weights, 0.9))
+    meta = registry.meta("small", version)
+    server = ConsoleServer(create_app(settings, lambda: f"127.0.0.1:{dead}"), listening_socket("127.0.0.1", 0)).start()
+    try:
+        _open(browser, SimpleNamespace(console=server.url), "models", f"#version-small-{version}")
+        shown = _text(browser, f"#version-small-{version}")
+    finally:
+        server.stop()
+    assert f"{meta['sparsity'] * 100:.1f} % ({meta['compression_ratio']:.1f}x)" in shown, shown

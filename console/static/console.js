@@ -236,6 +236,11 @@ function short(value) {
   return value && Object.keys(value).length ? JSON.stringify(value) : "-";
 }
 
+function prunedText(v) {
+  // a pruned version's meta.json has its parameter counts (pipeline/pruning.py); others are dense
+  return v.sparsity === undefined ? "-" : `${fmt(v.sparsity * 100, 1)} % (${fmt(v.compression_ratio, 1)}x)`;
+}
+
 async function drawModels() {
   const data = await getJSON("/api/models", "models");
   if (!data) return;
@@ -252,13 +257,14 @@ async function drawModels() {
       el("td", {}, el("code", { text: short(v.offsets) })), el("td", {}, el("code", { text: short(v.metrics) })),
       el("td", { class: v.gate ? (v.gate.promoted ? "promoted" : v.gate.passed ? "" : "refused") : "", text: gateText(v.gate) }),
       el("td", { text: when(v.created_at) }), el("td", { class: "num", text: v.weights_bytes === null ? "-" : `${fmt(v.weights_bytes / 1024, 1)} KiB` }),
+      el("td", { class: "num", title: v.active_parameters === undefined ? "" : `${fmt(v.active_parameters)} of ${fmt(v.total_parameters)} parameters active`, text: prunedText(v) }),
       el("td", {}, el("code", { title: v.sha256, text: v.sha256.slice(0, 12) + "…" })),
       el("td", {}, button("promote", v.version, "promote"), button("pin", v.version, "pin"))));
     return el("div", { class: "card" },
       el("h2", { text: `${m.name} (${m.features.length} features, classes ${m.classes.join(", ")})` }),
       el("p", { class: "note", text: `aliases: ${Object.entries(m.aliases).map(([a, v]) => `${a} v${v}`).join(", ") || "none"}${served ? "" : " (not served by this console's serving: no actions)"}` }),
       el("div", {}, button("rollback", null, "roll back champion"), button("unpin", null, "unpin")),
-      el("div", { class: "scroll" }, el("table", {}, el("thead", {}, el("tr", {}, ...["version", "aliases", "parent", "algorithm", "updates", "offsets trained through", "metrics", "gate", "created", "weights", "sha256", ""].map((h) => el("th", { text: h })))), el("tbody", {}, ...rows))));
+      el("div", { class: "scroll" }, el("table", {}, el("thead", {}, el("tr", {}, ...["version", "aliases", "parent", "algorithm", "updates", "offsets trained through", "metrics", "gate", "created", "weights", "pruned", "sha256", ""].map((h) => el("th", { text: h })))), el("tbody", {}, ...rows))));
   });
   document.getElementById("models-body").replaceChildren(...cards);
 }
