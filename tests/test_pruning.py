@@ -4,6 +4,8 @@ server that keeps pruned weights exactly zero under online training."""
 from __future__ import annotations
 
 import os
+import queue
+import threading
 
 import httpx
 import numpy as np
@@ -17,6 +19,7 @@ from pipeline.ps.algorithms import StalenessScaled
 from pipeline.ps.checkpoint import Checkpoint
 from pipeline.ps.client import Client
 from pipeline.ps.server import CenterState, ParameterServer
+from pipeline.ps.shards import InitVersion, serve_shard
 from pipeline.publishing import CandidatePublisher
 from pipeline.registry import Registry, RegistryError
 from pipeline.settings import load_settings
@@ -178,3 +181,29 @@ def test_the_gates_description_length_refuses_a_bigger_model_with_equal_loss(tmp
         registry.meta(SPEC.name, champion)["total_parameters"] - registry.meta(SPEC.name, champion)["active_parameters"]
     )
     assert on["candidate_bits"] - on["champion_bits"] == pytest.approx(BITS_PER_PARAMETER * extra)
+
+
+def test_a_shard_started_from_a_pruned_champion_holds_its_masks(tmp_path, weights):
+    """``streamfit ps``'s own start: from the registry's pruned version, no checkpoint yet."""
+    settings = load_settings(home=tmp_path, model=SPEC.name, ps_port=0, algorithm="downpour")
+    registry = Registry(settings.registry_url)
+    registry.create_model(SPEC)
+    version = registry.register(SPEC.name, weights, masks=global_masks(weights, 0.9))
+    masks = registry.masks(SPEC.name, version)
+    listening: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    shard = threading.Thread(
+        target=serve_shard,
+        args=(settings, 0, None, InitVersion(version), stop),
+        kwargs={"publish": False, "on_listening": lambda host, port, counter: listening.put((host, port))},
+    )
+    shard.start()
+    try:
+        with Client(*listening.get(timeout=30)) as client:
+            client.commit({name: np.ones_like(value) for name, value in weights.items()})
+            center, _ = client.pull()
+    finally:
+        stop.set()
+        shard.join(timeout=30)
+    assert all((center[name][masks[name] == 0] == 0.0).all() for name in masks)
+    assert all((center[name][masks[name] == 1] != 0.0).all() for name in masks)
