@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 from pipeline.cli import setting_default
 from pipeline.ps.algorithms import STREAMABLE
@@ -90,16 +92,17 @@ def run(args) -> int:
     logs = settings.home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     _log_to(logs / "up.log")
-    _keep_terminal(logs / "spark.log")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    pipeline = Pipeline(settings, traffic, say=lambda text: print(text, flush=True))
-    status = pipeline.run(stop, args.duration, _show_live if sys.stdout.isatty() else _show_lines)
-    print(
-        f"stopped; registry, checkpoints and broker data are under {settings.home}: `streamfit up` resumes from them",
-        flush=True,
-    )
+    with _terminal_only(logs / "spark.log"):
+        pipeline = Pipeline(settings, traffic, say=lambda text: print(text, flush=True))
+        status = pipeline.run(stop, args.duration, _show_live if sys.stdout.isatty() else _show_lines)
+        print(
+            f"stopped; registry, checkpoints and broker data are under {settings.home}: "
+            "`streamfit up` resumes from them",
+            flush=True,
+        )
     return status
 
 
@@ -116,20 +119,44 @@ def _log_to(path) -> None:
     logging.captureWarnings(True)  # Python warnings (pyspark's, TensorFlow's) too
 
 
-def _keep_terminal(path) -> None:
+@contextlib.contextmanager
+def _terminal_only(path) -> Iterator[None]:
     """The terminal shows streamfit's own lines only. The Spark JVM inherits this process's file descriptors
     1 and 2, and its Python workers' output comes through it: log4j warnings (ProcessingTimeExecutor's
-    "falling behind"), TensorFlow's oneDNN and absl banners, tf.function retracing warnings. Those
-    descriptors now write to ``path``; streamfit's own lines go through ``sys.stdout`` and ``sys.stderr``,
-    moved to copies of the terminal's."""
-    for stream in (sys.stdout, sys.stderr):
+    "falling behind"), TensorFlow's oneDNN and absl banners, tf.function retracing warnings. Inside, those
+    descriptors write to ``path``; streamfit's own lines go through ``sys.stdout`` and ``sys.stderr``, moved
+    to copies of the terminal's (a stream not on its descriptor, as a test's capture, is left alone).
+    Everything is put back on the way out, so an in-process caller keeps its terminal."""
+    streams = {1: "stdout", 2: "stderr"}
+    saved_streams = {name: getattr(sys, name) for name in streams.values()}
+    saved_fds = {}
+    for fd, name in streams.items():
+        stream = getattr(sys, name)
         stream.flush()
-    sys.stdout = os.fdopen(os.dup(1), "w", buffering=1)
-    sys.stderr = os.fdopen(os.dup(2), "w", buffering=1)
+        saved_fds[fd] = os.dup(fd)
+        if _on_descriptor(stream, fd):
+            setattr(sys, name, os.fdopen(os.dup(fd), "w", buffering=1))
     sink = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(sink, 1)
-    os.dup2(sink, 2)
-    os.close(sink)
+    try:
+        for fd in streams:
+            os.dup2(sink, fd)
+        yield
+    finally:
+        os.close(sink)
+        for fd, name in streams.items():
+            moved = getattr(sys, name)
+            if moved is not saved_streams[name]:
+                moved.close()
+            setattr(sys, name, saved_streams[name])
+            os.dup2(saved_fds[fd], fd)
+            os.close(saved_fds[fd])
+
+
+def _on_descriptor(stream, fd: int) -> bool:
+    try:
+        return stream.fileno() == fd
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
+        return False
 
 
 def _running(deadline: float | None, stop: threading.Event, failure) -> bool:
