@@ -77,6 +77,29 @@ def test_producer_at_dead_address_fails_fast_with_clear_message(cli_env):
     assert "127.0.0.1:1" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_sigint_stops_produce_cleanly_even_when_started_with_sigint_ignored(kafka, cli_env):
+    """A background job of a shell starts with SIGINT ignored; `streamfit up` (and a user) stop the producer
+    with SIGINT all the same, and it must end with its acknowledgements accounted for, not run on."""
+    env = {**cli_env, "STREAMFIT_KAFKA_BOOTSTRAP": kafka, "STREAMFIT_TOPIC_EVENTS": "sigint-events"}
+    ensure_topics(kafka, {"sigint-events": 1, "events.dlq": 1})
+    process = subprocess.Popen(
+        [*STREAMFIT, "produce", "--source", "synth:sea", "--rate", "200", "--limit", "0", "--no-progress"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        time.sleep(8)  # started, producing
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    assert "interrupted: waiting for acknowledgements" in err and " failed=0 " in out, (out, err)
+
+
 def test_broker_command_stops_cleanly_leaving_no_process(cli_env, tmp_path):
     process = subprocess.Popen(
         [*STREAMFIT, "broker"], env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGINT means "stop cleanly" to every streamfit command (`up` sends it to its producer), even when the
+    # process started with SIGINT ignored, as a shell's background job does: Python then installs no handler
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -101,9 +101,14 @@ def test_every_part_survives_sigkill(cluster):
         time.sleep(5)
     finally:
         producer.send_signal(signal.SIGINT)  # it waits for its acknowledgements
-        producer.wait(60)
-        log.close()
-        load.stop()
+        try:
+            producer.wait(60)
+        finally:
+            if producer.poll() is None:  # never left behind, even when it did not stop in time
+                producer.kill()
+                producer.wait(10)
+            log.close()
+            load.stop()
 
     schema = FeatureSchema(tuple(spec.feature_names), spec.n_classes)
     events = read_topic(cluster.bootstrap, "events", 1, timeout_s=60, settle_s=3)
