@@ -35,6 +35,10 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"}
 """Methods labelled as themselves; any other is ``other``."""
 
 
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
+"""Request latency histograms' buckets, half a millisecond to five seconds (HTTP and per model version)."""
+
+
 class Metrics:
     """Every figure ``/metrics`` shows; the serving parts update them."""
 
@@ -53,7 +57,7 @@ class Metrics:
             "streamfit_http_request_duration_seconds",
             "time to answer a request",
             labels,
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+            buckets=LATENCY_BUCKETS_S,
         )
         self.batch_rows = histogram(
             "streamfit_batch_rows",
@@ -112,7 +116,7 @@ class Metrics:
             "streamfit_model_request_duration_seconds",
             "time from a prediction request's arrival to its answer, by the version that answered",
             answered,
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+            buckets=LATENCY_BUCKETS_S,
         )
         self.shadow_rows = counter(
             "streamfit_shadow_rows", "rows the champion answered that the candidate also scored", answered
